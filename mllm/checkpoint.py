@@ -1,0 +1,134 @@
+"""A complete mllm checkpoint: built from a config, saved and loaded as one directory.
+
+    model, processor = build_model(ModelConfig(base="path/to/Mistral-7B", media={...}))
+    save_checkpoint(model, processor, "runs/x/checkpoint")   # atomic: tmp dir, then rename
+    model, processor = load_checkpoint("runs/x/checkpoint")
+
+The directory holds `config.json` + `model.safetensors` (the LM with its grown
+vocabulary, and the projectors), the tokenizer files, `mllm_processor.json`
+(vocabulary layout, chat template) and `media_tokenizers/<modality>/`.
+Nothing is pickled and nothing needs remote code.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import is_flash_attn_2_available
+
+from mllm.model import MultimodalLM
+from mllm.processor import Processor
+from mllm.tokenizers import build_media_tokenizer, load_media_tokenizer
+from mllm.vocab import ModalitySpec
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class MediaConfig:
+    """One modality: a media tokenizer by registry name (+ options) or a saved directory, or,
+    for media that only ever arrive pre-encoded, just the token spec."""
+
+    tokenizer: str | None = None  # registry name, see mllm.tokenizers.list_media_tokenizers()
+    options: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None  # a directory written by MediaTokenizer.save_pretrained
+    kind: Literal["discrete", "continuous"] | None = None  # pre-encoded only
+    codebook_size: int = 0
+    feature_dim: int = 0
+
+    def __post_init__(self):
+        sources = [s for s in (self.tokenizer, self.path, self.kind) if s]
+        if len(sources) != 1:
+            raise ValueError("a media entry needs exactly one of 'tokenizer', 'path' or 'kind'")
+
+
+@dataclass
+class ModelConfig:
+    base: str | None = None  # local HF causal-LM directory (pretrained weights)
+    base_config: dict[str, Any] | None = None  # or an HF config dict: a randomly initialised LM
+    tokenizer: str | None = None  # local tokenizer directory; defaults to `base`
+    chat_template: str = "plain"
+    media: dict[str, MediaConfig] = field(default_factory=dict)
+    projector: str = "mlp2x_gelu"
+    attn_implementation: str = "auto"  # auto: flash_attention_2 on CUDA when installed, else sdpa
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_length: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if (self.base is None) == (self.base_config is None):
+            raise ValueError("set exactly one of 'base' (a pretrained LM directory) and 'base_config'")
+        if self.base is None and self.tokenizer is None:
+            raise ValueError("'tokenizer' is required when the LM is built from 'base_config'")
+
+
+def resolve_attn_implementation(name: str) -> str:
+    if name != "auto":
+        return name
+    return "flash_attention_2" if torch.cuda.is_available() and is_flash_attn_2_available() else "sdpa"
+
+
+def build_model(cfg: ModelConfig) -> tuple[MultimodalLM, Processor]:
+    """A new model and processor: the base LM with its vocabulary grown for every modality."""
+    torch.manual_seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.base)
+    media_tokenizers, specs = {}, []
+    for name, m in cfg.media.items():
+        if m.kind:
+            specs.append(ModalitySpec(name, m.kind, codebook_size=m.codebook_size, feature_dim=m.feature_dim))
+        else:
+            media_tokenizers[name] = load_media_tokenizer(m.path) if m.path else build_media_tokenizer(m.tokenizer, m.options)
+    processor = Processor.create(tokenizer, cfg.chat_template, media_tokenizers, specs, cfg.max_length)
+    attn = resolve_attn_implementation(cfg.attn_implementation)
+    if cfg.base is not None:
+        base = AutoModelForCausalLM.from_pretrained(cfg.base, dtype=DTYPES[cfg.dtype], attn_implementation=attn)
+    else:
+        text = dict(cfg.base_config)
+        text_config = AutoConfig.for_model(text.pop("model_type"), **text)
+        base = AutoModelForCausalLM.from_config(text_config, dtype=DTYPES[cfg.dtype], attn_implementation=attn)
+    model = MultimodalLM.from_base(base, processor.layout, projector=cfg.projector)
+    return model.to(DTYPES[cfg.dtype]), processor
+
+
+def save_checkpoint(model: MultimodalLM, processor: Processor, path: str | os.PathLike) -> Path:
+    """Write model and processor into `path` atomically: a reader sees the old or the new checkpoint, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_checkpoint(
+    path: str | os.PathLike, *, dtype: str | None = None, attn_implementation: str = "auto", device: str | None = None
+) -> tuple[MultimodalLM, Processor]:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=DTYPES[dtype] if dtype else None,
+        attn_implementation=resolve_attn_implementation(attn_implementation),
+    )
+    if not isinstance(model, MultimodalLM):
+        raise ValueError(f"{path}: holds a {type(model).__name__}, not an mllm checkpoint")
+    if device is not None:
+        model = model.to(device)
+    return model.eval(), Processor.from_pretrained(path)

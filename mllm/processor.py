@@ -1,0 +1,320 @@
+"""Processor: messages -> token ids, continuous features and labels.
+
+Messages use the OpenAI/HF content-list form:
+
+    [{"role": "user", "content": [{"type": "image", "path": "cat.png"},
+                                  {"type": "text", "text": "What is this?"}]},
+     {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]}]
+
+A media part names its medium by exactly one of: `path` (relative to
+`base_dir`), `bytes` (raw or base64), `media` (an Image/Audio/Video), the
+modality's own key (`"image": ...`, HF style), or `tokens` (already encoded,
+e.g. from the token cache). Each becomes a span
+
+    <image> c_1 ... c_N </image>                       discrete codes as added tokens
+    <image> <image:feat> x N </image>   + features [N, D]  continuous
+
+Only assistant content is labelled: its text, its code spans and its end of
+turn. Continuous slots in assistant turns are flagged as feature targets.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from mllm.chat_template import ChatTemplate, get_chat_template
+from mllm.media import Audio, Image, Video, load_media
+from mllm.sequence import IGNORE_INDEX, MultimodalBatch, Sample, pad_collate
+from mllm.tokenizers import MediaTokenizer, load_media_tokenizer
+from mllm.vocab import MODALITIES, ModalitySpec, VocabLayout
+
+CONFIG_FILE = "mllm_processor.json"
+ROLES = ("system", "user", "assistant")
+MEDIA_TYPES = {"image": Image, "audio": Audio, "video": Video}
+SOURCE_KEYS = ("tokens", "path", "bytes", "media")
+
+
+class MessageError(ValueError):
+    """A malformed message; the text names where, e.g. `messages[1].content[0]`."""
+
+
+class Processor:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        layout: VocabLayout,
+        template: ChatTemplate,
+        media_tokenizers: dict[str, MediaTokenizer] | None = None,
+        max_length: int | None = None,
+    ):
+        self.tokenizer, self.layout, self.template = tokenizer, layout, template
+        self.media_tokenizers = dict(media_tokenizers or {})
+        self.max_length = max_length
+        if len(tokenizer) < layout.vocab_size:
+            raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the layout needs {layout.vocab_size}")
+        for name, tok in self.media_tokenizers.items():
+            if tok.spec != layout[name].spec:
+                raise ValueError(f"{name}: media tokenizer gives {tok.spec} but the vocabulary has {layout[name].spec}")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad is None:
+            raise ValueError("tokenizer has neither a pad nor an eos token to pad with")
+        self.pad_id = pad
+
+    @classmethod
+    def create(
+        cls,
+        tokenizer: PreTrainedTokenizerBase,
+        template: ChatTemplate | str = "plain",
+        media_tokenizers: dict[str, MediaTokenizer] | None = None,
+        specs: list[ModalitySpec] | None = None,
+        max_length: int | None = None,
+    ) -> "Processor":
+        """Extend a text tokenizer with the tokens of every media tokenizer (and of `specs`,
+        for modalities that only arrive pre-encoded)."""
+        media_tokenizers = dict(media_tokenizers or {})
+        for name, tok in media_tokenizers.items():
+            if tok.modality != name:
+                raise ValueError(f"media tokenizer '{tok.name}' is for {tok.modality}, not {name}")
+        all_specs = [t.spec for t in media_tokenizers.values()] + list(specs or [])
+        layout = VocabLayout.extend(tokenizer, all_specs)
+        template = get_chat_template(template) if isinstance(template, str) else template
+        return cls(tokenizer, layout, template, media_tokenizers, max_length)
+
+    # ---- messages -> Sample -------------------------------------------------------------
+
+    def encode(
+        self, messages: list[dict], *, add_generation_prompt: bool = False, base_dir: str | os.PathLike | None = None
+    ) -> Sample:
+        """One conversation -> Sample. `add_generation_prompt` appends the assistant prefix."""
+        turns = validate_messages(messages)
+        seq = _SequenceBuilder(self.tokenizer)
+        if self.template.bos and self.tokenizer.bos_token_id is not None:
+            seq.ids([self.tokenizer.bos_token_id], labelled=False)
+        system = None
+        for i, (role, parts) in enumerate(turns):
+            if role == "system" and self.template.system_prefix is None:
+                system = (i, parts)  # folded into the next user turn
+                continue
+            prefix, suffix = self.template.frame(role)
+            assistant = role == "assistant"
+            seq.text(prefix, labelled=False)
+            if role == "user" and system is not None:
+                self._content(seq, *system, labelled=False, base_dir=base_dir)
+                seq.text(self.template.system_suffix, labelled=False)
+                system = None
+            self._content(seq, i, parts, labelled=assistant, base_dir=base_dir)
+            seq.text(suffix, labelled=assistant)
+            if assistant and self.template.assistant_eos and self.tokenizer.eos_token_id is not None:
+                seq.ids([self.tokenizer.eos_token_id], labelled=True)
+        if add_generation_prompt:
+            seq.text(self.template.assistant_prefix, labelled=False)
+        sample = seq.finish()
+        if self.max_length is not None and len(sample) > self.max_length:
+            raise ValueError(f"conversation is {len(sample)} tokens long, over max_length {self.max_length}")
+        return sample
+
+    def __call__(
+        self,
+        conversations: list[list[dict]],
+        *,
+        add_generation_prompt: bool = False,
+        padding_side: str = "right",
+        base_dir: str | os.PathLike | None = None,
+    ) -> MultimodalBatch:
+        """Several conversations -> one padded batch (left padding for generation)."""
+        samples = [self.encode(c, add_generation_prompt=add_generation_prompt, base_dir=base_dir) for c in conversations]
+        return pad_collate(samples, self.pad_id, padding_side)
+
+    def _content(self, seq: "_SequenceBuilder", turn: int, parts: list[dict], *, labelled: bool, base_dir) -> None:
+        for j, part in enumerate(parts):
+            if part["type"] == "text":
+                seq.text(part["text"], labelled=labelled)
+            else:
+                where = f"messages[{turn}].content[{j}]"
+                self._media_span(seq, part, where, labelled=labelled, base_dir=base_dir)
+
+    def _media_span(self, seq: "_SequenceBuilder", part: dict, where: str, *, labelled: bool, base_dir) -> None:
+        name = part["type"]
+        if name not in self.layout.modalities:
+            raise MessageError(f"{where}: this model has no {name} tokens (has: {sorted(self.layout.modalities)})")
+        ids = self.layout[name]
+        tokens = self._media_tokens(part, name, where, base_dir)
+        seq.ids([ids.begin_id], labelled=labelled)
+        if ids.spec.kind == "discrete":
+            seq.ids(self.layout.code_ids(name, tokens).tolist(), labelled=labelled)
+        else:
+            seq.features(name, ids.placeholder_id, tokens, is_target=labelled)
+        seq.ids([ids.end_id], labelled=labelled)
+
+    def _media_tokens(self, part: dict, name: str, where: str, base_dir) -> torch.Tensor:
+        spec = self.layout[name].spec
+        if "tokens" in part:
+            tokens = torch.as_tensor(part["tokens"])
+            if tokens.numel() == 0:
+                raise MessageError(f"{where}: empty {name} tokens")
+            if spec.kind == "discrete" and (tokens.dim() != 1 or tokens.dtype.is_floating_point):
+                raise MessageError(f"{where}: discrete {name} tokens must be a 1-D integer list, got {tokens.dtype}")
+            if spec.kind == "continuous" and (tokens.dim() != 2 or tokens.shape[1] != spec.feature_dim):
+                raise MessageError(f"{where}: continuous {name} tokens must be [N, {spec.feature_dim}], got {list(tokens.shape)}")
+            return tokens.float() if spec.kind == "continuous" else tokens.long()
+        if name not in self.media_tokenizers:
+            raise MessageError(f"{where}: no {name} tokenizer is loaded, so {name} must come as 'tokens'")
+        media = self._media(part, name, where, base_dir)
+        return self.media_tokenizers[name].encode(media)
+
+    @staticmethod
+    def _media(part: dict, name: str, where: str, base_dir) -> Image | Audio | Video:
+        value = part.get("media", part.get(name, part.get("path", part.get("bytes"))))
+        if isinstance(value, MEDIA_TYPES[name]):
+            return value
+        if "bytes" in part:
+            if isinstance(value, str):
+                try:
+                    value = base64.b64decode(value, validate=True)
+                except (binascii.Error, ValueError) as e:
+                    raise MessageError(f"{where}: 'bytes' is not valid base64") from e
+            if not isinstance(value, (bytes, bytearray)):
+                raise MessageError(f"{where}: 'bytes' must be bytes or base64 text")
+            return load_media(bytes(value), name)
+        if isinstance(value, (str, os.PathLike)):
+            path = Path(value)
+            if base_dir is not None and not path.is_absolute():
+                path = Path(base_dir) / path
+            return load_media(path, name)
+        raise MessageError(f"{where}: expected a path, bytes or {MEDIA_TYPES[name].__name__}, got {type(value).__name__}")
+
+    # ---- ids -> text ----------------------------------------------------------------------
+
+    def decode_text(self, ids: list[int] | torch.Tensor) -> str:
+        """The text of `ids`, with media spans and special tokens dropped."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # ---- save / load ----------------------------------------------------------------------
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(path)
+        media = {}
+        for name, tok in self.media_tokenizers.items():
+            tok.save_pretrained(path / "media_tokenizers" / name)
+            media[name] = f"media_tokenizers/{name}"
+        config = {
+            "vocab_layout": self.layout.to_dict(),
+            "chat_template": asdict(self.template),
+            "media_tokenizers": media,
+            "max_length": self.max_length,
+        }
+        (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "Processor":
+        path = Path(path)
+        try:
+            config = json.loads((path / CONFIG_FILE).read_text())
+        except OSError as e:
+            raise FileNotFoundError(f"{path}: not an mllm checkpoint (no {CONFIG_FILE})") from e
+        media = {name: load_media_tokenizer(path / sub) for name, sub in config["media_tokenizers"].items()}
+        return cls(
+            AutoTokenizer.from_pretrained(path),
+            VocabLayout.from_dict(config["vocab_layout"]),
+            ChatTemplate(**config["chat_template"]),
+            media,
+            config.get("max_length"),
+        )
+
+
+class _SequenceBuilder:
+    """Accumulates ids and labels; adjacent text with the same labelling is tokenized in one piece."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._labelled: list[bool] = []
+        self._text, self._text_labelled = "", False
+        self._features: dict[str, list[torch.Tensor]] = {}
+        self._targets: dict[str, list[bool]] = {}
+
+    def text(self, text: str, *, labelled: bool) -> None:
+        if not text:
+            return
+        if self._text and labelled != self._text_labelled:
+            self._flush()
+        self._text, self._text_labelled = self._text + text, labelled
+
+    def ids(self, ids: list[int], *, labelled: bool) -> None:
+        self._flush()
+        self._ids += ids
+        self._labelled += [labelled] * len(ids)
+
+    def features(self, name: str, placeholder_id: int, feats: torch.Tensor, *, is_target: bool) -> None:
+        # Placeholders never carry a CE label: their content is a feature, predicted by a head.
+        self.ids([placeholder_id] * feats.shape[0], labelled=False)
+        self._features.setdefault(name, []).append(feats)
+        self._targets.setdefault(name, []).extend([is_target] * feats.shape[0])
+
+    def _flush(self) -> None:
+        if self._text:
+            ids = self.tokenizer(self._text, add_special_tokens=False)["input_ids"]
+            self._ids += ids
+            self._labelled += [self._text_labelled] * len(ids)
+            self._text = ""
+
+    def finish(self) -> Sample:
+        self._flush()
+        ids = torch.tensor(self._ids, dtype=torch.long)
+        labels = torch.where(torch.tensor(self._labelled, dtype=torch.bool), ids, IGNORE_INDEX)
+        return Sample(
+            input_ids=ids,
+            labels=labels,
+            features={m: torch.cat(f).float() for m, f in self._features.items()},
+            feature_targets={m: torch.tensor(t, dtype=torch.bool) for m, t in self._targets.items()},
+        )
+
+
+def validate_messages(messages: Any) -> list[tuple[str, list[dict]]]:
+    """Check the message structure; return (role, parts) with string content turned into a text part."""
+    if not isinstance(messages, list) or not messages:
+        raise MessageError(f"messages must be a non-empty list, got {type(messages).__name__}")
+    turns = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise MessageError(f"{where}: expected an object with 'role' and 'content', got {type(message).__name__}")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise MessageError(f"{where}: role must be one of {ROLES}, got {role!r}")
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        if not isinstance(content, list):
+            raise MessageError(f"{where}: content must be a string or a list of parts")
+        for j, part in enumerate(content):
+            _validate_part(part, f"{where}.content[{j}]")
+        turns.append((role, content))
+    return turns
+
+
+def _validate_part(part: Any, where: str) -> None:
+    if not isinstance(part, dict):
+        raise MessageError(f"{where}: a content part must be an object, got {type(part).__name__}")
+    kind = part.get("type")
+    if kind == "text":
+        if not isinstance(part.get("text"), str):
+            raise MessageError(f"{where}: a text part needs a string 'text'")
+        return
+    if kind not in MODALITIES:
+        raise MessageError(f"{where}: unknown part type {kind!r} (expected 'text' or one of {MODALITIES})")
+    sources = [k for k in (*SOURCE_KEYS, kind) if k in part]
+    if len(sources) != 1:
+        found = ", ".join(sources) or "none"
+        raise MessageError(f"{where}: a {kind} part needs exactly one of {SOURCE_KEYS + (kind,)}, found: {found}")

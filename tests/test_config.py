@@ -1,0 +1,72 @@
+"""Typed configs: YAML round trips, strict errors naming key and file, dotted overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from mllm.config import ConfigError, from_dict, load_config, save_config, to_dict
+
+
+@dataclass
+class Lora:
+    r: int = 8
+    alpha: float = 16.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class Model:
+    name: str
+    lora: Lora = field(default_factory=Lora)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    max_length: int | None = None
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = Model(name="tiny", lora=Lora(r=4, targets=["o_proj"]), max_length=128, extra={"a": 1})
+    save_config(cfg, tmp_path / "m.yaml")
+    assert load_config(Model, tmp_path / "m.yaml") == cfg
+    assert to_dict(cfg)["lora"] == {"r": 4, "alpha": 16.0, "targets": ["o_proj"]}
+
+
+def test_dotted_overrides_are_parsed_as_yaml(tmp_path):
+    (tmp_path / "m.yaml").write_text("name: tiny\n")
+    cfg = load_config(Model, tmp_path / "m.yaml", ["lora.r=16", "lora.targets=[a, b]", "dtype=bfloat16", "lora.alpha=32"])
+    assert cfg.lora == Lora(r=16, alpha=32.0, targets=["a", "b"]) and cfg.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize(
+    "text, overrides, match",
+    [
+        ("name: x\nlora: {rank: 4}\n", [], r"lora.rank in .*m.yaml: unknown key"),
+        ("name: x\nlora: {r: four}\n", [], r"lora.r in .*m.yaml: expected int, got str"),
+        ("name: x\nlora: {r: true}\n", [], r"lora.r .*expected int, got bool"),
+        ("name: x\ndtype: fp8\n", [], r"dtype .*must be one of \['float32', 'bfloat16'\]"),
+        ("lora: {r: 4}\n", [], r"name in .*m.yaml: required key is missing"),
+        ("name: x\nlora: [1, 2]\n", [], r"lora .*expected a mapping"),
+        ("name: x\nlora: {targets: [1]}\n", [], r"lora.targets\[0\] .*expected str"),
+        ("name: x\n", ["lora.r"], r"key.path=value"),
+        ("name: x\n", ["name.sub=1"], r"'name' is not a section"),
+        ("name: [unclosed\n", [], r"invalid YAML"),
+    ],
+)
+def test_bad_configs_name_the_key_and_the_file(tmp_path, text, overrides, match):
+    (tmp_path / "m.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(Model, tmp_path / "m.yaml", overrides)
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: cannot read config"):
+        load_config(Model, tmp_path / "nope.yaml")
+
+
+def test_post_init_validation_is_reported_as_config_error():
+    from mllm.checkpoint import ModelConfig
+
+    with pytest.raises(ConfigError, match="exactly one of 'base'"):
+        from_dict(ModelConfig, {"tokenizer": "t"}, source="recipe.yaml")

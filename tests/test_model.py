@@ -1,0 +1,187 @@
+"""MultimodalLM on tiny Llama, Mistral and Qwen2 configs: splicing, slots, exactness, save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from mllm.checkpoint import MediaConfig, ModelConfig, build_model, load_checkpoint, save_checkpoint
+from mllm.model import MultimodalLM
+from mllm.vocab import ModalitySpec, VocabLayout
+from tests.conftest import TINY_LMS
+
+IMAGE_DIM, AUDIO_CODES = 12, 16
+
+
+def tiny_lm(arch: str, vocab_size: int = 300):
+    torch.manual_seed(0)
+    cfg = dict(TINY_LMS[arch], vocab_size=vocab_size)
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+
+
+def layout_for(text_vocab: int = 300) -> VocabLayout:
+    """image: continuous [N, 12]; audio: 16 discrete codes — ids laid out after the text vocabulary."""
+
+    class Counter:  # the part of a HF tokenizer that VocabLayout.extend uses
+        def __init__(self):
+            self.vocab = {f"t{i}": i for i in range(text_vocab)}
+
+        def __len__(self):
+            return len(self.vocab)
+
+        def get_vocab(self):
+            return self.vocab
+
+        def add_tokens(self, tokens, special_tokens):
+            for t in tokens:
+                self.vocab.setdefault(t.content, len(self.vocab))
+
+        def convert_tokens_to_ids(self, tokens):
+            return [self.vocab[t] for t in tokens]
+
+    specs = [ModalitySpec("image", "continuous", feature_dim=IMAGE_DIM), ModalitySpec("audio", "discrete", codebook_size=AUDIO_CODES)]
+    return VocabLayout.extend(Counter(), specs)
+
+
+def wrapped(arch: str) -> tuple[MultimodalLM, torch.nn.Module]:
+    bare = tiny_lm(arch)
+    reference = tiny_lm(arch)  # same seed, same weights, never resized
+    return MultimodalLM.from_base(bare, layout_for()).eval(), reference
+
+
+def image_sequence(layout: VocabLayout, n: int = 3) -> torch.Tensor:
+    img = layout["image"]
+    return torch.tensor([[5, 6, img.begin_id] + [img.placeholder_id] * n + [img.end_id, 7, 8, img.begin_id]
+                         + [img.placeholder_id] * n + [img.end_id, 9]])
+
+
+def test_no_media_logits_equal_bare_lm_exactly(arch):
+    model, reference = wrapped(arch)
+    ids = torch.randint(0, 300, (2, 17))
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, reference(ids).logits
+    assert ours.shape[-1] == model.layout.vocab_size
+    assert torch.equal(ours[..., :300], theirs)
+
+
+def test_new_rows_start_at_the_mean_of_text_rows(arch):
+    model, _ = wrapped(arch)
+    emb = model.get_input_embeddings().weight
+    new = torch.arange(300, model.layout.vocab_size)
+    assert torch.allclose(emb[new], emb[:300].mean(0).expand(len(new), -1))
+
+
+def test_features_are_spliced_at_placeholder_positions(arch):
+    model, _ = wrapped(arch)
+    ids = image_sequence(model.layout)
+    feats = torch.randn(6, IMAGE_DIM)
+    with torch.no_grad():
+        embeds = model.embed(ids, {"image": feats})
+        token_embeds = model.get_input_embeddings()(ids)
+        projected = model.projectors["image"](feats)
+    slots = (ids == model.layout["image"].placeholder_id)[0].nonzero().squeeze(-1)
+    assert torch.equal(embeds[0, slots], projected)
+    others = torch.ones(ids.shape[1], dtype=torch.bool)
+    others[slots] = False
+    assert torch.equal(embeds[0, others], token_embeds[0, others])
+
+
+def test_slot_hidden_is_the_hidden_state_before_each_target(arch):
+    model, _ = wrapped(arch)
+    ids = image_sequence(model.layout)
+    feats = torch.randn(6, IMAGE_DIM)
+    targets = torch.tensor([False] * 3 + [True] * 3)  # only the second image is produced by the model
+    with torch.no_grad():
+        out = model(ids, features={"image": feats}, feature_targets={"image": targets})
+        hidden = model.language_model(inputs_embeds=model.embed(ids, {"image": feats}), output_hidden_states=True).hidden_states[-1]
+    slots = (ids == model.layout["image"].placeholder_id)[0].nonzero().squeeze(-1)[3:]
+    assert torch.equal(out.slot_hidden["image"], hidden[0, slots - 1])
+    assert torch.equal(out.slot_targets["image"], feats[3:])
+
+
+def test_feature_count_mismatch_names_both_counts(arch):
+    model, _ = wrapped(arch)
+    ids = image_sequence(model.layout)
+    with pytest.raises(ValueError, match=r"image: input_ids has 6 placeholder slots but 5 feature rows"):
+        model(ids, features={"image": torch.randn(5, IMAGE_DIM)})
+    with pytest.raises(ValueError, match=r"6 placeholder slots but 0 feature rows"):
+        model(ids)
+    with pytest.raises(ValueError, match=r"features must be \[n, 12\]"):
+        model(ids, features={"image": torch.randn(6, IMAGE_DIM + 1)})
+    with pytest.raises(ValueError, match="NaN"):
+        model(ids, features={"image": torch.full((6, IMAGE_DIM), float("nan"))})
+    with pytest.raises(ValueError, match="'audio', which is not a continuous modality"):
+        model(ids, features={"image": torch.randn(6, IMAGE_DIM), "audio": torch.randn(1, 3)})
+
+
+def test_discrete_codes_are_ordinary_tokens_with_a_loss(arch):
+    model, _ = wrapped(arch)
+    audio = model.layout["audio"]
+    codes = torch.tensor([[5, audio.begin_id, audio.code_offset, audio.code_offset + AUDIO_CODES - 1, audio.end_id]])
+    out = model(codes, labels=codes)
+    assert out.loss.isfinite() and out.loss.requires_grad
+    out.loss.backward()
+    assert model.get_input_embeddings().weight.grad[audio.code_offset].abs().sum() > 0
+
+
+def test_save_load_round_trip_is_bit_identical(arch, tmp_path, mistral_tokenizer_dir):
+    model, processor = build_model(_model_config(arch, mistral_tokenizer_dir))
+    messages = [
+        {"role": "user", "content": [{"type": "image", "tokens": torch.rand(16, 48)}, {"type": "text", "text": "Say it."}]},
+        {"role": "assistant", "content": [{"type": "audio", "tokens": [3, 1, 4]}, {"type": "image", "tokens": torch.rand(16, 48)}]},
+    ]
+    batch = processor([messages])
+    model.eval()
+    with torch.no_grad():
+        before = model(**batch.model_inputs())
+    save_checkpoint(model, processor, tmp_path / "ckpt")
+    loaded, loaded_processor = load_checkpoint(tmp_path / "ckpt")
+    again = loaded_processor([messages])
+    assert torch.equal(again.input_ids, batch.input_ids) and torch.equal(again.labels, batch.labels)
+    with torch.no_grad():
+        after = loaded(**again.model_inputs())
+    assert torch.equal(before.logits, after.logits)
+    assert torch.equal(before.loss, after.loss)
+    assert torch.equal(before.slot_hidden["image"], after.slot_hidden["image"])
+    # The plain HF Auto class loads it too, with no remote code.
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    assert isinstance(auto, MultimodalLM)
+    assert not list((tmp_path).glob(".ckpt.tmp-*")), "temporary directory left behind"
+
+
+def _model_config(arch: str, tokenizer_dir) -> ModelConfig:
+    return ModelConfig(
+        base_config=dict(TINY_LMS[arch]),
+        tokenizer=str(tokenizer_dir),
+        chat_template="mistral",
+        media={
+            "image": MediaConfig(tokenizer="patch", options={"image_size": 16, "patch_size": 4}),
+            "audio": MediaConfig(kind="discrete", codebook_size=AUDIO_CODES),
+        },
+    )
+
+
+def test_pretrained_base_from_a_local_directory(tmp_path, mistral_tokenizer_dir):
+    """Real-scale path: the base LM and tokenizer come from a local HF directory."""
+    base = tiny_lm("llama", vocab_size=32000)
+    base.save_pretrained(tmp_path / "base")
+    for f in mistral_tokenizer_dir.iterdir():
+        (tmp_path / "base" / f.name).write_bytes(f.read_bytes())
+    model, _ = build_model(ModelConfig(base=str(tmp_path / "base"), media={"audio": MediaConfig(kind="discrete", codebook_size=8)}))
+    ids = torch.randint(0, 300, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits[..., :32000], base(ids).logits)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_attention_implementations_agree(attn, tmp_path):
+    model, _ = wrapped("llama")
+    model.save_pretrained(tmp_path / "m")
+    other = AutoModelForCausalLM.from_pretrained(tmp_path / "m", attn_implementation=attn).eval()
+    assert other.language_model.config._attn_implementation == attn
+    ids = image_sequence(model.layout)
+    feats = {"image": torch.randn(6, IMAGE_DIM)}
+    with torch.no_grad():
+        assert torch.allclose(model(ids, features=feats).logits, other(ids, features=feats).logits, atol=1e-5)
