@@ -1,0 +1,34 @@
+"""The layering contract (pyproject's [tool.importlinter]) and the `mllm` command's surface."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_layers_are_kept():
+    result = subprocess.run(["lint-imports"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_help_lists_the_subcommands_that_exist():
+    result = subprocess.run([sys.executable, "-m", "mllm.cli", "--help"], capture_output=True, text=True, check=True)
+    listed = [line.split()[0] for line in result.stdout.split("COMMAND\n", 2)[-1].splitlines() if line.startswith("    ") and line[4] != " "]
+    assert listed == ["demo", "data", "list"]
+    for command in listed:
+        sub = subprocess.run([sys.executable, "-m", "mllm.cli", command, "--help"], capture_output=True, text=True)
+        assert sub.returncode == 0, sub.stderr
+
+
+def test_no_top_level_folder_shadows_a_package():
+    """`tokenizers/`, `data/`, ... hold configs: an __init__.py there would shadow HF `tokenizers`."""
+    for folder in ("tokenizers", "data", "finetune", "eval", "bench"):
+        assert not (ROOT / folder / "__init__.py").exists()
+
+
+def test_list_shows_every_registry():
+    result = subprocess.run([sys.executable, "-m", "mllm.cli", "list"], capture_output=True, text=True, check=True)
+    assert "media tokenizers: patch" in result.stdout and "chat templates: chatml, mistral, plain" in result.stdout
