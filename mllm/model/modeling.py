@@ -85,6 +85,9 @@ class MultimodalLM(PreTrainedModel):
         rows = lm.get_input_embeddings().weight.shape[0]
         if layout.text_vocab_size > rows:
             raise ValueError(f"tokenizer has {layout.text_vocab_size} text tokens but the LM only {rows} embeddings")
+        config = MultimodalConfig(text_config=lm.config, vocab_layout=layout.to_dict(), projector=projector)
+        model = cls(config, language_model=lm)
+        # Grow the vocabulary only now: rows created before `post_init` would be re-initialised by it.
         lm.resize_token_embeddings(max(rows, layout.vocab_size), mean_resizing=False)
         new = torch.arange(layout.text_vocab_size, layout.vocab_size)
         with torch.no_grad():
@@ -95,8 +98,7 @@ class MultimodalLM(PreTrainedModel):
                 table.weight[new] = table.weight[: layout.text_vocab_size].mean(0).to(table.weight.dtype)
                 if getattr(table, "bias", None) is not None:
                     table.bias[new] = table.bias[: layout.text_vocab_size].mean()
-        config = MultimodalConfig(text_config=lm.config, vocab_layout=layout.to_dict(), projector=projector)
-        return cls(config, language_model=lm)
+        return model
 
     def _init_weights(self, module: nn.Module) -> None:
         # Only the projectors reach here; the LM's modules use the LM's own initialiser.
