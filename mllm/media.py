@@ -509,7 +509,8 @@ def save_audio(audio: Audio, path: str | os.PathLike) -> Path:
 def _encode_av(video: Video, tmp: Path, suffix: str) -> None:
     """H.264 in MP4, or VP9 (VP8 if FFmpeg lacks it) in WebM; yuv420p, so odd sides are edge-padded to even."""
     if suffix == ".mp4":
-        codec, options = "libx264", {"crf": "18"}
+        # no-mbtree: with it, libx264 may encode identical tiny clips differently from run to run
+        codec, options = "libx264", {"crf": "18", "x264-params": "no-mbtree=1"}
     else:
         codec = "libvpx-vp9" if "libvpx-vp9" in av.codecs_available else "libvpx"
         options = {"crf": "30", "b": "0", "cpu-used": "4"}  # b=0: constant quality

@@ -1,0 +1,1 @@
+"""Data: built-in offline corpora (records) -> token cache -> packed batches."""

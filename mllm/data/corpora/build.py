@@ -1,0 +1,354 @@
+"""Build every built-in corpus into one directory, deterministically.
+
+    from mllm.data.corpora.build import build_corpora
+    manifest = build_corpora("data/build.yaml", "data/corpora")
+
+The build writes into `OUT.tmp-<pid>` next to `OUT`, writes `manifest.json`
+last, then renames the directory to `OUT`. A directory without a manifest is
+an unfinished (killed) build. An existing complete `OUT` is only replaced with
+`overwrite=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from mllm.config import ConfigError, from_dict, load_config, to_dict
+from mllm.data.corpora import SPLITS, BuildContext, CorpusResult, atomic_write_text, get_corpus, list_corpora
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+# ---------------------------------------------------------------- config
+
+
+@dataclass
+class Fractions:
+    """Split proportions; they must add up to 1."""
+
+    train: float = 0.8
+    validation: float = 0.1
+    test: float = 0.1
+
+    def __post_init__(self):
+        values = [self.train, self.validation, self.test]
+        if any(v < 0 for v in values) or abs(sum(values) - 1.0) > 1e-6:
+            raise ValueError(f"split fractions must be >= 0 and add up to 1, got {values}")
+
+
+@dataclass
+class Counts:
+    """A number per split."""
+
+    train: int = 0
+    validation: int = 0
+    test: int = 0
+
+    def __post_init__(self):
+        if min(self.train, self.validation, self.test) < 0:
+            raise ValueError("counts must be >= 0")
+
+    def get(self, split: str) -> int:
+        return int(getattr(self, split))
+
+
+@dataclass
+class VoicesConfig:
+    """espeak-ng voices: an accent (`en-us`) plus a variant (`m3`) give `en-us+m3`.
+
+    Test utterances use only voices with a held-out accent or a held-out variant;
+    train and validation never use either.
+    """
+
+    accents: list[str] = field(default_factory=lambda: [
+        "en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp", "en-us-nyc",
+        "en-029", "en-gb-x-gbcwmd",
+    ])
+    variants: list[str] = field(default_factory=lambda: [
+        "m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5",
+        "klatt", "klatt2", "klatt3", "adam", "Alex", "Andy", "aunty", "boris", "david",
+        "edward", "grandma", "grandpa", "john", "linda", "max", "paul", "rob", "steph",
+    ])
+    held_out_accents: list[str] = field(default_factory=lambda: ["en-029", "en-gb-x-gbcwmd"])
+    held_out_variants: list[str] = field(default_factory=lambda: ["m7", "f4", "klatt3", "grandma", "steph"])
+    rate: tuple[int, int] = (130, 210)  # words per minute
+    pitch: tuple[int, int] = (25, 75)  # espeak 0..99
+    word_gap: tuple[int, int] = (0, 4)  # pause between words, in 10 ms units
+    gain: tuple[float, float] = (0.3, 0.95)  # peak level after normalisation
+    noise_prob: float = 0.3  # share of utterances with added white noise
+    snr_db: tuple[float, float] = (15.0, 40.0)
+
+    def __post_init__(self):
+        for name in ("held_out_accents", "held_out_variants"):
+            pool = self.accents if name == "held_out_accents" else self.variants
+            bad = [v for v in getattr(self, name) if v not in pool]
+            if bad:
+                raise ValueError(f"{name} {bad} are not in the {name.split('_')[-1]} list")
+        if not set(self.accents) - set(self.held_out_accents):
+            raise ValueError("every accent is held out: nothing is left for train")
+        if not set(self.variants) - set(self.held_out_variants):
+            raise ValueError("every variant is held out: nothing is left for train")
+        if not (self.held_out_accents or self.held_out_variants):
+            raise ValueError("hold out at least one accent or variant for the test split")
+
+
+@dataclass
+class DigitsConfig:
+    enabled: bool = True
+    fractions: Fractions = field(default_factory=Fractions)  # cut along the package's own order
+    per_class: Counts | None = None  # cap on images per class and split (None: all)
+    image_size: int = 32
+    tasks: list[Literal["image_qa", "image_caption", "image_generation"]] = field(
+        default_factory=lambda: ["image_qa", "image_caption", "image_generation"])
+
+
+@dataclass
+class StampsConfig:
+    enabled: bool = True
+    fractions: Fractions = field(default_factory=Fractions)  # over caption groups
+    max_stamps: int | None = None
+    image_size: int = 64
+    num_choices: int = 4
+    train_variants: int = 3  # renders per train stamp (the first is plain, others jittered)
+    tasks: list[Literal["image_caption", "image_qa", "image_mcq", "image_generation"]] = field(
+        default_factory=lambda: ["image_caption", "image_qa", "image_mcq", "image_generation"])
+
+
+@dataclass
+class SpeechMix:
+    """Share of each kind of utterance."""
+
+    digits: float = 0.4
+    words: float = 0.25
+    sentences: float = 0.2
+    questions: float = 0.15
+
+
+@dataclass
+class SpeechConfig:
+    enabled: bool = True
+    utterances: Counts = field(default_factory=lambda: Counts(6000, 300, 600))
+    mix: SpeechMix = field(default_factory=SpeechMix)
+    max_digits: int = 4
+    text_fractions: Fractions = field(default_factory=Fractions)  # texts held out of train
+    workers: int = 2
+    tasks: list[Literal["asr", "speech_qa", "tts"]] = field(default_factory=lambda: ["asr", "speech_qa", "tts"])
+
+
+@dataclass
+class SoundsConfig:
+    enabled: bool = True
+    fractions: Fractions = field(default_factory=Fractions)
+    max_sounds: int | None = None
+    max_seconds: float = 5.0
+    num_choices: int = 4
+    tasks: list[Literal["sound_caption", "sound_qa", "sound_generation"]] = field(
+        default_factory=lambda: ["sound_caption", "sound_qa", "sound_generation"])
+    spoken_numbers: bool = True  # the eval-only corpus `spoken_numbers` (test split only)
+
+
+@dataclass
+class VideoConfig:
+    enabled: bool = True
+    clips: Counts = field(default_factory=lambda: Counts(4000, 200, 400))
+    frames: int = 8
+    size: int = 32
+    fps: float = 4.0
+    digit_size: int = 16
+    max_digits: int = 2
+    tasks: list[Literal["video_qa", "video_caption", "video_generation"]] = field(
+        default_factory=lambda: ["video_qa", "video_caption", "video_generation"])
+
+
+@dataclass
+class InterleavedConfig:
+    enabled: bool = True
+    samples: Counts = field(default_factory=lambda: Counts(2000, 140, 280))
+
+
+@dataclass
+class TextConfig:
+    enabled: bool = True
+    source: Literal["wordnet"] = "wordnet"
+    fractions: Fractions = field(default_factory=lambda: Fractions(0.98, 0.01, 0.01))
+    max_glosses: int | None = None
+    corpus_text: bool = True  # add the captions, questions and answers of the other corpora
+
+
+@dataclass
+class BuildConfig:
+    seed: int = 0
+    sample_rate: int = 16000
+    voices: VoicesConfig = field(default_factory=VoicesConfig)
+    digits: DigitsConfig = field(default_factory=DigitsConfig)
+    stamps: StampsConfig = field(default_factory=StampsConfig)
+    speech: SpeechConfig = field(default_factory=SpeechConfig)
+    sounds: SoundsConfig = field(default_factory=SoundsConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    interleaved: InterleavedConfig = field(default_factory=InterleavedConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+
+    def enabled(self, corpus: str) -> bool:
+        if corpus == "spoken_numbers":
+            return self.sounds.enabled and self.sounds.spoken_numbers
+        return bool(getattr(self, corpus).enabled)
+
+
+def load_build_config(path: str | os.PathLike, overrides: list[str] | None = None) -> BuildConfig:
+    """Read a build config YAML strictly: unknown keys raise `ConfigError` naming key and file."""
+    return load_config(BuildConfig, path, overrides)
+
+
+# ---------------------------------------------------------------- manifest
+
+
+@dataclass
+class Manifest:
+    """`OUT/manifest.json`: seed, config, and per corpus its sources, licences and counts."""
+
+    path: Path
+    data: dict[str, Any]
+
+    @property
+    def corpora(self) -> dict[str, Any]:
+        return self.data["corpora"]
+
+    def counts(self, corpus: str) -> dict[str, int]:
+        return self.data["corpora"][corpus]["counts"]
+
+    @classmethod
+    def load(cls, out: str | os.PathLike) -> "Manifest":
+        path = Path(out) / MANIFEST
+        return cls(path, json.loads(path.read_text()))
+
+
+def is_complete(out: str | os.PathLike) -> bool:
+    """True when `out` holds a finished build (its manifest was written last)."""
+    return (Path(out) / MANIFEST).is_file()
+
+
+# ---------------------------------------------------------------- build
+
+
+def build_corpora(
+    config: BuildConfig | str | os.PathLike,
+    out: str | os.PathLike,
+    overwrite: bool = False,
+    limit: int | None = None,
+    *,
+    only: list[str] | None = None,
+    progress: bool = True,
+) -> Manifest:
+    """Build the corpora of `config` (a `BuildConfig` or a YAML path) into directory `out`.
+
+    - `overwrite`: replace an existing `out` (complete or not); otherwise refuse.
+    - `limit`: cap on source items per corpus and split (a quick look; counts shrink).
+    - `only`: build just these corpora (names from `list_corpora()`).
+    - `progress`: show a tqdm bar per corpus.
+
+    Returns the `Manifest` (also at `out/manifest.json`).
+    """
+    cfg = config if isinstance(config, BuildConfig) else load_build_config(config)
+    out = Path(out).absolute()
+    names = list_corpora()
+    if only is not None:
+        unknown = [n for n in only if n not in names]
+        if unknown:
+            raise ValueError(f"unknown corpus {unknown[0]!r} (known: {', '.join(names)})")
+    selected = [n for n in names if cfg.enabled(n) and (only is None or n in only)]
+
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        state = "a complete build" if is_complete(out) else "not a complete build (no manifest.json)"
+        raise FileExistsError(f"{out} already exists and is {state}; pass overwrite=True to replace it")
+    _remove_stale_tmp(out)
+
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    started = time.time()
+    try:
+        ctx = BuildContext(cfg=cfg, root=tmp, limit=limit, progress=progress)
+        results: dict[str, CorpusResult] = {}
+        for name in selected:
+            results[name] = get_corpus(name)(ctx)
+        data = _manifest_data(cfg, tmp, results, limit)
+        atomic_write_text(tmp / MANIFEST, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        if out.exists():
+            old = out.with_name(f"{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if progress:
+        print(f"built {', '.join(selected)} into {out} in {time.time() - started:.1f} s")
+    return Manifest(out / MANIFEST, data)
+
+
+def _manifest_data(cfg: BuildConfig, root: Path, results: dict[str, CorpusResult], limit: int | None) -> dict:
+    from mllm import __version__
+    import hashlib
+
+    corpora = {}
+    for name, r in results.items():
+        files, digests = {}, {}
+        for split in SPLITS:
+            p = root / name / f"{split}.jsonl"
+            if p.is_file():
+                files[split] = f"{name}/{split}.jsonl"
+                digests[split] = hashlib.sha256(p.read_bytes()).hexdigest()
+        corpora[name] = {
+            "sources": [s.to_dict() for s in r.sources],
+            "licences": sorted({s.licence for s in r.sources}),
+            "counts": r.counts,
+            "tasks": r.tasks,
+            "files": files,
+            "sha256": digests,
+            "eval_only": r.eval_only,
+            **r.extra,
+        }
+    return {
+        "format_version": FORMAT_VERSION,
+        "mllm_version": __version__,
+        "seed": cfg.seed,
+        "limit": limit,
+        "splits": list(SPLITS),
+        "eval_only": sorted(n for n, r in results.items() if r.eval_only),
+        "held_out_voices": {
+            "accents": list(cfg.voices.held_out_accents),
+            "variants": list(cfg.voices.held_out_variants),
+        },
+        "config": to_dict(cfg),
+        "corpora": corpora,
+    }
+
+
+def _remove_stale_tmp(out: Path) -> None:
+    """Delete `OUT.tmp-<pid>` folders left by builds whose process is gone."""
+    for p in out.parent.glob(f"{out.name}.tmp-*") if out.parent.is_dir() else []:
+        pid = p.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
+__all__ = [
+    "BuildConfig", "ConfigError", "Counts", "Fractions", "Manifest", "build_corpora", "from_dict",
+    "is_complete", "load_build_config",
+]

