@@ -13,33 +13,21 @@ from __future__ import annotations
 
 import abc
 import os
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import yaml
-from safetensors.torch import load_file, save_file
-from torch import nn
 
-from mllm.config import from_dict, to_dict
+from mllm.module import ConfiguredModule, build_module, load_module
 from mllm.registry import Registry
 from mllm.vocab import ModalitySpec
 
-CONFIG_FILE = "media_tokenizer.yaml"
-WEIGHTS_FILE = "model.safetensors"
 
-
-class MediaTokenizer(nn.Module, metaclass=abc.ABCMeta):
+class MediaTokenizer(ConfiguredModule):
     """Base class of every media tokenizer. Subclasses set the class attributes and `config_class`."""
 
-    name: ClassVar[str]  # registry name
     modality: ClassVar[str]  # "image" | "video" | "audio"
     kind: ClassVar[str]  # "discrete" | "continuous"
-    config_class: ClassVar[type]
-
-    def __init__(self, config: Any):
-        super().__init__()
-        self.config = config
+    config_file = "media_tokenizer.yaml"
 
     @property
     def spec(self) -> ModalitySpec:
@@ -64,15 +52,6 @@ class MediaTokenizer(nn.Module, metaclass=abc.ABCMeta):
     def encode(self, media: Any) -> torch.Tensor:
         """LongTensor [N] of codes, or FloatTensor [N, feature_dim]."""
 
-    def save_pretrained(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / CONFIG_FILE).write_text(yaml.safe_dump({"name": self.name, "config": to_dict(self.config)}))
-        state = {k: v.contiguous() for k, v in self.state_dict().items()}
-        if state:
-            save_file(state, path / WEIGHTS_FILE)
-        return path
-
 
 MEDIA_TOKENIZERS: Registry[type[MediaTokenizer]] = Registry("media tokenizer")
 
@@ -88,19 +67,8 @@ def register(cls: type[MediaTokenizer]) -> type[MediaTokenizer]:
 
 
 def build_media_tokenizer(name: str, options: dict | None = None) -> MediaTokenizer:
-    cls = MEDIA_TOKENIZERS.get(name)
-    return cls(from_dict(cls.config_class, options or {}, source=f"media tokenizer '{name}'")).eval()
+    return build_module(MEDIA_TOKENIZERS, name, options)
 
 
 def load_media_tokenizer(path: str | os.PathLike) -> MediaTokenizer:
-    """Load a directory written by `MediaTokenizer.save_pretrained`; weights must match exactly."""
-    path = Path(path)
-    try:
-        meta = yaml.safe_load((path / CONFIG_FILE).read_text())
-    except OSError as e:
-        raise FileNotFoundError(f"{path}: not a media tokenizer directory (no {CONFIG_FILE})") from e
-    tokenizer = build_media_tokenizer(meta["name"], meta.get("config"))
-    if (path / WEIGHTS_FILE).exists():
-        tokenizer.load_state_dict(load_file(path / WEIGHTS_FILE), strict=True)
-    return tokenizer.eval()
-
+    return load_module(MEDIA_TOKENIZERS, MediaTokenizer.config_file, path)

@@ -1,0 +1,62 @@
+"""The DeTokenizer contract: tokens back to a medium.
+
+    decode(tokens, guidance=..., steps=...) -> Image | Audio | Video
+        tokens: LongTensor [N] (discrete) or FloatTensor [N, D] (continuous)
+
+A diffusion de-tokenizer is conditioned on the tokens; its unconditional
+branch is the encoding of an empty medium (black frame, silence), and
+`guidance` is the classifier-free guidance scale (1 = none). A direct decoder
+(VQ decoder, codec) ignores `guidance` and `steps`. Saved as a directory:
+`detokenizer.yaml` (registry name + config) and `model.safetensors`.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from typing import Any, ClassVar
+
+import torch
+
+from mllm.module import ConfiguredModule, build_module, load_module
+from mllm.registry import Registry
+
+
+class DeTokenizer(ConfiguredModule):
+    """Base class of every de-tokenizer. Subclasses set the class attributes and `config_class`."""
+
+    modality: ClassVar[str]  # "image" | "video" | "audio"
+    kind: ClassVar[str]  # kind of tokens it reads: "discrete" | "continuous"
+    config_file = "detokenizer.yaml"
+
+    @abc.abstractmethod
+    def decode(
+        self,
+        tokens: torch.Tensor,
+        *,
+        guidance: float = 1.0,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Any:
+        """One medium from its tokens; `generator` makes stochastic decoders reproducible."""
+
+
+DETOKENIZERS: Registry[type[DeTokenizer]] = Registry("de-tokenizer")
+
+
+def list_detokenizers() -> list[str]:
+    return DETOKENIZERS.names()
+
+
+def register(cls: type[DeTokenizer]) -> type[DeTokenizer]:
+    """Class decorator: make `cls` buildable by its `name`."""
+    DETOKENIZERS.register(cls.name)(cls)
+    return cls
+
+
+def build_detokenizer(name: str, options: dict | None = None) -> DeTokenizer:
+    return build_module(DETOKENIZERS, name, options)
+
+
+def load_detokenizer(path: str | os.PathLike) -> DeTokenizer:
+    return load_module(DETOKENIZERS, DeTokenizer.config_file, path)

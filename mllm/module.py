@@ -1,0 +1,60 @@
+"""ConfiguredModule: an nn.Module built from a registry name and a typed config.
+
+Media tokenizers, de-tokenizers and heads are all saved the same way, as a
+directory with `<kind>.yaml` (registry name + config) and, when the module has
+weights, `model.safetensors`. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mllm.config import from_dict, to_dict
+from mllm.registry import Registry
+
+WEIGHTS_FILE = "model.safetensors"
+M = TypeVar("M", bound="ConfiguredModule")
+
+
+class ConfiguredModule(nn.Module, metaclass=abc.ABCMeta):
+    name: ClassVar[str]  # registry name
+    config_class: ClassVar[type]  # the dataclass of `config`
+    config_file: ClassVar[str]  # e.g. "media_tokenizer.yaml"
+
+    def __init__(self, config: Any):
+        super().__init__()
+        self.config = config
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / self.config_file).write_text(yaml.safe_dump({"name": self.name, "config": to_dict(self.config)}))
+        state = {k: v.contiguous() for k, v in self.state_dict().items()}
+        if state:
+            save_file(state, path / WEIGHTS_FILE)
+        return path
+
+
+def build_module(registry: Registry[type[M]], name: str, options: dict | None = None) -> M:
+    cls = registry.get(name)
+    return cls(from_dict(cls.config_class, options or {}, source=f"{registry.kind} '{name}'")).eval()
+
+
+def load_module(registry: Registry[type[M]], config_file: str, path: str | os.PathLike) -> M:
+    """Load a directory written by `save_pretrained`; weights must match exactly."""
+    path = Path(path)
+    try:
+        meta = yaml.safe_load((path / config_file).read_text())
+    except OSError as e:
+        raise FileNotFoundError(f"{path}: not a {registry.kind} directory (no {config_file})") from e
+    module = build_module(registry, meta["name"], meta.get("config"))
+    if (path / WEIGHTS_FILE).exists():
+        module.load_state_dict(load_file(path / WEIGHTS_FILE), strict=True)
+    return module.eval()

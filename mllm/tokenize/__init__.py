@@ -1,0 +1,1 @@
+"""Training, encoding, decoding and evaluating media tokenizers (`mllm tokenize ...`)."""

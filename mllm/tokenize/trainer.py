@@ -1,0 +1,78 @@
+"""A small, plain training loop for media tokenizers and de-tokenizers.
+
+The module being trained defines `training_losses(batch) -> {"loss": ..., other terms}`;
+this loop owns the optimiser, schedule, clipping, progress bar and history.
+Non-finite losses skip the step (and abort after `max_bad_steps` in a row).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    max_bad_steps: int = 10
+    seed: int = 0
+
+
+def cosine_schedule(step: int, total: int, warmup: int) -> float:
+    """LR multiplier: linear warm-up to 1, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min((step - warmup) / max(total - warmup, 1), 1.0)))
+
+
+def fit(
+    module: nn.Module,
+    batches: Iterator[Any],
+    cfg: OptimConfig,
+    *,
+    desc: str = "train",
+    parameters: list[nn.Parameter] | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, list[float]]:
+    """Train `module` for `cfg.steps` batches; returns the history of every loss term."""
+    params = [p for p in (parameters or module.parameters()) if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_schedule(s, cfg.steps, cfg.warmup_steps))
+    history: dict[str, list[float]] = {}
+    bad = 0
+    module.train()
+    bar = tqdm(range(cfg.steps), desc=desc)
+    for step in bar:
+        losses = module.training_losses(next(batches))
+        loss = losses["loss"]
+        if not torch.isfinite(loss):
+            bad += 1
+            if bad >= cfg.max_bad_steps:
+                raise FloatingPointError(f"{desc}: {bad} non-finite losses in a row, last at step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            continue
+        bad = 0
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        schedule.step()
+        values = {k: float(v.detach()) for k, v in losses.items()}
+        for k, v in values.items():
+            history.setdefault(k, []).append(v)
+        bar.set_postfix({k: f"{v:.4f}" for k, v in values.items()})
+        if on_step is not None:
+            on_step(step, values)
+    module.eval()
+    return history
