@@ -24,14 +24,37 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(corpora=args.data, out=args.out, steps=args.steps, seed=args.seed)
 
 
+def _tokenize(args: argparse.Namespace) -> int:
+    from mllm.tokenize import commands
+
+    if args.tokenize_command == "train":
+        metrics = commands.train(args.recipe, args.data, args.out, args.overrides)
+    elif args.tokenize_command == "eval":
+        metrics = commands.evaluate(args.trained, args.data, args.report, args.limit)
+    elif args.tokenize_command == "encode":
+        print(commands.encode(args.tokenizer, args.files, args.out))
+        return 0
+    else:
+        for path in commands.decode(args.detokenizer, args.tokens, args.out, args.guidance, args.steps, args.seed):
+            print(path)
+        return 0
+    for key, value in metrics.items():
+        print(f"  {key}: {value}")
+    return 0
+
+
 def _list(args: argparse.Namespace) -> int:
     from mllm.chat_template import list_chat_templates
     from mllm.data.corpora import list_corpora
     from mllm.model import list_projectors
+    from mllm.detokenizers import list_detokenizers
+    from mllm.tokenize.recipes import list_recipes
     from mllm.tokenizers import list_media_tokenizers
 
     for kind, names in [
         ("media tokenizers", list_media_tokenizers()),
+        ("de-tokenizers", list_detokenizers()),
+        ("tokenizer recipes", list_recipes()),
         ("projectors", list_projectors()),
         ("chat templates", list_chat_templates()),
         ("corpora", list_corpora()),
@@ -67,6 +90,31 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--only", nargs="+", default=None, metavar="CORPUS", help="build only these corpora")
     build.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. digits.per_class.train=10")
     build.set_defaults(func=_data_build)
+
+    tok = sub.add_parser("tokenize", help="train, run and evaluate media tokenizers and de-tokenizers")
+    tok_sub = tok.add_subparsers(dest="tokenize_command", required=True)
+    t = tok_sub.add_parser("train", help="train a tokenizer recipe (tokenizers/*.yaml) on the built corpora")
+    t.add_argument("recipe", type=Path)
+    t.add_argument("--data", type=Path, default=None, help="built corpora (default: $MLLM_CACHE/corpora)")
+    t.add_argument("--out", type=Path, required=True)
+    t.add_argument("overrides", nargs="*", help="dotted overrides of the recipe's config, e.g. steps=500")
+    e = tok_sub.add_parser("eval", help="evaluate a trained tokenizer on the test split; writes metrics and pictures")
+    e.add_argument("trained", type=Path, help="a directory written by `mllm tokenize train`")
+    e.add_argument("--data", type=Path, default=None)
+    e.add_argument("--report", type=Path, required=True)
+    e.add_argument("--limit", type=int, default=None, help="at most this many test items")
+    enc = tok_sub.add_parser("encode", help="encode media files to tokens (one safetensors file)")
+    enc.add_argument("--tokenizer", type=Path, required=True)
+    enc.add_argument("--out", type=Path, required=True)
+    enc.add_argument("files", type=Path, nargs="+")
+    dec = tok_sub.add_parser("decode", help="decode a safetensors token file back to media files")
+    dec.add_argument("--detokenizer", type=Path, required=True)
+    dec.add_argument("--out", type=Path, required=True)
+    dec.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    dec.add_argument("--steps", type=int, default=None, help="diffusion steps (default: the de-tokenizer's)")
+    dec.add_argument("--seed", type=int, default=0)
+    dec.add_argument("tokens", type=Path)
+    tok.set_defaults(func=_tokenize)
 
     listing = sub.add_parser("list", help="list the registered variants (tokenizers, projectors, templates, corpora)")
     listing.set_defaults(func=_list)

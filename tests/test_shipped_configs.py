@@ -7,11 +7,13 @@ from pathlib import Path
 import pytest
 
 from mllm.data.corpora.build import load_build_config
+from mllm.tokenize.recipes import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 # folder glob -> the loader that validates it; a shipped YAML no entry covers fails the test
 LOADERS = {
     "data/build*.yaml": load_build_config,
+    "tokenizers/*.yaml": load_recipe,
 }
 SHIPPED = sorted(p for p in ROOT.rglob("*.yaml") if not any(part.startswith(".") for part in p.relative_to(ROOT).parts))
 

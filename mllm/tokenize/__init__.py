@@ -1,1 +1,4 @@
-"""Training, encoding, decoding and evaluating media tokenizers (`mllm tokenize ...`)."""
+"""Training, encoding, decoding and evaluating media tokenizers (`mllm tokenize ...`).
+
+Importing this package registers every recipe module below.
+"""

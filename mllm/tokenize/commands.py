@@ -1,0 +1,68 @@
+"""`mllm tokenize train | encode | decode | eval`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from mllm.config import to_dict
+from mllm.detokenizers import load_detokenizer
+from mllm.media import Audio, Image, Video, load_media, save_audio, save_image, save_video
+from mllm.tokenize.recipes import RECIPE_FILE, RECIPES, load_recipe
+from mllm.tokenizers import load_media_tokenizer
+
+SUFFIX = {"image": ".png", "audio": ".wav", "video": ".mp4"}
+
+
+def train(recipe_path: str | os.PathLike, corpora: Path, out: Path, overrides: list[str] | None = None) -> dict:
+    """Validate the recipe before any work, train, and record the recipe beside the weights."""
+    recipe, cfg = load_recipe(recipe_path, overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RECIPE_FILE).write_text(yaml.safe_dump({"recipe": recipe.name, "config": to_dict(cfg)}, sort_keys=False))
+    metrics = recipe.train(cfg, corpora, out)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def evaluate(trained: Path, corpora: Path, report: Path, limit: int | None = None) -> dict:
+    meta = yaml.safe_load((trained / RECIPE_FILE).read_text())
+    metrics = RECIPES.build(meta["recipe"]).evaluate(trained, corpora, report, limit)
+    report.mkdir(parents=True, exist_ok=True)
+    (report / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def encode(tokenizer_dir: Path, files: list[Path], out: Path) -> Path:
+    """Encode media files into one safetensors file keyed by file name."""
+    tokenizer = load_media_tokenizer(tokenizer_dir)
+    tokens = {}
+    with torch.no_grad():
+        for path in tqdm(files, desc=f"encode {tokenizer.modality}"):
+            tokens[Path(path).name] = tokenizer.encode(load_media(path, tokenizer.modality)).contiguous()
+    save_file(tokens, out)
+    return out
+
+
+def decode(detokenizer_dir: Path, tokens_file: Path, out: Path, guidance: float, steps: int | None, seed: int) -> list[Path]:
+    """Decode every entry of a safetensors token file into a media file under `out`."""
+    detokenizer = load_detokenizer(detokenizer_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, tokens in tqdm(load_file(tokens_file).items(), desc=f"decode {detokenizer.modality}"):
+            media = detokenizer.decode(tokens, guidance=guidance, steps=steps, generator=generator)
+            path = out / (Path(key).stem + SUFFIX[detokenizer.modality])
+            _save(media, path)
+            written.append(path)
+    return written
+
+
+def _save(media: Image | Audio | Video, path: Path) -> None:
+    {Image: save_image, Audio: save_audio, Video: save_video}[type(media)](media, path)
