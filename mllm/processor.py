@@ -47,6 +47,10 @@ class MessageError(ValueError):
     """A malformed message; the text names where, e.g. `messages[1].content[0]`."""
 
 
+class SequenceTooLongError(ValueError):
+    """A conversation that tokenizes to more than the processor's `max_length`."""
+
+
 class Processor:
     def __init__(
         self,
@@ -119,7 +123,7 @@ class Processor:
             seq.text(self.template.assistant_prefix, labelled=False)
         sample = seq.finish()
         if self.max_length is not None and len(sample) > self.max_length:
-            raise ValueError(f"conversation is {len(sample)} tokens long, over max_length {self.max_length}")
+            raise SequenceTooLongError(f"conversation is {len(sample)} tokens long, over max_length {self.max_length}")
         return sample
 
     def __call__(

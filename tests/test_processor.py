@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from mllm.chat_template import list_chat_templates
 from mllm.media import Image, MediaError, save_image
-from mllm.processor import MessageError, Processor
+from mllm.processor import MessageError, Processor, SequenceTooLongError
 from mllm.sequence import IGNORE_INDEX
 from mllm.tokenizers import build_media_tokenizer
 from mllm.vocab import ModalitySpec
@@ -147,7 +147,7 @@ def test_out_of_range_codes_and_bad_media_are_reported(processor, tmp_path):
 
 def test_max_length_is_enforced(processor):
     processor.max_length = 8
-    with pytest.raises(ValueError, match="over max_length 8"):
+    with pytest.raises(SequenceTooLongError, match="over max_length 8"):
         processor.encode([{"role": "user", "content": "a fairly long message that will not fit"}])
 
 
