@@ -1,0 +1,262 @@
+"""The runner: resumes a killed run without recomputing, handles bad items and unknown tasks by policy,
+and runs the real predictor on a tiny model end to end (proxy task, likelihoods, generation, CLI, report)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mllm.checkpoint import MediaConfig, ModelConfig, build_model, save_checkpoint
+from mllm.cli import main
+from mllm.data.records import BadRecordError
+from mllm.eval.predictor import ModelPredictor
+from mllm.eval.runner import RunMismatchError, UnknownTaskError, resolve_tasks, run_eval
+from mllm.eval.tasks import TaskSpec, build_task
+from mllm.media import Image, MediaError, load_image, save_image
+from tests.conftest import TINY_LMS
+
+
+class CountingPredictor:
+    """Answers "7" to everything and records which items it was asked; can die at a given call."""
+
+    def __init__(self, die_at_call: int | None = None, bad_ids: tuple[str, ...] = ()):
+        self.asked: list[str] = []
+        self.calls = 0
+        self.die_at_call, self.bad_ids = die_at_call, bad_ids
+
+    def answer(self, items, max_new_tokens):
+        self.calls += 1
+        if self.calls == self.die_at_call:
+            raise KeyboardInterrupt  # the process is killed mid-run
+        for item in items:
+            if item.id in self.bad_ids:
+                raise MediaError(f"{item.id}.png", "corrupt or truncated image")
+        self.asked += [i.id for i in items]
+        return ["7" for _ in items]
+
+    def choice_logprobs(self, items):
+        return [[-float(k) for k in range(len(i.choices))] for i in items]
+
+    def generate_media(self, items, modality):
+        return [Image(np.full((28, 28, 3), 255, np.uint8)) for _ in items]
+
+
+def jsonl_task(tmp_path: Path, n: int = 10, name: str = "mine", **options):
+    file = tmp_path / f"{name}.jsonl"
+    file.write_text("".join(json.dumps({"id": f"q{k}", "question": f"q {k}?", "answer": str(k % 8)}) + "\n" for k in range(n)))
+    return build_task(TaskSpec("jsonl", str(file), name=name, options=options))
+
+
+def test_a_killed_run_resumes_without_recomputing_finished_items(tmp_path):
+    task, out = jsonl_task(tmp_path), tmp_path / "out"
+    first = CountingPredictor(die_at_call=3)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval([task], first, out, model="m", batch_size=3, progress=False)
+    assert first.asked == [f"q{k}" for k in range(6)]  # two batches finished before the kill
+    with open(out / "cache" / "mine.jsonl", "a") as f:
+        f.write('{"id": "q6", "te')  # a line the kill cut short
+    second = CountingPredictor()
+    results = run_eval([task], second, out, model="m", batch_size=3, progress=False)
+    assert second.asked == [f"q{k}" for k in range(6, 10)]
+    assert results["mine"] == {"accuracy": 0.1, "n": 10, "proxy": False}  # "7" is right for q7 only
+    lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [x["id"] for x in lines] == [f"q{k}" for k in range(10)] and lines[7] == {
+        "task": "mine", "id": "q7", "prediction": "7", "answer": "7", "score": 1.0}
+    third = CountingPredictor()
+    run_eval([task], third, out, model="m", batch_size=3, progress=False)
+    assert third.asked == []
+
+
+def test_a_cache_of_another_model_is_refused(tmp_path):
+    task, out = jsonl_task(tmp_path, n=2), tmp_path / "out"
+    run_eval([task], CountingPredictor(), out, model="a", progress=False, report=False)
+    with pytest.raises(RunMismatchError, match="holds results of model a"):
+        run_eval([task], CountingPredictor(), out, model="b", progress=False, report=False)
+    fresh = CountingPredictor()
+    run_eval([task], fresh, out, model="b", overwrite=True, progress=False, report=False)
+    assert fresh.asked == ["q0", "q1"]
+
+
+def test_an_item_that_fails_to_load_stops_the_run_or_is_skipped(tmp_path):
+    task = jsonl_task(tmp_path, n=6)
+    with pytest.raises(BadRecordError, match="mine:q4: corrupt_media: q4.png"):
+        run_eval([task], CountingPredictor(bad_ids=("q4",)), tmp_path / "a", model="m", batch_size=4, progress=False)
+    predictor = CountingPredictor(bad_ids=("q4",))
+    results = run_eval([task], predictor, tmp_path / "b", model="m", batch_size=4, policy="skip", progress=False)
+    assert results["mine"]["n"] == 5 and results["mine"]["skipped"] == 1
+    assert "q4" not in predictor.asked and "q5" in predictor.asked  # the rest of the bad batch still ran
+
+
+def test_an_unknown_task_name_fails_listing_the_known_ones_or_is_skipped(tmp_path):
+    with pytest.raises(UnknownTaskError, match="unknown task 'popee'.*pope_proxy"):
+        resolve_tasks(["popee"], corpora=tmp_path)
+    assert resolve_tasks(["popee"], corpora=tmp_path, policy="skip") == []
+
+
+# ---- the real predictor on a tiny model --------------------------------------------------------------------
+
+
+def tiny_corpora(root: Path, n: int = 4) -> Path:
+    """A digits corpus in the built layout: test images with yes/no questions."""
+    records = []
+    for k in range(n):
+        save_image(Image(np.random.default_rng(k).integers(0, 255, (28, 28, 3), dtype=np.uint8)), root / "digits" / "media" / f"{k}.png")
+        records.append({"id": f"digits-test-{k}", "corpus": "digits", "task": "image_qa",
+                        "messages": [{"role": "user", "content": [{"type": "image", "path": f"media/{k}.png"},
+                                                                  {"type": "text", "text": f"Is this a {k}?"}]},
+                                     {"role": "assistant", "content": [{"type": "text", "text": "yes"}]}],
+                        "meta": {"label": k, "question": f"Is this a {k}?", "answer": "yes", "question_type": "yes_no"}})
+    (root / "digits" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_model(mistral_tokenizer_dir):
+    return build_model(ModelConfig(base_config=TINY_LMS["llama"], tokenizer=str(mistral_tokenizer_dir),
+                                   media={"image": MediaConfig(tokenizer="patch", options={"image_size": 8, "patch_size": 4})}))
+
+
+def test_batched_likelihoods_equal_one_at_a_time(tiny_model):
+    predictor = ModelPredictor(*tiny_model, rows_per_forward=3)
+    conversations = [[{"role": "user", "content": "Which digit?"}], [{"role": "user", "content": "Say a long word, please."}],
+                     [{"role": "user", "content": "Hi"}]]
+    replies = ["7", "antidisestablishmentarianism", "hello there"]
+    together = predictor.reply_logprobs(conversations, replies)
+    alone = [predictor.reply_logprobs([c], [r])[0] for c, r in zip(conversations, replies)]
+    assert [s for s, _ in together] == pytest.approx([s for s, _ in alone], abs=1e-4)
+    assert all(s < 0 for s, _ in together)
+
+
+def judge_white_is_seven(paths: list[str]) -> list[str]:
+    """A stand-in judge: a white picture "shows" a 7."""
+    return ["7" if load_image(p).pixels.mean() > 250 else "?" for p in paths]
+
+
+def test_generation_writes_one_file_per_item_and_the_judge_scores_them(tmp_path):
+    file = tmp_path / "draw.jsonl"
+    file.write_text("".join(json.dumps({"id": f"g{k}", "prompt": f"Draw a {t}.", "target": t}) + "\n" for k, t in enumerate("773")))
+    task = build_task(TaskSpec("jsonl", str(file), name="draw",
+                               options={"generate": "image", "judge": "tests.test_eval_runner:judge_white_is_seven"}))
+    results = run_eval([task], CountingPredictor(), tmp_path / "out", model="m", progress=False)
+    assert results["draw"]["judge_accuracy"] == pytest.approx(2 / 3)
+    lines = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert [x["files"] for x in lines] == [[f"media/draw/g{k}.png"] for k in range(3)]
+    assert all((tmp_path / "out" / x["files"][0]).is_file() for x in lines)
+
+
+def test_mllm_eval_runs_a_proxy_and_a_choice_task_on_a_real_checkpoint(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.setenv("MLLM_CACHE", str(tmp_path / "cache"))
+    corpora = tiny_corpora(tmp_path / "corpora")
+    checkpoint = save_checkpoint(*tiny_model, tmp_path / "ckpt")
+    choices = tmp_path / "choices.jsonl"
+    choices.write_text("".join(json.dumps({"id": f"c{k}", "media": [{"type": "image", "path": f"corpora/digits/media/{k}.png"}],
+                                           "question": "Which digit?", "answer": str(k), "choices": ["0", "1", "2", "3"]}) + "\n"
+                               for k in range(4)))
+    out = tmp_path / "out"
+    argv = ["eval", "--model", str(checkpoint), "--tasks", "pope_proxy", str(choices), "--data", str(corpora),
+            "--out", str(out), "--limit", "6", "--batch-size", "4"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["pope_proxy"]["proxy"] is True and results["pope_proxy"]["n"] == 6
+    assert set(results["pope_proxy"]) >= {"accuracy", "precision", "recall", "f1", "yes_ratio", "categories"}
+    assert results["choices"]["n"] == 4 and 0 <= results["choices"]["likelihood_accuracy"] <= 1
+    lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == 10 and all("likelihood_choice" in x for x in lines if x["task"] == "choices")
+    html = (out / "report.html").read_text()
+    assert "pope_proxy" in html and "proxy" in html and "<img" in html
+    assert "| pope_proxy | proxy | 6 |" in (out / "report.md").read_text()
+    cached = (out / "cache" / "pope_proxy.jsonl").read_text()
+    assert main(argv) == 0 and (out / "cache" / "pope_proxy.jsonl").read_text() == cached  # all resumed from the cache
+    assert torch.is_grad_enabled()
+
+
+# ---- the lmms-eval plugin ------------------------------------------------------------------------------------
+
+STUB_YAML = """\
+task: mllm_stub
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function stub_utils.doc_to_visual
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "answer"
+generation_kwargs:
+  max_new_tokens: 4
+  until: ["\\n"]
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  - version: 0.0
+"""
+STUB_UTILS = """\
+import PIL.Image
+
+
+def doc_to_visual(doc):
+    return [PIL.Image.open(doc["image"]).convert("RGB")]
+"""
+
+
+def write_lmms_eval_stub(root: Path, corpora: Path) -> Path:
+    """A task in lmms-eval's own YAML format over local JSON lines."""
+    tasks = root / "lmms_tasks"
+    tasks.mkdir(parents=True)
+    data = tasks / "stub.jsonl"
+    data.write_text("".join(json.dumps({"question": "Which digit is this?", "answer": str(k),
+                                        "image": str(corpora / "digits" / "media" / f"{k}.png")}) + "\n" for k in range(4)))
+    (tasks / "mllm_stub.yaml").write_text(STUB_YAML.format(data=data))
+    (tasks / "stub_utils.py").write_text(STUB_UTILS)
+    return tasks
+
+
+def entry_point_dist(root: Path) -> Path:
+    """A distribution declaring the plugin's entry point, as the installed mllm package does."""
+    dist = root / "dist" / "mllm_lmms_eval_plugin-0.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mllm-lmms-eval-plugin\nVersion: 0.0\n")
+    (dist / "entry_points.txt").write_text("[lmms_eval.models]\nmllm = mllm.eval.lmms_eval_plugin:manifest\n")
+    return dist.parent
+
+
+@pytest.mark.slow  # about 45 s: lmms-eval starts in a subprocess
+def test_lmms_eval_runs_a_stub_task_against_an_mllm_checkpoint(tmp_path, tiny_model):
+    """The plugin found through its entry point, end to end on a generate_until task; its loglikelihood,
+    called as lmms-eval calls it, ranks options the way lmms-eval's multiple_choice reads them (lowest wins)."""
+    pytest.importorskip("lmms_eval", reason="lmms-eval is not installed")
+    import os
+    import subprocess
+    import sys
+
+    from lmms_eval.api.instance import Instance
+
+    from mllm.eval.lmms_eval_plugin import MllmModel
+
+    corpora = tiny_corpora(tmp_path / "corpora")
+    tasks = write_lmms_eval_stub(tmp_path, corpora)
+    checkpoint = save_checkpoint(*tiny_model, tmp_path / "ckpt")
+    root = Path(__file__).resolve().parents[1]
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(entry_point_dist(tmp_path)), str(root)]),
+                        "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    run = subprocess.run([sys.executable, "-m", "lmms_eval", "--model", "mllm", "--model_args", f"pretrained={checkpoint}",
+                          "--tasks", "mllm_stub", "--include_path", str(tasks), "--batch_size", "2",
+                          "--output_path", str(tmp_path / "lmms_out")], capture_output=True, text=True, env=env, timeout=600)
+    results = list((tmp_path / "lmms_out").rglob("*results.json"))
+    assert run.returncode == 0 and results, run.stdout[-3000:] + run.stderr[-3000:]
+    assert 0 <= json.loads(results[0].read_text())["results"]["mllm_stub"]["exact_match,none"] <= 1
+
+    lm = MllmModel(pretrained=str(checkpoint), batch_size=2)
+    lm.task_dict = {"stub": {"test": [{}]}}
+    requests = [Instance("loglikelihood", ("Which digit?", f" {k}", lambda d: [], 0, "stub", "test"), idx=k,
+                         metadata={"task": "stub", "doc_id": 0, "repeats": 1}) for k in range(3)]
+    nll = [v for v, _ in lm.loglikelihood(requests)]
+    logprobs = lm.predictor.reply_logprobs([[{"role": "user", "content": "Which digit?"}]] * 3, ["0", "1", "2"])
+    assert nll == pytest.approx([-lp for lp, _ in logprobs], abs=1e-4) and all(v > 0 for v in nll)
