@@ -5,7 +5,7 @@
     model, processor = load_checkpoint("runs/x/checkpoint")
 
 The directory holds `config.json` + `model.safetensors` (the LM with its grown
-vocabulary, and the projectors), the tokenizer files, `mllm_processor.json`
+vocabulary, the projectors and the output heads), the tokenizer files, `mllm_processor.json`
 (vocabulary layout, chat template) and `media_tokenizers/<modality>/`.
 Nothing is pickled and nothing needs remote code.
 """
@@ -23,6 +23,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import is_flash_attn_2_available
 
+from mllm.config import to_dict
 from mllm.model import MultimodalLM
 from mllm.processor import Processor
 from mllm.tokenizers import build_media_tokenizer, load_media_tokenizer
@@ -42,11 +43,24 @@ class MediaConfig:
     kind: Literal["discrete", "continuous"] | None = None  # pre-encoded only
     codebook_size: int = 0
     feature_dim: int = 0
+    tokens_per_item: int = 0  # N tokens the model writes per item; 0: discrete spans end when the model says so
 
     def __post_init__(self):
         sources = [s for s in (self.tokenizer, self.path, self.kind) if s]
         if len(sources) != 1:
             raise ValueError("a media entry needs exactly one of 'tokenizer', 'path' or 'kind'")
+        if self.tokens_per_item < 0:
+            raise ValueError(f"tokens_per_item must be >= 0, got {self.tokens_per_item}")
+
+
+@dataclass
+class HeadConfig:
+    """The output head of one continuous modality: a registry name (see mllm.heads.list_heads()) + options."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)  # the head's config, less hidden_size/feature_dim
+    loss_weight: float = 1.0  # λ in CE + λ · head loss
+    parallel: bool = False  # Divot-style: a whole item per forward pass, its queries attending to each other
 
 
 @dataclass
@@ -56,6 +70,7 @@ class ModelConfig:
     tokenizer: str | None = None  # local tokenizer directory; defaults to `base`
     chat_template: str = "plain"
     media: dict[str, MediaConfig] = field(default_factory=dict)
+    heads: dict[str, HeadConfig] = field(default_factory=dict)  # continuous modality -> its output head
     projector: str = "mlp2x_gelu"
     attn_implementation: str = "auto"  # auto: flash_attention_2 on CUDA when installed, else sdpa
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -67,6 +82,9 @@ class ModelConfig:
             raise ValueError("set exactly one of 'base' (a pretrained LM directory) and 'base_config'")
         if self.base is None and self.tokenizer is None:
             raise ValueError("'tokenizer' is required when the LM is built from 'base_config'")
+        missing = sorted(set(self.heads) - set(self.media))
+        if missing:
+            raise ValueError(f"heads.{missing[0]}: no such modality in 'media' (has: {sorted(self.media)})")
 
 
 def resolve_attn_implementation(name: str) -> str:
@@ -93,7 +111,13 @@ def build_model(cfg: ModelConfig) -> tuple[MultimodalLM, Processor]:
         text = dict(cfg.base_config)
         text_config = AutoConfig.for_model(text.pop("model_type"), **text)
         base = AutoModelForCausalLM.from_config(text_config, dtype=DTYPES[cfg.dtype], attn_implementation=attn)
-    model = MultimodalLM.from_base(base, processor.layout, projector=cfg.projector)
+    model = MultimodalLM.from_base(
+        base,
+        processor.layout,
+        projector=cfg.projector,
+        heads={name: to_dict(head) for name, head in cfg.heads.items()},
+        tokens_per_item={name: m.tokens_per_item for name, m in cfg.media.items() if m.tokens_per_item},
+    )
     return model.to(DTYPES[cfg.dtype]), processor
 
 

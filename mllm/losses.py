@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
 from mllm.sequence import IGNORE_INDEX
 
@@ -19,3 +20,30 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if not (shift_labels != IGNORE_INDEX).any():
         return shift_logits.sum() * 0.0  # keeps the graph (and DDP/ZeRO hooks) alive on an unlabelled batch
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
+
+
+def gaussian_mixture(logits: torch.Tensor, means: torch.Tensor, stds: torch.Tensor) -> MixtureSameFamily:
+    """k diagonal Gaussians over D dimensions, per row: logits [M, k], means and stds [M, k, D], in fp32."""
+    components = Independent(Normal(means.float(), stds.float(), validate_args=False), 1)
+    return MixtureSameFamily(Categorical(logits=logits.float(), validate_args=False), components, validate_args=False)
+
+
+def gmm_nll(logits: torch.Tensor, means: torch.Tensor, stds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood [M] in nats of each target row [M, D] under its mixture.
+
+    MixtureSameFamily sums the components with a logsumexp, so the value stays
+    finite however far a target lies from every component.
+    """
+    return -gaussian_mixture(logits, means, stds).log_prob(target.float())
+
+
+def multimodal_loss(
+    lm_loss: torch.Tensor | None, head_losses: dict[str, torch.Tensor], weights: dict[str, float]
+) -> torch.Tensor | None:
+    """The training objective: CE over text and codes + Σ_m λ_m · head loss of modality m.
+
+    None when there is neither a CE term nor a head term.
+    """
+    terms = [] if lm_loss is None else [lm_loss]
+    terms += [weights[m] * loss for m, loss in sorted(head_losses.items())]
+    return torch.stack(terms).sum() if terms else None

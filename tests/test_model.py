@@ -1,4 +1,4 @@
-"""MultimodalLM on tiny Llama, Mistral and Qwen2 configs: splicing, slots, exactness, save/load."""
+"""MultimodalLM on tiny Llama, Mistral and Qwen2 configs: splicing, slots, heads, exactness, save/load."""
 
 from __future__ import annotations
 
@@ -6,12 +6,17 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from mllm.checkpoint import MediaConfig, ModelConfig, build_model, load_checkpoint, save_checkpoint
+from mllm.checkpoint import HeadConfig, MediaConfig, ModelConfig, build_model, load_checkpoint, save_checkpoint
+from mllm.heads import list_heads
 from mllm.model import MultimodalLM
+from mllm.model.modeling import block_causal_mask, query_blocks
+from mllm.registry import UnknownNameError
 from mllm.vocab import ModalitySpec, VocabLayout
 from tests.conftest import TINY_LMS
 
-IMAGE_DIM, AUDIO_CODES = 12, 16
+IMAGE_DIM, AUDIO_CODES, VIDEO_DIM = 12, 16, 4
+SMALL_HEAD = {"gmm": {"width": 32, "num_components": 3}, "diffusion": {"width": 32, "depth": 1, "steps": 4},
+              "regression": {"width": 32}}
 
 
 def tiny_lm(arch: str, vocab_size: int = 300):
@@ -21,8 +26,9 @@ def tiny_lm(arch: str, vocab_size: int = 300):
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
 
 
-def layout_for(text_vocab: int = 300) -> VocabLayout:
-    """image: continuous [N, 12]; audio: 16 discrete codes — ids laid out after the text vocabulary."""
+def layout_for(text_vocab: int = 300, video: bool = False) -> VocabLayout:
+    """image: continuous [N, 12]; audio: 16 discrete codes; with `video`, continuous [N, 4] too —
+    ids laid out after the text vocabulary."""
 
     class Counter:  # the part of a HF tokenizer that VocabLayout.extend uses
         def __init__(self):
@@ -42,6 +48,8 @@ def layout_for(text_vocab: int = 300) -> VocabLayout:
             return [self.vocab[t] for t in tokens]
 
     specs = [ModalitySpec("image", "continuous", feature_dim=IMAGE_DIM), ModalitySpec("audio", "discrete", codebook_size=AUDIO_CODES)]
+    if video:
+        specs.append(ModalitySpec("video", "continuous", feature_dim=VIDEO_DIM))
     return VocabLayout.extend(Counter(), specs)
 
 
@@ -49,6 +57,12 @@ def wrapped(arch: str) -> tuple[MultimodalLM, torch.nn.Module]:
     bare = tiny_lm(arch)
     reference = tiny_lm(arch)  # same seed, same weights, never resized
     return MultimodalLM.from_base(bare, layout_for()).eval(), reference
+
+
+def with_heads(arch: str, heads: dict, tokens_per_item: dict | None = None) -> MultimodalLM:
+    """A tiny model with image, audio and video tokens and the given output heads (small by default)."""
+    heads = {m: {**spec, "options": {**SMALL_HEAD.get(spec["name"], {}), **spec.get("options", {})}} for m, spec in heads.items()}
+    return MultimodalLM.from_base(tiny_lm(arch), layout_for(video=True), heads=heads, tokens_per_item=tokens_per_item).eval()
 
 
 def image_sequence(layout: VocabLayout, n: int = 3) -> torch.Tensor:
@@ -185,3 +199,116 @@ def test_attention_implementations_agree(attn, tmp_path):
     feats = {"image": torch.randn(6, IMAGE_DIM)}
     with torch.no_grad():
         assert torch.allclose(model(ids, features=feats).logits, other(ids, features=feats).logits, atol=1e-5)
+
+
+# ---- output heads -------------------------------------------------------------------------------
+
+
+def test_forward_adds_the_weighted_head_loss(arch):
+    model = with_heads(arch, {"image": {"name": "gmm", "loss_weight": 0.5}})
+    ids = image_sequence(model.layout)
+    feats, targets = torch.randn(6, IMAGE_DIM), torch.tensor([False] * 3 + [True] * 3)
+    out = model(ids, labels=ids, features={"image": feats}, feature_targets={"image": targets})
+    head_loss = model.heads["image"].loss(out.slot_hidden["image"], out.slot_targets["image"])
+    assert torch.equal(out.head_losses["image"], head_loss)
+    assert torch.allclose(out.loss, out.lm_loss + 0.5 * head_loss)
+    out.loss.backward()
+    assert model.heads["image"].net[0].weight.grad.abs().sum() > 0
+    assert model.projectors["image"][0].weight.grad.abs().sum() > 0  # the input features are learned through too
+    without_labels = model(ids, features={"image": feats}, feature_targets={"image": targets})
+    assert without_labels.lm_loss is None and torch.allclose(without_labels.loss, 0.5 * without_labels.head_losses["image"])
+
+
+def test_parallel_targets_are_queries_that_see_their_whole_span():
+    model = with_heads("llama", {"image": {"name": "regression", "parallel": True}})
+    ids = image_sequence(model.layout)
+    slots = (ids == model.layout["image"].placeholder_id)[0].nonzero().squeeze(-1)
+    feats, targets = torch.randn(6, IMAGE_DIM), torch.tensor([False] * 3 + [True] * 3)
+    with torch.no_grad():
+        out = model(ids, features={"image": feats}, feature_targets={"image": targets}, output_hidden_states=True)
+        changed_targets = feats.clone()
+        changed_targets[3:] += 1
+        again = model(ids, features={"image": changed_targets}, feature_targets={"image": targets})
+        changed_inputs = feats.clone()
+        changed_inputs[:3] += 1
+        third = model(ids, features={"image": changed_inputs}, feature_targets={"image": targets})
+        causal = model(ids, features={"image": feats})  # every slot an input: plain causal attention
+    assert torch.equal(out.logits, again.logits), "target features of a parallel span must not enter as inputs"
+    assert not torch.allclose(out.logits, third.logits), "input features are still spliced"
+    assert torch.equal(out.slot_hidden["image"], out.last_hidden_state[0, slots[3:]])  # each slot predicts itself
+    assert torch.equal(out.slot_targets["image"], feats[3:])
+    # The first query already sees the later ones, so the logits before the second query differ from causal ones.
+    assert not torch.allclose(out.logits[0, slots[3]], causal.logits[0, slots[3]])
+
+
+def test_block_causal_mask():
+    padding = torch.tensor([[0, 1, 1, 1, 1, 1]])
+    queries = torch.tensor([[False, False, True, True, False, True]])
+    blocks = query_blocks(queries)
+    assert blocks.tolist() == [[0, 0, 1, 1, 0, 2]]
+    allowed = block_causal_mask(padding, blocks, 6, torch.float32)[0, 0] == 0
+    assert allowed.tolist() == [
+        [False, False, False, False, False, False],
+        [False, True, False, False, False, False],
+        [False, True, True, True, False, False],  # query 2 sees query 3 of its block
+        [False, True, True, True, False, False],
+        [False, True, True, True, True, False],
+        [False, True, True, True, True, True],
+    ]
+    last_two = block_causal_mask(padding, blocks, 2, torch.float32)[0, 0] == 0
+    assert torch.equal(last_two, allowed[-2:])
+
+
+def test_heads_keep_their_own_initialisation():
+    """HF's generic initialiser must not replace a head's own (transformers 5 skips parameterless modules)."""
+    model = with_heads("llama", {"image": {"name": "diffusion"}, "video": {"name": "gmm"}})
+    final = model.heads["image"].net.final.linear
+    assert not final.weight.any() and not final.bias.any()  # MAR's zero-initialised output layer
+    first = model.heads["video"].net[0].weight
+    assert abs(first.std().item() - (2 / sum(first.shape)) ** 0.5) < 0.02  # Xavier, not N(0, 0.02)
+
+
+def test_head_config_errors():
+    with pytest.raises(ValueError, match="audio is discrete"):
+        with_heads("llama", {"audio": {"name": "gmm"}})
+    with pytest.raises(ValueError, match="'hidden_size' comes from the model"):
+        with_heads("llama", {"image": {"name": "gmm", "options": {"hidden_size": 8}}})
+    with pytest.raises(UnknownNameError, match="unknown head 'vae' .*diffusion, gmm, regression"):
+        with_heads("llama", {"image": {"name": "vae"}})
+    with pytest.raises(ValueError, match="heads.image: expected keys"):
+        with_heads("llama", {"image": {"name": "gmm", "weight": 2}})
+    with pytest.raises(ValueError, match="tokens_per_item.image must be >= 0"):
+        with_heads("llama", {}, tokens_per_item={"image": -1})
+    with pytest.raises(ValueError, match="heads.video: no such modality"):
+        ModelConfig(base_config={}, tokenizer="x", heads={"video": HeadConfig("gmm")})
+
+
+@pytest.mark.parametrize("head", list_heads())
+def test_save_load_with_each_head_is_bit_identical(head, tmp_path, mistral_tokenizer_dir):
+    cfg = _model_config("llama", mistral_tokenizer_dir)
+    cfg.media["image"].tokens_per_item = 16
+    cfg.heads = {"image": HeadConfig(head, SMALL_HEAD[head], loss_weight=0.25)}
+    model, processor = build_model(cfg)
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "Draw it."}]},
+        {"role": "assistant", "content": [{"type": "image", "tokens": torch.rand(16, 48)}]},
+    ]
+    batch = processor([messages])
+    model.eval()
+    with torch.no_grad():
+        torch.manual_seed(0)  # the diffusion loss draws noise and times
+        before = model(**batch.model_inputs())
+    save_checkpoint(model, processor, tmp_path / "ckpt")
+    loaded, _ = load_checkpoint(tmp_path / "ckpt")
+    assert loaded.config.heads == model.config.heads and loaded.config.tokens_per_item == {"image": 16}
+    state, loaded_state = model.heads.state_dict(), loaded.heads.state_dict()
+    assert state.keys() == loaded_state.keys() and all(torch.equal(state[k], loaded_state[k]) for k in state)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        after = loaded(**batch.model_inputs())
+        hidden = before.slot_hidden["image"]
+        samples = [m.heads["image"].sample(hidden, generator=torch.Generator().manual_seed(1)) for m in (model, loaded)]
+    assert torch.equal(before.loss, after.loss) and torch.equal(before.head_losses["image"], after.head_losses["image"])
+    assert torch.equal(samples[0], samples[1])
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    assert isinstance(auto, MultimodalLM) and auto.heads["image"].name == head

@@ -1,13 +1,18 @@
-"""MultimodalLM: any HF causal LM, with media tokens spliced into its input.
+"""MultimodalLM: any HF causal LM, with media tokens spliced into its input and output heads on top.
 
     input_ids [B, T] ──embed──▶ [B, T, H] ──masked_scatter(projector(features))──▶ inputs_embeds
         ──language_model──▶ logits [B, T, V], hidden [B, T, H]
-        ──▶ loss = CE(text + discrete codes); slot_hidden[m] [M, H] for the continuous heads
+        ──▶ slot_hidden[m] [M, H] ──heads[m]──▶ loss = CE(text + codes) + Σ_m λ_m · head_m.loss
 
 Discrete codes are ordinary (added) tokens, so they need nothing beyond the
 resized embedding table. Continuous features replace the embedding of their
 modality's placeholder token. The hidden state at position p-1 predicts the
 feature at placeholder p, as the logits at p-1 predict the token at p.
+
+A modality whose head is `parallel` (Divot-style) instead keeps the
+placeholder embedding at its target slots: they are queries, they attend to
+each other within their span (a 4D mask), and the hidden state at slot p
+itself predicts the feature at p.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from mllm.losses import causal_lm_loss
+from mllm.heads import Head, build_head
+from mllm.losses import causal_lm_loss, multimodal_loss
 from mllm.model.configuration import MultimodalConfig
 from mllm.model.projector import PROJECTORS
 from mllm.vocab import VocabLayout
@@ -27,9 +33,12 @@ from mllm.vocab import VocabLayout
 
 @dataclass
 class MultimodalLMOutput:
-    loss: torch.Tensor | None = None  # CE over labelled text and code positions
+    loss: torch.Tensor | None = None  # lm_loss + Σ_m λ_m · head_losses[m]
     logits: torch.Tensor | None = None  # [B, T, V]
     past_key_values: object | None = None  # the LM's KV cache
+    lm_loss: torch.Tensor | None = None  # CE over labelled text and code positions
+    head_losses: dict[str, torch.Tensor] | None = None  # m -> its head's loss on the target features
+    last_hidden_state: torch.Tensor | None = None  # [B, T, H], with output_hidden_states
     slot_hidden: dict[str, torch.Tensor] | None = None  # m -> [M, H], predicts each target feature
     slot_targets: dict[str, torch.Tensor] | None = None  # m -> [M, D], the features to predict
 
@@ -58,10 +67,19 @@ class MultimodalLM(PreTrainedModel):
                 if m.spec.kind == "continuous"
             }
         )
+        self.heads = nn.ModuleDict({name: self._build_head(name, spec) for name, spec in config.heads.items()})
+        for name, n in config.tokens_per_item.items():
+            if name not in self.layout.modalities or n < 0:
+                known = sorted(self.layout.modalities)
+                raise ValueError(f"tokens_per_item.{name} must be >= 0 and name a modality of {known}")
         # transformers 5 calls the KV cache `cache`, 4.x `past_key_values`.
         params = inspect.signature(self.language_model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self.post_init()
+        # Heads bring their own initialisation (MAR zero-initialises its modulations), which the generic one in
+        # post_init overwrote. Under from_pretrained, init functions are no-ops and the loaded weights follow.
+        for head in self.heads.values():
+            head.reset_parameters()
 
     @classmethod
     def from_base(
@@ -70,13 +88,16 @@ class MultimodalLM(PreTrainedModel):
         layout: VocabLayout,
         *,
         projector: str = "mlp2x_gelu",
+        heads: dict[str, dict] | None = None,
+        tokens_per_item: dict[str, int] | None = None,
         dtype: torch.dtype | None = None,
         attn_implementation: str | None = None,
     ) -> "MultimodalLM":
         """Wrap a pretrained causal LM (a local directory or a model) and grow its vocabulary by `layout`.
 
         Rows for the new tokens start at the mean of the text rows, so they
-        begin as an average word rather than noise.
+        begin as an average word rather than noise. `heads` and
+        `tokens_per_item` are as in MultimodalConfig.
         """
         if isinstance(base, PreTrainedModel):
             lm = base
@@ -85,7 +106,13 @@ class MultimodalLM(PreTrainedModel):
         rows = lm.get_input_embeddings().weight.shape[0]
         if layout.text_vocab_size > rows:
             raise ValueError(f"tokenizer has {layout.text_vocab_size} text tokens but the LM only {rows} embeddings")
-        config = MultimodalConfig(text_config=lm.config, vocab_layout=layout.to_dict(), projector=projector)
+        config = MultimodalConfig(
+            text_config=lm.config,
+            vocab_layout=layout.to_dict(),
+            projector=projector,
+            heads=heads,
+            tokens_per_item=tokens_per_item,
+        )
         model = cls(config, language_model=lm)
         # Grow the vocabulary only now: rows created before `post_init` would be re-initialised by it.
         lm.resize_token_embeddings(max(rows, layout.vocab_size), mean_resizing=False)
@@ -100,8 +127,22 @@ class MultimodalLM(PreTrainedModel):
                     table.bias[new] = table.bias[: layout.text_vocab_size].mean()
         return model
 
+    def _build_head(self, name: str, spec: dict) -> Head:
+        modality = self.layout[name].spec
+        if modality.kind != "continuous":
+            raise ValueError(f"heads.{name}: {name} is discrete; its codes come from the LM head, not an output head")
+        given = sorted({"hidden_size", "feature_dim"} & set(spec["options"]))
+        if given:
+            raise ValueError(f"heads.{name}.options: '{given[0]}' comes from the model, do not set it")
+        dims = {"hidden_size": self.config.text_config.hidden_size, "feature_dim": modality.feature_dim}
+        return build_head(spec["name"], {**spec["options"], **dims})
+
+    def is_parallel(self, name: str) -> bool:
+        """Whether modality `name` writes its features Divot-style, a whole span per forward pass."""
+        return name in self.config.heads and self.config.heads[name]["parallel"]
+
     def _init_weights(self, module: nn.Module) -> None:
-        # Only the projectors reach here; the LM's modules use the LM's own initialiser.
+        # Only projectors and heads reach here; the LM's modules use the LM's own initialiser.
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=0.02)
             if module.bias is not None:
@@ -119,8 +160,17 @@ class MultimodalLM(PreTrainedModel):
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_output_embeddings(value)
 
-    def embed(self, input_ids: torch.Tensor, features: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Token embeddings [B, T, H] with each continuous placeholder replaced by its projected feature."""
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        features: dict[str, torch.Tensor] | None = None,
+        queries: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings [B, T, H] with each continuous placeholder replaced by its projected feature.
+
+        `queries` [B, T] marks placeholder slots that keep their embedding (parallel-mode outputs);
+        `features[m]` has one row per other placeholder slot of m, in reading order.
+        """
         features = features or {}
         unknown = sorted(set(features) - set(self.projectors))
         if unknown:
@@ -128,6 +178,8 @@ class MultimodalLM(PreTrainedModel):
         embeds = self.get_input_embeddings()(input_ids)
         for name, projector in self.projectors.items():
             spec, slots = self.layout[name].spec, input_ids == self.layout[name].placeholder_id  # [B, T]
+            if queries is not None:
+                slots = slots & ~queries
             feats = features.get(name)
             n_slots, n_feats = int(slots.sum()), 0 if feats is None else feats.shape[0]
             if n_slots != n_feats:
@@ -154,22 +206,31 @@ class MultimodalLM(PreTrainedModel):
         feature_targets: dict[str, torch.Tensor] | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool = False,
         **kwargs,
     ) -> MultimodalLMOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids, features)
         feature_targets = {m: t for m, t in (feature_targets or {}).items() if t.any()}
         if feature_targets and input_ids is None:
             raise ValueError("feature_targets need input_ids to locate their slots")
+        queries = self.query_slots(input_ids, feature_targets) if feature_targets else None
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids, self.input_features(features, feature_targets), queries)
+        if queries is not None:
+            if past_key_values is not None:
+                raise ValueError("parallel-mode feature targets need the whole sequence, without past_key_values")
+            padding = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            documents = None if position_ids is None else (position_ids == 0).cumsum(-1)  # packed ones restart at 0
+            blocks, length = query_blocks(queries), input_ids.shape[1]
+            attention_mask = block_causal_mask(padding, blocks, length, inputs_embeds.dtype, documents)
         out = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
-            output_hidden_states=bool(feature_targets),
+            output_hidden_states=output_hidden_states or bool(feature_targets),
             return_dict=True,
             **{self._cache_arg: past_key_values},
             **kwargs,
@@ -180,14 +241,73 @@ class MultimodalLM(PreTrainedModel):
             if is_target.shape[0] != slots.shape[0]:
                 raise ValueError(f"{name}: {is_target.shape[0]} target flags for {slots.shape[0]} placeholder slots")
             rows, cols = slots[is_target].unbind(-1)
-            if (cols == 0).any():
-                raise ValueError(f"{name}: a target slot at position 0 has no preceding hidden state")
-            slot_hidden[name] = out.hidden_states[-1][rows, cols - 1]  # [M, H]
+            if not self.is_parallel(name):
+                if (cols == 0).any():
+                    raise ValueError(f"{name}: a target slot at position 0 has no preceding hidden state")
+                cols = cols - 1
+            slot_hidden[name] = out.hidden_states[-1][rows, cols]  # [M, H]
             slot_targets[name] = features[name][is_target]  # [M, D]
+        head_losses = {m: self.heads[m].loss(slot_hidden[m], slot_targets[m]) for m in slot_hidden if m in self.heads}
+        lm_loss = causal_lm_loss(out.logits, labels) if labels is not None else None
+        weights = {m: self.config.heads[m]["loss_weight"] for m in head_losses}
         return MultimodalLMOutput(
-            loss=causal_lm_loss(out.logits, labels) if labels is not None else None,
+            loss=multimodal_loss(lm_loss, head_losses, weights),
             logits=out.logits,
             past_key_values=getattr(out, self._cache_arg),
+            lm_loss=lm_loss,
+            head_losses=head_losses,
+            last_hidden_state=out.hidden_states[-1] if output_hidden_states else None,
             slot_hidden=slot_hidden,
             slot_targets=slot_targets,
         )
+
+    def query_slots(self, input_ids: torch.Tensor, feature_targets: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """[B, T] bool: the target slots of parallel-mode modalities, or None when there are none."""
+        queries = None
+        for name, is_target in feature_targets.items():
+            if self.is_parallel(name):
+                slots = input_ids == self.layout[name].placeholder_id
+                marked = torch.zeros_like(slots)
+                marked[slots] = is_target.to(slots.device)  # boolean indexing fills in reading order
+                queries = marked if queries is None else queries | marked
+        return queries
+
+    def input_features(
+        self, features: dict[str, torch.Tensor] | None, feature_targets: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The features that enter as inputs: all of them, less the targets of parallel-mode modalities."""
+        return {
+            m: f[~feature_targets[m]] if self.is_parallel(m) and m in feature_targets else f
+            for m, f in (features or {}).items()
+        }
+
+
+def query_blocks(queries: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool -> [B, T] long: each run of adjacent queries numbered 1, 2, ... per row; 0 elsewhere."""
+    starts = queries & ~nn.functional.pad(queries, (1, 0))[:, :-1]
+    return starts.long().cumsum(-1) * queries
+
+
+def block_causal_mask(
+    padding: torch.Tensor,
+    blocks: torch.Tensor,
+    query_len: int,
+    dtype: torch.dtype,
+    documents: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """An additive attention mask [B, 1, Q, K] for the last `query_len` of K positions.
+
+    padding [B, K] (1 = real), blocks [B, K] (0 = none). A query sees the real
+    keys at or before it, and every key of its own block (bidirectional
+    within a block); with `documents` [B, K], only keys of its own document.
+    """
+    k = padding.shape[1]
+    key = torch.arange(k, device=padding.device)
+    allowed = key[None, None, :] <= key[k - query_len :, None]  # [1, Q, K] causal
+    own_block = blocks[:, k - query_len :, None]  # [B, Q, 1]
+    allowed = allowed | ((own_block == blocks[:, None, :]) & (own_block > 0))  # [B, Q, K]
+    if documents is not None:
+        allowed = allowed & (documents[:, k - query_len :, None] == documents[:, None, :])
+    allowed = allowed & padding[:, None, :].bool()
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=padding.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]

@@ -1,0 +1,53 @@
+"""What generation does, as typed dataclasses (they round-trip through YAML with mllm.config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TokenSampling:
+    """How one kind of token, text or media codes, is drawn from the logits."""
+
+    temperature: float = 0.0  # 0: greedy (argmax)
+    top_k: int = 0  # keep the k most likely; 0: all
+    top_p: float = 1.0  # keep the smallest set with this much probability
+    repetition_penalty: float = 1.0  # CTRL/HF: seen tokens' positive logits ÷ p, negative ones × p
+    cfg_scale: float = 1.0  # classifier-free guidance on log-probabilities; 1: none
+
+    def __post_init__(self):
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
+            raise ValueError("need temperature >= 0, top_k >= 0, 0 < top_p <= 1 and repetition_penalty > 0")
+
+
+@dataclass
+class HeadSampling:
+    """How continuous features are drawn from the output heads."""
+
+    temperature: float = 1.0
+    cfg_scale: float = 1.0  # passed to head.sample as `cfg`; 1: none
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # modality -> extra head.sample keywords,
+    # e.g. {"image": {"steps": 50}} for a diffusion head, {"image": {"mode": "mean"}} for a GMM head
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 256  # every position counts: text, markers, codes, features
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None  # fed to finished rows and used for padding; default eos, else 0
+    stop_strings: list[str] = field(default_factory=list)  # end a row once its text contains one (needs decode_text)
+    text: TokenSampling = field(default_factory=TokenSampling)
+    codes: TokenSampling = field(default_factory=TokenSampling)
+    continuous: HeadSampling = field(default_factory=HeadSampling)
+    use_cache: bool = True  # False recomputes the whole sequence every step: the reference, and a benchmark baseline
+    seed: int | None = None  # seeds one torch.Generator for every draw; None: the global RNG
+
+    def __post_init__(self):
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+
+    @property
+    def guided(self) -> bool:
+        """Whether any scale asks for the unconditional stream."""
+        return any(s != 1.0 for s in (self.text.cfg_scale, self.codes.cfg_scale, self.continuous.cfg_scale))
