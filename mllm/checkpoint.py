@@ -6,7 +6,7 @@
 
 The directory holds `config.json` + `model.safetensors` (the LM with its grown
 vocabulary, the projectors and the output heads), the tokenizer files, `mllm_processor.json`
-(vocabulary layout, chat template) and `media_tokenizers/<modality>/`.
+(vocabulary layout, chat template), `media_tokenizers/<modality>/` and `detokenizers/<modality>/`.
 Nothing is pickled and nothing needs remote code.
 """
 
@@ -24,11 +24,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import is_flash_attn_2_available
 
 from mllm.config import to_dict
+from mllm.detokenizers import DeTokenizer, load_detokenizer
 from mllm.model import MultimodalLM
 from mllm.processor import Processor
 from mllm.tokenizers import build_media_tokenizer, load_media_tokenizer
 from mllm.vocab import ModalitySpec
 
+DETOKENIZERS_DIR = "detokenizers"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -121,14 +123,22 @@ def build_model(cfg: ModelConfig) -> tuple[MultimodalLM, Processor]:
     return model.to(DTYPES[cfg.dtype]), processor
 
 
-def save_checkpoint(model: MultimodalLM, processor: Processor, path: str | os.PathLike) -> Path:
-    """Write model and processor into `path` atomically: a reader sees the old or the new checkpoint, never half."""
+def save_checkpoint(
+    model: MultimodalLM,
+    processor: Processor,
+    path: str | os.PathLike,
+    detokenizers: dict[str, DeTokenizer] | None = None,
+) -> Path:
+    """Write model, processor and de-tokenizers into `path` atomically: a reader sees the old or the new
+    checkpoint, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        for name, detokenizer in (detokenizers or {}).items():
+            detokenizer.save_pretrained(tmp / DETOKENIZERS_DIR / name)
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         if path.exists():
             os.replace(path, old)
@@ -156,3 +166,11 @@ def load_checkpoint(
     if device is not None:
         model = model.to(device)
     return model.eval(), Processor.from_pretrained(path)
+
+
+def load_detokenizers(path: str | os.PathLike) -> dict[str, DeTokenizer]:
+    """The de-tokenizers saved with a checkpoint, by modality (none if it has none)."""
+    root = Path(path) / DETOKENIZERS_DIR
+    if not root.is_dir():
+        return {}
+    return {d.name: load_detokenizer(d) for d in sorted(root.iterdir()) if d.is_dir()}

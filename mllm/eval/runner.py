@@ -309,15 +309,16 @@ def evaluate(
     device: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """`mllm eval`: load the checkpoint, read the tasks, run them (resuming from `out`), write the outputs."""
-    from mllm.checkpoint import load_checkpoint
     from mllm.eval.predictor import ModelPredictor
+    from mllm.pipeline import Pipeline
 
     if model is None:
         raise FileNotFoundError("no --model given, and no embedded default model is installed yet: pass a checkpoint directory")
     tasks = resolve_tasks(task_names, corpora=corpora, policy=policy, generate=generate)
     if not tasks:
         raise ValueError("no task to run")
-    lm, processor = load_checkpoint(model, device=device)
-    predictor = ModelPredictor(lm, processor, rows_per_forward=batch_size)
+    pipeline = Pipeline.from_pretrained(model, device=device)
+    predictor = ModelPredictor(pipeline.model, pipeline.processor, rows_per_forward=batch_size,
+                               media_generator=pipeline.generate_media)
     return run_eval(tasks, predictor, out, model=str(Path(model).resolve()), batch_size=batch_size, limit=limit,
                     policy=policy, overwrite=overwrite)
