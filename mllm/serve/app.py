@@ -1,0 +1,300 @@
+"""The FastAPI app: OpenAI-compatible chat completions over one Pipeline, with limits.
+
+Generation runs in worker threads, one at a time (the pipeline's lock); at most
+`max_concurrent_requests` requests are admitted (running or waiting) and the
+rest get 429 at once. A request past `request_timeout_s` gets 504 (or an SSE
+error event) and its generation stops at the next token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mllm.media import Audio, Image, MediaError, Video, save_audio, save_image, save_video
+from mllm.pipeline import Item, Media, Pipeline
+from mllm.processor import MessageError, SequenceTooLongError
+from mllm.serve.limits import ServeLimits
+from mllm.serve.openai_schema import ChatRequest, RequestError, parse_chat_request, parse_json
+
+Event = tuple[str, Any]  # ("text", str) | ("media", part) | ("done", parts) | ("error", Exception)
+_FORMATS = {Image: ("image", "png", "image/png", save_image), Audio: ("audio", "wav", "audio/wav", save_audio),
+            Video: ("video", "mp4", "video/mp4", save_video)}
+
+
+class _Cancelled(Exception):
+    """Raised inside generation callbacks to stop a request that timed out or was abandoned."""
+
+
+class _Slot:
+    """One admitted request; released exactly once, by whoever finishes last with it."""
+
+    def __init__(self, server: "_Server"):
+        self._server, self._released = server, False
+
+    def release(self) -> None:
+        with self._server.count_lock:
+            if not self._released:
+                self._released = True
+                self._server.active -= 1
+
+
+def media_part(media: Media) -> dict[str, Any]:
+    """A generated medium as an OpenAI-style content part with a data URL (png, wav or mp4)."""
+    modality, suffix, mime, save = _FORMATS[type(media)]
+    with tempfile.TemporaryDirectory() as tmp:
+        data = save(media, Path(tmp) / f"out.{suffix}").read_bytes()
+    kind = f"{modality}_url"
+    return {"type": kind, kind: {"url": f"data:{mime};base64,{base64.b64encode(data).decode()}"}}
+
+
+def reply_content(parts: list[dict]) -> str | list[dict]:
+    """A plain string when the reply is only text (what OpenAI clients expect), else the part list."""
+    if all(p["type"] == "text" for p in parts):
+        return "".join(p["text"] for p in parts)
+    return parts
+
+
+class _Server:
+    def __init__(self, pipeline: Pipeline, limits: ServeLimits, model_name: str):
+        self.pipeline, self.limits, self.model_name = pipeline, limits, model_name
+        self.reads = set(pipeline.processor.media_tokenizers)
+        self.writes = set(pipeline.detokenizers) & set(pipeline.processor.layout.modalities)
+        self.generate_lock, self.count_lock = threading.Lock(), threading.Lock()
+        self.active = 0
+        self.executor = ThreadPoolExecutor(max_workers=limits.max_concurrent_requests, thread_name_prefix="mllm-serve")
+        self.created = int(time.time())
+
+    def admit(self) -> _Slot:
+        with self.count_lock:
+            if self.active >= self.limits.max_concurrent_requests:
+                raise RequestError(429, f"the server is busy: {self.active} requests in flight, the limit is "
+                                        f"{self.limits.max_concurrent_requests} (max_concurrent_requests); retry later",
+                                   code="rate_limit_exceeded")
+            self.active += 1
+        return _Slot(self)
+
+    async def read_body(self, request: Request) -> bytes:
+        limit = self.limits.max_request_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise RequestError(413, f"the request is {declared} bytes, over max_request_bytes ({limit})")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise RequestError(413, f"the request is over max_request_bytes ({limit})")
+        return bytes(body)
+
+    def prepare(self, body: bytes) -> tuple[ChatRequest, int, int]:
+        """Parse, load media and count tokens (in a worker thread): (request, prompt tokens, max new tokens)."""
+        req = parse_chat_request(parse_json(body), self.model_name, self.reads, self.writes, self.limits)
+        try:
+            prompt = len(self.pipeline.processor.encode(req.messages, add_generation_prompt=True)) + (req.force is not None)
+        except (MessageError, SequenceTooLongError, MediaError) as e:
+            raise RequestError(400, str(e), param="messages") from e
+        limits = self.limits
+        if prompt > limits.max_input_tokens:
+            raise RequestError(400, f"the prompt is {prompt} tokens, over max_input_tokens ({limits.max_input_tokens})",
+                               param="messages", code="context_length_exceeded")
+        new = req.max_tokens if req.max_tokens is not None else limits.max_total_tokens - prompt
+        if prompt + new > limits.max_total_tokens:
+            raise RequestError(400, f"prompt ({prompt}) + max_tokens ({new}) is over max_total_tokens "
+                                    f"({limits.max_total_tokens})", param="max_tokens", code="context_length_exceeded")
+        return req, prompt, new
+
+    def generate(self, req: ChatRequest, max_new: int, emit: Callable[[Event], None], cancel: threading.Event,
+                 slot: _Slot) -> None:
+        """Worker thread: run the pipeline, emitting text deltas and encoded media, then ("done", parts)."""
+        encoded: dict[int, dict] = {}
+
+        def on_text(row: int, delta: str) -> None:
+            if cancel.is_set():
+                raise _Cancelled
+            emit(("text", delta))
+
+        def on_media(row: int, media: Media) -> None:
+            if cancel.is_set():
+                raise _Cancelled
+            encoded[id(media)] = media_part(media)
+            emit(("media", encoded[id(media)]))
+
+        try:
+            with self.generate_lock:
+                if cancel.is_set():
+                    raise _Cancelled
+                config = replace(req.config, max_new_tokens=max_new)
+                [reply] = self.pipeline.chat([req.messages], config, force=req.force, on_text=on_text, on_media=on_media)
+            emit(("done", [self._part(item, encoded) for item in reply]))
+        except Exception as e:  # reported to the client as an error; the server stays up
+            emit(("error", e))
+        finally:
+            slot.release()
+
+    @staticmethod
+    def _part(item: Item, encoded: dict[int, dict]) -> dict:
+        if isinstance(item, str):
+            return {"type": "text", "text": item}
+        return encoded.get(id(item)) or media_part(item)
+
+
+def _error(e: RequestError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+def _failure(e: Exception, timeout: float) -> RequestError:
+    if isinstance(e, RequestError):
+        return e
+    if isinstance(e, _Cancelled):
+        return RequestError(504, f"the request took longer than request_timeout_s ({timeout} s)", code="timeout")
+    if isinstance(e, (MessageError, MediaError, KeyError)):
+        return RequestError(400, str(e))
+    return RequestError(500, f"generation failed: {type(e).__name__}: {e}")
+
+
+def create_app(pipeline: Pipeline, limits: ServeLimits | None = None, model_name: str = "mllm") -> FastAPI:
+    server = _Server(pipeline, limits or ServeLimits(), model_name)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        server.executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="mllm", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.server = server
+    page = (files("mllm.serve") / "web" / "index.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index() -> str:
+        return page
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": model_name, "active_requests": server.active}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        card = {"id": model_name, "object": "model", "created": server.created, "owned_by": "mllm",
+                "input_modalities": ["text", *sorted(server.reads)], "output_modalities": ["text", *sorted(server.writes)]}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        try:
+            slot = server.admit()
+        except RequestError as e:
+            return _error(e)
+        try:
+            body = await server.read_body(request)
+            req, prompt, max_new = await asyncio.get_running_loop().run_in_executor(server.executor, server.prepare, body)
+        except RequestError as e:
+            slot.release()
+            return _error(e)
+        except Exception as e:
+            slot.release()
+            return _error(_failure(e, server.limits.request_timeout_s))
+        events, cancel = _start(server, req, max_new, slot)
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+        if req.stream:
+            return StreamingResponse(_sse(events, cancel, meta, server.limits.request_timeout_s), media_type="text/event-stream")
+        deadline = asyncio.get_running_loop().time() + server.limits.request_timeout_s
+        try:
+            while True:
+                kind, value = await _next(events, deadline)
+                if kind == "done":
+                    break
+                if kind == "error":
+                    return _error(_failure(value, server.limits.request_timeout_s))
+        except TimeoutError:
+            cancel.set()
+            return _error(_failure(_Cancelled(), server.limits.request_timeout_s))
+        choice = {"index": 0, "message": {"role": "assistant", "content": reply_content(value)}, "finish_reason": "stop"}
+        return JSONResponse({**meta, "object": "chat.completion", "choices": [choice], "usage": {"prompt_tokens": prompt}})
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, e: RequestError) -> JSONResponse:
+        return _error(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        return _error(RequestError(e.status_code, f"{request.method} {request.url.path}: {e.detail}"))
+
+    return app
+
+
+def _start(server: _Server, req: ChatRequest, max_new: int, slot: _Slot) -> tuple[asyncio.Queue, threading.Event]:
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[Event] = asyncio.Queue()
+    cancel = threading.Event()
+
+    def emit(event: Event) -> None:
+        loop.call_soon_threadsafe(events.put_nowait, event)
+
+    try:
+        server.executor.submit(server.generate, req, max_new, emit, cancel, slot)
+    except RuntimeError:  # the executor is shutting down
+        slot.release()
+        raise
+    return events, cancel
+
+
+async def _next(events: asyncio.Queue, deadline: float) -> Event:
+    return await asyncio.wait_for(events.get(), max(deadline - asyncio.get_running_loop().time(), 0.001))
+
+
+async def _sse(events: asyncio.Queue, cancel: threading.Event, meta: dict, timeout: float) -> AsyncIterator[str]:
+    """OpenAI chat.completion.chunk events: the role, text deltas, media parts as they decode, the finish, [DONE]."""
+
+    def chunk(delta: dict, finish: str | None = None) -> str:
+        body = {**meta, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return f"data: {json.dumps(body)}\n\n"
+
+    deadline = asyncio.get_running_loop().time() + timeout
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        while True:
+            try:
+                kind, value = await _next(events, deadline)
+            except TimeoutError:
+                yield f"data: {json.dumps(_failure(_Cancelled(), timeout).body())}\n\n"
+                break
+            if kind == "text":
+                yield chunk({"content": value})
+            elif kind == "media":
+                yield chunk({"content": [value]})
+            elif kind == "error":
+                yield f"data: {json.dumps(_failure(value, timeout).body())}\n\n"
+                break
+            else:
+                yield chunk({}, finish="stop")
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        cancel.set()  # a finished generation ignores it; an abandoned or timed-out one stops at its next token
+
+
+def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, limits: ServeLimits | None = None,
+          model_name: str | None = None, device: str | None = None) -> None:
+    """Load a checkpoint and serve it until interrupted."""
+    import uvicorn
+
+    pipeline = Pipeline.from_pretrained(model, device=device)
+    app = create_app(pipeline, limits, model_name or Path(model).resolve().name)
+    print(f"mllm serve: http://{host}:{port}/ (API: /v1/chat/completions)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

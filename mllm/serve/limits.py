@@ -1,0 +1,57 @@
+"""What one server accepts, named after vLLM's and TGI's flags where they have one."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MODALITIES = ("image", "audio", "video")  # kept literal: `mllm --help` reads the defaults without importing torch
+
+
+def _default_mm() -> dict[str, int]:
+    return {"image": 4, "audio": 2, "video": 1}
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    limit_mm_per_prompt: dict[str, int] = field(default_factory=_default_mm)  # vLLM: media items per request, by modality
+    max_request_bytes: int = 32 * 2**20  # whole HTTP body; also bounds each decoded medium
+    max_input_tokens: int = 4096  # TGI: prompt tokens, media spans included
+    max_total_tokens: int = 4608  # TGI: prompt tokens + max_tokens
+    request_timeout_s: float = 120.0  # a request still generating after this gets 504
+    max_concurrent_requests: int = 8  # TGI: requests admitted at once (running or queued); more get 429
+    allowed_local_media_path: Path | None = None  # vLLM: file:// and plain paths must lie under it; None: refused
+
+    def __post_init__(self):
+        unknown = set(self.limit_mm_per_prompt) - set(MODALITIES)
+        if unknown:
+            raise ValueError(f"limit_mm_per_prompt: unknown modalities {sorted(unknown)} (expected {list(MODALITIES)})")
+        if any(n < 0 for n in self.limit_mm_per_prompt.values()):
+            raise ValueError("limit_mm_per_prompt: counts must be >= 0")
+        if min(self.max_request_bytes, self.max_input_tokens, self.max_total_tokens, self.max_concurrent_requests) <= 0:
+            raise ValueError("max_request_bytes, max_input_tokens, max_total_tokens and max_concurrent_requests must be positive")
+        if self.max_total_tokens <= self.max_input_tokens:
+            raise ValueError(f"max_total_tokens ({self.max_total_tokens}) must exceed max_input_tokens ({self.max_input_tokens})")
+        if self.request_timeout_s <= 0:
+            raise ValueError("request_timeout_s must be positive")
+
+    def items_allowed(self, modality: str) -> int:
+        return self.limit_mm_per_prompt.get(modality, 0)
+
+
+def parse_mm_limits(text: str) -> dict[str, int]:
+    """vLLM's `--limit-mm-per-prompt` value: JSON ('{"image": 4}') or 'image=4,audio=1'."""
+    text = text.strip()
+    if text.startswith("{"):
+        value = json.loads(text)
+        if not isinstance(value, dict) or not all(isinstance(v, int) for v in value.values()):
+            raise ValueError(f"expected a JSON object of integers, got {text!r}")
+        return value
+    limits = {}
+    for item in filter(None, text.split(",")):
+        name, _, count = item.partition("=")
+        if not count.strip().isdigit():
+            raise ValueError(f"expected modality=count, got {item!r}")
+        limits[name.strip()] = int(count)
+    return limits

@@ -1,0 +1,240 @@
+"""OpenAI chat-completion requests -> our messages and GenerationConfig, or a 4xx with OpenAI-style error JSON.
+
+Content parts understood (any role):
+
+    {"type": "text", "text": "..."}
+    {"type": "image_url", "image_url": {"url": "data:image/png;base64,..." | "file:///..." | "/abs/path"}}
+    {"type": "input_audio", "input_audio": {"data": "<base64>", "format": "wav" | "mp3" | "flac" | "ogg"}}
+    {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,..." | "file:///..."}}
+    {"type": "audio_url", "audio_url": {"url": "data:audio/wav;base64,..."}}      (vLLM's form; replies use it too)
+
+Remote URLs (http, https, ...) are never fetched; local paths only under `allowed_local_media_path`.
+A request may ask for a medium in the reply with `"modalities": ["text", "image"]`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from mllm.generation import GenerationConfig, TokenSampling
+from mllm.media import Audio, Image, MediaError, MediaLimits, Video, load_media
+from mllm.processor import MEDIA_TYPES
+from mllm.serve.limits import ServeLimits
+
+URL_PARTS = {"image_url": "image", "audio_url": "audio", "video_url": "video"}
+AUDIO_FORMATS = {"wav", "mp3", "flac", "ogg"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+class RequestError(Exception):
+    """A request the server refuses: an HTTP status and an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict[str, Any]:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class ChatRequest:
+    messages: list[dict]  # our processor's message format, media already loaded
+    config: GenerationConfig
+    max_tokens: int | None  # as asked; None: whatever max_total_tokens leaves
+    force: str | None  # a modality the reply opens with
+    stream: bool
+
+
+def parse_json(body: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(400, f"invalid JSON body: {e}", code="invalid_json") from e
+    if not isinstance(value, dict):
+        raise RequestError(400, f"the body must be a JSON object, got {type(value).__name__}", code="invalid_json")
+    return value
+
+
+def parse_chat_request(body: dict[str, Any], model_name: str, reads: set[str], writes: set[str],
+                       limits: ServeLimits) -> ChatRequest:
+    """Validate everything but the token counts (those need the processor)."""
+    model = body.get("model", model_name)
+    if model != model_name:
+        raise RequestError(404, f"the model {model!r} does not exist; this server has {model_name!r}", param="model",
+                           code="model_not_found")
+    stream = _typed(body, "stream", bool, False)
+    n = _typed(body, "n", int, 1)
+    if n != 1:
+        raise RequestError(400, "only n=1 is supported", param="n")
+    raw = body.get("messages")
+    if not isinstance(raw, list) or not raw:
+        raise RequestError(400, "'messages' must be a non-empty list", param="messages")
+    counts = {m: 0 for m in MEDIA_TYPES}
+    media_limits = MediaLimits(max_bytes=limits.max_request_bytes)
+    messages = [_message(m, f"messages[{i}]", counts, reads, limits, media_limits) for i, m in enumerate(raw)]
+    for modality, count in counts.items():
+        if count > limits.items_allowed(modality):
+            raise RequestError(400, f"too many {modality} items: {count}, the limit is {limits.items_allowed(modality)} "
+                                    "per request (limit_mm_per_prompt)", param="messages", code="too_many_media")
+    return ChatRequest(messages, _config(body), _max_tokens(body), _force(body, writes), stream)
+
+
+def _typed(body: dict, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise RequestError(400, f"'{key}' must be {names}, got {json.dumps(value)[:80]}", param=key)
+    return value
+
+
+def _max_tokens(body: dict) -> int | None:
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    value = _typed(body, key, int, None)
+    if value is not None and value <= 0:
+        raise RequestError(400, f"'{key}' must be positive, got {value}", param=key)
+    return value
+
+
+def _config(body: dict) -> GenerationConfig:
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise RequestError(400, "'stop' must be a string or a list of strings", param="stop")
+    try:
+        sampling = TokenSampling(
+            temperature=float(_typed(body, "temperature", (int, float), 0.0)),
+            top_k=_typed(body, "top_k", int, 0),
+            top_p=float(_typed(body, "top_p", (int, float), 1.0)),
+            repetition_penalty=float(_typed(body, "repetition_penalty", (int, float), 1.0)),
+        )
+    except ValueError as e:
+        raise RequestError(400, f"bad sampling options: {e}") from e
+    seed = _typed(body, "seed", int, None)
+    return GenerationConfig(stop_strings=stop, text=sampling, codes=sampling, seed=seed)
+
+
+def _force(body: dict, modalities: set[str]) -> str | None:
+    asked = _typed(body, "modalities", list, ["text"])
+    if not all(isinstance(m, str) for m in asked):
+        raise RequestError(400, "'modalities' must be a list of strings", param="modalities")
+    media = [m for m in asked if m != "text"]
+    for m in media:
+        if m not in modalities:
+            raise RequestError(400, f"'modalities': this model cannot write {m!r} (it writes text and {sorted(modalities)})",
+                               param="modalities")
+    if len(media) > 1:
+        raise RequestError(400, "'modalities': ask for at most one medium besides text", param="modalities")
+    return media[0] if media else None
+
+
+def _message(message: Any, where: str, counts: dict[str, int], modalities: set[str], limits: ServeLimits,
+             media_limits: MediaLimits) -> dict:
+    if not isinstance(message, dict):
+        raise RequestError(400, f"{where}: expected an object with 'role' and 'content'", param=where)
+    role = message.get("role")
+    if role not in ROLES:
+        raise RequestError(400, f"{where}: role must be one of {sorted(ROLES)}, got {role!r}", param=f"{where}.role")
+    content = message.get("content")
+    if content is None or isinstance(content, str):
+        return {"role": ROLES[role], "content": content or ""}
+    if not isinstance(content, list):
+        raise RequestError(400, f"{where}: content must be a string or a list of parts", param=f"{where}.content")
+    parts = [_part(p, f"{where}.content[{j}]", counts, modalities, limits, media_limits) for j, p in enumerate(content)]
+    return {"role": ROLES[role], "content": parts}
+
+
+def _part(part: Any, where: str, counts: dict[str, int], modalities: set[str], limits: ServeLimits,
+          media_limits: MediaLimits) -> dict:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text":
+        if not isinstance(part.get("text"), str):
+            raise RequestError(400, f"{where}: a text part needs a string 'text'", param=where)
+        return {"type": "text", "text": part["text"]}
+    if kind in URL_PARTS:
+        modality = URL_PARTS[kind]
+        inner = part.get(kind)
+        url = inner.get("url") if isinstance(inner, dict) else inner
+        if not isinstance(url, str) or not url:
+            raise RequestError(400, f"{where}: a {kind} part needs {{'{kind}': {{'url': ...}}}}", param=where)
+        data = _url_bytes(url, modality, where, limits)
+    elif kind == "input_audio":
+        modality = "audio"
+        inner = part.get("input_audio")
+        if not isinstance(inner, dict) or not isinstance(inner.get("data"), str):
+            raise RequestError(400, f"{where}: an input_audio part needs {{'input_audio': {{'data': base64, 'format': ...}}}}",
+                               param=where)
+        if inner.get("format", "wav") not in AUDIO_FORMATS:
+            raise RequestError(400, f"{where}: audio format {inner.get('format')!r} is not one of {sorted(AUDIO_FORMATS)}",
+                               param=where, code="unsupported_media_type")
+        data = _b64(inner["data"], where, limits)
+    else:
+        raise RequestError(400, f"{where}: unknown content part type {kind!r} (expected text, image_url, input_audio or "
+                                "video_url)", param=where)
+    if modality not in modalities:
+        raise RequestError(400, f"{where}: this model does not read {modality} (it reads {sorted(modalities) or 'text only'})",
+                           param=where, code="unsupported_modality")
+    counts[modality] += 1
+    if counts[modality] > limits.items_allowed(modality):
+        raise RequestError(400, f"too many {modality} items: the limit is {limits.items_allowed(modality)} per request "
+                                "(limit_mm_per_prompt)", param=where, code="too_many_media")
+    return {"type": modality, "media": _load(data, modality, where, media_limits)}
+
+
+def _load(data: bytes, modality: str, where: str, media_limits: MediaLimits) -> Image | Audio | Video:
+    try:
+        return load_media(data, modality, limits=media_limits)
+    except MediaError as e:
+        status = 413 if "too large" in e.reason else 400
+        raise RequestError(status, f"{where}: cannot read the {modality}: {e.reason}", param=where, code="invalid_media") from e
+
+
+def _b64(text: str, where: str, limits: ServeLimits) -> bytes:
+    if len(text) * 3 // 4 > limits.max_request_bytes:
+        raise RequestError(413, f"{where}: the data is over max_request_bytes ({limits.max_request_bytes})", param=where)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise RequestError(400, f"{where}: the data is not valid base64", param=where, code="invalid_base64") from e
+
+
+def _url_bytes(url: str, modality: str, where: str, limits: ServeLimits) -> bytes:
+    if url.startswith("data:"):
+        header, comma, payload = url[5:].partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise RequestError(400, f"{where}: a data URL must look like data:<mime>;base64,<data>", param=where)
+        mime = header.removesuffix(";base64").split(";")[0].strip().lower()
+        if not mime.startswith(f"{modality}/") and not (modality == "video" and mime == "image/gif"):
+            raise RequestError(400, f"{where}: MIME type {mime!r} is not {modality}/*", param=where,
+                               code="unsupported_media_type")
+        return _b64(payload, where, limits)
+    parsed = urlparse(url)
+    if parsed.scheme not in ("", "file"):
+        raise RequestError(400, f"{where}: {parsed.scheme} URLs are not fetched; send a data URL", param=where,
+                           code="remote_media_disabled")
+    return _local_file(Path(unquote(parsed.path)), where, limits)
+
+
+def _local_file(path: Path, where: str, limits: ServeLimits) -> bytes:
+    root = limits.allowed_local_media_path
+    if root is None:
+        raise RequestError(403, f"{where}: local paths are refused (no allowed_local_media_path)", param=where,
+                           code="local_media_disabled")
+    resolved = path.resolve()
+    if not path.is_absolute() or not resolved.is_relative_to(Path(root).resolve()):
+        raise RequestError(403, f"{where}: {path} is not under the allowed local media path", param=where,
+                           code="local_media_disabled")
+    if not resolved.is_file():
+        raise RequestError(400, f"{where}: no such file {path}", param=where, code="invalid_media")
+    if resolved.stat().st_size > limits.max_request_bytes:
+        raise RequestError(413, f"{where}: {path} is over max_request_bytes ({limits.max_request_bytes})", param=where)
+    return resolved.read_bytes()

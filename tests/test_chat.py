@@ -1,0 +1,73 @@
+"""`mllm chat`: scripted with --message/--attach, and interactive through a pty."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from mllm.cli import main
+from mllm.media import load_image
+from tests.test_serve import image_checkpoint, png_bytes  # noqa: F401  (the fixture, used by name)
+
+
+@pytest.fixture
+def cat(tmp_path):
+    path = tmp_path / "cat.png"
+    path.write_bytes(png_bytes())
+    return path
+
+
+def test_scripted_turns_stream_text_and_save_generated_media(image_checkpoint, cat, tmp_path, capsys):
+    code = main(["chat", "--model", str(image_checkpoint), "--attach", str(cat), "--message", "Draw this again.",
+                 "--message", "And once more.", "--reply", "image", "--max-tokens", "8", "--seed", "0",
+                 "--media-dir", str(tmp_path / "media"), "--transcript", str(tmp_path / "chat.json")])
+    out = capsys.readouterr().out
+    assert code == 0 and out.count("mllm> ") == 2
+    saved = sorted((tmp_path / "media").iterdir())
+    assert [p.name for p in saved] == ["reply-001-image.png", "reply-002-image.png"]
+    for path in saved:
+        assert f"[image: {path}]" in out and load_image(path).pixels.shape == (8, 8, 3)
+    transcript = json.loads((tmp_path / "chat.json").read_text())
+    assert [m["role"] for m in transcript] == ["user", "assistant", "user", "assistant"]
+    assert transcript[0]["content"] == [{"type": "image", "path": str(cat)}, {"type": "text", "text": "Draw this again."}]
+    assert {"type": "image", "path": str(saved[0])} in transcript[1]["content"]
+
+
+def test_bad_attachment_is_a_clean_error(image_checkpoint, tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hi")
+    assert main(["chat", "--model", str(image_checkpoint), "--attach", str(notes), "--message", "Hi."]) == 2
+    assert "unknown media type '.txt'" in capsys.readouterr().err
+
+
+def test_interactive_repl_through_a_pty(image_checkpoint, cat, tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(sys.executable, ["-m", "mllm.cli", "chat", "--model", str(image_checkpoint), "--max-tokens", "6",
+                                           "--media-dir", str(tmp_path / "media")], encoding="utf-8", timeout=90)
+    try:
+        child.expect("you> ")
+        child.sendline("/set temperature=0.7 seed=1 reply=image")
+        child.expect(r"\(reply=image\)")
+        child.sendline("/set top_p=7")
+        child.expect("error: top_p=7: ")
+        child.sendline(f"/attach {cat}")
+        child.expect(r"\(attached: .*cat.png\)")
+        child.sendline("What is this?")
+        child.expect(r"\[image: (\S+reply-001-image.png)\]")
+        assert (tmp_path / "media" / "reply-001-image.png").is_file()
+        child.expect("you> ")
+        child.sendline(f"/save {tmp_path / 'chat.json'}")
+        child.expect("transcript saved")
+        child.sendline("/reset")
+        child.expect(r"\(new conversation\)")
+        child.sendline("/bogus")
+        child.expect("unknown command /bogus")
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+    transcript = json.loads((tmp_path / "chat.json").read_text())
+    assert [m["role"] for m in transcript] == ["user", "assistant"]

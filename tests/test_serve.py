@@ -1,0 +1,393 @@
+"""`mllm serve`: the OpenAI-compatible API, its limits, streaming, and a matrix of malformed requests.
+
+The model is a tiny random Llama that reads and writes images (raw patches), audio (toy discrete
+codes) and video (toy continuous frames); asked for a medium with `modalities`, it writes one.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image as PILImage
+
+from mllm.checkpoint import HeadConfig, MediaConfig, ModelConfig, build_model
+from mllm.detokenizers import DeTokenizer, build_detokenizer
+from mllm.media import Audio, Image, Video, load_media, save_video
+from mllm.pipeline import Pipeline
+from mllm.serve.app import create_app
+from mllm.serve.limits import ServeLimits, parse_mm_limits
+from mllm.tokenizers.base import MediaTokenizer
+from tests.conftest import TINY_LMS
+
+PATCH = {"image_size": 8, "patch_size": 4}  # 4 tokens of 48 per image
+MODEL = "tiny"
+
+
+@dataclass
+class NoConfig:
+    pass
+
+
+class ToyAudioTokenizer(MediaTokenizer):
+    """4 discrete codes: the loudness of each quarter of the clip."""
+
+    name, modality, kind, config_class = "toy_audio", "audio", "discrete", NoConfig
+
+    @property
+    def codebook_size(self) -> int:
+        return 16
+
+    def num_tokens(self, media: Audio) -> int:
+        return 4
+
+    def encode(self, media: Audio) -> torch.Tensor:
+        quarters = np.array_split(np.abs(media.to_mono().samples[0]), 4)
+        return torch.tensor([min(15, int(q.mean() * 16)) if q.size else 0 for q in quarters])
+
+
+class ToyAudioDeTokenizer(DeTokenizer):
+    name, modality, kind, config_class = "toy_audio", "audio", "discrete", NoConfig
+
+    def decode(self, tokens, *, guidance=1.0, steps=None, generator=None) -> Audio:
+        t = np.arange(800) / 8000
+        wave = np.concatenate([float(c) / 16 * np.sin(2 * np.pi * 440 * t) for c in tokens.tolist()])
+        return Audio(wave[None].astype(np.float32), 8000)
+
+
+class ToyVideoTokenizer(MediaTokenizer):
+    """2 continuous tokens: the first and last frame at 2x2 pixels."""
+
+    name, modality, kind, config_class = "toy_video", "video", "continuous", NoConfig
+
+    @property
+    def feature_dim(self) -> int:
+        return 12
+
+    def num_tokens(self, media: Video) -> int:
+        return 2
+
+    def encode(self, media: Video) -> torch.Tensor:
+        frames = [Image(media.frames[i]).resize(2).to_tensor().flatten() for i in (0, -1)]
+        return torch.stack(frames) * 2 - 1
+
+
+class ToyVideoDeTokenizer(DeTokenizer):
+    name, modality, kind, config_class = "toy_video", "video", "continuous", NoConfig
+
+    def decode(self, tokens, *, guidance=1.0, steps=None, generator=None) -> Video:
+        small = ((tokens.clamp(-1, 1) + 1) / 2).reshape(-1, 3, 2, 2)
+        return Video.from_tensor(small.repeat_interleave(8, dim=2).repeat_interleave(8, dim=3), fps=2)
+
+
+def tiny_image_pipeline(tokenizer_dir: Path) -> Pipeline:
+    """Images in and out: the pipeline a checkpoint directory can hold (for subprocess tests)."""
+    model, processor = build_model(ModelConfig(
+        base_config=dict(TINY_LMS["llama"]), tokenizer=str(tokenizer_dir),
+        media={"image": MediaConfig(tokenizer="patch", options=PATCH, tokens_per_item=4)},
+        heads={"image": HeadConfig(name="gmm", options={"num_components": 2})},
+    ))
+    return Pipeline(model, processor, {"image": build_detokenizer("patch", PATCH)})
+
+
+@pytest.fixture(scope="session")
+def image_checkpoint(mistral_tokenizer_dir, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("serve") / "ckpt"
+    tiny_image_pipeline(mistral_tokenizer_dir).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def pipeline(mistral_tokenizer_dir) -> Pipeline:
+    model, processor = build_model(ModelConfig(
+        base_config=dict(TINY_LMS["llama"]), tokenizer=str(mistral_tokenizer_dir),
+        media={"image": MediaConfig(tokenizer="patch", options=PATCH, tokens_per_item=4),
+               "audio": MediaConfig(kind="discrete", codebook_size=16, tokens_per_item=4),
+               "video": MediaConfig(kind="continuous", feature_dim=12, tokens_per_item=2)},
+        heads={"image": HeadConfig(name="gmm", options={"num_components": 2}),
+               "video": HeadConfig(name="gmm", options={"num_components": 2})},
+    ))
+    processor.media_tokenizers.update(audio=ToyAudioTokenizer(NoConfig()), video=ToyVideoTokenizer(NoConfig()))
+    detokenizers = {"image": build_detokenizer("patch", PATCH), "audio": ToyAudioDeTokenizer(NoConfig()),
+                    "video": ToyVideoDeTokenizer(NoConfig())}
+    return Pipeline(model, processor, detokenizers)
+
+
+LIMITS = ServeLimits(limit_mm_per_prompt={"image": 2, "audio": 1, "video": 1}, max_request_bytes=200_000,
+                     max_input_tokens=200, max_total_tokens=300, request_timeout_s=60, max_concurrent_requests=2)
+
+
+@pytest.fixture(scope="module")
+def client(pipeline, tmp_path_factory):
+    allowed = tmp_path_factory.mktemp("allowed")
+    with TestClient(create_app(pipeline, replace(LIMITS, allowed_local_media_path=allowed), MODEL)) as c:
+        c.allowed = allowed
+        yield c
+
+
+# ---- media fixtures ------------------------------------------------------------------------
+
+
+def png_bytes(size: int = 8) -> bytes:
+    out = io.BytesIO()
+    PILImage.fromarray(np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(out, "PNG")
+    return out.getvalue()
+
+
+def wav_bytes() -> bytes:
+    out = io.BytesIO()
+    sf.write(out, (0.5 * np.sin(np.arange(1600) / 5)).astype(np.float32), 8000, format="WAV")
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def mp4_bytes(tmp_path_factory) -> bytes:
+    frames = np.random.default_rng(1).integers(0, 255, (4, 16, 16, 3), dtype=np.uint8)
+    return save_video(Video(frames, fps=4), tmp_path_factory.mktemp("video") / "clip.mp4").read_bytes()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def image_part(data: bytes | None = None, mime: str = "image/png") -> dict:
+    return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{b64(data or png_bytes())}"}}
+
+
+def audio_part() -> dict:
+    return {"type": "input_audio", "input_audio": {"data": b64(wav_bytes()), "format": "wav"}}
+
+
+def request(content, **extra) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 8, **extra}
+
+
+def decode_part(part: dict):
+    kind = part["type"].removesuffix("_url")
+    header, data = part[part["type"]]["url"].split(",", 1)
+    assert header.startswith(f"data:{kind}/")
+    return load_media(base64.b64decode(data), kind)
+
+
+def assert_alive(client: TestClient) -> None:
+    assert client.get("/health").json()["status"] == "ok"
+    ok = client.post("/v1/chat/completions", json=request("Still there?", max_tokens=2))
+    assert ok.status_code == 200, ok.text
+
+
+# ---- the happy paths -----------------------------------------------------------------------
+
+
+def test_health_models_and_page(client):
+    assert client.get("/health").json() == {"status": "ok", "model": MODEL, "active_requests": 0}
+    [card] = client.get("/v1/models").json()["data"]
+    assert card["id"] == MODEL and card["output_modalities"] == ["text", "audio", "image", "video"]
+    page = client.get("/")
+    assert page.status_code == 200 and "<title>mllm chat</title>" in page.text
+
+
+def test_text_only(client):
+    r = client.post("/v1/chat/completions", json=request("Hello there.", seed=0))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["model"] == MODEL
+    assert isinstance(body["choices"][0]["message"]["content"], str) and body["usage"]["prompt_tokens"] > 0
+    again = client.post("/v1/chat/completions", json=request("Hello there.", seed=0)).json()
+    assert again["choices"][0]["message"]["content"] == body["choices"][0]["message"]["content"]  # greedy
+
+
+def test_each_medium_in(client, mp4_bytes):
+    video = {"type": "video_url", "video_url": {"url": f"data:video/mp4;base64,{b64(mp4_bytes)}"}}
+    audio_url = {"type": "audio_url", "audio_url": {"url": f"data:audio/wav;base64,{b64(wav_bytes())}"}}
+    for content in ([image_part(), {"type": "text", "text": "What is this?"}], [audio_part()], [video], [audio_url],
+                    [image_part(), image_part(), {"type": "text", "text": "Compare."}]):
+        r = client.post("/v1/chat/completions", json=request(content))
+        assert r.status_code == 200, r.text
+
+
+def test_local_path_under_the_allowed_folder(client):
+    (client.allowed / "cat.png").write_bytes(png_bytes())
+    for url in (f"file://{client.allowed}/cat.png", str(client.allowed / "cat.png")):
+        r = client.post("/v1/chat/completions", json=request([{"type": "image_url", "image_url": {"url": url}}]))
+        assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("modality, kind", [("image", Image), ("audio", Audio), ("video", Video)])
+def test_each_medium_out(client, modality, kind):
+    r = client.post("/v1/chat/completions", json=request("Make one.", modalities=["text", modality], max_tokens=12))
+    assert r.status_code == 200, r.text
+    parts = r.json()["choices"][0]["message"]["content"]
+    media = [p for p in parts if p["type"] != "text"]
+    assert media and media[0]["type"] == f"{modality}_url"
+    assert isinstance(decode_part(media[0]), kind)
+
+
+def test_a_generated_image_goes_back_in_as_history(client):
+    first = client.post("/v1/chat/completions", json=request("Draw.", modalities=["text", "image"], max_tokens=8)).json()
+    reply = first["choices"][0]["message"]
+    messages = [{"role": "user", "content": "Draw."}, reply, {"role": "user", "content": "Again, smaller."}]
+    r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 4})
+    assert r.status_code == 200, r.text
+
+
+def sse(response) -> list[dict | str]:
+    events = []
+    for block in response.text.split("\n\n"):
+        if block:
+            assert block.startswith("data: ")
+            data = block.removeprefix("data: ")
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def test_streaming_text_then_media_then_done(client):
+    body = request([image_part(), {"type": "text", "text": "Draw it back."}], modalities=["text", "image"],
+                   stream=True, max_tokens=10, seed=3)
+    with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        r.read()
+    events = sse(r)
+    assert events[-1] == "[DONE]" and events[0]["choices"][0]["delta"]["role"] == "assistant"
+    chunks = events[1:-1]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    deltas = [c["choices"][0]["delta"].get("content") for c in chunks[:-1]]
+    media = [p for d in deltas if isinstance(d, list) for p in d]
+    assert len(media) == 1 and isinstance(decode_part(media[0]), Image)
+    text = "".join(d for d in deltas if isinstance(d, str))
+    plain = client.post("/v1/chat/completions", json={**body, "stream": False}).json()["choices"][0]["message"]["content"]
+    assert text == "".join(p["text"] for p in plain if p["type"] == "text")  # the stream says what the reply says
+
+
+# ---- malformed requests: each a 4xx with a message, and the server stays up -------------------
+
+
+def _bad_cases(tmp: Path) -> dict[str, tuple[int, dict | bytes]]:
+    outside = tmp / "secret.png"
+    outside.write_bytes(png_bytes())
+    big = image_part(b"\x89PNG" + bytes(160_000))
+    return {
+        "invalid JSON": (400, b'{"model": "tiny", "messages": ['),
+        "JSON not an object": (400, b'["hello"]'),
+        "unknown model": (404, {**request("Hi."), "model": "gpt-9"}),
+        "no messages": (400, {"model": MODEL}),
+        "empty messages": (400, {"model": MODEL, "messages": []}),
+        "bad role": (400, {"model": MODEL, "messages": [{"role": "wizard", "content": "Hi."}]}),
+        "content not a list": (400, {"model": MODEL, "messages": [{"role": "user", "content": 42}]}),
+        "unknown part type": (400, request([{"type": "hologram", "hologram": {}}])),
+        "text part without text": (400, request([{"type": "text"}])),
+        "bad base64": (400, request([{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@not-base64@@"}}])),
+        "wrong MIME type": (400, request([image_part(mime="application/pdf")])),
+        "audio sent as image": (400, request([image_part(wav_bytes(), mime="image/png")])),
+        "not a data URL": (400, request([{"type": "image_url", "image_url": {"url": "data:image/png,rawbytes"}}])),
+        "remote URL": (400, request([{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}])),
+        "local path outside the allowed folder": (403, request([{"type": "image_url", "image_url": {"url": str(outside)}}])),
+        "unknown audio format": (400, request([{"type": "input_audio", "input_audio": {"data": b64(wav_bytes()), "format": "midi"}}])),
+        "corrupt image": (400, request([image_part(b"\x89PNG\r\n\x1a\nnot really")])),
+        "oversized data": (413, request([big])),
+        "too many images": (400, request([image_part(), image_part(), image_part()])),
+        "too many audio clips": (400, request([audio_part(), audio_part()])),
+        "max_tokens not an integer": (400, request("Hi.", max_tokens="lots")),
+        "max_tokens zero": (400, request("Hi.", max_tokens=0)),
+        "negative temperature": (400, request("Hi.", temperature=-1)),
+        "top_p out of range": (400, request("Hi.", top_p=1.5)),
+        "stream not a boolean": (400, request("Hi.", stream="yes")),
+        "n above one": (400, request("Hi.", n=3)),
+        "stop not strings": (400, request("Hi.", stop=[1, 2])),
+        "unknown output modality": (400, request("Hi.", modalities=["text", "smell"])),
+        "two output media": (400, request("Hi.", modalities=["image", "audio"])),
+        "max_tokens over max_total_tokens": (400, request("Hi.", max_tokens=1000)),
+        "prompt over max_input_tokens": (400, request("word " * 400)),
+    }
+
+
+def test_malformed_requests_get_4xx_with_a_message_and_the_server_stays_up(client, tmp_path):
+    cases = _bad_cases(tmp_path)
+    assert len(cases) >= 10
+    for name, (status, body) in cases.items():
+        if isinstance(body, bytes):
+            r = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+        else:
+            r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == status, f"{name}: {r.status_code} {r.text}"
+        error = r.json()["error"]
+        assert error["message"] and error["type"] == "invalid_request_error", name
+    assert_alive(client)
+
+
+def test_a_body_over_max_request_bytes_is_refused_before_parsing(client):
+    r = client.post("/v1/chat/completions", content=b"x" * 300_000, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "max_request_bytes" in r.json()["error"]["message"]
+    assert_alive(client)
+
+
+def test_wrong_methods_and_paths_are_4xx(client):
+    for r, status in ((client.get("/v1/chat/completions"), 405), (client.post("/v1/completions", json={}), 404)):
+        assert r.status_code == status and r.json()["error"]["message"]
+    assert_alive(client)
+
+
+# ---- concurrency and timeout -----------------------------------------------------------------
+
+
+def _wait(predicate, seconds: float = 10) -> None:
+    end = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < end, "timed out waiting"
+        time.sleep(0.01)
+
+
+def test_a_full_server_answers_429_and_recovers(pipeline):
+    app = create_app(pipeline, ServeLimits(max_concurrent_requests=1, max_input_tokens=200, max_total_tokens=300), MODEL)
+    server = app.state.server
+    with TestClient(app) as client:
+        results = []
+        with server.generate_lock:  # the first request is admitted, then waits for the model
+            first = threading.Thread(target=lambda: results.append(client.post("/v1/chat/completions", json=request("One."))))
+            first.start()
+            _wait(lambda: server.active == 1)
+            busy = client.post("/v1/chat/completions", json=request("Two."))
+            assert busy.status_code == 429 and "max_concurrent_requests" in busy.json()["error"]["message"]
+        first.join()
+        assert results[0].status_code == 200
+        _wait(lambda: server.active == 0)
+        assert_alive(client)
+
+
+def test_a_slow_request_times_out_with_504_and_frees_its_slot(pipeline):
+    app = create_app(pipeline, ServeLimits(request_timeout_s=0.3, max_concurrent_requests=1, max_input_tokens=200,
+                                           max_total_tokens=300), MODEL)
+    server = app.state.server
+    with TestClient(app) as client:
+        with server.generate_lock:
+            r = client.post("/v1/chat/completions", json=request("Slow."))
+            assert r.status_code == 504 and "request_timeout_s" in r.json()["error"]["message"]
+        _wait(lambda: server.active == 0)
+        with server.generate_lock:
+            with client.stream("POST", "/v1/chat/completions", json=request("Slow.", stream=True)) as streamed:
+                streamed.read()
+        events = sse(streamed)
+        assert events[-2]["error"]["code"] == "timeout" and events[-1] == "[DONE]"
+        _wait(lambda: server.active == 0)
+        assert_alive(client)
+
+
+def test_limits_validate_and_parse_like_vllm():
+    assert parse_mm_limits('{"image": 4, "video": 1}') == {"image": 4, "video": 1}
+    assert parse_mm_limits("image=2,audio=0") == {"image": 2, "audio": 0}
+    with pytest.raises(ValueError, match="unknown modalities"):
+        ServeLimits(limit_mm_per_prompt={"smell": 1})
+    with pytest.raises(ValueError, match="must exceed max_input_tokens"):
+        ServeLimits(max_input_tokens=100, max_total_tokens=50)
+    with pytest.raises(ValueError, match="modality=count"):
+        parse_mm_limits("image:4")
