@@ -43,6 +43,73 @@ def _tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from mllm.config import ConfigError
+    from mllm.data.records import BadRecordError
+    from mllm.eval.predictor import NoMediaGenerator
+    from mllm.eval.report import headline
+    from mllm.eval.runner import RunMismatchError, UnknownTaskError, evaluate
+
+    try:
+        results = evaluate(args.model, args.tasks, args.out, corpora=args.data, limit=args.limit,
+                           batch_size=args.batch_size, generate=args.generate, policy=args.on_bad,
+                           overwrite=args.overwrite, device=args.device)
+    except (BadRecordError, ConfigError, FileNotFoundError, NoMediaGenerator, RunMismatchError, UnknownTaskError) as e:
+        hint = " (--on-bad skip skips it)" if isinstance(e, (BadRecordError, UnknownTaskError)) else ""
+        print(f"mllm eval: {e}{hint}", file=sys.stderr)
+        return 2
+    for name, metrics in results.items():
+        skipped = f"  skipped {metrics['skipped']}" if metrics.get("skipped") else ""
+        print(f"  {name:<24} n={metrics.get('n', 0):<6} {headline(metrics)}{skipped}{'  (proxy)' if metrics.get('proxy') else ''}")
+    print(f"results: {args.out / 'results.json'}, report: {args.out / 'report.html'}")
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from mllm.train import finetune, load_recipe
+
+    finetune(load_recipe(args.recipe, args.overrides))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from mllm.train import export_checkpoint
+
+    what = "language_model" if args.language_model else "merged"
+    print(export_checkpoint(args.checkpoint, args.out, merge_lora=args.merge, what=what))
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from mllm.chat import Settings, run_chat
+
+    settings = Settings(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed, reply=args.reply)
+    return run_chat(args.model, messages=args.message, attach=args.attach, media_dir=args.media_dir, settings=settings,
+                    transcript=args.transcript, device=args.device)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from mllm.serve.app import serve
+    from mllm.serve.limits import ServeLimits, parse_mm_limits
+
+    if args.model is None:
+        print("mllm serve: no --model given, and no embedded default model is installed yet: pass a checkpoint directory",
+              file=sys.stderr)
+        return 2
+    try:
+        limits = ServeLimits(
+            limit_mm_per_prompt=parse_mm_limits(args.limit_mm_per_prompt) if args.limit_mm_per_prompt else ServeLimits().limit_mm_per_prompt,
+            max_request_bytes=args.max_request_bytes, max_input_tokens=args.max_input_tokens,
+            max_total_tokens=args.max_total_tokens, request_timeout_s=args.request_timeout_s,
+            max_concurrent_requests=args.max_concurrent_requests, allowed_local_media_path=args.allowed_local_media_path,
+        )
+    except ValueError as e:
+        print(f"mllm serve: {e}", file=sys.stderr)
+        return 2
+    serve(args.model, host=args.host, port=args.port, limits=limits, model_name=args.served_model_name, device=args.device)
+    return 0
+
+
 def _list(args: argparse.Namespace) -> int:
     from mllm.chat_template import list_chat_templates
     from mllm.data.corpora import list_corpora
@@ -67,6 +134,12 @@ def _default_corpora() -> Path:
     from mllm.data.sources import cache_dir
 
     return cache_dir() / "corpora"
+
+
+def _serve_defaults():
+    from mllm.serve.limits import ServeLimits
+
+    return ServeLimits()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,8 +189,69 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("tokens", type=Path)
     tok.set_defaults(func=_tokenize)
 
+    ft = sub.add_parser("finetune", help="finetune with LoRA or full weights from a recipe (finetune/recipes/*.yaml)")
+    ft.add_argument("recipe", type=Path)
+    ft.add_argument("overrides", nargs="*", help="dotted overrides of the recipe, e.g. train.max_steps=100 policy.lora.r=8")
+    ft.set_defaults(func=_finetune)
+
+    ex = sub.add_parser("export", help="turn a finetuning step checkpoint into a plain checkpoint")
+    ex.add_argument("checkpoint", type=Path, help="a step checkpoint, e.g. runs/x/checkpoints/step-00001000")
+    ex.add_argument("--out", type=Path, required=True)
+    ex.add_argument("--merge", action="store_true", help="fold LoRA weights and token rows into the base weights")
+    ex.add_argument("--language-model", action="store_true",
+                    help="write only the language model and its tokenizer (the model.base of a next stage)")
+    ex.set_defaults(func=_export)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint on benchmarks (local files) and built-in proxies")
+    ev.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: the embedded default model)")
+    ev.add_argument("--tasks", nargs="+", required=True, metavar="TASK",
+                    help="names (shipped specs in eval/tasks/, built-in proxies such as pope_proxy), .yaml specs or .jsonl files")
+    ev.add_argument("--out", type=Path, required=True, help="results.json, predictions.jsonl, report.html and the resume cache")
+    ev.add_argument("--limit", type=int, default=None, help="at most this many items per task")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--generate", choices=["image", "audio", "video"], default=None,
+                    help="JSONL files are generation tasks of this medium")
+    ev.add_argument("--data", type=Path, default=None, help="built corpora for the proxies (default: $MLLM_CACHE/corpora)")
+    ev.add_argument("--on-bad", choices=["fail", "skip"], default="fail",
+                    help="a bad item or unknown task stops the run, or is skipped")
+    ev.add_argument("--overwrite", action="store_true", help="discard the cached predictions in --out")
+    ev.add_argument("--device", default=None, help="e.g. cuda; default: where the checkpoint loads (cpu)")
+    ev.set_defaults(func=_eval)
+
     listing = sub.add_parser("list", help="list the registered variants (tokenizers, projectors, templates, corpora)")
     listing.set_defaults(func=_list)
+
+    chat = sub.add_parser("chat", help="chat with a checkpoint in the terminal (or scripted with --message)")
+    chat.add_argument("--model", type=Path, default=None, help="checkpoint directory")
+    chat.add_argument("--message", action="append", default=[], help="send this and exit; repeat for more turns")
+    chat.add_argument("--attach", action="append", type=Path, default=[], metavar="PATH",
+                      help="image, audio or video file for the first message; repeatable")
+    chat.add_argument("--reply", choices=["text", "image", "audio", "video"], default="text",
+                      help="open each reply with this medium")
+    chat.add_argument("--media-dir", type=Path, default=Path("chat_media"), help="where generated media are saved")
+    chat.add_argument("--transcript", type=Path, default=None, help="write the transcript (JSON) here at the end")
+    chat.add_argument("--max-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0)
+    chat.add_argument("--seed", type=int, default=None)
+    chat.add_argument("--device", default=None)
+    chat.set_defaults(func=_chat)
+
+    srv = sub.add_parser("serve", help="serve a checkpoint: OpenAI-compatible API and a web page")
+    srv.add_argument("--model", type=Path, default=None, help="checkpoint directory")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--served-model-name", default=None, help="the API's model id (default: the directory name)")
+    srv.add_argument("--device", default=None)
+    defaults = _serve_defaults()
+    srv.add_argument("--limit-mm-per-prompt", default=None, help='media items per request, e.g. \'{"image": 4}\' or image=4,audio=1')
+    srv.add_argument("--max-request-bytes", type=int, default=defaults.max_request_bytes)
+    srv.add_argument("--max-input-tokens", type=int, default=defaults.max_input_tokens)
+    srv.add_argument("--max-total-tokens", type=int, default=defaults.max_total_tokens)
+    srv.add_argument("--request-timeout-s", type=float, default=defaults.request_timeout_s)
+    srv.add_argument("--max-concurrent-requests", type=int, default=defaults.max_concurrent_requests)
+    srv.add_argument("--allowed-local-media-path", type=Path, default=None,
+                     help="image_url/video_url may name local files under this folder")
+    srv.set_defaults(func=_serve)
     return parser
 
 

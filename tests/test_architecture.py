@@ -17,7 +17,7 @@ def test_import_layers_are_kept():
 def test_help_lists_the_subcommands_that_exist():
     result = subprocess.run([sys.executable, "-m", "mllm.cli", "--help"], capture_output=True, text=True, check=True)
     listed = [line.split()[0] for line in result.stdout.split("COMMAND\n", 2)[-1].splitlines() if line.startswith("    ") and line[4] != " "]
-    assert listed == ["demo", "data", "tokenize", "list"]
+    assert listed == ["demo", "data", "tokenize", "finetune", "export", "eval", "list", "chat", "serve"]
     for command in listed:
         sub = subprocess.run([sys.executable, "-m", "mllm.cli", command, "--help"], capture_output=True, text=True)
         assert sub.returncode == 0, sub.stderr
@@ -31,4 +31,6 @@ def test_no_top_level_folder_shadows_a_package():
 
 def test_list_shows_every_registry():
     result = subprocess.run([sys.executable, "-m", "mllm.cli", "list"], capture_output=True, text=True, check=True)
-    assert "media tokenizers: patch" in result.stdout and "chat templates: chatml, mistral, plain" in result.stdout
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines())
+    assert "patch" in lines["media tokenizers"].split(", ") and "patch" in lines["de-tokenizers"].split(", ")
+    assert lines["chat templates"] == "chatml, mistral, plain"

@@ -7,13 +7,17 @@ from pathlib import Path
 import pytest
 
 from mllm.data.corpora.build import load_build_config
+from mllm.eval.tasks import load_task_spec
 from mllm.tokenize.recipes import load_recipe
+from mllm.train.recipe import load_recipe as load_finetune_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 # folder glob -> the loader that validates it; a shipped YAML no entry covers fails the test
 LOADERS = {
     "data/build*.yaml": load_build_config,
     "tokenizers/*.yaml": load_recipe,
+    "finetune/recipes/*.yaml": load_finetune_recipe,
+    "eval/tasks/*.yaml": load_task_spec,
 }
 SHIPPED = sorted(p for p in ROOT.rglob("*.yaml") if not any(part.startswith(".") for part in p.relative_to(ROOT).parts))
 

@@ -2,3 +2,6 @@
 
 Importing this package registers every recipe module below.
 """
+
+from mllm.tokenize import image_recipes  # noqa: F401  (registers image_fsq, image_query, image_diffusion)
+from mllm.tokenize import audio_recipes  # noqa: F401  (registers audio_codec, audio_mel_diffusion)

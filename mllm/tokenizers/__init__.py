@@ -1,6 +1,7 @@
 """Media tokenizers: image, video and audio to discrete codes or continuous features."""
 
-from mllm.tokenizers import patch  # noqa: F401  (registers its tokenizer)
+# each module registers its tokenizers
+from mllm.tokenizers import audio_codec, fsq_image, hf_codec, hf_vision, mel_latent, patch, query_image, resampler_image  # noqa: F401
 from mllm.tokenizers.base import (
     MediaTokenizer,
     build_media_tokenizer,

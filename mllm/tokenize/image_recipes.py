@@ -1,0 +1,419 @@
+"""Image tokenizer recipes: train a tokenizer with its de-tokenizer, then evaluate the pair.
+
+    image_fsq        fsq_image (2D grid of FSQ codes)       + vq_image decoder    trained jointly: MSE
+    image_query      query_image (1D causal VQ codes)       + vq_image decoder    trained jointly: MSE + commitment
+    image_diffusion  resampler_image | hf_vision (features) + diffusion_image     1. tokens through a throwaway
+                                                                                    ViT pixel decoder: MSE
+                                                                                 2. de-tokenizer on the frozen
+                                                                                    tokens: diffusion loss
+
+Training reads the distinct images of the train split of `data.corpora`
+(built corpora, `mllm data build`), a shuffled batch at a time, and writes
+media_tokenizer/, detokenizer/, loss.png and metrics. Evaluation
+reconstructs the test split (encode, then decode) and reports PSNR, the
+digit judge's accuracy on the originals and on the reconstructions (digits
+corpus), codebook utilisation (discrete), and `reconstructions.png`:
+originals above their reconstructions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from tqdm import tqdm
+
+from mllm.config import from_dict
+from mllm.detokenizers.base import load_detokenizer
+from mllm.detokenizers.diffusion import DiffusionConfig
+from mllm.detokenizers.diffusion_image import DiffusionImageConfig, DiffusionImageDeTokenizer, DiTArch, UNetArch
+from mllm.detokenizers.vq_image import PixelDecoder, PixelDecoderArch, VQImageDecoder, VQImageDecoderConfig
+from mllm.judges import DigitJudge, digit_images
+from mllm.media import Image, load_image
+from mllm.plots import save_image_grid, save_loss_curves
+from mllm.tokenize.recipes import RECIPE_FILE, Recipe, register_recipe
+from mllm.tokenize.trainer import OptimConfig, fit
+from mllm.tokenizers import hf_vision, resampler_image  # noqa: F401  (register the continuous tokenizers)
+from mllm.tokenizers.base import MEDIA_TOKENIZERS, MediaTokenizer, build_media_tokenizer, load_media_tokenizer
+from mllm.tokenizers.fsq_image import FSQImageConfig, FSQImageTokenizer, image_batch
+from mllm.tokenizers.query_image import QueryImageConfig, QueryImageTokenizer
+
+GRID_COLUMNS = 10
+
+
+# ---------------------------------------------------------------- configs
+
+
+@dataclass
+class ImageData:
+    corpora: list[str] = field(default_factory=lambda: ["digits"])  # names under --data, or absolute directories
+    max_images: int | None = None  # cap on distinct training images (None: all)
+    cache_images: int = 20_000  # decoded images kept in memory after their first load
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 100
+    guidance: float = 2.0  # diffusion de-tokenizers: classifier-free guidance scale
+    steps: int | None = None  # diffusion steps (None: the de-tokenizer's default)
+    seed: int = 0
+
+
+@dataclass
+class FSQRecipeConfig:
+    tokenizer: FSQImageConfig = field(default_factory=FSQImageConfig)
+    decoder: PixelDecoderArch = field(default_factory=PixelDecoderArch)
+    data: ImageData = field(default_factory=ImageData)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass
+class QueryRecipeConfig:
+    tokenizer: QueryImageConfig = field(default_factory=QueryImageConfig)
+    decoder: PixelDecoderArch = field(default_factory=PixelDecoderArch)
+    data: ImageData = field(default_factory=ImageData)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass
+class TokenizerSpec:
+    """A continuous image tokenizer by registry name, with its config's options (validated here)."""
+
+    name: str = "resampler_image"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        cls = MEDIA_TOKENIZERS.get(self.name)
+        if cls.modality != "image" or cls.kind != "continuous":
+            raise ValueError(f"tokenizer {self.name!r} is a {cls.kind} {cls.modality} tokenizer; need a continuous image one")
+        from_dict(cls.config_class, self.options, _key="tokenizer.options")
+
+
+@dataclass
+class TokenPretraining:
+    """Stage 1 of image_diffusion: tokens learn to keep what the pixels need, through a throwaway ViT decoder (MSE)."""
+
+    decoder: PixelDecoderArch = field(default_factory=PixelDecoderArch)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class DiffusionRecipeConfig:
+    tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
+    pretraining: TokenPretraining = field(default_factory=TokenPretraining)
+    image_size: int = 32  # the de-tokenizer's output size
+    backbone: Literal["dit", "unet"] = "dit"
+    dit: DiTArch = field(default_factory=DiTArch)
+    unet: UNetArch = field(default_factory=UNetArch)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: ImageData = field(default_factory=ImageData)
+    optim: OptimConfig = field(default_factory=OptimConfig)  # stage 2: the de-tokenizer on the frozen tokens
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ---------------------------------------------------------------- data
+
+
+def corpus_images(corpora_dir: Path, corpus: str, split: str) -> list[Path]:
+    """The distinct image files a corpus' split refers to, in record order."""
+    records = Path(corpora_dir) / corpus / f"{split}.jsonl"  # an absolute `corpus` replaces corpora_dir
+    if not records.is_file():
+        raise FileNotFoundError(f"{records}: no such corpus split (build the corpora with `mllm data build`)")
+    paths: dict[Path, None] = {}
+    for line in records.read_text().splitlines():
+        for message in json.loads(line).get("messages", []):
+            for part in message["content"]:
+                if part.get("type") == "image" and "path" in part:
+                    paths.setdefault(records.parent / part["path"])
+    return list(paths)
+
+
+def train_images(corpora_dir: Path, data: ImageData) -> list[Path]:
+    paths = [p for corpus in data.corpora for p in corpus_images(corpora_dir, corpus, "train")]
+    if not paths:
+        raise ValueError(f"no training images in {data.corpora} under {corpora_dir}")
+    return paths[: data.max_images]
+
+
+def image_batches(paths: list[Path], batch_size: int, seed: int, cache_images: int) -> Iterator[list[Image]]:
+    """Endless shuffled epochs of `batch_size` images; the first `cache_images` distinct ones stay decoded in memory."""
+    generator = torch.Generator().manual_seed(seed)
+    cache: dict[int, Image] = {}
+
+    def load(j: int) -> Image:
+        if j in cache:
+            return cache[j]
+        image = load_image(paths[j])
+        if len(cache) < cache_images:
+            cache[j] = image
+        return image
+
+    while True:
+        order = torch.randperm(len(paths), generator=generator).tolist()
+        for i in range(0, max(len(order) - batch_size, 0) + 1, batch_size):  # full batches (one short one if too few)
+            yield [load(j) for j in order[i:i + batch_size]]
+
+
+@dataclass
+class TestSet:
+    images: list[Image]
+    labels: list[int | None]  # the digit, for images of the digits corpus
+
+
+def test_set(corpora_dir: Path, data: ImageData, limit: int | None) -> TestSet:
+    images, labels = [], []
+    for corpus in data.corpora:
+        if corpus == "digits":
+            paths, digits = digit_images(corpora_dir, "test")
+        else:
+            paths = corpus_images(corpora_dir, corpus, "test")
+            digits = [None] * len(paths)
+        images += [load_image(p) for p in paths]
+        labels += digits
+    if limit is not None and limit < len(images):  # evenly spaced: every class of a class-ordered split
+        keep = np.linspace(0, len(images) - 1, limit).round().astype(int)
+        images, labels = [images[i] for i in keep], [labels[i] for i in keep]
+    return TestSet(images, labels)
+
+
+# ---------------------------------------------------------------- joint training modules
+
+
+class DiscreteAutoencoder(nn.Module):
+    """A discrete tokenizer and its direct decoder, trained as one autoencoder."""
+
+    def __init__(self, tokenizer: MediaTokenizer, decoder: VQImageDecoder):
+        super().__init__()
+        self.tokenizer, self.decoder = tokenizer, decoder
+
+    def training_losses(self, images: list[Image]) -> dict[str, torch.Tensor]:
+        pixels = image_batch(images, self.tokenizer.image_size, "train")  # [B, 3, S, S]
+        vectors, _, aux = self.tokenizer.quantize(pixels)
+        mse = F.mse_loss(self.decoder.decode_vectors(vectors), pixels)
+        return {"loss": mse + aux, "mse": mse}  # aux: the VQ commitment loss (FSQ has none)
+
+
+class TokenAutoencoder(nn.Module):
+    """Stage 1 of image_diffusion: a continuous tokenizer and a throwaway pixel decoder, trained on MSE."""
+
+    def __init__(self, tokenizer: MediaTokenizer, decoder: PixelDecoder):
+        super().__init__()
+        self.tokenizer, self.decoder = tokenizer, decoder
+
+    def training_losses(self, images: list[Image]) -> dict[str, torch.Tensor]:
+        pixels = image_batch(images, self.tokenizer.image_size, "train")
+        return {"loss": F.mse_loss(self.decoder(self.tokenizer.features(pixels)), pixels)}
+
+
+class TokenConditionedDiffusion(nn.Module):
+    """Stage 2 of image_diffusion: the diffusion de-tokenizer learns to decode the frozen tokenizer's tokens."""
+
+    def __init__(self, tokenizer: MediaTokenizer, detokenizer: DiffusionImageDeTokenizer):
+        super().__init__()
+        self.tokenizer, self.detokenizer = tokenizer, detokenizer
+
+    def training_losses(self, images: list[Image]) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            tokens = self.tokenizer.features(image_batch(images, self.tokenizer.image_size, "train"))  # [B, N, D]
+        return self.detokenizer.training_losses(image_batch(images, self.detokenizer.config.image_size, "train"), tokens)
+
+
+def empty_image(size: int) -> Image:
+    return Image(np.zeros((size, size, 3), dtype=np.uint8))
+
+
+# ---------------------------------------------------------------- train
+
+
+def _finish(out: Path, history: dict[str, list[float]], steps: int, clock: tuple[float, float],
+            modules: dict[str, nn.Module], name: str) -> dict:
+    """Loss curves and the training metrics; `clock` = (wall, CPU) seconds at the start."""
+    save_loss_curves(history, out / "loss.png", title=name)
+    return {
+        "train_seconds": round(time.perf_counter() - clock[0], 1),
+        "train_cpu_seconds": round(time.process_time() - clock[1], 1),  # all threads: ≈ 2 × wall on an idle 2-core box
+        "steps": steps,
+        **{f"final_{k}": float(np.mean(v[-50:])) for k, v in history.items()},
+        **{f"{k}_parameters": sum(p.numel() for p in m.parameters()) for k, m in modules.items()},
+    }
+
+
+def build_discrete(tokenizer_cls: type, cfg: FSQRecipeConfig | QueryRecipeConfig) -> tuple[MediaTokenizer, VQImageDecoder]:
+    """A fresh discrete tokenizer and the direct decoder that reads its codes."""
+    tokenizer = tokenizer_cls(cfg.tokenizer)
+    decoder = VQImageDecoder(
+        VQImageDecoderConfig(
+            image_size=tokenizer.image_size,
+            num_tokens=tokenizer.tokens_per_image,
+            codebook_size=tokenizer.codebook_size,
+            code_dim=tokenizer.code_dim,
+            layout=tokenizer.layout,
+            arch=cfg.decoder,
+        )
+    )
+    return tokenizer, decoder
+
+
+def train_discrete(tokenizer_cls: type, cfg: FSQRecipeConfig | QueryRecipeConfig, corpora: Path, out: Path) -> dict:
+    torch.manual_seed(cfg.optim.seed)
+    tokenizer, decoder = build_discrete(tokenizer_cls, cfg)
+    batches = image_batches(train_images(corpora, cfg.data), cfg.optim.batch_size, cfg.optim.seed, cfg.data.cache_images)
+    clock = (time.perf_counter(), time.process_time())
+    history = fit(DiscreteAutoencoder(tokenizer, decoder), batches, cfg.optim, desc=tokenizer.name)
+    decoder.set_codebook(tokenizer.codebook)
+    tokenizer.eval().save_pretrained(out / "media_tokenizer")
+    decoder.eval().save_pretrained(out / "detokenizer")
+    return _finish(out, history, len(history["loss"]), clock, {"tokenizer": tokenizer, "decoder": decoder},
+                   tokenizer.name)
+
+
+def build_diffusion(cfg: DiffusionRecipeConfig) -> tuple[MediaTokenizer, DiffusionImageDeTokenizer]:
+    """A fresh continuous tokenizer and the diffusion de-tokenizer conditioned on its tokens."""
+    tokenizer = build_media_tokenizer(cfg.tokenizer.name, cfg.tokenizer.options)
+    detokenizer = DiffusionImageDeTokenizer(
+        DiffusionImageConfig(
+            image_size=cfg.image_size,
+            num_tokens=tokenizer.num_tokens(empty_image(tokenizer.image_size)),
+            token_dim=tokenizer.feature_dim,
+            layout=tokenizer.layout,
+            backbone=cfg.backbone,
+            dit=cfg.dit,
+            unet=cfg.unet,
+            diffusion=cfg.diffusion,
+        )
+    )
+    return tokenizer, detokenizer
+
+
+def train_diffusion(cfg: DiffusionRecipeConfig, corpora: Path, out: Path) -> dict:
+    """Two stages, as SEED-X does with its pretrained ViT: first the tokens, then a de-tokenizer conditioned on them."""
+    torch.manual_seed(cfg.optim.seed)
+    tokenizer, detokenizer = build_diffusion(cfg)
+    n = detokenizer.config.num_tokens
+    probe = PixelDecoder(tokenizer.image_size, n, tokenizer.feature_dim, tokenizer.layout, cfg.pretraining.decoder)
+    paths = train_images(corpora, cfg.data)
+    clock = (time.perf_counter(), time.process_time())
+    stage1 = fit(TokenAutoencoder(tokenizer, probe), image_batches(paths, cfg.pretraining.optim.batch_size,
+                 cfg.pretraining.optim.seed, cfg.data.cache_images), cfg.pretraining.optim, desc="image_diffusion tokens")
+    tokenizer.eval().requires_grad_(False)
+    detokenizer.set_null_tokens(tokenizer.encode(empty_image(tokenizer.image_size)))
+    batches = image_batches(paths, cfg.optim.batch_size, cfg.optim.seed, cfg.data.cache_images)
+    stage2 = fit(TokenConditionedDiffusion(tokenizer, detokenizer), batches, cfg.optim, desc="image_diffusion de-tokenizer",
+                 parameters=list(detokenizer.parameters()))
+    tokenizer.save_pretrained(out / "media_tokenizer")
+    detokenizer.eval().save_pretrained(out / "detokenizer")
+    history = {"tokens_mse": stage1["loss"], "diffusion": stage2["loss"]}
+    return _finish(out, history, len(stage1["loss"]) + len(stage2["loss"]), clock,
+                   {"tokenizer": tokenizer, "detokenizer": detokenizer}, "image_diffusion")
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+def psnr(original: Image, reconstruction: Image) -> float:
+    """dB, pixels in [0, 1], at the reconstruction's size."""
+    a = original.resize((reconstruction.height, reconstruction.width)).to_tensor()
+    mse = float(F.mse_loss(a, reconstruction.to_tensor()))
+    return 10 * math.log10(1 / max(mse, 1e-10))
+
+
+def reconstruction_report(test: TestSet, recons: list[Image], judge: DigitJudge | None, report: Path) -> dict:
+    """PSNR, the judge's accuracy on originals and reconstructions, and the picture."""
+    metrics: dict[str, Any] = {
+        "test_images": len(recons),
+        "psnr_db": round(float(np.mean([psnr(o, r) for o, r in zip(test.images, recons)])), 2),
+    }
+    digits = [i for i, label in enumerate(test.labels) if label is not None]
+    if judge is not None and digits:
+        labels = [test.labels[i] for i in digits]
+        metrics["judge_accuracy_originals"] = round(judge.accuracy([test.images[i] for i in digits], labels), 4)
+        metrics["judge_accuracy_reconstructions"] = round(judge.accuracy([recons[i] for i in digits], labels), 4)
+    shown = _grid_indices(test.labels)
+    rows = []
+    for start in range(0, len(shown), GRID_COLUMNS):
+        block = shown[start:start + GRID_COLUMNS]
+        rows += [[test.images[i] for i in block], [recons[i] for i in block]]
+    titles = ["original", "reconstruction"] * (len(rows) // 2)
+    save_image_grid(rows, report / "reconstructions.png", row_titles=titles)
+    return metrics
+
+
+def _grid_indices(labels: list[int | None]) -> list[int]:
+    """Two of each digit when the labels allow it (0-9 twice), else the first 20 items."""
+    by_digit = [[i for i, label in enumerate(labels) if label == d][:2] for d in range(10)]
+    if all(len(b) == 2 for b in by_digit):
+        return [b[0] for b in by_digit] + [b[1] for b in by_digit]
+    return list(range(min(2 * GRID_COLUMNS, len(labels))))
+
+
+def _trained_config(trained: Path, config_class: type) -> Any:
+    return from_dict(config_class, yaml.safe_load((trained / RECIPE_FILE).read_text())["config"], source=str(trained))
+
+
+def _judge(corpora: Path, data: ImageData) -> DigitJudge | None:
+    return DigitJudge.load_or_train(corpora) if "digits" in data.corpora else None
+
+
+def evaluate_discrete(config_class: type, trained: Path, corpora: Path, report: Path, limit: int | None) -> dict:
+    cfg = _trained_config(trained, config_class)
+    tokenizer, decoder = load_media_tokenizer(trained / "media_tokenizer"), load_detokenizer(trained / "detokenizer")
+    test, judge = test_set(corpora, cfg.data, limit), _judge(corpora, cfg.data)
+    codes, recons = [], []
+    start = time.perf_counter()
+    for i in tqdm(range(0, len(test.images), cfg.evaluation.batch_size), desc="reconstruct"):
+        batch = tokenizer.encode_batch(test.images[i:i + cfg.evaluation.batch_size])  # [B, N]
+        codes.append(batch)
+        recons += decoder.decode_batch(batch)
+    seconds = time.perf_counter() - start
+    counts = torch.bincount(torch.cat(codes).flatten(), minlength=tokenizer.codebook_size).double()
+    p = counts[counts > 0] / counts.sum()
+    return {
+        **reconstruction_report(test, recons, judge, report),
+        "tokens_per_image": tokenizer.tokens_per_image,
+        "codebook_size": tokenizer.codebook_size,
+        "codebook_utilisation": round(float((counts > 0).double().mean()), 4),
+        "codebook_perplexity": round(float(torch.exp(-(p * p.log()).sum())), 1),
+        "reconstruct_items_per_s": round(len(recons) / seconds, 1),
+    }
+
+
+def evaluate_diffusion(trained: Path, corpora: Path, report: Path, limit: int | None) -> dict:
+    cfg = _trained_config(trained, DiffusionRecipeConfig)
+    tokenizer, detokenizer = load_media_tokenizer(trained / "media_tokenizer"), load_detokenizer(trained / "detokenizer")
+    test, judge = test_set(corpora, cfg.data, limit), _judge(corpora, cfg.data)
+    e = cfg.evaluation
+    generator = torch.Generator().manual_seed(e.seed)
+    recons = []
+    start = time.perf_counter()
+    for i in tqdm(range(0, len(test.images), e.batch_size), desc="reconstruct"):
+        tokens = tokenizer.encode_batch(test.images[i:i + e.batch_size])  # [B, N, D]
+        recons += detokenizer.decode_batch(tokens, guidance=e.guidance, steps=e.steps, generator=generator)
+    seconds = time.perf_counter() - start
+    return {
+        **reconstruction_report(test, recons, judge, report),
+        "tokens_per_image": tokenizer.num_tokens(test.images[0]),
+        "token_dim": tokenizer.feature_dim,
+        "guidance": e.guidance,
+        "steps": e.steps or detokenizer.config.diffusion.steps,
+        "scheduler": detokenizer.config.diffusion.scheduler,
+        "reconstruct_items_per_s": round(len(recons) / seconds, 2),
+    }
+
+
+register_recipe(Recipe("image_fsq", FSQRecipeConfig, partial(train_discrete, FSQImageTokenizer),
+                       partial(evaluate_discrete, FSQRecipeConfig)))
+register_recipe(Recipe("image_query", QueryRecipeConfig, partial(train_discrete, QueryImageTokenizer),
+                       partial(evaluate_discrete, QueryRecipeConfig)))
+register_recipe(Recipe("image_diffusion", DiffusionRecipeConfig, train_diffusion, evaluate_diffusion))

@@ -1,0 +1,361 @@
+"""The finetuning loop: one path from a laptop CPU process to DeepSpeed ZeRO-3 across GPU nodes.
+
+    mllm finetune finetune/recipes/mm_pretrain.yaml train.max_steps=200
+    torchrun --nproc_per_node 2 -m mllm.cli finetune RECIPE.yaml
+    deepspeed --no_local_rank --num_gpus 8 --module mllm.cli finetune RECIPE.yaml deepspeed=finetune/deepspeed/zero3.json
+
+A step reads `train.grad_accum` micro-batches on every rank. The micro-batches
+come from one stream per epoch that every rank builds alike: the records
+shuffled by (seed, epoch), encoded and packed. Step k takes the next
+grad_accum × ranks of them and rank r the r-th of every `ranks`, so the
+batches of a step, and hence its loss, do not depend on how many ranks share
+it. The data position is (epoch, index of the next micro-batch).
+
+A micro-batch whose loss is not finite gets a NaN gradient, and the engine
+skips an update whose gradient is not finite; `train.max_bad_steps` such
+steps in a row stop the run with an error naming the step and its batches.
+
+Rank 0 prints the trainable-parameter count, shows a progress bar, appends
+each step to `metrics.jsonl`, writes TensorBoard scalars to `tensorboard/`,
+and at the end draws `loss.png` and exports `final/`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mllm.data.cache import TokenCache
+from mllm.data.loader import MultimodalLoader
+from mllm.data.packing import pack_stream
+from mllm.data.records import BadRecords, iter_records, read_records, record_files
+from mllm.plots import save_loss_curves
+from mllm.sequence import MultimodalBatch, pad_collate
+from mllm.tokenizers.text import train_text_tokenizer
+from mllm.train.checkpointing import (
+    TrainerState,
+    build_from_recipe,
+    complete_checkpoints,
+    export_checkpoint,
+    load_optimizer,
+    load_rng,
+    load_trainable,
+    read_trainer_state,
+    save_step,
+)
+from mllm.train.distributed import DistEnv, all_reduce_sum, barrier, build_engine, init_distributed, main_first, shutdown
+from mllm.train.policy import apply_policy, trainable_summary
+from mllm.train.recipe import FinetuneConfig, check_ready, data_root, with_absolute_paths
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many steps in a row had a non-finite loss or gradient."""
+
+
+def finetune(cfg: FinetuneConfig) -> Path | None:
+    """Train `cfg` to train.max_steps, resuming from the latest checkpoint in output_dir.
+    Returns the exported `<output_dir>/final` on rank 0 (None elsewhere, or with train.export "none")."""
+    cfg = with_absolute_paths(cfg)
+    check_ready(cfg)
+    run = Finetune(cfg, DistEnv.from_environ())
+    try:
+        run.train()
+    finally:
+        run.close()
+    return run.export()
+
+
+def cosine_lr(step: int, cfg: FinetuneConfig) -> float:
+    """The learning rate of step `step` (0-based): linear warm-up, then cosine to min_lr_ratio · lr."""
+    lr, warmup, total = cfg.optim.lr, cfg.schedule.warmup_steps, cfg.train.max_steps
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    floor = cfg.schedule.min_lr_ratio
+    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Finetune:
+    """One run of a recipe: set up (model, policy, engine, data, resume), train, save, export."""
+
+    def __init__(self, cfg: FinetuneConfig, env: DistEnv):
+        self.cfg, self.env = cfg, env
+        self.out = Path(cfg.output_dir)
+        self.device = init_distributed(env, use_deepspeed=cfg.deepspeed is not None)
+        if cfg.text_tokenizer is not None:
+            self._train_text_tokenizer()
+
+        model, self.processor = build_from_recipe(cfg)
+        if cfg.train.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.heads = sorted(model.config.heads)
+        self.attn_implementation = model.config._attn_implementation
+        hidden_size = model.config.text_config.hidden_size
+        trained = apply_policy(model, cfg.policy)
+        self.say(trainable_summary(trained))
+
+        checkpoints = complete_checkpoints(self.out) if cfg.train.resume else []
+        resume = checkpoints[-1] if checkpoints else None
+        if resume is not None:
+            load_trainable(trained, resume)  # before the engine partitions the weights
+        self.engine = build_engine(trained, cfg, env, self.device, hidden_size)
+        seed_everything(cfg.train.seed + env.rank)
+        self.state = TrainerState(world_size=env.world_size)
+        if resume is not None:
+            self.state = read_trainer_state(resume)
+            load_optimizer(self.engine, env, resume, self.state)
+            load_rng(resume, env)
+            self.state.world_size = env.world_size
+            self.say(f"resumed from {resume} (step {self.state.step}, epoch {self.state.epoch}, batch {self.state.batch})")
+
+        self.train_records, self.validation_records, self.cache = self._prepare_data()
+        self.writer = None
+        if env.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._trim_metrics()
+            if cfg.train.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(self.out / "tensorboard")
+
+    def say(self, message: str) -> None:
+        if self.env.is_main:
+            print(message, flush=True)
+
+    # ---- data -----------------------------------------------------------------------------------
+
+    def _train_text_tokenizer(self) -> None:
+        out, spec = Path(self.cfg.model.tokenizer), self.cfg.text_tokenizer
+        with main_first(self.env):
+            if self.env.is_main and not out.is_dir():
+                files = [f for p in spec.records for f in record_files(data_root(self.cfg) / p)]
+                texts = []
+                for record in iter_records(read_records(files, streaming=True), BadRecords("skip")):
+                    for m in record.messages:
+                        parts = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
+                        texts += [part["text"] for part in parts if part["type"] == "text"]
+                    if len(texts) >= spec.max_texts:
+                        break
+                tmp = out.with_name(f".{out.name}.tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                train_text_tokenizer(texts[: spec.max_texts], tmp, vocab_size=spec.vocab_size)
+                os.replace(tmp, out)
+                self.say(f"trained a {spec.vocab_size}-token text tokenizer on {len(texts)} texts: {out}")
+
+    def _prepare_data(self):
+        """Record tables (rank 0 builds them) and the token cache (each rank encodes its share of the media)."""
+        cache_dir = Path(self.cfg.data.cache_dir) if self.cfg.data.cache_dir else self.out / "cache"
+        root = data_root(self.cfg)
+
+        def records(paths: list[str]):
+            if not paths:
+                return None
+            ds = read_records([f for p in paths for f in record_files(root / p)], cache_dir=cache_dir / "records")
+            tasks = set(self.cfg.data.tasks)
+            return ds.filter(lambda task: task in tasks, input_columns="task") if tasks else ds
+
+        with main_first(self.env):
+            train, validation = records(self.cfg.data.train), records(self.cfg.data.validation)
+        tokenizers = self.processor.media_tokenizers
+        cache = TokenCache(cache_dir / "tokens", tokenizers) if tokenizers else None
+        if cache is not None:
+            for ds in (train, validation):
+                if ds is not None:
+                    cache.encode_records(ds.shard(self.env.world_size, self.env.rank, contiguous=True), progress=self.env.is_main)
+            barrier()
+            cache.reload()
+        return train, validation, cache
+
+    def micro_batches(self, records) -> Iterator[Callable[[], MultimodalBatch]]:
+        """One pass over `records` as micro-batches that collate when called. Every rank walks the whole
+        stream but builds (attention masks and all) only the batches it trains on."""
+        d = self.cfg.data
+        loader = MultimodalLoader(records, self.processor, max_length=d.max_length, batch_size=d.batch_size,
+                                  packing=d.packing, cache=self.cache, policy=d.bad_records,
+                                  attn_implementation=self.attn_implementation, dtype=self.engine.feature_dtype)
+        samples = loader.samples()
+        if d.packing:  # as MultimodalLoader.__iter__ does, less the collation
+            for rows in pack_stream(samples, d.max_length, d.batch_size, loader.buffer_size):
+                yield partial(loader.collate, rows)
+        else:
+            while chunk := list(islice(samples, d.batch_size)):
+                yield partial(pad_collate, chunk, self.processor.pad_id)
+        if self.env.is_main:
+            (logger.warning if loader.bad.skipped else logger.info)("data pass done: %s", loader.bad.summary())
+
+    def steps(self) -> Iterator[tuple[int, int, list[MultimodalBatch]]]:
+        """(epoch, index of the first micro-batch, this rank's micro-batches) per step, from the saved position on."""
+        world, rank = self.env.world_size, self.env.rank
+        per_step = self.cfg.train.grad_accum * world
+        epoch, start = self.state.epoch, self.state.batch
+        while True:
+            order = np.random.default_rng([self.cfg.train.seed, epoch]).permutation(len(self.train_records))
+            mine, seen = [], 0
+            for index, batch in enumerate(self.micro_batches(self.train_records.select(order))):
+                seen = index + 1
+                if index < start:
+                    continue
+                offset = (index - start) % per_step
+                if offset % world == rank:
+                    mine.append(batch())
+                if offset == per_step - 1:
+                    yield epoch, index + 1 - per_step, mine
+                    mine = []
+            if start == 0 and seen < per_step:
+                raise ValueError(f"the training data make {seen} micro-batches per epoch, fewer than one step "
+                                 f"takes ({per_step}: train.grad_accum {self.cfg.train.grad_accum} × {world} ranks)")
+            epoch, start = epoch + 1, 0
+
+    # ---- training -------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        t = self.cfg.train
+        per_step = t.grad_accum * self.env.world_size
+        bar = tqdm(total=t.max_steps, initial=self.state.step, desc="finetune", unit="step", disable=not self.env.is_main)
+        steps = self.steps()
+        bad_in_a_row = 0
+        while self.state.step < t.max_steps:
+            epoch, first, batches = next(steps)
+            started = time.perf_counter()
+            log = self.step(batches)
+            self.state.step += 1
+            self.state.epoch, self.state.batch = epoch, first + per_step
+            step = self.state.step
+            log |= {"step": step, "epoch": epoch, "batch": first, "seconds": time.perf_counter() - started}
+            log["tokens_per_s"] = log.pop("tokens") / log["seconds"]
+            if t.eval_every and step % t.eval_every == 0:
+                log["eval_loss"] = self.evaluate()
+            self._log(log)
+            bad_in_a_row = bad_in_a_row + 1 if log["skipped"] else 0
+            if log["skipped"]:
+                self._report_bad_step(log, bad_in_a_row, first + per_step - 1)
+            bar.update()
+            bar.set_postfix(loss=f"{log['loss']:.4f}", lr=f"{log['lr']:.2e}")
+            if (t.save_every and step % t.save_every == 0) or step == t.max_steps:
+                save_step(self.engine, self.env, self.cfg, self.state)
+        bar.close()
+        if self.env.is_main:
+            self._plot()
+
+    def _report_bad_step(self, log: dict, in_a_row: int, last: int) -> None:
+        """Warn about a skipped step; raise when it is the max_bad_steps-th in a row."""
+        where = f"step {log['step']} (epoch {log['epoch']}, micro-batches {log['batch']}-{last})"
+        bad = [str(log["batch"] + i) for i in log["bad_batches"]]
+        cause = f"non-finite loss in micro-batch {', '.join(bad)}" if bad else "non-finite gradient"
+        logger.warning("%s skipped: %s", where, cause)
+        if in_a_row >= self.cfg.train.max_bad_steps:
+            raise NonFiniteLossError(f"{in_a_row} steps in a row had a non-finite loss or gradient; the last was {where}: {cause}")
+
+    def step(self, batches: list[MultimodalBatch]) -> dict:
+        """One optimizer step over this rank's micro-batches; the returned numbers are over all ranks."""
+        e, world, rank = self.engine, self.env.world_size, self.env.rank
+        lr = cosine_lr(self.state.step, self.cfg)
+        e.set_lr(lr)
+        names = ["loss", "lm_loss", *(f"{m}_loss" for m in self.heads)]
+        sums = torch.zeros(2 * len(names) + 1, dtype=torch.float64)  # (sum, count) per name, then tokens
+        bad = torch.zeros(len(batches) * world, dtype=torch.float64)  # the step's micro-batches with a non-finite loss
+        for j, batch in enumerate(batches):
+            out = e.forward(batch.to(e.device, dtype=e.feature_dtype))
+            loss = out.loss
+            lm_loss = getattr(out, "lm_loss", None)
+            if self.cfg.loss.lm != 1.0 and lm_loss is not None:
+                loss = loss + (self.cfg.loss.lm - 1.0) * lm_loss  # the model's total counts CE once
+            if not torch.isfinite(loss):
+                bad[j * world + rank] = 1
+                loss = loss * math.nan  # a NaN gradient makes every rank skip this update
+            e.backward(loss, boundary=j == len(batches) - 1)
+            parts = {"loss": loss, "lm_loss": lm_loss} | {f"{m}_loss": v for m, v in (getattr(out, "head_losses", None) or {}).items()}
+            for i, name in enumerate(names):
+                if parts.get(name) is not None:
+                    sums[2 * i] += parts[name].item()
+                    sums[2 * i + 1] += 1
+            sums[-1] += batch.input_ids.numel()
+        result = e.finish_step()
+        totals = all_reduce_sum(torch.cat([sums, bad]).to(e.device)).cpu()
+        log = {name: totals[2 * i].item() / totals[2 * i + 1].item()
+               for i, name in enumerate(names) if totals[2 * i + 1] > 0}
+        return log | {"lr": lr, "grad_norm": result.grad_norm, "skipped": not result.applied,
+                      "tokens": totals[len(sums) - 1].item(),
+                      "bad_batches": [i for i, b in enumerate(totals[len(sums):].tolist()) if b]}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the first train.eval_batches validation micro-batches (whole rounds of ranks)."""
+        e, world, rank = self.engine, self.env.world_size, self.env.rank
+        limit = max(self.cfg.train.eval_batches // world, 1) * world
+        mine, seen = [], 0
+        for index, batch in enumerate(self.micro_batches(self.validation_records)):
+            if index == limit:
+                break
+            seen = index + 1
+            if index % world == rank:
+                mine.append(batch())
+        mine = mine[: seen // world]  # every rank runs as many forwards (ZeRO-3 gathers weights collectively)
+        e.train(False)
+        total = torch.zeros(2, dtype=torch.float64)
+        for batch in mine:
+            total += torch.tensor([e.forward(batch.to(e.device, dtype=e.feature_dtype)).loss.item(), 1.0])
+        e.train(True)
+        total = all_reduce_sum(total.to(e.device)).cpu()
+        return total[0].item() / max(total[1].item(), 1)
+
+    def _log(self, log: dict) -> None:
+        if not self.env.is_main:
+            return
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(log) + "\n")
+        if self.writer is not None:
+            for key, value in log.items():
+                if key not in ("step", "epoch", "batch", "bad_batches") and value is not None:
+                    self.writer.add_scalar(f"{'eval' if key.startswith('eval') else 'train'}/{key}", float(value), log["step"])
+
+    def _plot(self) -> None:
+        history = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines()]
+        series = {"loss": [r["loss"] for r in history]}
+        if any("lm_loss" in r for r in history):
+            series["lm_loss"] = [r.get("lm_loss", math.nan) for r in history]
+        save_loss_curves(series, self.out / "loss.png", title=f"finetune: {self.out.name}")
+
+    def _trim_metrics(self) -> None:
+        """Keep the metrics of the steps the resumed checkpoint includes; drop those it does not."""
+        path = self.out / "metrics.jsonl"
+        rows = path.read_text().splitlines() if path.is_file() else []
+        kept = [r for r in rows if json.loads(r)["step"] <= self.state.step]
+        path.write_text("".join(r + "\n" for r in kept))
+
+    # ---- the end --------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        del self.engine
+        shutdown()
+
+    def export(self) -> Path | None:
+        what = self.cfg.train.export
+        if not self.env.is_main or what == "none":
+            return None
+        final = export_checkpoint(complete_checkpoints(self.out)[-1], self.out / "final", what=what)
+        self.say(f"exported {'the language model' if what == 'language_model' else 'the merged model'} to {final}")
+        return final

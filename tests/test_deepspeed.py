@@ -1,0 +1,94 @@
+"""DeepSpeed on CPU: two ranks under `deepspeed --num_gpus 2` train like one process, with ZeRO-2 and ZeRO-3.
+
+The first launch on a machine JIT-compiles DeepSpeed's shared-memory communication op (about 90 s on two
+cores, cached in ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR). The shipped configs are used as they
+are, plus `"torch_adam": true`, so no fused-Adam op is compiled.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mllm.train import finetune, load_recipe
+from mllm.train.checkpointing import step_dir
+from tests.test_finetune import losses, recipe, train_text_tokenizer, write, write_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 10
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    """The corpus, a recipe (10 steps, checkpoints at 5 and 10) and its single-process run: 2 micro-batches a step."""
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.fail("deepspeed is not installed: pip install 'deepspeed>=0.15,<1' (mllm's `train` extra)")
+    tmp = tmp_path_factory.mktemp("deepspeed")
+    write_corpus(tmp / "corpus")
+    texts = [json.loads(line)["text"] for line in (tmp / "corpus" / "text.jsonl").read_text().splitlines()]
+    tokenizer = train_text_tokenizer(texts * 20 + ["It is red. What colour is this? Paint something blue."] * 20,
+                                     tmp / "tokenizer", vocab_size=320)
+    base = recipe(tmp / "corpus", tokenizer, tmp / "single", policy={"lora": {"r": 4, "dropout": 0.0}},
+                  train={"max_steps": STEPS, "save_every": 5, "grad_accum": 2})
+    path = write(tmp, base)
+    finetune(load_recipe(path))
+    return {"tmp": tmp, "recipe": path}
+
+
+def launch(setup: dict, stage: int, out: Path) -> None:
+    """`deepspeed --num_gpus 2` (two CPU ranks): one micro-batch a step on each, with the shipped ZeRO config."""
+    ds = json.loads((ROOT / "finetune" / "deepspeed" / f"zero{stage}.json").read_text())
+    ds["optimizer"]["params"]["torch_adam"] = True
+    config = write(setup["tmp"], ds, f"zero{stage}.json")
+    command = ["deepspeed", "--no_local_rank", "--num_gpus", "2", "--master_port", str(free_port()),
+               "--module", "mllm.cli", "finetune", str(setup["recipe"]), f"output_dir={out}",
+               f"deepspeed={config}", "train.grad_accum=1"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def trainable_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(step_dir(out, STEPS) / "model.safetensors")
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ranks_match_one_process(stage, setup):
+    out = setup["tmp"] / f"zero{stage}"
+    launch(setup, stage, out)
+    one, two = losses(setup["tmp"] / "single"), losses(out)
+    assert len(two) == STEPS and max(abs(a - b) for a, b in zip(one, two)) < 1e-4
+    single, sharded = trainable_weights(setup["tmp"] / "single"), trainable_weights(out)
+    assert single.keys() == sharded.keys()
+    assert max((single[k] - sharded[k]).abs().max().item() for k in single) < 1e-4
+    parts = sorted(p.name for p in (step_dir(out, STEPS) / "optimizer").iterdir())
+    assert parts == ["rank-00000.json", "rank-00000.safetensors", "rank-00001.json", "rank-00001.safetensors"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ranks_resume_exactly(stage, setup):
+    """Stop after step 5 (its checkpoint complete), resume on two ranks: the same losses and weights, bit for bit."""
+    whole = setup["tmp"] / f"zero{stage}"
+    if not step_dir(whole, STEPS).exists():
+        launch(setup, stage, whole)
+    out = setup["tmp"] / f"zero{stage}_resumed"
+    shutil.copytree(whole, out)
+    shutil.rmtree(step_dir(out, STEPS))
+    launch(setup, stage, out)
+    assert losses(out) == losses(whole)
+    resumed, uninterrupted = trainable_weights(out), trainable_weights(whole)
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)

@@ -1,0 +1,485 @@
+"""Finetuning on CPU with tiny models: recipes, policies, guards, exact resume, crash-safe saves, LoRA merge, export."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from mllm.checkpoint import load_checkpoint, save_checkpoint
+from mllm.cli import main as cli
+from mllm.config import ConfigError
+from mllm.media import Image, save_image
+from mllm.model import MultimodalLM
+from mllm.tokenizers import build_media_tokenizer
+from mllm.tokenizers.text import train_text_tokenizer
+from mllm.train import apply_policy, finetune, load_recipe, merge, trainable_summary
+from mllm.train.checkpointing import (
+    build_from_recipe,
+    complete_checkpoints,
+    load_trainable,
+    read_state,
+    step_dir,
+)
+from mllm.train.loop import Finetune, NonFiniteLossError, cosine_lr
+from mllm.train.recipe import deepspeed_config
+from tests.conftest import TINY_LMS
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "finetune" / "recipes").glob("*.yaml"))
+WORDS = "zero one two three four five six seven eight nine".split()
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 230), "black": (0, 0, 0)}
+
+
+# ---- a tiny corpus, tokenizer and recipe --------------------------------------------------------
+
+
+def write_corpus(root: Path) -> None:
+    """Text, image captions and image generation, in the built corpora's record format."""
+    rng = np.random.default_rng(0)
+    (root / "media").mkdir(parents=True)
+    understand, generate, text = [], [], []
+    for i in range(24):
+        name = list(COLOURS)[i % 4]
+        pixels = np.clip(np.array(COLOURS[name]) + rng.integers(-20, 20, (16, 16, 3)), 0, 255).astype(np.uint8)
+        save_image(Image(pixels), root / "media" / f"{i}.png")
+        image = {"type": "image", "path": f"media/{i}.png"}
+        understand.append({"id": f"u{i}", "task": "image_caption", "messages": [
+            {"role": "user", "content": [image, {"type": "text", "text": "What colour is this?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": f"It is {name}."}]}]})
+        generate.append({"id": f"g{i}", "task": "image_generation", "messages": [
+            {"role": "user", "content": [{"type": "text", "text": f"Paint something {name}."}]},
+            {"role": "assistant", "content": [image]}]})
+        text.append({"id": f"t{i}", "text": " ".join(WORDS[(i + k) % 10] for k in range(8))})
+    for name, rows in (("understand", understand), ("generate", generate), ("text", text)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    write_corpus(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def text_tokenizer(corpus) -> Path:
+    texts = [json.loads(line)["text"] for line in (corpus / "text.jsonl").read_text().splitlines()]
+    texts += [f"It is {c}. What colour is this? Paint something {c}." for c in COLOURS]
+    return train_text_tokenizer(texts * 20, corpus / "tokenizer", vocab_size=320)
+
+
+def recipe(corpus: Path, tokenizer: Path, out: Path, **sections) -> dict:
+    """A tiny LoRA recipe: Llama 2×64, 4 patch tokens per image with a small GMM head."""
+    base = {
+        "output_dir": str(out),
+        "model": {
+            "base_config": dict(TINY_LMS["llama"], vocab_size=320),
+            "tokenizer": str(tokenizer),
+            "media": {"image": {"tokenizer": "patch", "options": {"image_size": 16, "patch_size": 8}}},
+            "heads": {"image": {"name": "gmm", "options": {"width": 32, "num_components": 2}}},
+        },
+        "data": {"root": str(corpus), "train": ["understand.jsonl", "generate.jsonl"], "max_length": 64, "batch_size": 2},
+        "policy": {"lm": "lora", "lora": {"r": 4, "dropout": 0.1}},
+        "optim": {"lr": 3e-3, "weight_decay": 0.01},
+        "schedule": {"warmup_steps": 2},
+        "train": {"max_steps": 6, "save_every": 3, "tensorboard": False, "export": "none"},
+    }
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return base
+
+
+def write(tmp_path: Path, data: dict, name: str = "recipe.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(json.dumps(data) if name.endswith(".json") else yaml.safe_dump(data))
+    return path
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def lora_run(corpus, text_tokenizer, tmp_path_factory) -> Path:
+    """One uninterrupted 6-step LoRA run (checkpoints at 3 and 6) that several tests read."""
+    tmp = tmp_path_factory.mktemp("lora_run")
+    finetune(load_recipe(write(tmp, recipe(corpus, text_tokenizer, tmp / "out", train={"grad_accum": 2}))))
+    return tmp / "out"
+
+
+# ---- recipes ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_validates_with_its_deepspeed_config(path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # recipes name their DeepSpeed file relative to the repository
+    cfg = load_recipe(path)
+    if cfg.deepspeed is not None:
+        ds = deepspeed_config(cfg, world_size=8, hidden_size=4096)
+        assert ds["train_batch_size"] == cfg.data.batch_size * cfg.train.grad_accum * 8
+        assert ds["bf16"]["enabled"] is False  # "auto" precision is fp32 without a GPU
+    stage = "_real" if path.stem.endswith("_real") else ""
+    assert (path.parent / (path.stem.removesuffix("_real") + ".yaml")).exists(), f"{path.name} has no tiny twin"
+    assert stage or (path.parent / f"{path.stem}_real.yaml").exists(), f"{path.name} has no real-scale twin"
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "finetune" / "deepspeed").glob("*.json")), ids=lambda p: p.name)
+def test_deepspeed_configs_fill_every_auto_from_the_recipe(config, corpus, text_tokenizer, tmp_path):
+    cfg = load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, tmp_path, deepspeed=str(config))),
+                      ["train.grad_accum=4", "optim.max_grad_norm=0.5", "optim.betas=[0.9, 0.98]"])
+    ds = deepspeed_config(cfg, world_size=2, hidden_size=64)
+    assert ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == 4
+    assert ds["gradient_clipping"] == 0.5 and ds["optimizer"]["params"]["betas"] == [0.9, 0.98]
+    assert "auto" not in json.dumps(ds)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["train.max_stepz=3"], "train.max_stepz"),
+    (["train.max_steps=ten"], "train.max_steps"),
+    (["init_from=/some/checkpoint"], "model"),
+    (["schedule.warmup_steps=100"], "schedule.warmup_steps"),
+    (["loss.heads.audio=1.0"], "loss.heads.audio"),
+    (["policy.lora.r=0"], "policy.lora"),
+    (["optim.betas=[0.9, 1.5]"], "optim.betas"),
+    (["train.eval_every=2"], "train.eval_every"),
+])
+def test_recipe_errors_name_the_key(overrides, key, corpus, text_tokenizer, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, tmp_path)), overrides)
+    assert e.value.key == key
+
+
+@pytest.mark.parametrize("problem, key", [
+    ({"data": {"train": ["missing.jsonl"]}}, "data.train"),
+    ({"deepspeed": "missing.json"}, "deepspeed"),
+    ({"deepspeed": {"train_micro_batch_size_per_gpu": 7, "zero_optimization": {"stage": 2}}}, "train_micro_batch_size_per_gpu"),
+    ({"deepspeed": {"scheduler": {"type": "WarmupLR"}, "zero_optimization": {"stage": 2}}}, "scheduler"),
+    ({"deepspeed": {"zero_optimization": {"stage": 0}}}, "zero_optimization.stage"),
+    ({"policy": {"freeze": ["heads.video.*"]}}, "policy.freeze"),
+])
+def test_recipe_errors_are_found_before_any_work(problem, key, corpus, text_tokenizer, tmp_path):
+    if isinstance(problem.get("deepspeed"), dict):
+        problem = {"deepspeed": str(write(tmp_path, problem["deepspeed"], "ds.json"))}
+    cfg = load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, tmp_path / "out", **problem)))
+    with pytest.raises(ConfigError) as e:
+        finetune(cfg)
+    assert e.value.key == key
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_cosine_schedule_warms_up_then_decays_to_the_floor(corpus, text_tokenizer, tmp_path):
+    cfg = load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, tmp_path)),
+                      ["train.max_steps=10", "schedule.warmup_steps=2", "schedule.min_lr_ratio=0.1", "optim.lr=1.0"])
+    lrs = [cosine_lr(s, cfg) for s in range(10)]
+    assert lrs[:3] == [0.5, 1.0, 1.0] and all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+    assert lrs[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 7 / 8)))
+
+
+# ---- policies -----------------------------------------------------------------------------------
+
+
+def built(corpus, text_tokenizer, tmp_path, overrides=()):
+    cfg = load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, tmp_path)), list(overrides))
+    model, _ = build_from_recipe(cfg)
+    return apply_policy(model, cfg.policy), model
+
+
+def trainable(model) -> set[str]:
+    return {n.removeprefix("base_model.model.") for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_lora_policy_trains_adapters_new_rows_projectors_and_heads(corpus, text_tokenizer, tmp_path):
+    trained, model = built(corpus, text_tokenizer, tmp_path)
+    names = trainable(trained)
+    assert any(".lora_A." in n for n in names) and all(".lora_" in n or not n.startswith("language_model.model.layers")
+                                                        for n in names)
+    rows = [n for n in names if "trainable_tokens_delta" in n]
+    assert len(rows) == 2  # embedding and (untied) output rows
+    new = model.layout.vocab_size - model.layout.text_vocab_size
+    assert all(dict(trained.named_parameters())["base_model.model." + n].shape[0] == new for n in rows)
+    assert {n.split(".")[0] for n in names} == {"language_model", "projectors", "heads"}
+    summary = trainable_summary(trained)
+    assert summary.startswith("trainable ") and "lora" in summary and "token rows" in summary and "heads" in summary
+
+
+def test_full_frozen_and_pattern_policies(corpus, text_tokenizer, tmp_path):
+    full, model = built(corpus, text_tokenizer, tmp_path, ["policy.lm=full"])
+    assert full is model and all(p.requires_grad for p in model.parameters())
+    frozen, _ = built(corpus, text_tokenizer, tmp_path, ["policy.lm=frozen", "policy.heads=false"])
+    assert {n.split(".")[0] for n in trainable(frozen)} == {"language_model", "projectors"}
+    assert all("trainable_tokens_delta" in n for n in trainable(frozen) if n.startswith("language_model"))
+    patterned, _ = built(corpus, text_tokenizer, tmp_path,
+                         ["policy.lm=frozen", "policy.new_token_rows=false", "policy.train=['language_model.model.norm.*']",
+                          "policy.freeze=['heads.image.*']"])
+    assert {n.split(".")[0] for n in trainable(patterned)} == {"projectors", "language_model"}
+    assert trainable(patterned) - {n for n in trainable(patterned) if n.startswith("projectors")} == {"language_model.model.norm.weight"}
+
+
+def test_token_rows_of_a_tied_model_merge_exactly(corpus, text_tokenizer, tmp_path):
+    """Qwen2-style tied embeddings: one set of rows serves input and output, before and after merging."""
+    trained, model = built(corpus, text_tokenizer, tmp_path,
+                           [f"model.base_config={json.dumps(dict(TINY_LMS['qwen2'], vocab_size=320))}"])
+    assert len([n for n in trainable(trained) if "trainable_tokens_delta" in n]) == 1
+    with torch.no_grad():
+        for p in trained.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    ids = torch.tensor([[5, 6, 7] + list(range(model.layout.text_vocab_size, model.layout.vocab_size))])
+    ids = ids[:, (ids[0] != model.layout["image"].placeholder_id)]
+    trained.eval()
+    with torch.no_grad():
+        before = trained(input_ids=ids).logits
+        after = merge(trained)(input_ids=ids).logits
+    assert (before - after).abs().max() < 1e-5
+
+
+# ---- training, resume, crash safety -------------------------------------------------------------
+
+
+def test_a_run_writes_checkpoints_metrics_tensorboard_and_a_loss_curve(corpus, text_tokenizer, tmp_path, capsys):
+    cfg = load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, tmp_path / "out", data={
+        "train": ["generate.jsonl"], "validation": ["understand.jsonl"]}, train={"max_steps": 4, "save_every": 2, "keep_last": 1, "eval_every": 2,
+                                                     "eval_batches": 2, "tensorboard": True, "export": "merged",
+                                                     "gradient_checkpointing": True})))
+    final = finetune(cfg)
+    out = tmp_path / "out"
+    assert "trainable " in capsys.readouterr().out
+    assert [p.name for p in complete_checkpoints(out)] == ["step-00000004"]  # keep_last 1
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and "eval_loss" in rows[1] and "image_loss" in rows[0]
+    assert all(np.isfinite(r["loss"]) and not r["skipped"] for r in rows)
+    assert list((out / "tensorboard").glob("events.out.tfevents.*")) and (out / "loss.png").stat().st_size > 0
+    ckpt = complete_checkpoints(out)[-1]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["COMPLETE", "model.safetensors", "optimizer", "recipe.yaml",
+                                                      "rng", "trainer.json"]
+    assert not list(ckpt.rglob("*.pt")) and not list(ckpt.rglob("*.bin"))
+    model = AutoModelForCausalLM.from_pretrained(final)
+    assert isinstance(model, MultimodalLM)
+
+
+def test_interrupted_and_resumed_run_reproduces_the_uninterrupted_one(lora_run, corpus, text_tokenizer, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    cfg = load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, out, train={"grad_accum": 2})))
+    step = Finetune.step
+    calls = []
+
+    def interrupted(self, batches):
+        calls.append(1)
+        if len(calls) == 5:  # steps 1-4 done, the checkpoint of step 3 written: the machine goes away
+            raise KeyboardInterrupt
+        return step(self, batches)
+
+    monkeypatch.setattr(Finetune, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(cfg)
+    assert [p.name for p in complete_checkpoints(out)] == ["step-00000003"] and len(losses(out)) == 4
+    monkeypatch.setattr(Finetune, "step", step)
+    finetune(cfg)
+    assert losses(out) == losses(lora_run)  # the steps after the resume, bit for bit
+    resumed, whole = (load_file(step_dir(o, 6) / "model.safetensors") for o in (out, lora_run))
+    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
+    for name in ("rank-00000.safetensors", "rank-00000.json"):
+        assert (step_dir(out, 6) / "optimizer" / name).read_bytes() == (step_dir(lora_run, 6) / "optimizer" / name).read_bytes()
+
+
+def test_a_fresh_run_refuses_an_output_dir_with_checkpoints(lora_run):
+    with pytest.raises(ConfigError) as e:
+        finetune(load_recipe(lora_run.parent / "recipe.yaml", ["train.resume=false"]))
+    assert e.value.key == "train.resume"
+
+
+KILL_AT_SAVE = """
+import os, sys
+from mllm.train import checkpointing, finetune, load_recipe
+write_state = checkpointing.write_state
+def dying(prefix, state):
+    if "step-00000004" in str(prefix):
+        os._exit(9)  # killed mid-save: the step's weights are written, its optimizer state is not
+    write_state(prefix, state)
+checkpointing.write_state = dying
+finetune(load_recipe(sys.argv[1]))
+"""
+
+
+def test_a_process_killed_during_a_save_leaves_the_previous_checkpoint_loadable(lora_run, corpus, text_tokenizer, tmp_path):
+    out = tmp_path / "out"
+    path = write(tmp_path, recipe(corpus, text_tokenizer, out, train={"grad_accum": 2, "save_every": 2}))
+    killed = subprocess.run([sys.executable, "-c", KILL_AT_SAVE, str(path)], capture_output=True, text=True, cwd=ROOT)
+    assert killed.returncode == 9, killed.stderr[-2000:]
+    assert [p.name for p in complete_checkpoints(out)] == ["step-00000002"]
+    assert (out / "checkpoints" / ".step-00000004.tmp" / "model.safetensors").is_file()  # the half-written one
+    exported = tmp_path / "exported"
+    assert cli(["export", str(step_dir(out, 2)), "--out", str(exported), "--merge"]) == 0
+    load_checkpoint(exported)
+    finetune(load_recipe(path))  # resumes from step 2, replaces the half-written save
+    assert [p.name for p in complete_checkpoints(out)] == ["step-00000004", "step-00000006"]
+    assert not (out / "checkpoints" / ".step-00000004.tmp").exists()
+    assert losses(out) == losses(lora_run)
+
+
+def test_non_finite_steps_are_skipped_and_too_many_in_a_row_abort(corpus, text_tokenizer, tmp_path, monkeypatch):
+    forward = MultimodalLM.forward
+    calls = []
+
+    def poisoned(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) in (3, 7, 9):  # micro-batches of steps 2, 4 and 5 (two per step)
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(MultimodalLM, "forward", poisoned)
+    out = tmp_path / "out"
+    cfg = load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, out,
+                                             train={"grad_accum": 2, "max_bad_steps": 2, "save_every": 3})))
+    with pytest.raises(NonFiniteLossError, match=r"2 steps in a row .* step 5 \(epoch 0, micro-batches 8-9\): "
+                                                 r"non-finite loss in micro-batch 8"):
+        finetune(cfg)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in rows] == [False, True, False, True, True]
+    assert rows[1]["bad_batches"] == [0] and not np.isfinite(rows[1]["grad_norm"])
+    adam = read_state(step_dir(out, 3) / "optimizer" / "rank-00000")["state"]
+    assert {float(s["step"]) for s in adam.values()} == {2.0}  # three steps, one skipped: two updates
+
+
+# ---- LoRA merge and export ----------------------------------------------------------------------
+
+
+def test_lora_save_load_merge_gives_the_same_outputs(lora_run, corpus, tmp_path):
+    ckpt = step_dir(lora_run, 6)
+    cfg = load_recipe(ckpt / "recipe.yaml")
+    model, processor = build_from_recipe(cfg)
+    adapted = apply_policy(model, cfg.policy)
+    load_trainable(adapted, ckpt)
+    saved = load_file(ckpt / "model.safetensors")
+    assert all(torch.equal(p, saved[n]) for n, p in adapted.named_parameters() if p.requires_grad)
+
+    assert cli(["export", str(ckpt), "--out", str(tmp_path / "merged"), "--merge"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert isinstance(merged, MultimodalLM) and not any("lora" in n for n, _ in merged.named_parameters())
+    records = [json.loads(line) for line in (corpus / "understand.jsonl").read_text().splitlines()[:2]]
+    records += [json.loads(line) for line in (corpus / "generate.jsonl").read_text().splitlines()[:2]]
+    batch = processor([r["messages"] for r in records], base_dir=corpus)
+    adapted.eval()
+    with torch.no_grad():
+        a, b = adapted(**batch.model_inputs()), merged(**batch.model_inputs())
+    assert (a.logits - b.logits).abs().max() < 1e-5
+    assert abs(a.loss - b.loss) < 1e-5 and (a.head_losses["image"] - b.head_losses["image"]).abs() < 1e-5
+
+
+def test_export_round_trips_and_refuses_unmerged_lora(lora_run, corpus, tmp_path):
+    ckpt = step_dir(lora_run, 6)
+    with pytest.raises(ValueError, match="--merge"):
+        cli(["export", str(ckpt), "--out", str(tmp_path / "x")])
+    cli(["export", str(ckpt), "--out", str(tmp_path / "a"), "--merge"])
+    model, processor = load_checkpoint(tmp_path / "a")
+    save_checkpoint(model, processor, tmp_path / "b")
+    again, processor_b = load_checkpoint(tmp_path / "b")
+    first, second = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert processor_b.layout == processor.layout
+    assert again.config.heads == model.config.heads and "image" in again.config.heads
+
+
+def test_stages_chain_text_pretraining_to_alignment_to_lora(corpus, text_tokenizer, tmp_path):
+    """A full text-only stage exports its LM; alignment grows the vocabulary on it; LoRA starts from that."""
+    text = recipe(corpus, text_tokenizer, tmp_path / "text", policy={"lm": "full"},
+                  data={"train": ["text.jsonl"]}, train={"max_steps": 2, "export": "language_model"})
+    text["model"]["media"], text["model"]["heads"] = {}, {}
+    text["model"]["tokenizer"] = str(tmp_path / "tokenizer")
+    text["text_tokenizer"] = {"records": ["text.jsonl", "understand.jsonl"], "vocab_size": 300}
+    text["model"]["base_config"]["vocab_size"] = 300
+    base = finetune(load_recipe(write(tmp_path, text, "text.yaml")))
+    assert (base / "config.json").is_file() and (tmp_path / "tokenizer" / "tokenizer.model").is_file()
+
+    align = recipe(corpus, text_tokenizer, tmp_path / "align", policy={"lm": "frozen", "heads": False},
+                   train={"max_steps": 2, "export": "merged"})
+    align["model"] = {**align["model"], "base": str(base)}
+    del align["model"]["base_config"], align["model"]["tokenizer"]
+    aligned = finetune(load_recipe(write(tmp_path, align, "align.yaml")))
+
+    lora = recipe(corpus, text_tokenizer, tmp_path / "lora", train={"max_steps": 2, "export": "merged"})
+    del lora["model"]
+    lora["init_from"] = str(aligned)
+    final = finetune(load_recipe(write(tmp_path, lora, "lora.yaml")))
+    model, processor = load_checkpoint(final)
+    assert processor.layout.text_vocab_size == 300 and "image" in processor.layout.modalities
+
+
+# ---- real-scale recipes, shrunk -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_parts(tmp_path_factory, mistral_tokenizer_dir):
+    """Tiny stand-ins for what the real recipes read from local directories."""
+    import mllm.tokenizers.hf_codec  # noqa: F401  (registers the codec tokenizer)
+    from transformers import AutoConfig, EncodecConfig, EncodecModel
+
+    root = tmp_path_factory.mktemp("parts")
+    lm = dict(TINY_LMS["mistral"])
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(lm.pop("model_type"), **lm)).save_pretrained(root / "mistral")
+    (root / "tokenizer").symlink_to(mistral_tokenizer_dir)
+    build_media_tokenizer("patch", {"image_size": 16, "patch_size": 8}).save_pretrained(root / "image_tokenizer")
+    torch.manual_seed(0)
+    EncodecModel(EncodecConfig(target_bandwidths=[1.5], num_filters=4, hidden_size=16, codebook_size=32,
+                               num_lstm_layers=1)).save_pretrained(root / "encodec")
+    return root
+
+
+def shrunk_overrides(path: Path, parts: Path, corpus: Path, out: Path) -> list[str]:
+    """The real recipe's sizes and paths shrunk to the tiny stand-ins; everything else as shipped."""
+    cfg = yaml.safe_load(path.read_text())
+    model = cfg.get("model")
+    data = "[text.jsonl]" if model is not None and not model["media"] else "[understand.jsonl, generate.jsonl]"
+    o = [f"output_dir={out}", f"data.root={corpus}", f"data.cache_dir={out / 'cache'}", f"data.train={data}",
+         f"data.validation={data}", "data.max_length=160", "data.batch_size=2", "train.max_steps=1",
+         "train.save_every=0", "train.eval_every=1", "train.eval_batches=1", "train.grad_accum=1",
+         "train.tensorboard=false", "train.export=none", "deepspeed=null", "schedule.warmup_steps=0",
+         "train.precision=fp32"]
+    if model is None:  # a later stage: start from a tiny model built the way the earlier stages build theirs
+        return o + [f"init_from={parts / 'init_from'}"]
+    # the tokenizer apart: transformers 5 reads a directory whose config says "mistral" with mistral-common
+    o += [f"model.base={parts / 'mistral'}", f"model.tokenizer={parts / 'tokenizer'}", "model.dtype=float32",
+          "model.max_length=null"]
+    for name, media in model["media"].items():
+        if "path" in media:
+            o.append(f"model.media.{name}.path={parts / 'image_tokenizer'}")
+        elif media.get("tokenizer") == "hf_codec":
+            o.append(f"model.media.{name}.options.path={parts / 'encodec'}")
+        elif media.get("kind") == "continuous":
+            o += [f"model.media.{name}.feature_dim=8", f"model.media.{name}.tokens_per_item=4"]
+    for name in model.get("heads", {}):
+        o += [f"model.heads.{name}.options.width=32", f"model.heads.{name}.options.num_components=2"]
+    return o
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if p.stem.endswith("_real")], ids=lambda p: p.name)
+def test_real_scale_recipe_wires_up_when_shrunk(path, small_parts, corpus, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    if not (small_parts / "init_from").exists():  # what align_real exports, shrunk: later stages start from it
+        align = ROOT / "finetune" / "recipes" / "align_real.yaml"
+        first = load_recipe(align, shrunk_overrides(align, small_parts, corpus, tmp_path / "first"))
+        model, processor = build_from_recipe(first)
+        save_checkpoint(model, processor, small_parts / "init_from")
+    cfg = load_recipe(path, shrunk_overrides(path, small_parts, corpus, tmp_path / "out"))
+    finetune(cfg)
+    row = json.loads((tmp_path / "out" / "metrics.jsonl").read_text())
+    assert row["step"] == 1 and np.isfinite(row["loss"]) and np.isfinite(row["eval_loss"])
+
+
+def test_launch_scripts_are_valid_bash():
+    scripts = sorted((ROOT / "finetune" / "launch").glob("*.sh")) + [ROOT / "finetune" / "gpu_check.sh"]
+    assert len(scripts) >= 5
+    for script in scripts:
+        result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert result.returncode == 0, f"{script.name}: {result.stderr}"
+    assert (ROOT / "finetune" / "launch" / "hostfile.example").is_file()

@@ -1,0 +1,284 @@
+"""Image tokenizers and de-tokenizers: shapes and token counts, determinism, save/load round trips,
+the CLIP/SigLIP adapter on tiny random HF models, bad input, the digit judge, and each recipe end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import mllm.tokenize  # noqa: F401  (registers the image tokenizers, de-tokenizers and recipes)
+from mllm.detokenizers import build_detokenizer, list_detokenizers, load_detokenizer
+from mllm.detokenizers.diffusion import DiffusionConfig
+from mllm.judges import DigitJudge, digit_images
+from mllm.media import Image, MediaError, load_image
+from mllm.tokenize import commands
+from mllm.tokenize.recipes import list_recipes
+from mllm.tokenizers import build_media_tokenizer, list_media_tokenizers, load_media_tokenizer
+
+TINY = {
+    "fsq_image": dict(image_size=16, patch_size=4, levels=[4, 4, 3], width=32, depth=1, heads=2),
+    "query_image": dict(image_size=16, patch_size=4, num_tokens=8, width=32, depth=1, heads=2, codebook_size=64,
+                        code_dim=8),
+    "resampler_image": dict(image_size=16, patch_size=4, num_tokens=4, feature_dim=16, width=32, depth=1,
+                            resampler_depth=1, heads=2),
+}
+DISCRETE = ["fsq_image", "query_image"]
+
+
+def images(n: int, size: int = 20, seed: int = 0) -> list[Image]:
+    """Random RGB images of a size no tokenizer uses natively (so resizing is exercised)."""
+    rng = np.random.default_rng(seed)
+    return [Image(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def tokenizer(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_media_tokenizer(name, TINY[name])
+
+
+def vq_decoder(tok):
+    torch.manual_seed(0)
+    decoder = build_detokenizer("vq_image", dict(
+        image_size=tok.image_size, num_tokens=tok.tokens_per_image, codebook_size=tok.codebook_size,
+        code_dim=tok.code_dim, layout=tok.layout, arch=dict(patch_size=4, width=32, depth=1, heads=2)))
+    decoder.set_codebook(tok.codebook)
+    return decoder
+
+
+def diffusion(scheduler: str = "flow_matching", backbone: str = "dit", layout: str = "grid"):
+    torch.manual_seed(0)
+    return build_detokenizer("diffusion_image", dict(
+        image_size=16, num_tokens=4, token_dim=16, layout=layout, backbone=backbone,
+        dit=dict(patch_size=4, width=32, depth=1, head_dim=16),
+        unet=dict(channels=[8, 16], cross_attention=[False, True], head_dim=8, cross_dim=16),
+        diffusion=dict(scheduler=scheduler, steps=3)))
+
+
+def test_registries_list_the_image_variants():
+    assert {"fsq_image", "query_image", "resampler_image", "hf_vision"} <= set(list_media_tokenizers())
+    assert {"vq_image", "diffusion_image"} <= set(list_detokenizers())
+    assert {"image_fsq", "image_query", "image_diffusion"} <= set(list_recipes())
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_encode_shapes_counts_and_determinism(name):
+    tok, batch = tokenizer(name), images(3)
+    tokens = tok.encode(batch[0])
+    assert len(tokens) == tok.num_tokens(batch[0])
+    stacked = tok.encode_batch(batch)
+    if tok.kind == "discrete":
+        assert tokens.dtype == torch.int64 and stacked.shape == (3, tok.tokens_per_image)
+        assert 0 <= int(stacked.min()) and int(stacked.max()) < tok.codebook_size
+        assert torch.equal(stacked[0], tokens)
+    else:
+        assert tokens.dtype == torch.float32 and stacked.shape == (3, tok.num_tokens(batch[0]), tok.feature_dim)
+        assert torch.isfinite(stacked).all()
+        torch.testing.assert_close(stacked[0], tokens, rtol=1e-4, atol=1e-5)
+    assert torch.equal(tok.encode(batch[0]), tokens)  # encoding has no side effects
+    assert torch.equal(tokenizer(name).encode(batch[0]), tokens)  # same seed, same tokenizer
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_tokenizer_save_load_round_trip(name, tmp_path):
+    tok, batch = tokenizer(name), images(2)
+    loaded = load_media_tokenizer(tok.save_pretrained(tmp_path / name))
+    assert type(loaded) is type(tok) and loaded.config == tok.config
+    assert torch.equal(loaded.encode_batch(batch), tok.encode_batch(batch))
+
+
+def test_query_tokens_are_causal():
+    tok = tokenizer("query_image")
+    pixels = torch.rand(2, 3, 16, 16)
+    before = tok.query_features(pixels)
+    with torch.no_grad():
+        tok.queries[5] += torch.randn(32)  # (a constant shift would vanish in the LayerNorms)
+    after = tok.query_features(pixels)
+    torch.testing.assert_close(after[:, :5], before[:, :5])  # earlier tokens never see later queries
+    assert not torch.allclose(after[:, 5:], before[:, 5:])
+
+
+@pytest.mark.parametrize("name", DISCRETE)
+def test_vq_decoder_decodes_codes_and_round_trips(name, tmp_path):
+    tok = tokenizer(name)
+    decoder = vq_decoder(tok)
+    codes = tok.encode_batch(images(2))
+    decoded = decoder.decode_batch(codes)
+    assert [d.pixels.shape for d in decoded] == [(16, 16, 3)] * 2
+    assert np.array_equal(decoder.decode(codes[0]).pixels, decoded[0].pixels)
+    loaded = load_detokenizer(decoder.save_pretrained(tmp_path / "dec"))
+    assert torch.equal(loaded.codebook, tok.codebook)
+    assert np.array_equal(loaded.decode(codes[1]).pixels, decoded[1].pixels)
+
+
+@pytest.mark.parametrize("scheduler, backbone, layout",
+                         [("flow_matching", "dit", "grid"), ("ddim", "dit", "sequence"), ("ddpm", "unet", "grid")])
+def test_diffusion_decode_training_and_round_trip(scheduler, backbone, layout, tmp_path):
+    tok, detok = tokenizer("resampler_image"), diffusion(scheduler, backbone, layout)
+    detok.set_null_tokens(tok.encode(Image(np.zeros((16, 16, 3), np.uint8))))
+    tokens = tok.encode_batch(images(2))
+    losses = detok.training_losses(torch.rand(2, 3, 16, 16), tokens)
+    losses["loss"].backward()
+    assert torch.isfinite(losses["loss"]) and any(p.grad is not None for p in detok.denoiser.parameters())
+
+    def decode(module, seed, **kw):
+        return module.decode(tokens[0], generator=torch.Generator().manual_seed(seed), **kw).pixels
+
+    first = decode(detok, 0, guidance=3.0, steps=2)
+    assert first.shape == (16, 16, 3)
+    assert np.array_equal(decode(detok, 0, guidance=3.0, steps=2), first)  # seeded: reproducible
+    assert not np.array_equal(decode(detok, 1, guidance=3.0, steps=2), first)
+    assert decode(detok, 0).shape == (16, 16, 3)  # default steps and guidance
+    loaded = load_detokenizer(detok.save_pretrained(tmp_path / "detok"))
+    assert torch.equal(loaded.null_tokens, detok.null_tokens)
+    assert np.array_equal(decode(loaded, 0, guidance=3.0, steps=2), first)
+
+
+# ---------------------------------------------------------------- the CLIP / SigLIP adapter
+
+
+def tiny_hf_vision(family: str, path, with_processor: bool = False):
+    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+
+    config_cls, model_cls = {"clip": (CLIPVisionConfig, CLIPVisionModel), "siglip": (SiglipVisionConfig, SiglipVisionModel)}[family]
+    torch.manual_seed(0)
+    model_cls(config_cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         image_size=32, patch_size=8)).save_pretrained(path)
+    if with_processor:
+        (path / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.1, 0.2, 0.3], "image_std": [0.5, 0.5, 0.5]}))
+    return path
+
+
+@pytest.mark.parametrize("family, query_grid", [("clip", True), ("siglip", False)])
+def test_hf_vision_adapter_encodes_and_is_self_contained(family, query_grid, tmp_path):
+    source = tiny_hf_vision(family, tmp_path / family, with_processor=family == "clip")
+    n = 4 if query_grid else 6
+    torch.manual_seed(0)
+    tok = build_media_tokenizer("hf_vision", dict(path=str(source), num_tokens=n, query_grid=query_grid, feature_dim=12,
+                                                  width=32, depth=1, heads=4))
+    tokens = tok.encode_batch(images(2, size=40))
+    assert tokens.shape == (2, n, 12) and tok.num_tokens(images(1)[0]) == n and tok.image_size == 32
+    assert not any(p.requires_grad for p in tok.encoder.parameters())
+    assert all(p.requires_grad for p in tok.resampler.parameters())
+    if family == "clip":
+        assert tok.config.image_mean == (0.1, 0.2, 0.3)
+    saved = tok.save_pretrained(tmp_path / "saved")
+    shutil.rmtree(source)  # the saved tokenizer no longer needs the HF directory
+    assert torch.equal(load_media_tokenizer(saved).encode_batch(images(2, size=40)), tokens)
+
+
+def test_hf_vision_refuses_other_models_and_missing_directories(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="not a CLIP or SigLIP"):
+        build_media_tokenizer("hf_vision", dict(path=str(tmp_path)))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        build_media_tokenizer("hf_vision", dict(path=str(tmp_path / "missing")))
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_tokenizers_refuse_bad_media(name):
+    tok = tokenizer(name)
+    with pytest.raises(MediaError, match="expected an Image, got str"):
+        tok.encode("digit.png")
+    with pytest.raises(MediaError, match="got ndarray"):
+        tok.encode(np.zeros((16, 16, 3), np.uint8))
+    with pytest.raises(ValueError, match="non-empty list"):
+        tok.encode_batch([])
+    with pytest.raises(MediaError, match="empty"):
+        Image(np.zeros((0, 16, 3), np.uint8))
+
+
+def test_vq_decoder_refuses_bad_codes():
+    tok = tokenizer("fsq_image")
+    decoder = vq_decoder(tok)
+    codes = tok.encode(images(1)[0])  # [16]
+    with pytest.raises(ValueError, match=r"expected codes \[16\], got \[15\]"):
+        decoder.decode(codes[:15])
+    with pytest.raises(ValueError, match=r"expected codes \[16\], got \[0\]"):
+        decoder.decode(codes[:0])
+    with pytest.raises(ValueError, match="expected integer codes, got torch.float32"):
+        decoder.decode(codes.float())
+    with pytest.raises(ValueError, match=r"must lie in \[0, 48\)"):
+        decoder.decode(codes + 100)
+    with pytest.raises(ValueError, match=r"expected a codebook \[48, 3\]"):
+        decoder.set_codebook(torch.zeros(10, 3))
+
+
+def test_diffusion_refuses_bad_tokens():
+    detok = diffusion()
+    good = torch.randn(4, 16)
+    with pytest.raises(ValueError, match=r"expected tokens \[4, 16\], got \[4, 15\]"):
+        detok.decode(good[:, :15])
+    with pytest.raises(ValueError, match=r"expected tokens \[4, 16\], got \[0, 16\]"):
+        detok.decode(good[:0])
+    with pytest.raises(ValueError, match="NaN or inf"):
+        detok.decode(torch.full((4, 16), float("nan")))
+    with pytest.raises(ValueError, match="expected float feature tokens, got torch.int64"):
+        detok.decode(torch.zeros(4, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        detok.decode(good, steps=0)
+    with pytest.raises(ValueError, match=r"expected tokens \[B >= 1, 4, 16\], got \[0, 4, 16\]"):
+        detok.decode_batch(torch.zeros(0, 4, 16))
+
+
+# ---------------------------------------------------------------- judge and recipes on a tiny corpus
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    from mllm.data.corpora.build import build_corpora
+
+    out = tmp_path_factory.mktemp("corpora")
+    build_corpora("data/build_small.yaml", out, only=["digits"], progress=False, overwrite=True)
+    return out
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLLM_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_digit_judge_trains_once_and_predicts_digits(corpora, cache, monkeypatch):
+    judge = DigitJudge.load_or_train(corpora, progress=False)
+    paths, labels = digit_images(corpora, "test")
+    predictions = judge.predict([load_image(p) for p in paths])
+    assert len(predictions) == len(labels) and all(p in range(10) for p in predictions)
+    assert set(judge.info["accuracy"]) == {"validation", "test"}
+    monkeypatch.setattr(DigitJudge, "train_on", lambda *a, **k: pytest.fail("retrained despite a cached judge"))
+    again = DigitJudge.load_or_train(corpora, progress=False)
+    assert again.info == judge.info and again.predict([load_image(p) for p in paths]) == predictions
+
+
+# each shipped tiny recipe, shrunk to seconds by overrides
+SHRINK = ["optim.steps=3", "optim.batch_size=8", "optim.warmup_steps=1"]
+RECIPES = {
+    "image_fsq_tiny": [*SHRINK, "tokenizer.width=32", "tokenizer.depth=1", "decoder.width=32", "decoder.depth=1"],
+    "image_query_tiny": [*SHRINK, "tokenizer.width=32", "tokenizer.depth=1", "decoder.width=32", "decoder.depth=1",
+                         "tokenizer.codebook_size=64"],
+    "image_diffusion_tiny": [*SHRINK, "tokenizer.options.width=32", "tokenizer.options.depth=1", "dit.width=32",
+                             "dit.depth=1", "evaluation.steps=2", "pretraining.optim.steps=2",
+                             "pretraining.optim.batch_size=8", "pretraining.decoder.width=32", "pretraining.decoder.depth=1"],
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_recipe_trains_evaluates_and_reloads(recipe, corpora, cache, tmp_path):
+    out = tmp_path / "trained"
+    metrics = commands.train(f"tokenizers/{recipe}.yaml", corpora, out, RECIPES[recipe])
+    assert metrics["steps"] == (5 if "diffusion" in recipe else 3) and (out / "loss.png").is_file()
+    report = commands.evaluate(out, corpora, out / "report", limit=10)
+    assert (out / "report" / "reconstructions.png").is_file()
+    assert report["test_images"] == 10 and 0 <= report["judge_accuracy_reconstructions"] <= 1
+    assert report["psnr_db"] > 0
+    tok, detok = load_media_tokenizer(out / "media_tokenizer"), load_detokenizer(out / "detokenizer")
+    image = load_image(digit_images(corpora, "test")[0][0])
+    assert detok.decode(tok.encode(image), steps=1).pixels.shape[:2] == (32, 32)
