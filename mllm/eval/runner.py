@@ -194,7 +194,7 @@ def _predict_batch(task: Task, items: list[Item], predictor: Predictor, out: Pat
     try:
         return _predict(task, items, predictor, out)
     except errors:
-        pass  # find the bad ones
+        pass  # some item is bad: retry one by one below, so only the bad ones are skipped (or raised)
     predictions = []
     for item in items:
         try:
