@@ -205,9 +205,14 @@ def test_hf_codec_adapters(kind, tmp_path):
         HFCodecTokenizer(HFCodecConfig(path=str(tmp_path / kind), codebooks=available + 1))
 
 
-def test_hf_codec_refuses_a_missing_directory(tmp_path):
+def test_hf_codec_refuses_a_missing_directory_and_other_models(tmp_path):
+    from transformers import GPT2Config
+
     with pytest.raises(FileNotFoundError, match="no such codec directory"):
         HFCodecTokenizer(HFCodecConfig(path=str(tmp_path / "nothing")))
+    GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=10).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match="a 'gpt2' model, not one of the codecs"):
+        HFCodecTokenizer(HFCodecConfig(path=str(tmp_path / "gpt2")))
 
 
 # ---------------------------------------------------------------- judge and recipes on a synthetic corpus

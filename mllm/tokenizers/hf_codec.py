@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch import nn
-from transformers import AutoModel, DacModel, EncodecModel, MimiModel
 
 from mllm.config import to_dict
 from mllm.media import Audio
@@ -35,7 +34,7 @@ from mllm.module import ConfiguredModule
 from mllm.tokenizers.base import MediaTokenizer, register
 from mllm.tokenizers.mel_latent import prepare_audio, resampled_length
 
-CODECS = (EncodecModel, DacModel, MimiModel)
+CODECS = ("encodec", "dac", "mimi")  # transformers model types
 
 
 @dataclass
@@ -53,20 +52,22 @@ class HFCodec(nn.Module):
 
     def __init__(self, config: HFCodecConfig):
         super().__init__()
+        from transformers import AutoConfig, AutoModel  # here, not at import: transformers is slow to import
+
         if not Path(config.path).is_dir():
             raise FileNotFoundError(f"{config.path}: no such codec directory")
-        model = AutoModel.from_pretrained(config.path, local_files_only=True).eval()
-        if not isinstance(model, CODECS):
-            raise ValueError(f"{config.path}: a {type(model).__name__}, not one of {[c.__name__ for c in CODECS]}")
-        c = model.config
-        if isinstance(model, EncodecModel) and (c.normalize or c.chunk_length_s or c.audio_channels != 1):
+        c = AutoConfig.from_pretrained(config.path, local_files_only=True)
+        if c.model_type not in CODECS:
+            raise ValueError(f"{config.path}: a {c.model_type!r} model, not one of the codecs {list(CODECS)}")
+        if c.model_type == "encodec" and (c.normalize or c.chunk_length_s or c.audio_channels != 1):
             raise ValueError(f"{config.path}: EnCodec with normalised chunks or stereo (the 48 kHz model) is not supported")
-        self.model = model
+        model = AutoModel.from_pretrained(config.path, local_files_only=True).eval()
+        self.model, self.kind = model, c.model_type
         self.sample_rate = int(c.sampling_rate)
         self.codebook_size = int(c.codebook_size)
-        if isinstance(model, EncodecModel):
+        if self.kind == "encodec":
             self.hop, available = c.hop_length, model.quantizer.get_num_quantizers_for_bandwidth(max(c.target_bandwidths))
-        elif isinstance(model, DacModel):
+        elif self.kind == "dac":
             self.hop, available = c.hop_length, c.n_codebooks
         else:  # Mimi: the encoder's hop, then a downsampling to frame_rate
             self.hop = math.prod(c.upsampling_ratios) * round(c.encodec_frame_rate / c.frame_rate)
@@ -83,10 +84,10 @@ class HFCodec(nn.Module):
         """[n] at sample_rate -> codes [q, T], T = ceil(n / hop)."""
         x = F.pad(wave, (0, self.frames(len(wave)) * self.hop - len(wave)))[None, None]  # [1, 1, T · hop]
         q, m = self.codebooks, self.model
-        if isinstance(m, EncodecModel):
+        if self.kind == "encodec":
             bandwidth = min(b for b in m.config.target_bandwidths if m.quantizer.get_num_quantizers_for_bandwidth(b) >= q)
             codes = m.encode(x, bandwidth=bandwidth).audio_codes[0]  # [1, q', T] (one chunk)
-        elif isinstance(m, DacModel):
+        elif self.kind == "dac":
             codes = m.encode(x, n_quantizers=q).audio_codes
         else:
             codes = m.encode(x, num_quantizers=q).audio_codes
@@ -96,9 +97,9 @@ class HFCodec(nn.Module):
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [q, T] -> waveform [T · hop]."""
         m, codes = self.model, codes[None]
-        if isinstance(m, EncodecModel):
+        if self.kind == "encodec":
             wave = m.decode(codes[None], [None]).audio_values
-        elif isinstance(m, DacModel):
+        elif self.kind == "dac":
             wave = m.decode(audio_codes=codes).audio_values
         else:
             wave = m.decode(codes).audio_values
