@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train a tiny digit reader end to end and show what it answers")
     demo.add_argument("--data", type=Path, default=None, help="built corpora (default: $MLLM_CACHE/corpora)")
     demo.add_argument("--out", type=Path, default=Path("demo"), help="where the checkpoint and plots go")
-    demo.add_argument("--steps", type=int, default=300)
+    demo.add_argument("--steps", type=int, default=800)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
 

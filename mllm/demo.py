@@ -25,7 +25,7 @@ TINY_LLAMA = dict(
     model_type="llama", hidden_size=128, intermediate_size=384, num_hidden_layers=4,
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, vocab_size=1000,
 )
-BATCH, LR, WARMUP = 16, 3e-3, 30
+BATCH, LR, WARMUP = 16, 2e-3, 20
 
 
 def read_records(path: Path) -> list[dict]:
@@ -39,7 +39,7 @@ def run_demo(corpora: Path, out: Path, steps: int = 300, seed: int = 0) -> int:
     random.seed(seed)
     out.mkdir(parents=True, exist_ok=True)
     digits = corpora / "digits"
-    train = [r for r in read_records(digits / "train.jsonl") if r["task"] == "image_qa"]
+    train = [r for r in read_records(digits / "train.jsonl") if r["task"] in ("image_qa", "image_caption")]
     test = [r for r in read_records(digits / "test.jsonl") if r["meta"].get("question_type") == "digit"]
 
     texts = [r["text"] for r in read_records(corpora / "text" / "train.jsonl")]
