@@ -30,7 +30,7 @@ from mllm.train.checkpointing import (
     step_dir,
 )
 from mllm.train.loop import Finetune, NonFiniteLossError, cosine_lr
-from mllm.train.recipe import deepspeed_config
+from mllm.train.recipe import deepspeed_config, resolve_precision
 from tests.conftest import TINY_LMS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,10 +126,9 @@ def test_every_shipped_recipe_validates_with_its_deepspeed_config(path, monkeypa
     if cfg.deepspeed is not None:
         ds = deepspeed_config(cfg, world_size=8, hidden_size=4096)
         assert ds["train_batch_size"] == cfg.data.batch_size * cfg.train.grad_accum * 8
-        assert ds["bf16"]["enabled"] is False  # "auto" precision is fp32 without a GPU
-    stage = "_real" if path.stem.endswith("_real") else ""
-    assert (path.parent / (path.stem.removesuffix("_real") + ".yaml")).exists(), f"{path.name} has no tiny twin"
-    assert stage or (path.parent / f"{path.stem}_real.yaml").exists(), f"{path.name} has no real-scale twin"
+        assert ds["bf16"]["enabled"] == (resolve_precision(cfg.train.precision) == "bf16")
+    stage = path.stem.removesuffix("_real")  # every stage comes tiny and at real scale
+    assert (path.parent / f"{stage}.yaml").exists() and (path.parent / f"{stage}_real.yaml").exists()
 
 
 @pytest.mark.parametrize("config", sorted((ROOT / "finetune" / "deepspeed").glob("*.json")), ids=lambda p: p.name)

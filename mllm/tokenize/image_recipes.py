@@ -167,12 +167,12 @@ def image_batches(paths: list[Path], batch_size: int, seed: int, cache_images: i
 
 
 @dataclass
-class TestSet:
+class EvalSet:
     images: list[Image]
     labels: list[int | None]  # the digit, for images of the digits corpus
 
 
-def test_set(corpora_dir: Path, data: ImageData, limit: int | None) -> TestSet:
+def eval_set(corpora_dir: Path, data: ImageData, limit: int | None) -> EvalSet:
     images, labels = [], []
     for corpus in data.corpora:
         if corpus == "digits":
@@ -185,7 +185,7 @@ def test_set(corpora_dir: Path, data: ImageData, limit: int | None) -> TestSet:
     if limit is not None and limit < len(images):  # evenly spaced: every class of a class-ordered split
         keep = np.linspace(0, len(images) - 1, limit).round().astype(int)
         images, labels = [images[i] for i in keep], [labels[i] for i in keep]
-    return TestSet(images, labels)
+    return EvalSet(images, labels)
 
 
 # ---------------------------------------------------------------- joint training modules
@@ -301,17 +301,17 @@ def train_diffusion(cfg: DiffusionRecipeConfig, corpora: Path, out: Path) -> dic
     """Two stages, as SEED-X does with its pretrained ViT: first the tokens, then a de-tokenizer conditioned on them."""
     torch.manual_seed(cfg.optim.seed)
     tokenizer, detokenizer = build_diffusion(cfg)
-    n = detokenizer.config.num_tokens
-    probe = PixelDecoder(tokenizer.image_size, n, tokenizer.feature_dim, tokenizer.layout, cfg.pretraining.decoder)
-    paths = train_images(corpora, cfg.data)
+    probe = PixelDecoder(tokenizer.image_size, detokenizer.config.num_tokens, tokenizer.feature_dim, tokenizer.layout,
+                         cfg.pretraining.decoder)
+    paths, pre = train_images(corpora, cfg.data), cfg.pretraining.optim
     clock = (time.perf_counter(), time.process_time())
-    stage1 = fit(TokenAutoencoder(tokenizer, probe), image_batches(paths, cfg.pretraining.optim.batch_size,
-                 cfg.pretraining.optim.seed, cfg.data.cache_images), cfg.pretraining.optim, desc="image_diffusion tokens")
+    batches = image_batches(paths, pre.batch_size, pre.seed, cfg.data.cache_images)
+    stage1 = fit(TokenAutoencoder(tokenizer, probe), batches, pre, desc="image_diffusion tokens")
     tokenizer.eval().requires_grad_(False)
     detokenizer.set_null_tokens(tokenizer.encode(empty_image(tokenizer.image_size)))
     batches = image_batches(paths, cfg.optim.batch_size, cfg.optim.seed, cfg.data.cache_images)
-    stage2 = fit(TokenConditionedDiffusion(tokenizer, detokenizer), batches, cfg.optim, desc="image_diffusion de-tokenizer",
-                 parameters=list(detokenizer.parameters()))
+    stage2 = fit(TokenConditionedDiffusion(tokenizer, detokenizer), batches, cfg.optim,
+                 desc="image_diffusion de-tokenizer", parameters=list(detokenizer.parameters()))
     tokenizer.save_pretrained(out / "media_tokenizer")
     detokenizer.eval().save_pretrained(out / "detokenizer")
     history = {"tokens_mse": stage1["loss"], "diffusion": stage2["loss"]}
@@ -329,7 +329,7 @@ def psnr(original: Image, reconstruction: Image) -> float:
     return 10 * math.log10(1 / max(mse, 1e-10))
 
 
-def reconstruction_report(test: TestSet, recons: list[Image], judge: DigitJudge | None, report: Path) -> dict:
+def reconstruction_report(test: EvalSet, recons: list[Image], judge: DigitJudge | None, report: Path) -> dict:
     """PSNR, the judge's accuracy on originals and reconstructions, and the picture."""
     metrics: dict[str, Any] = {
         "test_images": len(recons),
@@ -369,7 +369,7 @@ def _judge(corpora: Path, data: ImageData) -> DigitJudge | None:
 def evaluate_discrete(config_class: type, trained: Path, corpora: Path, report: Path, limit: int | None) -> dict:
     cfg = _trained_config(trained, config_class)
     tokenizer, decoder = load_media_tokenizer(trained / "media_tokenizer"), load_detokenizer(trained / "detokenizer")
-    test, judge = test_set(corpora, cfg.data, limit), _judge(corpora, cfg.data)
+    test, judge = eval_set(corpora, cfg.data, limit), _judge(corpora, cfg.data)
     codes, recons = [], []
     start = time.perf_counter()
     for i in tqdm(range(0, len(test.images), cfg.evaluation.batch_size), desc="reconstruct"):
@@ -392,7 +392,7 @@ def evaluate_discrete(config_class: type, trained: Path, corpora: Path, report: 
 def evaluate_diffusion(trained: Path, corpora: Path, report: Path, limit: int | None) -> dict:
     cfg = _trained_config(trained, DiffusionRecipeConfig)
     tokenizer, detokenizer = load_media_tokenizer(trained / "media_tokenizer"), load_detokenizer(trained / "detokenizer")
-    test, judge = test_set(corpora, cfg.data, limit), _judge(corpora, cfg.data)
+    test, judge = eval_set(corpora, cfg.data, limit), _judge(corpora, cfg.data)
     e = cfg.evaluation
     generator = torch.Generator().manual_seed(e.seed)
     recons = []
