@@ -219,6 +219,20 @@ def test_forward_adds_the_weighted_head_loss(arch):
     assert without_labels.lm_loss is None and torch.allclose(without_labels.loss, 0.5 * without_labels.head_losses["image"])
 
 
+def test_training_gives_unused_projectors_and_heads_a_zero_gradient(arch):
+    """Under several ranks a text-only micro-batch still reaches every projector and head (ZeRO stays in lockstep)."""
+    model = with_heads(arch, {"image": {"name": "gmm"}, "video": {"name": "diffusion"}})
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    model.eval()
+    reference = model(ids, labels=ids).loss
+    model.train().touch_idle_modules = True
+    out = model(ids, labels=ids)
+    assert torch.equal(out.loss, reference) and not out.head_losses
+    out.loss.backward()
+    unused = [p for part in (model.projectors, model.heads) for p in part.parameters()]
+    assert unused and all(p.grad is not None and not p.grad.any() for p in unused)
+
+
 def test_parallel_targets_are_queries_that_see_their_whole_span():
     model = with_heads("llama", {"image": {"name": "regression", "parallel": True}})
     ids = image_sequence(model.layout)

@@ -158,6 +158,19 @@ def test_pack_stream_yields_full_batches_and_every_sample_once():
     assert fill > 0.9
 
 
+def test_pack_stream_order_is_seeded_not_fullest_first():
+    """Rows of one buffer round come out shuffled by the seed: the fullest rows are not all in the first batches."""
+    samples = [Sample(torch.full((n,), i), torch.full((n,), i)) for i, n in enumerate([60, 50, 40, 30, 20, 10, 5, 3] * 8)]
+
+    def fills(seed):
+        return [[sum(map(len, row)) for row in rows] for rows in pack_stream(samples, 64, rows=2, buffer_size=64, seed=seed)]
+
+    assert fills(0) == fills(0)
+    assert fills(0) != fills(1)
+    by_batch = [sum(f) for f in fills(0)]
+    assert by_batch != sorted(by_batch, reverse=True)
+
+
 def test_an_unsupported_attention_implementation_is_refused():
     with pytest.raises(ValueError, match="sdpa, eager and flash_attention"):
         pack_collate(DOCS[:1], T, pad_id=0, attn_implementation="flex_attention")

@@ -24,8 +24,9 @@ once by the token cache.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
+from itertools import islice
 
 import torch
 
@@ -55,9 +56,11 @@ class MultimodalLoader:
         attn_implementation: str = "sdpa",
         dtype: torch.dtype = torch.float32,
         buffer_size: int = 1024,
+        seed: int = 0,
     ):
         self.records, self.processor, self.cache = records, processor, cache
         self.max_length, self.batch_size, self.packing, self.buffer_size = max_length, batch_size, packing, buffer_size
+        self.seed = seed  # of the packed rows' order within a batch round
         self.collate = partial(collate_rows, max_length=max_length, pad_id=processor.pad_id,
                                attn_implementation=attn_implementation, dtype=dtype)
         self.bad = BadRecords(policy)
@@ -85,18 +88,19 @@ class MultimodalLoader:
                 continue
             yield sample
 
-    def __iter__(self) -> Iterator[MultimodalBatch]:
+    def lazy_batches(self) -> Iterator[Callable[[], MultimodalBatch]]:
+        """One pass as batches that collate when called: a caller that skips a batch (another rank's,
+        or one before a resume point) does not pay for its attention mask. Resets `self.bad`."""
         self.bad = BadRecords(self.bad.policy)  # counts are per pass
+        samples = self.samples()
         if self.packing:
-            for rows in pack_stream(self.samples(), self.max_length, self.batch_size, self.buffer_size):
-                yield self.collate(rows)
+            for rows in pack_stream(samples, self.max_length, self.batch_size, self.buffer_size, self.seed):
+                yield partial(self.collate, rows)
         else:
-            batch: list[Sample] = []
-            for sample in self.samples():
-                batch.append(sample)
-                if len(batch) == self.batch_size:
-                    yield pad_collate(batch, self.processor.pad_id)
-                    batch = []
-            if batch:
-                yield pad_collate(batch, self.processor.pad_id)
+            while chunk := list(islice(samples, self.batch_size)):
+                yield partial(pad_collate, chunk, self.processor.pad_id)
+
+    def __iter__(self) -> Iterator[MultimodalBatch]:
+        for batch in self.lazy_batches():
+            yield batch()
         (logger.warning if self.bad.skipped else logger.info)("data pass done: %s", self.bad.summary())

@@ -26,6 +26,7 @@ The padding tail is a document of its own, so no query row is ever fully masked.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
@@ -58,24 +59,30 @@ def pack(samples: Sequence[Sample], max_length: int) -> list[list[Sample]]:
 
 
 def pack_stream(
-    samples: Iterable[Sample], max_length: int, rows: int, buffer_size: int = 1024
+    samples: Iterable[Sample], max_length: int, rows: int, buffer_size: int = 1024, seed: int = 0
 ) -> Iterator[list[list[Sample]]]:
     """Batches of `rows` packed rows from a stream: first-fit decreasing over `buffer_size` samples at a time.
 
     The least-filled rows of each round, too few for a whole batch, go back into the
     buffer to be packed with the next samples; only the stream's last batch may be short.
+    The rows that are batched are shuffled (seeded), so a batch mixes long and short
+    documents instead of the fullest rows coming first.
     """
     if buffer_size < rows:
         raise ValueError(f"buffer_size {buffer_size} must be at least rows {rows}")
+    rng = random.Random(seed)
     buffer: list[Sample] = []
     for sample in samples:
         buffer.append(sample)
         if len(buffer) >= buffer_size:
             packed = sorted(pack(buffer, max_length), key=lambda row: -sum(map(len, row)))
             full = len(packed) // rows * rows
-            yield from (packed[i : i + rows] for i in range(0, full, rows))
+            batched = packed[:full]
+            rng.shuffle(batched)
+            yield from (batched[i : i + rows] for i in range(0, full, rows))
             buffer = [s for row in packed[full:] for s in row]
     packed = pack(buffer, max_length)
+    rng.shuffle(packed)
     yield from (packed[i : i + rows] for i in range(0, len(packed), rows))
 
 

@@ -75,6 +75,11 @@ class MultimodalLM(PreTrainedModel):
         # transformers 5 calls the KV cache `cache`, 4.x `past_key_values`.
         params = inspect.signature(self.language_model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        # Under several ranks every rank must reach every projector and head in the same order, whatever media
+        # its micro-batch holds: ZeRO reduces gradients in lockstep (stage 2) and gathers a module's parameters
+        # collectively when it runs (stage 3). Multi-rank runners set this; an unneeded module then runs on
+        # zeros, times 0: the loss is unchanged and its parameters get a zero gradient instead of none.
+        self.touch_idle_modules = False
         self.post_init()
         # Heads bring their own initialisation (MAR zero-initialises its modulations), which the generic one in
         # post_init overwrote. Under from_pretrained, init functions are no-ops and the loaded weights follow.
@@ -184,8 +189,10 @@ class MultimodalLM(PreTrainedModel):
             n_slots, n_feats = int(slots.sum()), 0 if feats is None else feats.shape[0]
             if n_slots != n_feats:
                 raise ValueError(f"{name}: input_ids has {n_slots} placeholder slots but {n_feats} feature rows")
-            if n_slots == 0:
+            if n_slots == 0 and not self.touch_idle_modules:
                 continue
+            if n_slots == 0:  # one zero row, scattered nowhere: the same graph as real features
+                feats = embeds.new_zeros(1, spec.feature_dim)
             if feats.dim() != 2 or feats.shape[1] != spec.feature_dim:
                 raise ValueError(f"{name}: features must be [n, {spec.feature_dim}], got {tuple(feats.shape)}")
             if not torch.isfinite(feats).all():
@@ -230,7 +237,7 @@ class MultimodalLM(PreTrainedModel):
             position_ids=position_ids,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
-            output_hidden_states=output_hidden_states or bool(feature_targets),
+            output_hidden_states=output_hidden_states or bool(feature_targets) or self.touch_idle_modules,
             return_dict=True,
             **{self._cache_arg: past_key_values},
             **kwargs,
@@ -247,11 +254,17 @@ class MultimodalLM(PreTrainedModel):
                 cols = cols - 1
             slot_hidden[name] = out.hidden_states[-1][rows, cols]  # [M, H]
             slot_targets[name] = features[name][is_target]  # [M, D]
-        head_losses = {m: self.heads[m].loss(slot_hidden[m], slot_targets[m]) for m in slot_hidden if m in self.heads}
+        head_losses, idle = {}, {}
+        for m, head in self.heads.items():  # a fixed order, the same on every rank
+            if m in slot_hidden:
+                head_losses[m] = head.loss(slot_hidden[m], slot_targets[m])
+            elif self.touch_idle_modules:  # the first hidden state against a zero target, weighted 0 below
+                zero_target = inputs_embeds.new_zeros(1, self.layout[m].spec.feature_dim)
+                idle[m] = head.loss(out.hidden_states[-1][0, :1], zero_target)
         lm_loss = causal_lm_loss(out.logits, labels) if labels is not None else None
-        weights = {m: self.config.heads[m]["loss_weight"] for m in head_losses}
+        weights = {m: self.config.heads[m]["loss_weight"] for m in head_losses} | dict.fromkeys(idle, 0.0)
         return MultimodalLMOutput(
-            loss=multimodal_loss(lm_loss, head_losses, weights),
+            loss=multimodal_loss(lm_loss, head_losses | idle, weights),
             logits=out.logits,
             past_key_values=getattr(out, self._cache_arg),
             lm_loss=lm_loss,

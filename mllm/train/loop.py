@@ -30,8 +30,6 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from functools import partial
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -40,10 +38,9 @@ from tqdm.auto import tqdm
 
 from mllm.data.cache import TokenCache
 from mllm.data.loader import MultimodalLoader
-from mllm.data.packing import pack_stream
 from mllm.data.records import BadRecords, iter_records, read_records, record_files
 from mllm.plots import save_loss_curves
-from mllm.sequence import MultimodalBatch, pad_collate
+from mllm.sequence import MultimodalBatch
 from mllm.tokenizers.text import train_text_tokenizer
 from mllm.train.checkpointing import (
     TrainerState,
@@ -119,6 +116,7 @@ class Finetune:
         resume = checkpoints[-1] if checkpoints else None
         if resume is not None:
             load_trainable(trained, resume)  # before the engine partitions the weights
+        model.touch_idle_modules = env.world_size > 1  # ranks stay in lockstep whatever media they hold
         self.engine = build_engine(trained, cfg, env, self.device, hidden_size)
         seed_everything(cfg.train.seed + env.rank)
         self.state = TrainerState(world_size=env.world_size)
@@ -187,20 +185,15 @@ class Finetune:
             cache.reload()
         return train, validation, cache
 
-    def micro_batches(self, records) -> Iterator[Callable[[], MultimodalBatch]]:
+    def micro_batches(self, records, seed: int) -> Iterator[Callable[[], MultimodalBatch]]:
         """One pass over `records` as micro-batches that collate when called. Every rank walks the whole
         stream but builds (attention masks and all) only the batches it trains on."""
         d = self.cfg.data
         loader = MultimodalLoader(records, self.processor, max_length=d.max_length, batch_size=d.batch_size,
                                   packing=d.packing, cache=self.cache, policy=d.bad_records,
-                                  attn_implementation=self.attn_implementation, dtype=self.engine.feature_dtype)
-        samples = loader.samples()
-        if d.packing:  # as MultimodalLoader.__iter__ does, less the collation
-            for rows in pack_stream(samples, d.max_length, d.batch_size, loader.buffer_size):
-                yield partial(loader.collate, rows)
-        else:
-            while chunk := list(islice(samples, d.batch_size)):
-                yield partial(pad_collate, chunk, self.processor.pad_id)
+                                  attn_implementation=self.attn_implementation, dtype=self.engine.feature_dtype,
+                                  seed=seed)
+        yield from loader.lazy_batches()
         if self.env.is_main:
             (logger.warning if loader.bad.skipped else logger.info)("data pass done: %s", loader.bad.summary())
 
@@ -212,7 +205,7 @@ class Finetune:
         while True:
             order = np.random.default_rng([self.cfg.train.seed, epoch]).permutation(len(self.train_records))
             mine, seen = [], 0
-            for index, batch in enumerate(self.micro_batches(self.train_records.select(order))):
+            for index, batch in enumerate(self.micro_batches(self.train_records.select(order), seed=self.cfg.train.seed + epoch)):
                 seen = index + 1
                 if index < start:
                     continue
@@ -305,7 +298,7 @@ class Finetune:
         e, world, rank = self.engine, self.env.world_size, self.env.rank
         limit = max(self.cfg.train.eval_batches // world, 1) * world
         mine, seen = [], 0
-        for index, batch in enumerate(self.micro_batches(self.validation_records)):
+        for index, batch in enumerate(self.micro_batches(self.validation_records, seed=0)):
             if index == limit:
                 break
             seen = index + 1
