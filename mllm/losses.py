@@ -13,13 +13,14 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy over text and discrete media codes.
 
     logits [B, T, V], labels [B, T] with IGNORE_INDEX where no loss applies.
-    Position t predicts label t+1; the mean is over labelled positions, in fp32.
+    Position t predicts label t+1; the mean is over labelled positions, in fp32. The labels
+    are shifted, not the logits: slicing [B, T-1, V] would copy the largest tensor of the step.
     """
-    shift_logits = logits[:, :-1].reshape(-1, logits.size(-1)).float()
-    shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
+    shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1).to(logits.device)  # [B·T]
+    flat_logits = logits.reshape(-1, logits.size(-1)).float()  # [B·T, V], a view when fp32
     if not (shift_labels != IGNORE_INDEX).any():
-        return shift_logits.sum() * 0.0  # keeps the graph (and DDP/ZeRO hooks) alive on an unlabelled batch
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
+        return flat_logits.sum() * 0.0  # keeps the graph (and DDP/ZeRO hooks) alive on an unlabelled batch
+    return F.cross_entropy(flat_logits, shift_labels, ignore_index=IGNORE_INDEX)
 
 
 def gaussian_mixture(logits: torch.Tensor, means: torch.Tensor, stds: torch.Tensor) -> MixtureSameFamily:
