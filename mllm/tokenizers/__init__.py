@@ -2,6 +2,7 @@
 
 # each module registers its tokenizers
 from mllm.tokenizers import audio_codec, fsq_image, hf_codec, hf_vision, mel_latent, patch, query_image, resampler_image  # noqa: F401
+from mllm.tokenizers import video_divot, video_divot_fsq  # noqa: F401
 from mllm.tokenizers.base import (
     MediaTokenizer,
     build_media_tokenizer,

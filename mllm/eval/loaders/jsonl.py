@@ -8,7 +8,7 @@ Comprehension is scored by normalised exact match; with choices, also by the
 likelihood of each choice (the answer is the right choice's text or letter).
 Generation writes one file per item (listed in predictions.jsonl, for any
 external judge); `judge` scores them here: "digits" (digit images, or video
-frames by majority), "spoken_digits" (audio), or "package.module:function"
+frames read per digit lane by majority), "spoken_digits" (audio), or "package.module:function"
 taking the files' paths and returning a label for each, compared with `target`.
 The built-in judges are independent classifiers trained only on the real
 corpora (`judge_data`), never on a model's output.
@@ -17,7 +17,7 @@ corpora (`judge_data`), never on a model's output.
 from __future__ import annotations
 
 import os
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,9 +138,11 @@ def _judge(options: Options) -> FileJudge:
 
 
 def digit_judge(corpora: Path, modality: Modality) -> FileJudge:
-    """Digit images (a video: the most common digit over its frames) -> "0".."9"; "" for a missing file."""
+    """Digit images -> "0".."9" (a video: its digits, space-separated, each its lane's frame majority: `VideoJudge`);
+    "" for a missing file."""
     from mllm.judges.digits import DigitJudge
-    from mllm.media import Image, load_image, load_video
+    from mllm.judges.video import VideoJudge
+    from mllm.media import load_image, load_video
 
     judge = DigitJudge.load_or_train(corpora)
 
@@ -152,8 +154,7 @@ def digit_judge(corpora: Path, modality: Modality) -> FileJudge:
             elif modality == "image":
                 labels.append(str(judge.predict([load_image(path)])[0]))
             else:
-                frames = [Image(f) for f in load_video(path).frames]
-                labels.append(str(Counter(judge.predict(frames)).most_common(1)[0][0]))
+                labels.append(" ".join(map(str, VideoJudge(judge).digits(load_video(path)))))
         return labels
 
     return read

@@ -1,0 +1,98 @@
+"""Video diffusion de-tokenizer: all frames of a clip denoised jointly, cross-attending to the tokens.
+
+    noise [T·3, S, S] ──DiT × steps, cross-attending to tokens [N, D]──> T frames -> clip
+
+The T frames are stacked as channels, so one denoiser sees the whole clip at
+every step and every patch token carries its p×p patch through time: motion
+is generated jointly with appearance, not frame by frame. The backbone is
+diffusers' PixArtTransformer2DModel (adaLN-single timestep conditioning, a
+caption projection from the token width, cross-attention to the tokens).
+
+Tokens from a tokenizer with a space-time grid layout (`token_grid` = (a, s):
+N = a·s², time-major) are also read as a map: reshaped to [D, a, s, s],
+upsampled (nearest) to [D, T, S, S] and stacked as channels beside the
+noisy frames, so every pixel of every frame sees the token of its own
+space-time cell. Schedulers, CFG and the empty-clip (all-black)
+unconditional branch live in `diffusion.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers import PixArtTransformer2DModel
+from einops import rearrange
+
+from mllm.detokenizers.base import register
+from mllm.detokenizers.diffusion import DiffusionConfig, DiffusionDeTokenizer
+from mllm.detokenizers.diffusion_image import DiTArch
+from mllm.media import Video
+
+
+@dataclass
+class DiffusionVideoConfig:
+    frames: int = 8  # T
+    image_size: int = 32  # S
+    fps: float = 4.0  # of the decoded clip
+    num_tokens: int = 64  # the tokenizer's N
+    token_dim: int = 16  # the tokenizer's D
+    token_grid: tuple[int, int] | None = (4, 4)  # the tokenizer's query grid (a, s); None: a plain sequence
+    dit: DiTArch = field(default_factory=DiTArch)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+
+    def __post_init__(self):
+        if self.frames < 1 or self.fps <= 0:
+            raise ValueError(f"need frames >= 1 and fps > 0, got {self.frames}, {self.fps}")
+        if self.image_size % self.dit.patch_size:
+            raise ValueError(f"image_size {self.image_size} must be divisible by dit.patch_size {self.dit.patch_size}")
+        if self.token_grid is not None and self.token_grid[0] * self.token_grid[1] ** 2 != self.num_tokens:
+            raise ValueError(f"token_grid {list(self.token_grid)} does not hold num_tokens {self.num_tokens}")
+
+
+@register
+class DiffusionVideoDeTokenizer(DiffusionDeTokenizer):
+    name = "diffusion_video"
+    modality = "video"
+    config_class = DiffusionVideoConfig
+
+    def __init__(self, config: DiffusionVideoConfig):
+        super().__init__(config)
+        c, d = config, config.dit
+        self.denoiser = PixArtTransformer2DModel(
+            num_attention_heads=d.width // d.head_dim,
+            attention_head_dim=d.head_dim,
+            in_channels=3 * c.frames + (c.token_dim * c.frames if c.token_grid is not None else 0),
+            out_channels=3 * c.frames,
+            num_layers=d.depth,
+            cross_attention_dim=d.width,
+            sample_size=c.image_size,
+            patch_size=d.patch_size,
+            caption_channels=c.token_dim,
+            use_additional_conditions=False,
+        )
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return (3 * self.config.frames, self.config.image_size, self.config.image_size)
+
+    def denoise(self, sample: torch.Tensor, timesteps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        if c.token_grid is not None:
+            a, s = c.token_grid
+            token_map = rearrange(tokens, "b (a h w) d -> b d a h w", a=a, h=s)  # [B, D, a, s, s]
+            token_map = F.interpolate(token_map, size=(c.frames, c.image_size, c.image_size), mode="nearest")
+            sample = torch.cat([sample, rearrange(token_map, "b d t h w -> b (t d) h w")], dim=1)
+        no_extra = {"resolution": None, "aspect_ratio": None}
+        return self.denoiser(sample, encoder_hidden_states=tokens, timestep=timesteps, added_cond_kwargs=no_extra).sample
+
+    def training_losses(
+        self, clips: torch.Tensor, tokens: torch.Tensor, null_tokens: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """clips [B, T, 3, S, S] in [0, 1], tokens [B, N, D] -> {"loss": diffusion loss}."""
+        return {"loss": self.diffusion_loss(rearrange(clips, "b t c h w -> b (t c) h w") * 2 - 1, tokens, null_tokens)}
+
+    def to_media(self, sample: torch.Tensor) -> Video:
+        frames = rearrange(sample, "(t c) h w -> t c h w", t=self.config.frames)
+        return Video.from_tensor((frames + 1) / 2, self.config.fps)

@@ -1,0 +1,150 @@
+"""Direct frame decoder for video tokens: the `video_divot_fsq` codes' other half, and a probe for continuous ones.
+
+    codes [N] -> codebook lookup [N, C] -> FramesDecoder -> clip
+    FramesDecoder: tokens [N, D] -> [N, W], plus g² learned patch queries -> ViT
+                   -> each query: its p×p patch in all T frames (3·T·p² values) -> [T, 3, S, S]
+
+All frames of a patch come out of one query, so the clip is decoded
+jointly. Tokens on a space-time grid (`token_grid` = (a, s): N = a·s²,
+time-major, as `video_divot` makes them) also go straight to the patches
+under their cell: each patch query adds a projection of its cell's a tokens
+[a·D], so no query has to learn where its content is. `codebook` [K, C] is a copy of the tokenizer's lattice, set with
+`set_codebook` after joint training; in training the decoder reads the
+tokenizer's quantised vectors directly (`decode_vectors`). `guidance` and
+`steps` do not apply to a direct decoder. `FramesDecoder` alone also serves
+recipe `video_divot`, which pre-trains continuous tokens through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from mllm.detokenizers.base import DeTokenizer, register
+from mllm.media import Video
+from mllm.tokenizers.fsq_image import check_vit, grid_positions, vit
+
+
+@dataclass
+class FramesDecoderArch:
+    """The decoder's size: the part a recipe chooses."""
+
+    patch_size: int = 4
+    width: int = 128
+    depth: int = 2
+    heads: int = 4
+
+    def __post_init__(self):
+        if self.depth < 1 or self.width % self.heads:
+            raise ValueError(f"need depth >= 1 and width divisible by heads, got {self.depth}, {self.width}, {self.heads}")
+
+
+class FramesDecoder(nn.Module):
+    """tokens [B, N, D] -> clips [B, T, 3, S, S], nominally in [0, 1] (unclamped: the training target)."""
+
+    def __init__(self, frames: int, image_size: int, num_tokens: int, token_dim: int, arch: FramesDecoderArch,
+                 token_grid: tuple[int, int] | None = None):
+        super().__init__()
+        check_vit(image_size, arch.patch_size, arch.width, arch.heads)
+        self.frames, self.grid, self.patch_size = frames, image_size // arch.patch_size, arch.patch_size
+        self.token_grid = token_grid
+        if token_grid is not None:
+            if token_grid[0] * token_grid[1] ** 2 != num_tokens:
+                raise ValueError(f"token_grid {list(token_grid)} does not hold {num_tokens} tokens")
+            self.cell_proj = nn.Linear(token_grid[0] * token_dim, arch.width)
+        self.proj_in = nn.Linear(token_dim, arch.width)
+        self.token_pos = nn.Parameter(torch.randn(num_tokens, arch.width) * 0.02)
+        self.patch_queries = nn.Parameter(grid_positions(self.grid, arch.width))
+        self.transformer = vit(arch.width, arch.depth, arch.heads)
+        self.to_pixels = nn.Linear(arch.width, frames * 3 * arch.patch_size**2)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.proj_in(tokens) + self.token_pos  # [B, N, W]
+        queries = self.patch_queries.expand(len(x), -1, -1)  # [B, g², W]
+        if self.token_grid is not None:
+            a, s = self.token_grid
+            cells = rearrange(tokens, "b (a h w) d -> b (a d) h w", a=a, h=s)  # [B, a·D, s, s]
+            cells = F.interpolate(cells, size=(self.grid, self.grid), mode="nearest")  # the cell of every patch
+            queries = queries + self.cell_proj(rearrange(cells, "b c h w -> b (h w) c"))
+        x = torch.cat([x, queries], dim=1)  # [B, N + g², W]
+        patches = self.to_pixels(self.transformer(x)[:, -self.grid**2:])  # [B, g², T·3·p²]
+        p = self.patch_size
+        clips = rearrange(patches, "b (h w) (t c p1 p2) -> b t c (h p1) (w p2)", h=self.grid, t=self.frames, p1=p, p2=p)
+        return (clips + 1) / 2
+
+
+@dataclass
+class VQVideoDecoderConfig:
+    """The codes it reads (they come from the tokenizer), the clip it makes, and its size."""
+
+    frames: int = 8
+    image_size: int = 32
+    fps: float = 4.0  # of the decoded clip
+    num_tokens: int = 64
+    codebook_size: int = 1000
+    code_dim: int = 4
+    token_grid: tuple[int, int] | None = (4, 4)  # the tokenizer's query grid (a, s); None: a plain sequence
+    arch: FramesDecoderArch = field(default_factory=FramesDecoderArch)
+
+
+@register
+class VQVideoDecoder(DeTokenizer):
+    name = "vq_video"
+    modality = "video"
+    kind = "discrete"
+    config_class = VQVideoDecoderConfig
+
+    def __init__(self, config: VQVideoDecoderConfig):
+        super().__init__(config)
+        c = config
+        self.register_buffer("codebook", torch.zeros(c.codebook_size, c.code_dim))
+        self.decoder = FramesDecoder(c.frames, c.image_size, c.num_tokens, c.code_dim, c.arch,
+                                     None if c.token_grid is None else tuple(c.token_grid))
+
+    @torch.no_grad()
+    def set_codebook(self, codebook: torch.Tensor) -> None:
+        """Copy the tokenizer's code vectors [K, C] in."""
+        if codebook.shape != self.codebook.shape:
+            raise ValueError(f"expected a codebook {list(self.codebook.shape)}, got {list(codebook.shape)}")
+        self.codebook.copy_(codebook)
+
+    def decode_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
+        """vectors [B, N, C] -> clips [B, T, 3, S, S], nominally in [0, 1]."""
+        return self.decoder(vectors)
+
+    def check_codes(self, codes: torch.Tensor) -> None:
+        """Refuse anything but integer codes [B, N] in [0, codebook_size), naming the shape or value at fault."""
+        c = self.config
+        if not isinstance(codes, torch.Tensor) or codes.dtype.is_floating_point or codes.dtype.is_complex:
+            kind = codes.dtype if isinstance(codes, torch.Tensor) else type(codes).__name__
+            raise ValueError(f"{self.name}: expected integer codes, got {kind}")
+        if codes.ndim != 2 or codes.shape[0] == 0 or codes.shape[1] != c.num_tokens:
+            raise ValueError(f"{self.name}: expected codes [B >= 1, {c.num_tokens}], got {list(codes.shape)}")
+        low, high = int(codes.min()), int(codes.max())
+        if low < 0 or high >= c.codebook_size:
+            raise ValueError(f"{self.name}: codes must lie in [0, {c.codebook_size}), got values in [{low}, {high}]")
+
+    @torch.no_grad()
+    def decode_batch(self, codes: torch.Tensor) -> list[Video]:
+        """codes [B, N] -> B clips of T frames, image_size²."""
+        self.check_codes(codes)
+        clips = self.decode_vectors(self.codebook[codes.long()])
+        return [Video.from_tensor(c, self.config.fps) for c in clips]
+
+    def decode(
+        self,
+        tokens: torch.Tensor,
+        *,
+        guidance: float = 1.0,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Video:
+        n = self.config.num_tokens
+        if not isinstance(tokens, torch.Tensor) or tokens.shape != (n,):
+            got = list(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise ValueError(f"{self.name}: expected codes [{n}], got {got}")
+        return self.decode_batch(tokens[None])[0]

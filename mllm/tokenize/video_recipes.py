@@ -1,0 +1,370 @@
+"""Video tokenizer recipes: train a Divot-style tokenizer with its de-tokenizer, then evaluate the pair.
+
+    video_divot  video_divot (continuous tokens) + diffusion_video    1. tokens through a throwaway frame
+                                                                         decoder (vq_video's): MSE
+                                                                      2. de-tokenizer on the tokens: diffusion
+                                                                         loss (with `joint`, the tokenizer
+                                                                         trains through it too: Divot's objective)
+    video_fsq    video_divot_fsq (FSQ codes)     + vq_video decoder   trained jointly: MSE
+
+Training reads the distinct clips of the train split of `data.corpora`
+(built corpora, `mllm data build`), a shuffled batch at a time, and writes
+media_tokenizer/, detokenizer/, loss.png and metrics. Evaluation
+reconstructs the test split (encode, then decode; `limit` keeps an evenly
+spaced subset) and reports PSNR over the sampled frames, the video judge's
+digit and direction accuracy on the originals and on the reconstructions
+(clips with `digits`/`direction` metadata), codebook use (discrete), and
+`frame_strips.png`: each original clip's frames above its reconstruction's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from mllm.detokenizers.base import load_detokenizer
+from mllm.detokenizers.diffusion import DiffusionConfig
+from mllm.detokenizers.diffusion_image import DiTArch
+from mllm.detokenizers.diffusion_video import DiffusionVideoConfig, DiffusionVideoDeTokenizer
+from mllm.detokenizers.vq_video import FramesDecoder, FramesDecoderArch, VQVideoDecoder, VQVideoDecoderConfig
+from mllm.judges.video import VideoJudge
+from mllm.media import Video, load_video
+from mllm.plots import save_frame_strips
+from mllm.tokenize.image_recipes import _finish, _trained_config
+from mllm.tokenize.recipes import Recipe, register_recipe
+from mllm.tokenize.trainer import OptimConfig, fit
+from mllm.tokenizers.base import load_media_tokenizer
+from mllm.tokenizers.video_divot import VideoDivotConfig, VideoDivotTokenizer, clip_batch, sample_frames
+from mllm.tokenizers.video_divot_fsq import VideoDivotFSQConfig, VideoDivotFSQTokenizer
+
+STRIP_CLIPS = 8  # clips shown in frame_strips.png
+
+
+# ---------------------------------------------------------------- configs
+
+
+@dataclass
+class VideoData:
+    corpora: list[str] = field(default_factory=lambda: ["video"])  # names under --data, or absolute directories
+    max_clips: int | None = None  # cap on distinct training clips (None: all)
+    cache_clips: int = 20_000  # decoded clips kept in memory after their first load
+
+
+@dataclass
+class VideoEvalConfig:
+    batch_size: int = 50
+    guidance: float = 2.0  # diffusion de-tokenizer: classifier-free guidance scale
+    steps: int | None = None  # diffusion steps (None: the de-tokenizer's default)
+    seed: int = 0
+
+
+@dataclass
+class TokenPretraining:
+    """Stage 1 of video_divot: tokens learn to keep what the frames need, through a throwaway frame decoder (MSE)."""
+
+    decoder: FramesDecoderArch = field(default_factory=FramesDecoderArch)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class DivotRecipeConfig:
+    tokenizer: VideoDivotConfig = field(default_factory=VideoDivotConfig)
+    pretraining: TokenPretraining = field(default_factory=TokenPretraining)  # optim.steps 0: no stage 1
+    joint: bool = False  # stage 2 also trains the tokenizer through the diffusion loss (Divot's objective)
+    image_size: int = 32  # the de-tokenizer's frame size
+    fps: float = 4.0  # the decoded clips' frame rate
+    dit: DiTArch = field(default_factory=DiTArch)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: VideoData = field(default_factory=VideoData)
+    optim: OptimConfig = field(default_factory=OptimConfig)  # stage 2
+    evaluation: VideoEvalConfig = field(default_factory=VideoEvalConfig)
+
+
+@dataclass
+class FSQVideoRecipeConfig:
+    tokenizer: VideoDivotFSQConfig = field(default_factory=VideoDivotFSQConfig)
+    decoder: FramesDecoderArch = field(default_factory=FramesDecoderArch)
+    fps: float = 4.0
+    data: VideoData = field(default_factory=VideoData)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    evaluation: VideoEvalConfig = field(default_factory=VideoEvalConfig)
+
+
+# ---------------------------------------------------------------- data
+
+
+def corpus_clips(corpora_dir: Path, corpus: str, split: str) -> tuple[list[Path], list[dict]]:
+    """The distinct video files a corpus' split refers to, in record order, and the meta of each one's first record."""
+    records = Path(corpora_dir) / corpus / f"{split}.jsonl"  # an absolute `corpus` replaces corpora_dir
+    if not records.is_file():
+        raise FileNotFoundError(f"{records}: no such corpus split (build the corpora with `mllm data build`)")
+    clips: dict[Path, dict] = {}
+    for line in records.read_text().splitlines():
+        record = json.loads(line)
+        for message in record.get("messages", []):
+            for part in message["content"]:
+                if part.get("type") == "video" and "path" in part:
+                    clips.setdefault(records.parent / part["path"], record.get("meta", {}))
+    return list(clips), list(clips.values())
+
+
+def train_clips(corpora_dir: Path, data: VideoData) -> list[Path]:
+    paths = [p for corpus in data.corpora for p in corpus_clips(corpora_dir, corpus, "train")[0]]
+    if not paths:
+        raise ValueError(f"no training clips in {data.corpora} under {corpora_dir}")
+    return paths[: data.max_clips]
+
+
+def clip_batches(paths: list[Path], batch_size: int, seed: int, cache_clips: int) -> Iterator[list[Video]]:
+    """Endless shuffled epochs of `batch_size` clips; the first `cache_clips` distinct ones stay decoded in memory."""
+    generator = torch.Generator().manual_seed(seed)
+    cache: dict[int, Video] = {}
+
+    def load(j: int) -> Video:
+        if j in cache:
+            return cache[j]
+        video = load_video(paths[j])
+        if len(cache) < cache_clips:
+            cache[j] = video
+        return video
+
+    while True:
+        order = torch.randperm(len(paths), generator=generator).tolist()
+        for i in range(0, max(len(order) - batch_size, 0) + 1, batch_size):  # full batches (one short one if too few)
+            yield [load(j) for j in order[i:i + batch_size]]
+
+
+@dataclass
+class ClipSet:
+    videos: list[Video]
+    digits: list[list[int] | None]  # the digits each clip shows, where the corpus says
+    directions: list[str | None]
+
+
+def eval_set(corpora_dir: Path, data: VideoData, limit: int | None) -> ClipSet:
+    paths, metas = [], []
+    for corpus in data.corpora:
+        p, m = corpus_clips(corpora_dir, corpus, "test")
+        paths += p
+        metas += m
+    if limit is not None and limit < len(paths):  # evenly spaced over the split
+        keep = np.linspace(0, len(paths) - 1, limit).round().astype(int)
+        paths, metas = [paths[i] for i in keep], [metas[i] for i in keep]
+    return ClipSet([load_video(p) for p in tqdm(paths, desc="load test clips")],
+                   [m.get("digits") for m in metas], [m.get("direction") for m in metas])
+
+
+def empty_clip(frames: int, size: int, fps: float) -> Video:
+    """The all-black clip: the diffusion de-tokenizer's unconditional branch."""
+    return Video(np.zeros((frames, size, size, 3), dtype=np.uint8), fps)
+
+
+# ---------------------------------------------------------------- training modules
+
+
+class TokenAutoencoder(nn.Module):
+    """Stage 1 of video_divot: the tokenizer and a throwaway frame decoder, trained on MSE."""
+
+    def __init__(self, tokenizer: VideoDivotTokenizer, decoder: FramesDecoder):
+        super().__init__()
+        self.tokenizer, self.decoder = tokenizer, decoder
+
+    def training_losses(self, videos: list[Video]) -> dict[str, torch.Tensor]:
+        clips = clip_batch(videos, self.tokenizer.config.frames, self.tokenizer.frame_size, "train")
+        return {"loss": F.mse_loss(self.decoder(self.tokenizer.features(clips)), clips)}
+
+
+class TokenConditionedDiffusion(nn.Module):
+    """Stage 2 of video_divot: the diffusion de-tokenizer on the tokens (and, when `joint`, the tokenizer through it)."""
+
+    def __init__(self, tokenizer: VideoDivotTokenizer, detokenizer: DiffusionVideoDeTokenizer, joint: bool):
+        super().__init__()
+        self.tokenizer, self.detokenizer, self.joint = tokenizer, detokenizer, joint
+        c = tokenizer.config
+        self.register_buffer("empty", clip_batch([empty_clip(c.frames, tokenizer.frame_size, 1.0)], c.frames,
+                                                 tokenizer.frame_size, "train"), persistent=False)
+
+    def training_losses(self, videos: list[Video]) -> dict[str, torch.Tensor]:
+        c, d = self.tokenizer.config, self.detokenizer.config
+        clips = clip_batch(videos, c.frames, self.tokenizer.frame_size, "train")
+        with torch.set_grad_enabled(self.joint):
+            tokens = self.tokenizer.features(clips)  # [B, N, D]
+            null = self.tokenizer.features(self.empty)[0] if self.joint else None  # the empty clip's, current
+        targets = clips if self.tokenizer.frame_size == d.image_size else clip_batch(videos, d.frames, d.image_size, "train")
+        return self.detokenizer.training_losses(targets, tokens, null)
+
+
+class DiscreteAutoencoder(nn.Module):
+    """video_fsq: the FSQ tokenizer and its direct decoder, trained as one autoencoder."""
+
+    def __init__(self, tokenizer: VideoDivotFSQTokenizer, decoder: VQVideoDecoder):
+        super().__init__()
+        self.tokenizer, self.decoder = tokenizer, decoder
+
+    def training_losses(self, videos: list[Video]) -> dict[str, torch.Tensor]:
+        clips = clip_batch(videos, self.tokenizer.config.frames, self.tokenizer.frame_size, "train")
+        vectors, _ = self.tokenizer.quantize(clips)
+        return {"loss": F.mse_loss(self.decoder.decode_vectors(vectors), clips)}
+
+
+# ---------------------------------------------------------------- train
+
+
+def build_divot(cfg: DivotRecipeConfig) -> tuple[VideoDivotTokenizer, DiffusionVideoDeTokenizer]:
+    """A fresh continuous tokenizer and the diffusion de-tokenizer conditioned on its tokens."""
+    tokenizer = VideoDivotTokenizer(cfg.tokenizer)
+    t = tokenizer.config
+    detokenizer = DiffusionVideoDeTokenizer(DiffusionVideoConfig(
+        frames=t.frames, image_size=cfg.image_size, fps=cfg.fps, num_tokens=t.num_tokens, token_dim=t.feature_dim,
+        token_grid=t.query_grid, dit=cfg.dit, diffusion=cfg.diffusion,
+    ))
+    return tokenizer, detokenizer
+
+
+def build_fsq(cfg: FSQVideoRecipeConfig) -> tuple[VideoDivotFSQTokenizer, VQVideoDecoder]:
+    """A fresh FSQ video tokenizer and the direct decoder that reads its codes."""
+    tokenizer = VideoDivotFSQTokenizer(cfg.tokenizer)
+    t = tokenizer.config
+    decoder = VQVideoDecoder(VQVideoDecoderConfig(
+        frames=t.frames, image_size=tokenizer.frame_size, fps=cfg.fps, num_tokens=t.num_tokens,
+        codebook_size=tokenizer.codebook_size, code_dim=tokenizer.code_dim, token_grid=t.query_grid, arch=cfg.decoder,
+    ))
+    return tokenizer, decoder
+
+
+def train_divot(cfg: DivotRecipeConfig, corpora: Path, out: Path) -> dict:
+    """Stage 1 gives the tokens content fast (MSE); stage 2 trains the de-tokenizer conditioned on them."""
+    torch.manual_seed(cfg.optim.seed)
+    tokenizer, detokenizer = build_divot(cfg)
+    t = tokenizer.config
+    probe = FramesDecoder(t.frames, tokenizer.frame_size, t.num_tokens, t.feature_dim, cfg.pretraining.decoder,
+                          None if t.query_grid is None else tuple(t.query_grid))
+    paths, pre = train_clips(corpora, cfg.data), cfg.pretraining.optim
+    clock = (time.perf_counter(), time.process_time())
+    stage1 = fit(TokenAutoencoder(tokenizer, probe), clip_batches(paths, pre.batch_size, pre.seed, cfg.data.cache_clips),
+                 pre, desc="video_divot tokens") if pre.steps else {}
+    empty = empty_clip(t.frames, tokenizer.frame_size, cfg.fps)
+    detokenizer.set_null_tokens(tokenizer.encode(empty))
+    if not cfg.joint:
+        tokenizer.requires_grad_(False)  # (a vision tower stays frozen either way)
+    stage2_module = TokenConditionedDiffusion(tokenizer, detokenizer, cfg.joint)
+    parameters = list(detokenizer.parameters()) + (list(tokenizer.parameters()) if cfg.joint else [])
+    stage2 = fit(stage2_module, clip_batches(paths, cfg.optim.batch_size, cfg.optim.seed, cfg.data.cache_clips),
+                 cfg.optim, desc="video_divot de-tokenizer", parameters=parameters)
+    tokenizer.eval().requires_grad_(False)
+    detokenizer.set_null_tokens(tokenizer.encode(empty))  # again: with `joint`, the tokenizer has moved
+    tokenizer.save_pretrained(out / "media_tokenizer")
+    detokenizer.eval().save_pretrained(out / "detokenizer")
+    history = {k: v for k, v in (("tokens_mse", stage1.get("loss")), ("diffusion", stage2["loss"])) if v}
+    return _finish(out, history, sum(len(v) for v in history.values()), clock,
+                   {"tokenizer": tokenizer, "detokenizer": detokenizer}, "video_divot")
+
+
+def train_fsq(cfg: FSQVideoRecipeConfig, corpora: Path, out: Path) -> dict:
+    torch.manual_seed(cfg.optim.seed)
+    tokenizer, decoder = build_fsq(cfg)
+    batches = clip_batches(train_clips(corpora, cfg.data), cfg.optim.batch_size, cfg.optim.seed, cfg.data.cache_clips)
+    clock = (time.perf_counter(), time.process_time())
+    history = fit(DiscreteAutoencoder(tokenizer, decoder), batches, cfg.optim, desc=tokenizer.name)
+    decoder.set_codebook(tokenizer.codebook)
+    tokenizer.eval().save_pretrained(out / "media_tokenizer")
+    decoder.eval().save_pretrained(out / "detokenizer")
+    return _finish(out, history, len(history["loss"]), clock, {"tokenizer": tokenizer, "decoder": decoder},
+                   tokenizer.name)
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+def psnr(original: Video, reconstruction: Video) -> float:
+    """dB over the reconstruction's frames: the original sampled the same way, at the reconstruction's size."""
+    reference = sample_frames(original, reconstruction.num_frames, reconstruction.height)
+    mse = float(F.mse_loss(reference, reconstruction.to_tensor()))
+    return 10 * math.log10(1 / max(mse, 1e-10))
+
+
+def sample_frames_video(original: Video, like: Video) -> Video:
+    """The original clip's frames the tokenizer sampled, at the reconstruction's size (the strip's top row)."""
+    return Video.from_tensor(sample_frames(original, like.num_frames, like.height), original.fps)
+
+
+def reconstruction_report(test: ClipSet, recons: list[Video], judge: VideoJudge | None, report: Path) -> dict:
+    """PSNR, the video judge's accuracies on originals and reconstructions, and the frame strips."""
+    metrics: dict[str, Any] = {
+        "test_clips": len(recons),
+        "psnr_db": round(float(np.mean([psnr(o, r) for o, r in zip(test.videos, recons)])), 2),
+    }
+    judged = [i for i, (d, m) in enumerate(zip(test.digits, test.directions)) if d is not None and m is not None]
+    if judge is not None and judged:
+        digits, directions = [test.digits[i] for i in judged], [test.directions[i] for i in judged]
+        for name, clips in (("originals", test.videos), ("reconstructions", recons)):
+            scores = judge.scores([clips[i] for i in judged], digits, directions)
+            metrics.update({f"{k}_{name}": round(v, 4) for k, v in scores.items()})
+    shown = range(min(STRIP_CLIPS, len(recons)))
+    rows = [clip for i in shown for clip in (sample_frames_video(test.videos[i], recons[i]), recons[i])]
+    save_frame_strips(rows, report / "frame_strips.png", ["original", "reconstruction"] * len(shown))
+    return metrics
+
+
+def _judge(corpora: Path) -> VideoJudge | None:
+    return VideoJudge.load_or_train(corpora) if (corpora / "digits" / "train.jsonl").is_file() else None
+
+
+def evaluate_divot(trained: Path, corpora: Path, report: Path, limit: int | None) -> dict:
+    cfg = _trained_config(trained, DivotRecipeConfig)
+    tokenizer, detokenizer = load_media_tokenizer(trained / "media_tokenizer"), load_detokenizer(trained / "detokenizer")
+    test, judge = eval_set(corpora, cfg.data, limit), _judge(corpora)
+    e = cfg.evaluation
+    generator = torch.Generator().manual_seed(e.seed)
+    recons: list[Video] = []
+    start = time.perf_counter()
+    for i in tqdm(range(0, len(test.videos), e.batch_size), desc="reconstruct"):
+        tokens = tokenizer.encode_batch(test.videos[i:i + e.batch_size])  # [B, N, D]
+        recons += detokenizer.decode_batch(tokens, guidance=e.guidance, steps=e.steps, generator=generator)
+    seconds = time.perf_counter() - start
+    return {
+        **reconstruction_report(test, recons, judge, report),
+        "tokens_per_clip": tokenizer.num_tokens(test.videos[0]),
+        "token_dim": tokenizer.feature_dim,
+        "guidance": e.guidance,
+        "steps": e.steps or detokenizer.config.diffusion.steps,
+        "scheduler": detokenizer.config.diffusion.scheduler,
+        "reconstruct_clips_per_s": round(len(recons) / seconds, 2),
+    }
+
+
+def evaluate_fsq(trained: Path, corpora: Path, report: Path, limit: int | None) -> dict:
+    cfg = _trained_config(trained, FSQVideoRecipeConfig)
+    tokenizer, decoder = load_media_tokenizer(trained / "media_tokenizer"), load_detokenizer(trained / "detokenizer")
+    test, judge = eval_set(corpora, cfg.data, limit), _judge(corpora)
+    codes, recons = [], []
+    start = time.perf_counter()
+    for i in tqdm(range(0, len(test.videos), cfg.evaluation.batch_size), desc="reconstruct"):
+        batch = tokenizer.encode_batch(test.videos[i:i + cfg.evaluation.batch_size])  # [B, N]
+        codes.append(batch)
+        recons += decoder.decode_batch(batch)
+    seconds = time.perf_counter() - start
+    counts = torch.bincount(torch.cat(codes).flatten(), minlength=tokenizer.codebook_size).double()
+    p = counts[counts > 0] / counts.sum()
+    return {
+        **reconstruction_report(test, recons, judge, report),
+        "tokens_per_clip": tokenizer.num_tokens(test.videos[0]),
+        "codebook_size": tokenizer.codebook_size,
+        "codebook_utilisation": round(float((counts > 0).double().mean()), 4),
+        "codebook_perplexity": round(float(torch.exp(-(p * p.log()).sum())), 1),
+        "reconstruct_clips_per_s": round(len(recons) / seconds, 1),
+    }
+
+
+register_recipe(Recipe("video_divot", DivotRecipeConfig, train_divot, evaluate_divot))
+register_recipe(Recipe("video_fsq", FSQVideoRecipeConfig, train_fsq, evaluate_fsq))
