@@ -1,0 +1,5 @@
+import sys
+
+from mllm.bench.suite import main
+
+sys.exit(main())

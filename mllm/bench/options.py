@@ -1,0 +1,22 @@
+"""The suite's command-line options; light to import, so `mllm --help` stays instant."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+SECTIONS = ("machine", "training", "packing", "cache", "generation", "tokenizers", "memory", "scale")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--quick", action="store_true", help="small sizes, 3 repeats: ≤ 15 minutes on 2 cores")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=None, metavar="SECTION",
+                        help=f"run only these sections ({', '.join(SECTIONS)})")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per alternation (default 3 quick, 5)")
+    parser.add_argument("--out", type=Path, default=Path("bench"), help="where results.json and results.md go")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="built corpora (default: $MLLM_CACHE/corpora if built, else data/build_small.yaml)")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="a Pipeline checkpoint for the memory section (default: the stand-in, see standin.py)")
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder to keep (default: a temporary one)")
+    return parser

@@ -1,0 +1,106 @@
+"""The performance suite's machinery (mllm.bench): alternation, the report, and toy-sized sections.
+
+No timing is asserted: figures depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mllm import cli
+from mllm.bench import generation, models, training
+from mllm.bench.report import Figure, Results, markdown, rate_figure
+from mllm.bench.timing import Timing, alternate
+
+TOY = models.llama(64, 1, vocab=300, positions=512)
+
+
+def test_alternate_rotates_the_order_and_keeps_every_repeat():
+    calls = []
+    variants = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = alternate(variants, repeats=3, warmup=1)
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab")
+    assert {name: len(t.seconds) for name, t in times.items()} == {"a": 3, "b": 3, "c": 3}
+
+
+def test_alternate_needs_a_variant_and_a_repeat():
+    with pytest.raises(ValueError):
+        alternate({}, repeats=1)
+    with pytest.raises(ValueError):
+        alternate({"a": lambda: None}, repeats=0)
+
+
+def test_timing_min_median_and_rate():
+    t = Timing([4.0, 1.0, 2.0])
+    assert (t.min, t.median) == (1.0, 2.0)
+    assert t.rate(8) == (4.0, 8.0)
+
+
+def test_figure_ratio_and_targets():
+    f = rate_figure("s", "candidate", "tok/s", 10, Timing([2.0, 1.0, 2.0]), "base", Timing([1.0, 1.0, 1.0]), target=0.9)
+    assert (f.value, f.best, f.baseline) == (5.0, 10.0, 10.0)
+    assert f.ratio == 0.5 and f.ratio_best == 1.0 and f.met is False
+    assert Figure("s", "share", "", 0.96, target=0.95, target_on="value").met is True
+    assert Figure("s", "plain", "ms", 3.0).met is None and Figure("s", "plain", "ms", 3.0).ratio is None
+
+
+def test_results_round_trip_and_schema(tmp_path):
+    figures = [Figure("1. a", "x", "tok/s", 2.0, 3.0, "base", 4.0, 5.0, target=0.9, note="because"),
+               Figure("2. b", "y", "MiB", 7.0)]
+    results = Results({"date": "today", "quick": True, "wall_s": 12.0}, figures)
+    json_path, md_path = results.write(tmp_path / "out")
+    data = json.loads(json_path.read_text())
+    assert data["schema"] == 1 and data["meta"]["quick"] is True
+    assert set(data["figures"][0]) == {"section", "name", "unit", "value", "best", "baseline_name", "baseline",
+                                       "baseline_best", "target", "target_on", "note", "ratio", "ratio_best", "met"}
+    assert data["figures"][0]["ratio"] == 0.5 and data["figures"][0]["met"] is False
+    assert Results.from_dict(data).to_dict() == data
+    assert md_path.read_text() == markdown(results)
+
+
+def test_markdown_lists_every_figure_and_each_missed_target_with_its_reason():
+    results = Results({"wall_s": 1.0}, [
+        Figure("2. training step", "multimodal step", "tok/s", 80.0, 90.0, "HF LM step", 100.0, 100.0, target=0.9,
+               note="profiler: aten::mm +5 ms"),
+        Figure("3. packing", "non-pad share, packed", "", 0.97, target=0.95, target_on="value"),
+    ])
+    text = markdown(results)
+    assert "| 2. training step | multimodal step | 80 tok/s | 90 | HF LM step: 100 | 0.80× | 0.90× | ≥ 0.9 **missed** |" in text
+    assert "value ≥ 0.95 met" in text
+    assert "- 2. training step / multimodal step: 0.80× < 0.9×. profiler: aten::mm +5 ms" in text
+
+
+def test_multimodal_batch_trains_the_head_and_matches_the_text_batch_shape():
+    model = models.multimodal(TOY)
+    batch = models.multimodal_batch(model, rows=2, length=96)
+    out = model(**batch.model_inputs())
+    assert batch.input_ids.shape == models.text_batch(2, 96, 300).input_ids.shape == (2, 96)
+    assert set(out.head_losses) == {"video"} and torch.isfinite(out.loss)
+
+
+def test_training_steps_run_at_toy_size():
+    hf, mm, _ = training.steps(TOY, rows=1, length=96)
+    times = alternate({"hf": hf, "mm": mm}, repeats=1, warmup=0)
+    assert set(times) == {"hf", "mm"}
+
+
+def test_generation_variants_run_at_toy_size():
+    model = models.multimodal(TOY, tokens_per_item=2).eval()
+    fns = generation.variants(model, 2, 1)
+    assert {"hf text", "text", "text, no cache", "text, batch 8", "diffusion span, 100 steps"} <= set(fns)
+    with torch.no_grad():
+        for name, fn in fns.items():
+            if name not in ("diffusion span, 50 steps", "diffusion span, 100 steps"):  # the same path, 5-10x longer
+                fn()
+
+
+def test_cli_runs_a_section_and_writes_results(tmp_path):
+    assert cli.main(["bench", "--quick", "--only", "machine", "--repeats", "1", "--out", str(tmp_path / "b"),
+                     "--work", str(tmp_path / "w")]) == 0
+    data = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert data["meta"]["errors"] == {} and set(data["meta"]["sections"]) == {"machine"}
+    assert [f["section"] for f in data["figures"]] == ["1. machine"]
+    assert "| 1. machine |" in (tmp_path / "b" / "results.md").read_text()
