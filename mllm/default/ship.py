@@ -1,0 +1,59 @@
+"""Package trained default-model checkpoints compactly: float16 safetensors, de-tokenizers beside the model.
+
+    ship(runs/default/multimodal/final, tokenizers, out/gmm)     # a complete checkpoint directory
+    ship(runs/default/diffusion_head/final, tokenizers, out/diffusion, shared=out/gmm)
+
+Every float32 tensor is stored as float16 (halving the size); loading upcasts to
+the float32 the configs name. A variant `shared` with another keeps only its own
+model and processor files; its media tokenizers and de-tokenizers are those of
+`shared`, linked in when the variant is resolved (see `mllm.default.paths`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from mllm.checkpoint import DETOKENIZERS_DIR
+from mllm.default.paths import SHARED_FILE
+
+MEDIA_TOKENIZERS_DIR = "media_tokenizers"
+
+
+def to_float16(path: Path) -> None:
+    """Rewrite one safetensors file with its float32 tensors as float16 (metadata kept)."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = {k: v.half() if v.dtype == torch.float32 else v for k, v in load_file(path).items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def ship(checkpoint: Path, detokenizers: dict[str, Path], out: Path, shared: Path | None = None) -> Path:
+    """Copy `checkpoint` (+ each modality's de-tokenizer dir) into `out` with float16 weights."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(checkpoint, tmp)
+    if shared is None:
+        for modality, src in detokenizers.items():
+            shutil.copytree(src, tmp / DETOKENIZERS_DIR / modality)
+    else:
+        shutil.rmtree(tmp / MEDIA_TOKENIZERS_DIR, ignore_errors=True)
+        shutil.rmtree(tmp / DETOKENIZERS_DIR, ignore_errors=True)
+        (tmp / SHARED_FILE).write_text(json.dumps({"media_from": os.path.relpath(shared, out)}) + "\n")
+    for file in tmp.rglob("*.safetensors"):
+        to_float16(file)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def size_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6

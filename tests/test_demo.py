@@ -1,0 +1,42 @@
+"""`mllm demo` runs every path of the shipped default model on the test split and writes its page."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from mllm.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory) -> Path:
+    from mllm.data.corpora.build import build_corpora
+
+    out = tmp_path_factory.mktemp("corpora")
+    build_corpora(ROOT / "data" / "build_small.yaml", out, only=["digits", "speech", "sounds", "interleaved"],
+                  progress=False, overwrite=True)
+    return out
+
+
+def test_demo_writes_a_page_with_every_path(corpora, tmp_path, capsys):
+    started = time.perf_counter()
+    assert main(["demo", "--data", str(corpora), "--out", str(tmp_path / "demo")]) == 0
+    seconds = time.perf_counter() - started
+    page = (tmp_path / "demo" / "index.html").read_text()
+    printed = capsys.readouterr().out
+    for path in ("image → caption", "image → answer", "text → image (GMM head)", "text → image (diffusion head)",
+                 "speech → text", "text → speech", "sound → caption", "video → answer", "text → video",
+                 "interleaved conversation"):
+        assert path in page and path in printed
+    assert page.count("data:image/png;base64,") >= 4 and page.count("data:audio/wav;base64,") >= 3
+    assert list((tmp_path / "demo" / "media").glob("*.png")) and list((tmp_path / "demo" / "media").glob("*.wav"))
+    assert seconds < 120
+
+
+def test_demo_without_corpora_says_how_to_build_them(tmp_path, capsys):
+    assert main(["demo", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "demo")]) == 2
+    assert "mllm data build" in capsys.readouterr().out
