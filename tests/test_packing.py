@@ -85,6 +85,26 @@ def test_packed_forward_equals_each_document_alone(models, attn):
         slot += n_targets
 
 
+def test_packed_parallel_targets_equal_each_document_alone():
+    """Parallel-mode (query) targets in packed rows: the block mask is built per document, padding tail included."""
+    torch.manual_seed(0)
+    cfg = dict(TINY_LMS["llama"], vocab_size=300)
+    base = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg), attn_implementation="sdpa")
+    heads = {"image": {"name": "regression", "parallel": True}}
+    model = MultimodalLM.from_base(base, layout_for(), heads=heads).eval()
+    rows = pack(DOCS, T)
+    packed = run(model, collate_rows(rows, T, pad_id=0, attn_implementation="sdpa"))
+    slot = 0
+    for _, _, s in doc_spans(rows):
+        n_targets = int(s.feature_targets["image"].sum()) if "image" in s.features else 0
+        if n_targets:
+            single = alone(model, s)
+            torch.testing.assert_close(packed.slot_hidden["image"][slot : slot + n_targets], single.slot_hidden["image"],
+                                       atol=1e-5, rtol=1e-5)
+        slot += n_targets
+    assert slot > 0
+
+
 def test_flash_layout_is_one_flat_sequence_split_where_positions_restart(models):
     """The flash-attn layout (position ids only) checked on CPU: transformers builds the same
     block-diagonal mask from the position restarts under sdpa (when no KV cache is kept) as

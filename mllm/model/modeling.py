@@ -227,8 +227,13 @@ class MultimodalLM(PreTrainedModel):
         if queries is not None:
             if past_key_values is not None:
                 raise ValueError("parallel-mode feature targets need the whole sequence, without past_key_values")
-            padding = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
             documents = None if position_ids is None else (position_ids == 0).cumsum(-1)  # packed ones restart at 0
+            if attention_mask is not None and attention_mask.dim() == 4:  # packed rows: documents already separate
+                if documents is None:                                      # them, the padding tail included
+                    raise ValueError("a 4D attention_mask with parallel-mode targets needs the packed position_ids")
+                padding = torch.ones_like(input_ids)
+            else:
+                padding = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
             blocks, length = query_blocks(queries), input_ids.shape[1]
             attention_mask = block_causal_mask(padding, blocks, length, inputs_embeds.dtype, documents)
         out = self.language_model(
