@@ -25,7 +25,6 @@ It writes `report/NN_<what>_{original,reconstruction}.wav` and
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from mllm.detokenizers.diffusion_mel import MelDiffusionConfig, MelDiffusionDeco
 from mllm.judges.spoken_digits import SpokenDigitJudge, single_digit_clips
 from mllm.media import Audio, load_audio, save_audio
 from mllm.plots import save_loss_curves, save_spectrograms
+from mllm.tokenize.corpus_media import corpus_media
 from mllm.tokenize.recipes import RECIPE_FILE, Recipe, load_recipe, register_recipe
 from mllm.tokenize.trainer import OptimConfig, fit
 from mllm.tokenizers import MediaTokenizer, load_media_tokenizer
@@ -71,16 +71,7 @@ class AudioData:
 
 def audio_paths(corpora_dir: Path, corpus: str, split: str) -> list[Path]:
     """Every audio file the records of corpus/split.jsonl name, each once, in record order."""
-    records = Path(corpora_dir) / corpus / f"{split}.jsonl"
-    if not records.is_file():
-        raise FileNotFoundError(f"{records}: no {corpus} corpus here (build one with `mllm data build`)")
-    paths = {}
-    for line in records.read_text().splitlines():
-        for message in json.loads(line)["messages"]:
-            for part in message["content"]:
-                if part.get("type") == "audio":
-                    paths[records.parent / part["path"]] = None
-    return list(paths)
+    return list(corpus_media(corpora_dir, corpus, split, "audio"))
 
 
 def load_train_clips(corpora_dir: Path, data: AudioData, sample_rate: int) -> list[torch.Tensor]:

@@ -18,7 +18,6 @@ originals above their reconstructions.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from mllm.detokenizers.vq_image import PixelDecoder, PixelDecoderArch, VQImageDe
 from mllm.judges import DigitJudge, digit_images
 from mllm.media import Image, load_image
 from mllm.plots import save_image_grid, save_loss_curves
+from mllm.tokenize.corpus_media import corpus_media, evenly_spaced, shuffled_batches
 from mllm.tokenize.recipes import RECIPE_FILE, Recipe, register_recipe
 from mllm.tokenize.trainer import OptimConfig, fit
 from mllm.tokenizers import hf_vision, resampler_image  # noqa: F401  (register the continuous tokenizers)
@@ -128,16 +128,7 @@ class DiffusionRecipeConfig:
 
 def corpus_images(corpora_dir: Path, corpus: str, split: str) -> list[Path]:
     """The distinct image files a corpus' split refers to, in record order."""
-    records = Path(corpora_dir) / corpus / f"{split}.jsonl"  # an absolute `corpus` replaces corpora_dir
-    if not records.is_file():
-        raise FileNotFoundError(f"{records}: no such corpus split (build the corpora with `mllm data build`)")
-    paths: dict[Path, None] = {}
-    for line in records.read_text().splitlines():
-        for message in json.loads(line).get("messages", []):
-            for part in message["content"]:
-                if part.get("type") == "image" and "path" in part:
-                    paths.setdefault(records.parent / part["path"])
-    return list(paths)
+    return list(corpus_media(corpora_dir, corpus, split, "image"))
 
 
 def train_images(corpora_dir: Path, data: ImageData) -> list[Path]:
@@ -149,21 +140,7 @@ def train_images(corpora_dir: Path, data: ImageData) -> list[Path]:
 
 def image_batches(paths: list[Path], batch_size: int, seed: int, cache_images: int) -> Iterator[list[Image]]:
     """Endless shuffled epochs of `batch_size` images; the first `cache_images` distinct ones stay decoded in memory."""
-    generator = torch.Generator().manual_seed(seed)
-    cache: dict[int, Image] = {}
-
-    def load(j: int) -> Image:
-        if j in cache:
-            return cache[j]
-        image = load_image(paths[j])
-        if len(cache) < cache_images:
-            cache[j] = image
-        return image
-
-    while True:
-        order = torch.randperm(len(paths), generator=generator).tolist()
-        for i in range(0, max(len(order) - batch_size, 0) + 1, batch_size):  # full batches (one short one if too few)
-            yield [load(j) for j in order[i:i + batch_size]]
+    return shuffled_batches(paths, batch_size, seed, cache_images, load_image)
 
 
 @dataclass
@@ -182,9 +159,8 @@ def eval_set(corpora_dir: Path, data: ImageData, limit: int | None) -> EvalSet:
             digits = [None] * len(paths)
         images += [load_image(p) for p in paths]
         labels += digits
-    if limit is not None and limit < len(images):  # evenly spaced: every class of a class-ordered split
-        keep = np.linspace(0, len(images) - 1, limit).round().astype(int)
-        images, labels = [images[i] for i in keep], [labels[i] for i in keep]
+    keep = evenly_spaced(len(images), limit)
+    images, labels = [images[i] for i in keep], [labels[i] for i in keep]
     return EvalSet(images, labels)
 
 

@@ -19,7 +19,6 @@ digit and direction accuracy on the originals and on the reconstructions
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from mllm.judges.video import VideoJudge
 from mllm.media import Video, load_video
 from mllm.plots import save_frame_strips
 from mllm.tokenize.image_recipes import _finish, _trained_config
+from mllm.tokenize.corpus_media import corpus_media, evenly_spaced, shuffled_batches
 from mllm.tokenize.recipes import Recipe, register_recipe
 from mllm.tokenize.trainer import OptimConfig, fit
 from mllm.tokenizers.base import load_media_tokenizer
@@ -105,16 +105,7 @@ class FSQVideoRecipeConfig:
 
 def corpus_clips(corpora_dir: Path, corpus: str, split: str) -> tuple[list[Path], list[dict]]:
     """The distinct video files a corpus' split refers to, in record order, and the meta of each one's first record."""
-    records = Path(corpora_dir) / corpus / f"{split}.jsonl"  # an absolute `corpus` replaces corpora_dir
-    if not records.is_file():
-        raise FileNotFoundError(f"{records}: no such corpus split (build the corpora with `mllm data build`)")
-    clips: dict[Path, dict] = {}
-    for line in records.read_text().splitlines():
-        record = json.loads(line)
-        for message in record.get("messages", []):
-            for part in message["content"]:
-                if part.get("type") == "video" and "path" in part:
-                    clips.setdefault(records.parent / part["path"], record.get("meta", {}))
+    clips = corpus_media(corpora_dir, corpus, split, "video")
     return list(clips), list(clips.values())
 
 
@@ -127,21 +118,7 @@ def train_clips(corpora_dir: Path, data: VideoData) -> list[Path]:
 
 def clip_batches(paths: list[Path], batch_size: int, seed: int, cache_clips: int) -> Iterator[list[Video]]:
     """Endless shuffled epochs of `batch_size` clips; the first `cache_clips` distinct ones stay decoded in memory."""
-    generator = torch.Generator().manual_seed(seed)
-    cache: dict[int, Video] = {}
-
-    def load(j: int) -> Video:
-        if j in cache:
-            return cache[j]
-        video = load_video(paths[j])
-        if len(cache) < cache_clips:
-            cache[j] = video
-        return video
-
-    while True:
-        order = torch.randperm(len(paths), generator=generator).tolist()
-        for i in range(0, max(len(order) - batch_size, 0) + 1, batch_size):  # full batches (one short one if too few)
-            yield [load(j) for j in order[i:i + batch_size]]
+    return shuffled_batches(paths, batch_size, seed, cache_clips, load_video)
 
 
 @dataclass
@@ -157,9 +134,8 @@ def eval_set(corpora_dir: Path, data: VideoData, limit: int | None) -> ClipSet:
         p, m = corpus_clips(corpora_dir, corpus, "test")
         paths += p
         metas += m
-    if limit is not None and limit < len(paths):  # evenly spaced over the split
-        keep = np.linspace(0, len(paths) - 1, limit).round().astype(int)
-        paths, metas = [paths[i] for i in keep], [metas[i] for i in keep]
+    keep = evenly_spaced(len(paths), limit)
+    paths, metas = [paths[i] for i in keep], [metas[i] for i in keep]
     return ClipSet([load_video(p) for p in tqdm(paths, desc="load test clips")],
                    [m.get("digits") for m in metas], [m.get("direction") for m in metas])
 

@@ -1,0 +1,59 @@
+"""The media files of a built corpus, as the tokenizer recipes read them.
+
+    corpus_media(corpora, "digits", "train", "image")  -> {path: meta of its first record}, in record order
+    shuffled_batches(paths, 64, seed=0, cache_size=8000, load=load_image)  -> endless shuffled epochs
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+M = TypeVar("M")
+
+
+def corpus_media(corpora_dir: Path, corpus: str, split: str, modality: str) -> dict[Path, dict]:
+    """The distinct `modality` files a corpus' split refers to, in record order, each with its first record's meta."""
+    records = Path(corpora_dir) / corpus / f"{split}.jsonl"  # an absolute `corpus` replaces corpora_dir
+    if not records.is_file():
+        raise FileNotFoundError(f"{records}: no such corpus split (build the corpora with `mllm data build`)")
+    media: dict[Path, dict] = {}
+    for line in records.read_text().splitlines():
+        record = json.loads(line)
+        for message in record.get("messages", []):
+            for part in message["content"]:
+                if part.get("type") == modality and "path" in part:
+                    media.setdefault(records.parent / part["path"], record.get("meta", {}))
+    return media
+
+
+def shuffled_batches(paths: list[Path], batch_size: int, seed: int, cache_size: int,
+                     load: Callable[[Path], M]) -> Iterator[list[M]]:
+    """Endless shuffled epochs of `batch_size` loaded media; the first `cache_size` distinct ones stay in memory."""
+    generator = torch.Generator().manual_seed(seed)
+    cache: dict[int, M] = {}
+
+    def get(j: int) -> M:
+        if j in cache:
+            return cache[j]
+        medium = load(paths[j])
+        if len(cache) < cache_size:
+            cache[j] = medium
+        return medium
+
+    while True:
+        order = torch.randperm(len(paths), generator=generator).tolist()
+        for i in range(0, max(len(order) - batch_size, 0) + 1, batch_size):  # full batches (one short one if too few)
+            yield [get(j) for j in order[i:i + batch_size]]
+
+
+def evenly_spaced(n: int, limit: int | None) -> list[int]:
+    """`limit` indices spread over range(n) (all of them without a limit): every class of a class-ordered split."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    return np.linspace(0, n - 1, limit).round().astype(int).tolist()
