@@ -10,10 +10,8 @@ Two token layouts, g = image_size / patch_size:
   tokens); g² learned patch queries read them through the ViT (TiTok's
   decoder) and become the patches.
 
-`codebook` [K, D] is a copy of the tokenizer's, set with `set_codebook`
-after joint training; in training the decoder reads the tokenizer's
-quantised vectors directly (`decode_vectors`). `guidance` and `steps` do not
-apply to a direct decoder. `PixelDecoder` alone also serves the diffusion
+The codebook lookup and the checks are `CodebookDecoder`'s (codebook.py).
+`PixelDecoder` alone also serves the diffusion
 recipe, which pre-trains continuous tokens through it.
 """
 
@@ -26,7 +24,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from mllm.detokenizers.base import DeTokenizer, register
+from mllm.detokenizers.base import register
+from mllm.detokenizers.codebook import CodebookDecoder
 from mllm.media import Image
 from mllm.tokenizers.fsq_image import check_vit, grid_positions, vit
 
@@ -84,58 +83,15 @@ class VQImageDecoderConfig:
 
 
 @register
-class VQImageDecoder(DeTokenizer):
+class VQImageDecoder(CodebookDecoder):
     name = "vq_image"
     modality = "image"
-    kind = "discrete"
     config_class = VQImageDecoderConfig
 
     def __init__(self, config: VQImageDecoderConfig):
         super().__init__(config)
         c = config
-        self.register_buffer("codebook", torch.zeros(c.codebook_size, c.code_dim))
-        self.decoder = PixelDecoder(c.image_size, c.num_tokens, c.code_dim, c.layout, c.arch)
+        self.decoder = PixelDecoder(c.image_size, c.num_tokens, c.code_dim, c.layout, c.arch)  # [B, N, D] -> [B, 3, S, S]
 
-    @torch.no_grad()
-    def set_codebook(self, codebook: torch.Tensor) -> None:
-        """Copy the tokenizer's code vectors [K, D] in."""
-        if codebook.shape != self.codebook.shape:
-            raise ValueError(f"expected a codebook {list(self.codebook.shape)}, got {list(codebook.shape)}")
-        self.codebook.copy_(codebook)
-
-    def decode_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
-        """vectors [B, N, D] -> pixels [B, 3, S, S], nominally in [0, 1] (unclamped: the training target)."""
-        return self.decoder(vectors)
-
-    def check_codes(self, codes: torch.Tensor) -> None:
-        """Refuse anything but integer codes [B, N] in [0, codebook_size), naming the shape or value at fault."""
-        c = self.config
-        if not isinstance(codes, torch.Tensor) or codes.dtype.is_floating_point or codes.dtype.is_complex:
-            kind = codes.dtype if isinstance(codes, torch.Tensor) else type(codes).__name__
-            raise ValueError(f"{self.name}: expected integer codes, got {kind}")
-        if codes.ndim != 2 or codes.shape[0] == 0 or codes.shape[1] != c.num_tokens:
-            raise ValueError(f"{self.name}: expected codes [B >= 1, {c.num_tokens}], got {list(codes.shape)}")
-        low, high = int(codes.min()), int(codes.max())
-        if low < 0 or high >= c.codebook_size:
-            raise ValueError(f"{self.name}: codes must lie in [0, {c.codebook_size}), got values in [{low}, {high}]")
-
-    @torch.no_grad()
-    def decode_batch(self, codes: torch.Tensor) -> list[Image]:
-        """codes [B, N] -> B images of image_size²."""
-        self.check_codes(codes)
-        pixels = self.decode_vectors(self.codebook[codes.long()])
-        return [Image.from_tensor(p) for p in pixels]
-
-    def decode(
-        self,
-        tokens: torch.Tensor,
-        *,
-        guidance: float = 1.0,
-        steps: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Image:
-        n = self.config.num_tokens
-        if not isinstance(tokens, torch.Tensor) or tokens.shape != (n,):
-            got = list(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-            raise ValueError(f"{self.name}: expected codes [{n}], got {got}")
-        return self.decode_batch(tokens[None])[0]
+    def to_media(self, decoded: torch.Tensor) -> Image:
+        return Image.from_tensor(decoded)

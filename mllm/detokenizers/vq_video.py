@@ -8,10 +8,8 @@ All frames of a patch come out of one query, so the clip is decoded
 jointly. Tokens on a space-time grid (`token_grid` = (a, s): N = a·s²,
 time-major, as `video_divot` makes them) also go straight to the patches
 under their cell: each patch query adds a projection of its cell's a tokens
-[a·D], so no query has to learn where its content is. `codebook` [K, C] is a copy of the tokenizer's lattice, set with
-`set_codebook` after joint training; in training the decoder reads the
-tokenizer's quantised vectors directly (`decode_vectors`). `guidance` and
-`steps` do not apply to a direct decoder. `FramesDecoder` alone also serves
+[a·D], so no query has to learn where its content is. The codebook lookup
+and the checks are `CodebookDecoder`'s (codebook.py). `FramesDecoder` alone also serves
 recipe `video_divot`, which pre-trains continuous tokens through it.
 """
 
@@ -24,7 +22,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from mllm.detokenizers.base import DeTokenizer, register
+from mllm.detokenizers.base import register
+from mllm.detokenizers.codebook import CodebookDecoder
 from mllm.media import Video
 from mllm.tokenizers.fsq_image import check_vit, grid_positions, vit
 
@@ -92,59 +91,16 @@ class VQVideoDecoderConfig:
 
 
 @register
-class VQVideoDecoder(DeTokenizer):
+class VQVideoDecoder(CodebookDecoder):
     name = "vq_video"
     modality = "video"
-    kind = "discrete"
     config_class = VQVideoDecoderConfig
 
     def __init__(self, config: VQVideoDecoderConfig):
         super().__init__(config)
         c = config
-        self.register_buffer("codebook", torch.zeros(c.codebook_size, c.code_dim))
-        self.decoder = FramesDecoder(c.frames, c.image_size, c.num_tokens, c.code_dim, c.arch,
+        self.decoder = FramesDecoder(c.frames, c.image_size, c.num_tokens, c.code_dim, c.arch,  # -> [B, T, 3, S, S]
                                      None if c.token_grid is None else tuple(c.token_grid))
 
-    @torch.no_grad()
-    def set_codebook(self, codebook: torch.Tensor) -> None:
-        """Copy the tokenizer's code vectors [K, C] in."""
-        if codebook.shape != self.codebook.shape:
-            raise ValueError(f"expected a codebook {list(self.codebook.shape)}, got {list(codebook.shape)}")
-        self.codebook.copy_(codebook)
-
-    def decode_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
-        """vectors [B, N, C] -> clips [B, T, 3, S, S], nominally in [0, 1]."""
-        return self.decoder(vectors)
-
-    def check_codes(self, codes: torch.Tensor) -> None:
-        """Refuse anything but integer codes [B, N] in [0, codebook_size), naming the shape or value at fault."""
-        c = self.config
-        if not isinstance(codes, torch.Tensor) or codes.dtype.is_floating_point or codes.dtype.is_complex:
-            kind = codes.dtype if isinstance(codes, torch.Tensor) else type(codes).__name__
-            raise ValueError(f"{self.name}: expected integer codes, got {kind}")
-        if codes.ndim != 2 or codes.shape[0] == 0 or codes.shape[1] != c.num_tokens:
-            raise ValueError(f"{self.name}: expected codes [B >= 1, {c.num_tokens}], got {list(codes.shape)}")
-        low, high = int(codes.min()), int(codes.max())
-        if low < 0 or high >= c.codebook_size:
-            raise ValueError(f"{self.name}: codes must lie in [0, {c.codebook_size}), got values in [{low}, {high}]")
-
-    @torch.no_grad()
-    def decode_batch(self, codes: torch.Tensor) -> list[Video]:
-        """codes [B, N] -> B clips of T frames, image_size²."""
-        self.check_codes(codes)
-        clips = self.decode_vectors(self.codebook[codes.long()])
-        return [Video.from_tensor(c, self.config.fps) for c in clips]
-
-    def decode(
-        self,
-        tokens: torch.Tensor,
-        *,
-        guidance: float = 1.0,
-        steps: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Video:
-        n = self.config.num_tokens
-        if not isinstance(tokens, torch.Tensor) or tokens.shape != (n,):
-            got = list(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-            raise ValueError(f"{self.name}: expected codes [{n}], got {got}")
-        return self.decode_batch(tokens[None])[0]
+    def to_media(self, decoded: torch.Tensor) -> Video:
+        return Video.from_tensor(decoded, self.config.fps)
