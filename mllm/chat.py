@@ -19,7 +19,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from mllm.default import default_checkpoint
 from mllm.generation import GenerationConfig, TokenSampling
 from mllm.media import Audio, Image, MediaError, Video, load_media, save_audio, save_image, save_video
 from mllm.pipeline import Media, Pipeline
@@ -212,14 +211,8 @@ def repl(session: ChatSession, read: Callable[[str], str] = input) -> int:
             session.out.write(f"error: {e}\n")
 
 
-def run_chat(model: Path | None, *, messages: list[str], attach: list[Path], media_dir: Path, settings: Settings,
+def run_chat(model: Path, *, messages: list[str], attach: list[Path], media_dir: Path, settings: Settings,
              transcript: Path | None = None, device: str | None = None) -> int:
-    if model is None:
-        try:
-            model = default_checkpoint()
-        except FileNotFoundError as e:
-            print(f"mllm chat: no --model given, and {e}", file=sys.stderr)
-            return 2
     session = ChatSession(Pipeline.from_pretrained(model, device=device), media_dir, settings=settings)
     try:
         for path in attach:
