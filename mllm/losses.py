@@ -23,6 +23,16 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(flat_logits, shift_labels, ignore_index=IGNORE_INDEX)
 
 
+def bag_of_words_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of word logits [B, V] against word distributions [B, V] (each row sums to 1, or is all zero:
+    no caption, no loss). Mean over the rows with a caption; 0 when none has one."""
+    has_words = target.sum(-1) > 0  # [B]
+    if not has_words.any():
+        return logits.sum() * 0.0
+    nll = -(target * F.log_softmax(logits.float(), dim=-1)).sum(-1)  # [B]
+    return nll[has_words].mean()
+
+
 def gaussian_mixture(logits: torch.Tensor, means: torch.Tensor, stds: torch.Tensor) -> MixtureSameFamily:
     """k diagonal Gaussians over D dimensions, per row: logits [M, k], means and stds [M, k, D], in fp32."""
     components = Independent(Normal(means.float(), stds.float(), validate_args=False), 1)

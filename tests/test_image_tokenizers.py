@@ -4,6 +4,8 @@ the CLIP/SigLIP adapter on tiny random HF models, bad input, the digit judge, an
 from __future__ import annotations
 
 import json
+import math
+import re
 import shutil
 
 import numpy as np
@@ -12,7 +14,6 @@ import torch
 
 import mllm.tokenize  # noqa: F401  (registers the image tokenizers, de-tokenizers and recipes)
 from mllm.detokenizers import build_detokenizer, list_detokenizers, load_detokenizer
-from mllm.detokenizers.diffusion import DiffusionConfig
 from mllm.judges import DigitJudge, digit_images
 from mllm.media import Image, MediaError, load_image
 from mllm.tokenize import commands
@@ -264,7 +265,7 @@ RECIPES = {
     "image_fsq_tiny": [*SHRINK, "tokenizer.width=32", "tokenizer.depth=1", "decoder.width=32", "decoder.depth=1"],
     "image_query_tiny": [*SHRINK, "tokenizer.width=32", "tokenizer.depth=1", "decoder.width=32", "decoder.depth=1",
                          "tokenizer.codebook_size=64"],
-    "image_diffusion_tiny": [*SHRINK, "tokenizer.options.width=32", "tokenizer.options.depth=1", "dit.width=32",
+    "image_diffusion_tiny": [*SHRINK, "data.corpora=[digits]", "tokenizer.options.width=32", "tokenizer.options.depth=1", "dit.width=32",
                              "dit.depth=1", "evaluation.steps=2", "pretraining.optim.steps=2",
                              "pretraining.optim.batch_size=8", "pretraining.decoder.width=32", "pretraining.decoder.depth=1"],
 }
@@ -282,3 +283,35 @@ def test_recipe_trains_evaluates_and_reloads(recipe, corpora, cache, tmp_path):
     tok, detok = load_media_tokenizer(out / "media_tokenizer"), load_detokenizer(out / "detokenizer")
     image = load_image(digit_images(corpora, "test")[0][0])
     assert detok.decode(tok.encode(image), steps=1).pixels.shape[:2] == (32, 32)
+
+
+def test_caption_vocabulary_targets_the_words_of_each_images_captions(corpora):
+    from mllm.tokenize.image_recipes import CaptionVocabulary, ImageData
+
+    vocabulary = CaptionVocabulary(corpora, ImageData(corpora=["digits"]), min_count=1)
+    assert {"zero", "one", "nine"} <= set(vocabulary.words)
+    captioned = next(iter(vocabulary.captions))
+    target = vocabulary.target(captioned)
+    words = {vocabulary.words[i] for i in target.nonzero().flatten().tolist()}
+    assert words == {w for text in vocabulary.captions[captioned] for w in re.findall(r"[a-z0-9]+", text.lower())}
+    assert target.sum().item() == pytest.approx(1.0)
+    assert vocabulary.target(corpora / "no-such.png").sum() == 0
+    with pytest.raises(ValueError, match="no caption word"):
+        CaptionVocabulary(corpora, ImageData(corpora=["digits"]), min_count=10**9)
+
+
+def test_bag_of_words_loss_prefers_the_right_words_and_skips_uncaptioned_rows():
+    from mllm.losses import bag_of_words_loss
+
+    target = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 0.0]])  # row 2: no caption
+    right = torch.tensor([[5.0, 5.0, -5.0], [9.0, -9.0, 0.0]])
+    wrong = torch.tensor([[-5.0, -5.0, 5.0], [-9.0, 9.0, 0.0]])
+    assert bag_of_words_loss(right, target).item() == pytest.approx(math.log(2), abs=1e-3)  # the target's entropy
+    assert bag_of_words_loss(wrong, target) > 5
+    assert bag_of_words_loss(right, torch.zeros(2, 3)) == 0
+
+
+def test_image_diffusion_recipe_with_caption_words(corpora, cache, tmp_path):
+    overrides = [*RECIPES["image_diffusion_tiny"], "pretraining.caption_words=1.0", "pretraining.min_word_count=1"]
+    metrics = commands.train("tokenizers/image_diffusion_tiny.yaml", corpora, tmp_path / "t", overrides)
+    assert metrics["final_tokens_caption_words"] > 0 and metrics["final_tokens_mse"] > 0

@@ -1,6 +1,7 @@
 """The media files of a built corpus, as the tokenizer recipes read them.
 
     corpus_media(corpora, "digits", "train", "image")  -> {path: meta of its first record}, in record order
+    media_captions(corpora, "digits", "train", "image") -> {path: [the captions its caption records give]}
     shuffled_batches(paths, 64, seed=0, cache_size=8000, load=load_image)  -> endless shuffled epochs
 """
 
@@ -30,6 +31,22 @@ def corpus_media(corpora_dir: Path, corpus: str, split: str, modality: str) -> d
                 if part.get("type") == modality and "path" in part:
                     media.setdefault(records.parent / part["path"], record.get("meta", {}))
     return media
+
+
+def media_captions(corpora_dir: Path, corpus: str, split: str, modality: str) -> dict[Path, list[str]]:
+    """The reference captions of each `modality` file: the assistant's text in the split's `*_caption` records."""
+    records = Path(corpora_dir) / corpus / f"{split}.jsonl"
+    captions: dict[Path, list[str]] = {}
+    for line in records.read_text().splitlines():
+        record = json.loads(line)
+        if not record.get("task", "").endswith("_caption"):
+            continue
+        messages = record["messages"]
+        media = [part["path"] for part in messages[0]["content"] if part.get("type") == modality and "path" in part]
+        text = " ".join(part["text"] for part in messages[-1]["content"] if part.get("type") == "text")
+        if len(media) == 1 and text:
+            captions.setdefault(records.parent / media[0], []).append(text)
+    return captions
 
 
 def shuffled_batches(paths: list[Path], batch_size: int, seed: int, cache_size: int,

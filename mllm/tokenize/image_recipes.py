@@ -4,6 +4,8 @@
     image_query      query_image (1D causal VQ codes)       + vq_image decoder    trained jointly: MSE + commitment
     image_diffusion  resampler_image | hf_vision (features) + diffusion_image     1. tokens through a throwaway
                                                                                     ViT pixel decoder: MSE
+                                                                                    (+ the words of the image's
+                                                                                    captions from the mean token)
                                                                                  2. de-tokenizer on the frozen
                                                                                     tokens: diffusion loss
 
@@ -19,7 +21,9 @@ originals above their reconstructions.
 from __future__ import annotations
 
 import math
+import re
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -32,15 +36,17 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
+from mllm.augment import AffineJitter, jitter
 from mllm.config import from_dict
 from mllm.detokenizers.base import load_detokenizer
 from mllm.detokenizers.diffusion import DiffusionConfig
 from mllm.detokenizers.diffusion_image import DiffusionImageConfig, DiffusionImageDeTokenizer, DiTArch, UNetArch
 from mllm.detokenizers.vq_image import PixelDecoder, PixelDecoderArch, VQImageDecoder, VQImageDecoderConfig
 from mllm.judges import DigitJudge, digit_images
+from mllm.losses import bag_of_words_loss
 from mllm.media import Image, load_image
 from mllm.plots import save_image_grid, save_loss_curves
-from mllm.tokenize.corpus_media import corpus_media, evenly_spaced, shuffled_batches
+from mllm.tokenize.corpus_media import corpus_media, evenly_spaced, media_captions, shuffled_batches
 from mllm.tokenize.recipes import RECIPE_FILE, Recipe, register_recipe
 from mllm.tokenize.trainer import OptimConfig, fit
 from mllm.tokenizers import hf_vision, resampler_image  # noqa: F401  (register the continuous tokenizers)
@@ -103,10 +109,22 @@ class TokenizerSpec:
 
 @dataclass
 class TokenPretraining:
-    """Stage 1 of image_diffusion: tokens learn to keep what the pixels need, through a throwaway ViT decoder (MSE)."""
+    """Stage 1 of image_diffusion: tokens learn to keep what the pixels need, through a throwaway ViT decoder (MSE).
+
+    With `caption_words` > 0 the mean token must also predict the words of the image's training captions
+    (bag of words, VirTex-style text supervision; SEED's tokenizer learns from captions contrastively): pixel tokens
+    alone keep strokes, not which digit they draw, and an LM must then learn vision itself to read them.
+    """
 
     decoder: PixelDecoderArch = field(default_factory=PixelDecoderArch)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    caption_words: float = 0.0  # weight of the bag-of-words loss (0: MSE only)
+    min_word_count: int = 3  # rarer caption words are left out of the vocabulary
+    augment: AffineJitter = field(default_factory=AffineJitter)  # on the images the tokens encode and reconstruct
+
+    def __post_init__(self):
+        if self.caption_words < 0 or self.min_word_count < 1:
+            raise ValueError(f"need caption_words >= 0 and min_word_count >= 1, got {self.caption_words}, {self.min_word_count}")
 
 
 @dataclass
@@ -141,6 +159,40 @@ def train_images(corpora_dir: Path, data: ImageData) -> list[Path]:
 def image_batches(paths: list[Path], batch_size: int, seed: int, cache_images: int) -> Iterator[list[Image]]:
     """Endless shuffled epochs of `batch_size` images; the first `cache_images` distinct ones stay decoded in memory."""
     return shuffled_batches(paths, batch_size, seed, cache_images, load_image)
+
+
+def caption_words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+class CaptionVocabulary:
+    """The words of the training images' captions: each image's target is a distribution over them, uniform over the
+    distinct words of all its captions (all zero for an image with no caption record)."""
+
+    def __init__(self, corpora_dir: Path, data: ImageData, min_count: int):
+        self.captions = {p: texts for corpus in data.corpora
+                         for p, texts in media_captions(corpora_dir, corpus, "train", "image").items()}
+        counts = Counter(w for texts in self.captions.values() for text in texts for w in set(caption_words(text)))
+        self.words = sorted(w for w, n in counts.items() if n >= min_count)
+        if not self.words:
+            raise ValueError(f"caption_words: no caption word occurs {min_count}+ times in {data.corpora}' train captions")
+        self.index = {w: i for i, w in enumerate(self.words)}
+
+    def target(self, path: Path) -> torch.Tensor:
+        """[V] the word distribution of `path`'s captions."""
+        found = {self.index[w] for text in self.captions.get(path, []) for w in caption_words(text) if w in self.index}
+        target = torch.zeros(len(self.words))
+        if found:
+            target[list(found)] = 1 / len(found)
+        return target
+
+
+def captioned_batches(paths: list[Path], vocabulary: CaptionVocabulary, batch_size: int, seed: int,
+                      cache_images: int) -> Iterator[tuple[list[Image], torch.Tensor]]:
+    """image_batches with each batch's caption word targets [B, V]."""
+    load = lambda p: (load_image(p), vocabulary.target(p))  # noqa: E731
+    for batch in shuffled_batches(paths, batch_size, seed, cache_images, load):
+        yield [image for image, _ in batch], torch.stack([words for _, words in batch])
 
 
 @dataclass
@@ -182,15 +234,24 @@ class DiscreteAutoencoder(nn.Module):
 
 
 class TokenAutoencoder(nn.Module):
-    """Stage 1 of image_diffusion: a continuous tokenizer and a throwaway pixel decoder, trained on MSE."""
+    """Stage 1 of image_diffusion: a continuous tokenizer and a throwaway pixel decoder, trained on MSE; with a
+    vocabulary, also a throwaway linear reader of caption words from the mean token."""
 
-    def __init__(self, tokenizer: MediaTokenizer, decoder: PixelDecoder):
+    def __init__(self, tokenizer: MediaTokenizer, decoder: PixelDecoder, augment: AffineJitter, vocabulary: int = 0,
+                 words_weight: float = 0.0):
         super().__init__()
-        self.tokenizer, self.decoder = tokenizer, decoder
+        self.tokenizer, self.decoder, self.augment, self.words_weight = tokenizer, decoder, augment, words_weight
+        self.words = nn.Linear(tokenizer.feature_dim, vocabulary) if vocabulary else None
 
-    def training_losses(self, images: list[Image]) -> dict[str, torch.Tensor]:
-        pixels = image_batch(images, self.tokenizer.image_size, "train")
-        return {"loss": F.mse_loss(self.decoder(self.tokenizer.features(pixels)), pixels)}
+    def training_losses(self, batch: tuple[list[Image], torch.Tensor | None]) -> dict[str, torch.Tensor]:
+        images, words = batch  # words: [B, V] caption word targets, or None
+        pixels = jitter(image_batch(images, self.tokenizer.image_size, "train"), self.augment)  # [B, 3, S, S]
+        tokens = self.tokenizer.features(pixels)  # [B, N, D]
+        losses = {"mse": F.mse_loss(self.decoder(tokens), pixels)}
+        if self.words is not None:
+            losses["caption_words"] = bag_of_words_loss(self.words(tokens.mean(1)), words)
+        losses["loss"] = losses["mse"] + self.words_weight * losses.get("caption_words", 0.0)
+        return losses
 
 
 class TokenConditionedDiffusion(nn.Module):
@@ -281,8 +342,15 @@ def train_diffusion(cfg: DiffusionRecipeConfig, corpora: Path, out: Path) -> dic
                          cfg.pretraining.decoder)
     paths, pre = train_images(corpora, cfg.data), cfg.pretraining.optim
     clock = (time.perf_counter(), time.process_time())
-    batches = image_batches(paths, pre.batch_size, pre.seed, cfg.data.cache_images)
-    stage1 = fit(TokenAutoencoder(tokenizer, probe), batches, pre, desc="image_diffusion tokens")
+    if cfg.pretraining.caption_words > 0:
+        vocabulary = CaptionVocabulary(corpora, cfg.data, cfg.pretraining.min_word_count)
+        batches = captioned_batches(paths, vocabulary, pre.batch_size, pre.seed, cfg.data.cache_images)
+        stage1_module = TokenAutoencoder(tokenizer, probe, cfg.pretraining.augment, len(vocabulary.words),
+                                         cfg.pretraining.caption_words)
+    else:
+        batches = ((images, None) for images in image_batches(paths, pre.batch_size, pre.seed, cfg.data.cache_images))
+        stage1_module = TokenAutoencoder(tokenizer, probe, cfg.pretraining.augment)
+    stage1 = fit(stage1_module, batches, pre, desc="image_diffusion tokens")
     tokenizer.eval().requires_grad_(False)
     detokenizer.set_null_tokens(tokenizer.encode(empty_image(tokenizer.image_size)))
     batches = image_batches(paths, cfg.optim.batch_size, cfg.optim.seed, cfg.data.cache_images)
@@ -290,7 +358,7 @@ def train_diffusion(cfg: DiffusionRecipeConfig, corpora: Path, out: Path) -> dic
                  desc="image_diffusion de-tokenizer", parameters=list(detokenizer.parameters()))
     tokenizer.save_pretrained(out / "media_tokenizer")
     detokenizer.eval().save_pretrained(out / "detokenizer")
-    history = {"tokens_mse": stage1["loss"], "diffusion": stage2["loss"]}
+    history = {f"tokens_{k}": v for k, v in stage1.items() if k != "loss"} | {"diffusion": stage2["loss"]}
     return _finish(out, history, len(stage1["loss"]) + len(stage2["loss"]), clock,
                    {"tokenizer": tokenizer, "detokenizer": detokenizer}, "image_diffusion")
 
