@@ -280,6 +280,7 @@ def test_recipe_trains_evaluates_and_reloads(recipe, corpora, cache, tmp_path):
     assert (out / "report" / "reconstructions.png").is_file()
     assert report["test_images"] == 10 and 0 <= report["judge_accuracy_reconstructions"] <= 1
     assert report["psnr_db"] > 0
+    assert ("mean_token_probe_accuracy" in report) == ("diffusion" in recipe)
     tok, detok = load_media_tokenizer(out / "media_tokenizer"), load_detokenizer(out / "detokenizer")
     image = load_image(digit_images(corpora, "test")[0][0])
     assert detok.decode(tok.encode(image), steps=1).pixels.shape[:2] == (32, 32)
@@ -312,6 +313,8 @@ def test_bag_of_words_loss_prefers_the_right_words_and_skips_uncaptioned_rows():
 
 
 def test_image_diffusion_recipe_with_caption_words(corpora, cache, tmp_path):
-    overrides = [*RECIPES["image_diffusion_tiny"], "pretraining.caption_words=1.0", "pretraining.min_word_count=1"]
-    metrics = commands.train("tokenizers/image_diffusion_tiny.yaml", corpora, tmp_path / "t", overrides)
+    overrides = [*RECIPES["image_diffusion_tiny"], "pretraining.min_word_count=1"]
+    metrics = commands.train("tokenizers/image_diffusion_captioned_tiny.yaml", corpora, tmp_path / "t", overrides)
     assert metrics["final_tokens_caption_words"] > 0 and metrics["final_tokens_mse"] > 0
+    assert load_media_tokenizer(tmp_path / "t" / "media_tokenizer").encode(load_image(
+        digit_images(corpora, "test")[0][0])).shape == (64, 64)

@@ -433,6 +433,31 @@ def evaluate_discrete(config_class: type, trained: Path, corpora: Path, report: 
     }
 
 
+def mean_token_probe(tokenizer: MediaTokenizer, corpora: Path, test: EvalSet, batch_size: int, steps: int = 300) -> float:
+    """How plainly the tokens say which digit: a linear classifier on the standardised mean token, fit on every
+    train digit (full-batch Adam, seeded), its accuracy on the test digits of `test`."""
+
+    @torch.no_grad()
+    def mean_tokens(images: list[Image]) -> torch.Tensor:  # [B, D]
+        return torch.cat([tokenizer.encode_batch(images[i:i + batch_size]).mean(1)
+                          for i in range(0, len(images), batch_size)])
+
+    paths, labels = digit_images(corpora, "train")
+    x = mean_tokens([load_image(p) for p in tqdm(paths, desc="probe: train digits")])
+    y = torch.tensor(labels)
+    digits = [i for i, label in enumerate(test.labels) if label is not None]
+    x_test, y_test = mean_tokens([test.images[i] for i in digits]), torch.tensor([test.labels[i] for i in digits])
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    torch.manual_seed(0)
+    probe = nn.Linear(x.shape[1], 10)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2, weight_decay=1e-4)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        F.cross_entropy(probe((x - mean) / std), y).backward()
+        optimizer.step()
+    return float((probe((x_test - mean) / std).argmax(1) == y_test).float().mean())
+
+
 def evaluate_diffusion(trained: Path, corpora: Path, report: Path, limit: int | None) -> dict:
     cfg = _trained_config(trained, DiffusionRecipeConfig)
     tokenizer, detokenizer = load_media_tokenizer(trained / "media_tokenizer"), load_detokenizer(trained / "detokenizer")
@@ -445,8 +470,10 @@ def evaluate_diffusion(trained: Path, corpora: Path, report: Path, limit: int | 
         tokens = tokenizer.encode_batch(test.images[i:i + e.batch_size])  # [B, N, D]
         recons += detokenizer.decode_batch(tokens, guidance=e.guidance, steps=e.steps, generator=generator)
     seconds = time.perf_counter() - start
+    probe = {} if judge is None else {"mean_token_probe_accuracy": round(mean_token_probe(tokenizer, corpora, test, e.batch_size), 4)}
     return {
         **reconstruction_report(test, recons, judge, report),
+        **probe,
         "tokens_per_image": tokenizer.num_tokens(test.images[0]),
         "token_dim": tokenizer.feature_dim,
         "guidance": e.guidance,
