@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -74,7 +75,6 @@ def test_a_fixed_question_gets_the_same_answer_every_time(digits, predictor):
     assert all(answer in "0123456789" and len(answer) == 1 for answer in first), first
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped model does not read its image features yet (docs/default_model.md)")
 def test_a_fixed_question_gets_the_right_answer(digits, predictor):
     answers = predictor.complete(_digit_questions(digits), max_new_tokens=6)
     assert sum(answer == str(d) for d, answer in enumerate(answers)) >= 9, answers
@@ -108,3 +108,16 @@ def test_a_recipe_can_replace_a_head_of_the_checkpoint_it_starts_from(tmp_path):
     assert type(model.heads["audio"]).__name__ == "GMMHead"
     with pytest.raises(ConfigError, match="new_heads"):
         load_recipe(ROOT / "finetune" / "recipes" / "default_multimodal.yaml", ["new_heads.image.name=diffusion"])
+
+
+def test_a_built_variant_directory_that_shares_media_loads_by_path(tmp_path, monkeypatch):
+    from mllm import cli
+
+    monkeypatch.setenv("MLLM_CACHE", str(tmp_path / "cache"))
+    copy = tmp_path / "checkpoint"
+    shutil.copytree(CHECKPOINTS, copy)
+    seen = {}
+    monkeypatch.setattr("mllm.eval.runner.evaluate", lambda model, *a, **k: seen.setdefault("model", model) and {})
+    cli.main(["eval", "--model", str(copy / "diffusion"), "--tasks", "pope_proxy", "--out", str(tmp_path / "e")])
+    assert (Path(seen["model"]) / "media_tokenizers" / "image" / "media_tokenizer.yaml").is_file()
+    assert Pipeline.from_pretrained(seen["model"]).model.config.heads["image"]["name"] == "diffusion"

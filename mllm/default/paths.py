@@ -2,6 +2,7 @@
 
     default_checkpoint()             # the GMM-head variant: what chat, serve, eval and demo load without --model
     default_checkpoint("diffusion")  # the diffusion-head variant
+    with_shared_media(Path("runs/default/checkpoint/diffusion"))  # any variant directory, e.g. a build's own
 
 A variant that shares its media tokenizers and de-tokenizers with another
 (`shared.json`, written by `mllm.default.ship`) is completed once into the mllm
@@ -32,11 +33,18 @@ def default_checkpoint(variant: str = "gmm", root: Path = CHECKPOINTS) -> Path:
     path = root / variant
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: the embedded default model is not installed (remake it: `mllm default train --ship`)")
-    if not (path / SHARED_FILE).is_file():
+    return with_shared_media(path)
+
+
+def with_shared_media(path: Path) -> Path:
+    """A checkpoint directory as loaders expect it: `path` itself, or, when it borrows its media tokenizers and
+    de-tokenizers from another variant (`shared.json`), a completed copy of links in the mllm cache."""
+    if not (Path(path) / SHARED_FILE).is_file():
         return path
+    path = Path(path).absolute()
     source = (path / json.loads((path / SHARED_FILE).read_text())["media_from"]).resolve()
     key = hashlib.sha256(f"{path}\0{source}\0{(path / 'model.safetensors').stat().st_mtime_ns}".encode()).hexdigest()[:12]
-    complete = cache_dir() / "default" / f"{variant}-{key}"
+    complete = cache_dir() / "default" / f"{path.name}-{key}"
     if complete.is_dir():
         return complete
     complete.parent.mkdir(parents=True, exist_ok=True)
