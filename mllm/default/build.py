@@ -1,6 +1,6 @@
 """`mllm default train`: make the embedded default model from the built corpora, every stage, one command.
 
-    tokenizers   tokenizers/image_diffusion_tiny.yaml, tokenizers/audio_mel_diffusion_tiny.yaml
+    tokenizers   tokenizers/image_diffusion_captioned_tiny.yaml, tokenizers/audio_mel_diffusion_tiny.yaml
                  (`mllm tokenize train`; skipped for a modality given an already trained directory)
     corpora      the built corpora, spoken replies padded to `audio_seconds` (mllm/default/corpus.py)
     text         finetune/recipes/default_text.yaml: SentencePiece tokenizer, then LM pretraining
@@ -38,7 +38,7 @@ class DefaultBuildConfig:
     out: Path = Path("runs/default")
     tokenizers: dict[str, Path] = field(default_factory=dict)  # modality -> an already trained tokenizer recipe dir
     tokenizer_recipes: dict[str, Path] = field(default_factory=lambda: {
-        "image": ROOT / "tokenizers" / "image_diffusion_tiny.yaml",
+        "image": ROOT / "tokenizers" / "image_diffusion_captioned_tiny.yaml",
         "audio": ROOT / "tokenizers" / "audio_mel_diffusion_tiny.yaml",
     })
     recipes: Path = ROOT / "finetune" / "recipes"
