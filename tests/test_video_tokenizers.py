@@ -38,11 +38,13 @@ def tokenizer(key: str):
     return build_media_tokenizer("video_divot_fsq" if key.endswith("fsq") else "video_divot", TINY[key])
 
 
-def diffusion(token_grid=(2, 2), num_tokens: int = 8):
+def diffusion(token_grid=(2, 2), num_tokens: int = 8, prior: bool = False):
     torch.manual_seed(0)
     return build_detokenizer("diffusion_video", dict(
         frames=4, image_size=16, fps=4.0, num_tokens=num_tokens, token_dim=8, token_grid=token_grid,
-        dit=dict(patch_size=4, width=32, depth=1, head_dim=16), diffusion=dict(steps=3)))
+        dit=dict(patch_size=4, width=32, depth=1, head_dim=16),
+        diffusion=dict(steps=3, scheduler="ddim", prediction_type="sample") if prior else dict(steps=3),
+        prior=dict(patch_size=4, width=32, depth=1, heads=2) if prior else None))
 
 
 def vq_decoder(tok):
@@ -102,10 +104,10 @@ def test_fsq_codes_decode_directly_and_round_trip(tmp_path):
         decoder.decode(codes[0][:5])
 
 
-@pytest.mark.parametrize("token_grid", [(2, 2), None])
-def test_diffusion_decodes_whole_clips_with_cfg_and_round_trips(token_grid, tmp_path):
+@pytest.mark.parametrize("token_grid,prior", [((2, 2), False), (None, False), ((2, 2), True)])
+def test_diffusion_decodes_whole_clips_with_cfg_and_round_trips(token_grid, prior, tmp_path):
     tok = tokenizer("video_divot" if token_grid else "video_divot_free")
-    detok = diffusion(token_grid, tok.config.num_tokens)
+    detok = diffusion(token_grid, tok.config.num_tokens, prior).eval()
     detok.set_null_tokens(tok.encode(Video(np.zeros((4, 16, 16, 3), np.uint8), 4.0)))
     tokens = tok.encode_batch(videos(2))
     clip = detok.decode(tokens[0], guidance=3.0, steps=2, generator=torch.Generator().manual_seed(0))
@@ -114,9 +116,11 @@ def test_diffusion_decodes_whole_clips_with_cfg_and_round_trips(token_grid, tmp_
     assert np.array_equal(clip.frames, again.frames)
     assert len(detok.decode_batch(tokens, steps=1)) == 2
     clips = torch.rand(2, 4, 3, 16, 16)
-    loss = detok.training_losses(clips, tokens)["loss"]
-    loss.backward()
-    assert torch.isfinite(loss)
+    losses = detok.training_losses(clips, tokens)
+    losses["loss"].backward()
+    assert torch.isfinite(losses["loss"])
+    if prior:  # the DiT refines the prior's frames; the prior also learns on its own MSE
+        assert set(losses) == {"loss", "diffusion", "prior_mse"} and detok.prior.to_pixels.weight.grad is not None
     loaded = load_detokenizer(detok.save_pretrained(tmp_path / "detok"))
     assert torch.equal(loaded.null_tokens, detok.null_tokens)
     assert np.array_equal(loaded.decode(tokens[0], guidance=3.0, steps=2, generator=torch.Generator().manual_seed(0)).frames,
@@ -152,6 +156,9 @@ def test_bad_input_raises_clear_errors():
         detok.decode(torch.zeros(8, 5))
     with pytest.raises(ValueError, match="query_grid"):
         build_media_tokenizer("video_divot", {**BASE, "num_tokens": 9})
+    with pytest.raises(ValueError, match="a prior needs x0-prediction"):
+        build_detokenizer("diffusion_video", dict(frames=4, image_size=16, num_tokens=8, token_dim=8,
+                                                  token_grid=(2, 2), prior=dict(width=32, depth=1, heads=2)))
     with torch.no_grad():
         tok.resampler.proj_out.weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="NaN or inf features"):

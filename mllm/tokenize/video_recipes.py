@@ -1,7 +1,8 @@
 """Video tokenizer recipes: train a Divot-style tokenizer with its de-tokenizer, then evaluate the pair.
 
-    video_divot  video_divot (continuous tokens) + diffusion_video    1. tokens through a throwaway frame
-                                                                         decoder (vq_video's): MSE
+    video_divot  video_divot (continuous tokens) + diffusion_video    1. tokens through a frame decoder
+                                                                         (vq_video's): MSE; thrown away, or
+                                                                         with `refine` the de-tokenizer's prior
                                                                       2. de-tokenizer on the tokens: diffusion
                                                                          loss (with `joint`, the tokenizer
                                                                          trains through it too: Divot's objective)
@@ -70,7 +71,7 @@ class VideoEvalConfig:
 
 @dataclass
 class TokenPretraining:
-    """Stage 1 of video_divot: tokens learn to keep what the frames need, through a throwaway frame decoder (MSE)."""
+    """Stage 1 of video_divot: tokens learn to keep what the frames need, through a frame decoder (MSE)."""
 
     decoder: FramesDecoderArch = field(default_factory=FramesDecoderArch)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -81,6 +82,7 @@ class DivotRecipeConfig:
     tokenizer: VideoDivotConfig = field(default_factory=VideoDivotConfig)
     pretraining: TokenPretraining = field(default_factory=TokenPretraining)  # optim.steps 0: no stage 1
     joint: bool = False  # stage 2 also trains the tokenizer through the diffusion loss (Divot's objective)
+    refine: bool = False  # the de-tokenizer keeps the stage-1 decoder as its prior and refines its frames
     image_size: int = 32  # the de-tokenizer's frame size
     fps: float = 4.0  # the decoded clips' frame rate
     dit: DiTArch = field(default_factory=DiTArch)
@@ -203,6 +205,7 @@ def build_divot(cfg: DivotRecipeConfig) -> tuple[VideoDivotTokenizer, DiffusionV
     detokenizer = DiffusionVideoDeTokenizer(DiffusionVideoConfig(
         frames=t.frames, image_size=cfg.image_size, fps=cfg.fps, num_tokens=t.num_tokens, token_dim=t.feature_dim,
         token_grid=t.query_grid, dit=cfg.dit, diffusion=cfg.diffusion,
+        prior=cfg.pretraining.decoder if cfg.refine else None,
     ))
     return tokenizer, detokenizer
 
@@ -223,8 +226,9 @@ def train_divot(cfg: DivotRecipeConfig, corpora: Path, out: Path) -> dict:
     torch.manual_seed(cfg.optim.seed)
     tokenizer, detokenizer = build_divot(cfg)
     t = tokenizer.config
-    probe = FramesDecoder(t.frames, tokenizer.frame_size, t.num_tokens, t.feature_dim, cfg.pretraining.decoder,
-                          None if t.query_grid is None else tuple(t.query_grid))
+    probe = detokenizer.prior if cfg.refine else FramesDecoder(
+        t.frames, tokenizer.frame_size, t.num_tokens, t.feature_dim, cfg.pretraining.decoder,
+        None if t.query_grid is None else tuple(t.query_grid))
     paths, pre = train_clips(corpora, cfg.data), cfg.pretraining.optim
     clock = (time.perf_counter(), time.process_time())
     stage1 = fit(TokenAutoencoder(tokenizer, probe), clip_batches(paths, pre.batch_size, pre.seed, cfg.data.cache_clips),
@@ -241,8 +245,10 @@ def train_divot(cfg: DivotRecipeConfig, corpora: Path, out: Path) -> dict:
     detokenizer.set_null_tokens(tokenizer.encode(empty))  # again: with `joint`, the tokenizer has moved
     tokenizer.save_pretrained(out / "media_tokenizer")
     detokenizer.eval().save_pretrained(out / "detokenizer")
-    history = {k: v for k, v in (("tokens_mse", stage1.get("loss")), ("diffusion", stage2["loss"])) if v}
-    return _finish(out, history, sum(len(v) for v in history.values()), clock,
+    terms = (("tokens_mse", stage1.get("loss")), ("diffusion", stage2.get("diffusion", stage2["loss"])),
+             ("prior_mse", stage2.get("prior_mse")))  # prior_mse: on [-1, 1] pixels
+    history = {k: v for k, v in terms if v}
+    return _finish(out, history, pre.steps + cfg.optim.steps, clock,
                    {"tokenizer": tokenizer, "detokenizer": detokenizer}, "video_divot")
 
 
@@ -274,18 +280,24 @@ def sample_frames_video(original: Video, like: Video) -> Video:
     return Video.from_tensor(sample_frames(original, like.num_frames, like.height), original.fps)
 
 
+def judge_scores(test: ClipSet, clips: list[Video], judge: VideoJudge | None, name: str) -> dict:
+    """The video judge's accuracies on `clips` (the test set's or its reconstructions), keys suffixed `_{name}`."""
+    judged = [i for i, (d, m) in enumerate(zip(test.digits, test.directions)) if d is not None and m is not None]
+    if judge is None or not judged:
+        return {}
+    scores = judge.scores([clips[i] for i in judged], [test.digits[i] for i in judged],
+                          [test.directions[i] for i in judged])
+    return {f"{k}_{name}": round(v, 4) for k, v in scores.items()}
+
+
 def reconstruction_report(test: ClipSet, recons: list[Video], judge: VideoJudge | None, report: Path) -> dict:
     """PSNR, the video judge's accuracies on originals and reconstructions, and the frame strips."""
     metrics: dict[str, Any] = {
         "test_clips": len(recons),
         "psnr_db": round(float(np.mean([psnr(o, r) for o, r in zip(test.videos, recons)])), 2),
+        **judge_scores(test, test.videos, judge, "originals"),
+        **judge_scores(test, recons, judge, "reconstructions"),
     }
-    judged = [i for i, (d, m) in enumerate(zip(test.digits, test.directions)) if d is not None and m is not None]
-    if judge is not None and judged:
-        digits, directions = [test.digits[i] for i in judged], [test.directions[i] for i in judged]
-        for name, clips in (("originals", test.videos), ("reconstructions", recons)):
-            scores = judge.scores([clips[i] for i in judged], digits, directions)
-            metrics.update({f"{k}_{name}": round(v, 4) for k, v in scores.items()})
     shown = range(min(STRIP_CLIPS, len(recons)))
     rows = [clip for i in shown for clip in (sample_frames_video(test.videos[i], recons[i]), recons[i])]
     save_frame_strips(rows, report / "frame_strips.png", ["original", "reconstruction"] * len(shown))
@@ -303,13 +315,20 @@ def evaluate_divot(trained: Path, corpora: Path, report: Path, limit: int | None
     e = cfg.evaluation
     generator = torch.Generator().manual_seed(e.seed)
     recons: list[Video] = []
+    priors: list[Video] = []  # the prior's direct decodings, which the DiT refines (a de-tokenizer with a prior)
     start = time.perf_counter()
     for i in tqdm(range(0, len(test.videos), e.batch_size), desc="reconstruct"):
         tokens = tokenizer.encode_batch(test.videos[i:i + e.batch_size])  # [B, N, D]
         recons += detokenizer.decode_batch(tokens, guidance=e.guidance, steps=e.steps, generator=generator)
+        if detokenizer.config.prior is not None:
+            with torch.no_grad():
+                clips = detokenizer.prior(tokens).clamp(0, 1)  # [B, T, 3, S, S]
+            priors += [Video.from_tensor(clip, detokenizer.config.fps) for clip in clips]
     seconds = time.perf_counter() - start
     return {
         **reconstruction_report(test, recons, judge, report),
+        **({"psnr_db_prior": round(float(np.mean([psnr(o, r) for o, r in zip(test.videos, priors)])), 2),
+            **judge_scores(test, priors, judge, "prior")} if priors else {}),
         "tokens_per_clip": tokenizer.num_tokens(test.videos[0]),
         "token_dim": tokenizer.feature_dim,
         "guidance": e.guidance,
