@@ -15,7 +15,7 @@ noisy frames, so every pixel of every frame sees the token of its own
 space-time cell. Schedulers, CFG and the empty-clip (all-black)
 unconditional branch live in `diffusion.py`.
 
-With `prior` (an architecture for vq_video's `FramesDecoder`), the DiT
+With `prior` (a `PixelDecoderArch` for vq_video's `FramesDecoder`), the DiT
 refines a direct decoding of the tokens instead of drawing the clip from
 the tokens alone, as a mel refiner sharpens a vocoder's input:
 
@@ -41,7 +41,8 @@ from torch import nn
 from mllm.detokenizers.base import register
 from mllm.detokenizers.diffusion import DiffusionConfig, DiffusionDeTokenizer
 from mllm.detokenizers.diffusion_image import DiTArch
-from mllm.detokenizers.vq_video import FramesDecoder, FramesDecoderArch
+from mllm.detokenizers.vq_image import PixelDecoderArch
+from mllm.detokenizers.vq_video import FramesDecoder
 from mllm.media import Video
 
 
@@ -55,7 +56,7 @@ class DiffusionVideoConfig:
     token_grid: tuple[int, int] | None = (4, 4)  # the tokenizer's query grid (a, s); None: a plain sequence
     dit: DiTArch = field(default_factory=DiTArch)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    prior: FramesDecoderArch | None = None  # a direct decoder whose frames the DiT refines; None: tokens alone
+    prior: PixelDecoderArch | None = None  # a direct decoder whose frames the DiT refines; None: tokens alone
 
     def __post_init__(self):
         if self.frames < 1 or self.fps <= 0:

@@ -24,28 +24,20 @@ from torch import nn
 
 from mllm.detokenizers.base import register
 from mllm.detokenizers.codebook import CodebookDecoder
+from mllm.detokenizers.vq_image import PixelDecoderArch
 from mllm.media import Video
 from mllm.tokenizers.fsq_image import check_vit, grid_positions, vit
 
 
-@dataclass
-class FramesDecoderArch:
-    """The decoder's size: the part a recipe chooses."""
-
-    patch_size: int = 4
-    width: int = 128
-    depth: int = 2
-    heads: int = 4
-
-    def __post_init__(self):
-        if self.depth < 1 or self.width % self.heads:
-            raise ValueError(f"need depth >= 1 and width divisible by heads, got {self.depth}, {self.width}, {self.heads}")
+def frames_decoder_arch() -> PixelDecoderArch:
+    """The frame decoder's default size: vq_image's decoder architecture, two layers deep."""
+    return PixelDecoderArch(depth=2)
 
 
 class FramesDecoder(nn.Module):
     """tokens [B, N, D] -> clips [B, T, 3, S, S], nominally in [0, 1] (unclamped: the training target)."""
 
-    def __init__(self, frames: int, image_size: int, num_tokens: int, token_dim: int, arch: FramesDecoderArch,
+    def __init__(self, frames: int, image_size: int, num_tokens: int, token_dim: int, arch: PixelDecoderArch,
                  token_grid: tuple[int, int] | None = None):
         super().__init__()
         check_vit(image_size, arch.patch_size, arch.width, arch.heads)
@@ -87,7 +79,7 @@ class VQVideoDecoderConfig:
     codebook_size: int = 1000
     code_dim: int = 4
     token_grid: tuple[int, int] | None = (4, 4)  # the tokenizer's query grid (a, s); None: a plain sequence
-    arch: FramesDecoderArch = field(default_factory=FramesDecoderArch)
+    arch: PixelDecoderArch = field(default_factory=frames_decoder_arch)
 
 
 @register

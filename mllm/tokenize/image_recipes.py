@@ -20,7 +20,6 @@ originals above their reconstructions.
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from collections import Counter
@@ -32,7 +31,6 @@ from typing import Any, Iterator, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 from tqdm import tqdm
 
@@ -45,10 +43,11 @@ from mllm.detokenizers.vq_image import PixelDecoder, PixelDecoderArch, VQImageDe
 from mllm.judges import DigitJudge, digit_images
 from mllm.losses import bag_of_words_loss
 from mllm.media import Image, load_image
-from mllm.plots import save_image_grid, save_loss_curves
+from mllm.plots import save_image_grid
 from mllm.tokenize.corpus_media import corpus_media, evenly_spaced, media_captions, shuffled_batches
-from mllm.tokenize.recipes import RECIPE_FILE, Recipe, register_recipe
-from mllm.tokenize.trainer import OptimConfig, fit
+from mllm.tokenize.metrics import codebook_usage, psnr_db
+from mllm.tokenize.recipes import RECIPE_FILE, Recipe, load_recipe, register_recipe
+from mllm.tokenize.trainer import EvalConfig, OptimConfig, fit, training_metrics
 from mllm.tokenizers import hf_vision, resampler_image  # noqa: F401  (register the continuous tokenizers)
 from mllm.tokenizers.base import MEDIA_TOKENIZERS, MediaTokenizer, build_media_tokenizer, load_media_tokenizer
 from mllm.tokenizers.fsq_image import FSQImageConfig, FSQImageTokenizer, image_batch
@@ -65,14 +64,6 @@ class ImageData:
     corpora: list[str] = field(default_factory=lambda: ["digits"])  # names under --data, or absolute directories
     max_images: int | None = None  # cap on distinct training images (None: all)
     cache_images: int = 20_000  # decoded images kept in memory after their first load
-
-
-@dataclass
-class EvalConfig:
-    batch_size: int = 100
-    guidance: float = 2.0  # diffusion de-tokenizers: classifier-free guidance scale
-    steps: int | None = None  # diffusion steps (None: the de-tokenizer's default)
-    seed: int = 0
 
 
 @dataclass
@@ -274,19 +265,6 @@ def empty_image(size: int) -> Image:
 # ---------------------------------------------------------------- train
 
 
-def _finish(out: Path, history: dict[str, list[float]], steps: int, clock: tuple[float, float],
-            modules: dict[str, nn.Module], name: str) -> dict:
-    """Loss curves and the training metrics; `clock` = (wall, CPU) seconds at the start."""
-    save_loss_curves(history, out / "loss.png", title=name)
-    return {
-        "train_seconds": round(time.perf_counter() - clock[0], 1),
-        "train_cpu_seconds": round(time.process_time() - clock[1], 1),  # all threads: ≈ 2 × wall on an idle 2-core box
-        "steps": steps,
-        **{f"final_{k}": float(np.mean(v[-50:])) for k, v in history.items()},
-        **{f"{k}_parameters": sum(p.numel() for p in m.parameters()) for k, m in modules.items()},
-    }
-
-
 def build_discrete(tokenizer_cls: type, cfg: FSQRecipeConfig | QueryRecipeConfig) -> tuple[MediaTokenizer, VQImageDecoder]:
     """A fresh discrete tokenizer and the direct decoder that reads its codes."""
     tokenizer = tokenizer_cls(cfg.tokenizer)
@@ -312,7 +290,7 @@ def train_discrete(tokenizer_cls: type, cfg: FSQRecipeConfig | QueryRecipeConfig
     decoder.set_codebook(tokenizer.codebook)
     tokenizer.eval().save_pretrained(out / "media_tokenizer")
     decoder.eval().save_pretrained(out / "detokenizer")
-    return _finish(out, history, len(history["loss"]), clock, {"tokenizer": tokenizer, "decoder": decoder},
+    return training_metrics(out, history, len(history["loss"]), clock, {"tokenizer": tokenizer, "decoder": decoder},
                    tokenizer.name)
 
 
@@ -359,7 +337,7 @@ def train_diffusion(cfg: DiffusionRecipeConfig, corpora: Path, out: Path) -> dic
     tokenizer.save_pretrained(out / "media_tokenizer")
     detokenizer.eval().save_pretrained(out / "detokenizer")
     history = {f"tokens_{k}": v for k, v in stage1.items() if k != "loss"} | {"diffusion": stage2["loss"]}
-    return _finish(out, history, len(stage1["loss"]) + len(stage2["loss"]), clock,
+    return training_metrics(out, history, len(stage1["loss"]) + len(stage2["loss"]), clock,
                    {"tokenizer": tokenizer, "detokenizer": detokenizer}, "image_diffusion")
 
 
@@ -368,9 +346,7 @@ def train_diffusion(cfg: DiffusionRecipeConfig, corpora: Path, out: Path) -> dic
 
 def psnr(original: Image, reconstruction: Image) -> float:
     """dB, pixels in [0, 1], at the reconstruction's size."""
-    a = original.resize((reconstruction.height, reconstruction.width)).to_tensor()
-    mse = float(F.mse_loss(a, reconstruction.to_tensor()))
-    return 10 * math.log10(1 / max(mse, 1e-10))
+    return psnr_db(original.resize((reconstruction.height, reconstruction.width)).to_tensor(), reconstruction.to_tensor())
 
 
 def reconstruction_report(test: EvalSet, recons: list[Image], judge: DigitJudge | None, report: Path) -> dict:
@@ -402,16 +378,12 @@ def _grid_indices(labels: list[int | None]) -> list[int]:
     return list(range(min(2 * GRID_COLUMNS, len(labels))))
 
 
-def _trained_config(trained: Path, config_class: type) -> Any:
-    return from_dict(config_class, yaml.safe_load((trained / RECIPE_FILE).read_text())["config"], source=str(trained))
-
-
 def _judge(corpora: Path, data: ImageData) -> DigitJudge | None:
     return DigitJudge.load_or_train(corpora) if "digits" in data.corpora else None
 
 
-def evaluate_discrete(config_class: type, trained: Path, corpora: Path, report: Path, limit: int | None) -> dict:
-    cfg = _trained_config(trained, config_class)
+def evaluate_discrete(trained: Path, corpora: Path, report: Path, limit: int | None) -> dict:
+    _, cfg = load_recipe(trained / RECIPE_FILE)
     tokenizer, decoder = load_media_tokenizer(trained / "media_tokenizer"), load_detokenizer(trained / "detokenizer")
     test, judge = eval_set(corpora, cfg.data, limit), _judge(corpora, cfg.data)
     codes, recons = [], []
@@ -421,14 +393,11 @@ def evaluate_discrete(config_class: type, trained: Path, corpora: Path, report: 
         codes.append(batch)
         recons += decoder.decode_batch(batch)
     seconds = time.perf_counter() - start
-    counts = torch.bincount(torch.cat(codes).flatten(), minlength=tokenizer.codebook_size).double()
-    p = counts[counts > 0] / counts.sum()
     return {
         **reconstruction_report(test, recons, judge, report),
         "tokens_per_image": tokenizer.tokens_per_image,
         "codebook_size": tokenizer.codebook_size,
-        "codebook_utilisation": round(float((counts > 0).double().mean()), 4),
-        "codebook_perplexity": round(float(torch.exp(-(p * p.log()).sum())), 1),
+        **codebook_usage(codes, tokenizer.codebook_size),
         "reconstruct_items_per_s": round(len(recons) / seconds, 1),
     }
 
@@ -459,7 +428,7 @@ def mean_token_probe(tokenizer: MediaTokenizer, corpora: Path, test: EvalSet, ba
 
 
 def evaluate_diffusion(trained: Path, corpora: Path, report: Path, limit: int | None) -> dict:
-    cfg = _trained_config(trained, DiffusionRecipeConfig)
+    _, cfg = load_recipe(trained / RECIPE_FILE)
     tokenizer, detokenizer = load_media_tokenizer(trained / "media_tokenizer"), load_detokenizer(trained / "detokenizer")
     test, judge = eval_set(corpora, cfg.data, limit), _judge(corpora, cfg.data)
     e = cfg.evaluation
@@ -483,8 +452,6 @@ def evaluate_diffusion(trained: Path, corpora: Path, report: Path, limit: int | 
     }
 
 
-register_recipe(Recipe("image_fsq", FSQRecipeConfig, partial(train_discrete, FSQImageTokenizer),
-                       partial(evaluate_discrete, FSQRecipeConfig)))
-register_recipe(Recipe("image_query", QueryRecipeConfig, partial(train_discrete, QueryImageTokenizer),
-                       partial(evaluate_discrete, QueryRecipeConfig)))
+register_recipe(Recipe("image_fsq", FSQRecipeConfig, partial(train_discrete, FSQImageTokenizer), evaluate_discrete))
+register_recipe(Recipe("image_query", QueryRecipeConfig, partial(train_discrete, QueryImageTokenizer), evaluate_discrete))
 register_recipe(Recipe("image_diffusion", DiffusionRecipeConfig, train_diffusion, evaluate_diffusion))

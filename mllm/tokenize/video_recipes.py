@@ -20,7 +20,6 @@ digit and direction accuracy on the originals and on the reconstructions
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,14 +35,15 @@ from mllm.detokenizers.base import load_detokenizer
 from mllm.detokenizers.diffusion import DiffusionConfig
 from mllm.detokenizers.diffusion_image import DiTArch
 from mllm.detokenizers.diffusion_video import DiffusionVideoConfig, DiffusionVideoDeTokenizer
-from mllm.detokenizers.vq_video import FramesDecoder, FramesDecoderArch, VQVideoDecoder, VQVideoDecoderConfig
+from mllm.detokenizers.vq_image import PixelDecoderArch
+from mllm.detokenizers.vq_video import FramesDecoder, VQVideoDecoder, VQVideoDecoderConfig, frames_decoder_arch
 from mllm.judges.video import VideoJudge
 from mllm.media import Video, load_video
 from mllm.plots import save_frame_strips
-from mllm.tokenize.image_recipes import _finish, _trained_config
 from mllm.tokenize.corpus_media import corpus_media, evenly_spaced, shuffled_batches
-from mllm.tokenize.recipes import Recipe, register_recipe
-from mllm.tokenize.trainer import OptimConfig, fit
+from mllm.tokenize.metrics import codebook_usage, psnr_db
+from mllm.tokenize.recipes import RECIPE_FILE, Recipe, load_recipe, register_recipe
+from mllm.tokenize.trainer import EvalConfig, OptimConfig, fit, training_metrics
 from mllm.tokenizers.base import load_media_tokenizer
 from mllm.tokenizers.video_divot import VideoDivotConfig, VideoDivotTokenizer, clip_batch, sample_frames
 from mllm.tokenizers.video_divot_fsq import VideoDivotFSQConfig, VideoDivotFSQTokenizer
@@ -61,19 +61,15 @@ class VideoData:
     cache_clips: int = 20_000  # decoded clips kept in memory after their first load
 
 
-@dataclass
-class VideoEvalConfig:
-    batch_size: int = 50
-    guidance: float = 2.0  # diffusion de-tokenizer: classifier-free guidance scale
-    steps: int | None = None  # diffusion steps (None: the de-tokenizer's default)
-    seed: int = 0
+def video_eval() -> EvalConfig:
+    return EvalConfig(batch_size=50)
 
 
 @dataclass
 class TokenPretraining:
     """Stage 1 of video_divot: tokens learn to keep what the frames need, through a frame decoder (MSE)."""
 
-    decoder: FramesDecoderArch = field(default_factory=FramesDecoderArch)
+    decoder: PixelDecoderArch = field(default_factory=frames_decoder_arch)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
@@ -89,17 +85,17 @@ class DivotRecipeConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: VideoData = field(default_factory=VideoData)
     optim: OptimConfig = field(default_factory=OptimConfig)  # stage 2
-    evaluation: VideoEvalConfig = field(default_factory=VideoEvalConfig)
+    evaluation: EvalConfig = field(default_factory=video_eval)
 
 
 @dataclass
 class FSQVideoRecipeConfig:
     tokenizer: VideoDivotFSQConfig = field(default_factory=VideoDivotFSQConfig)
-    decoder: FramesDecoderArch = field(default_factory=FramesDecoderArch)
+    decoder: PixelDecoderArch = field(default_factory=frames_decoder_arch)
     fps: float = 4.0
     data: VideoData = field(default_factory=VideoData)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    evaluation: VideoEvalConfig = field(default_factory=VideoEvalConfig)
+    evaluation: EvalConfig = field(default_factory=video_eval)
 
 
 # ---------------------------------------------------------------- data
@@ -248,7 +244,7 @@ def train_divot(cfg: DivotRecipeConfig, corpora: Path, out: Path) -> dict:
     terms = (("tokens_mse", stage1.get("loss")), ("diffusion", stage2.get("diffusion", stage2["loss"])),
              ("prior_mse", stage2.get("prior_mse")))  # prior_mse: on [-1, 1] pixels
     history = {k: v for k, v in terms if v}
-    return _finish(out, history, pre.steps + cfg.optim.steps, clock,
+    return training_metrics(out, history, pre.steps + cfg.optim.steps, clock,
                    {"tokenizer": tokenizer, "detokenizer": detokenizer}, "video_divot")
 
 
@@ -261,7 +257,7 @@ def train_fsq(cfg: FSQVideoRecipeConfig, corpora: Path, out: Path) -> dict:
     decoder.set_codebook(tokenizer.codebook)
     tokenizer.eval().save_pretrained(out / "media_tokenizer")
     decoder.eval().save_pretrained(out / "detokenizer")
-    return _finish(out, history, len(history["loss"]), clock, {"tokenizer": tokenizer, "decoder": decoder},
+    return training_metrics(out, history, len(history["loss"]), clock, {"tokenizer": tokenizer, "decoder": decoder},
                    tokenizer.name)
 
 
@@ -270,9 +266,7 @@ def train_fsq(cfg: FSQVideoRecipeConfig, corpora: Path, out: Path) -> dict:
 
 def psnr(original: Video, reconstruction: Video) -> float:
     """dB over the reconstruction's frames: the original sampled the same way, at the reconstruction's size."""
-    reference = sample_frames(original, reconstruction.num_frames, reconstruction.height)
-    mse = float(F.mse_loss(reference, reconstruction.to_tensor()))
-    return 10 * math.log10(1 / max(mse, 1e-10))
+    return psnr_db(sample_frames(original, reconstruction.num_frames, reconstruction.height), reconstruction.to_tensor())
 
 
 def sample_frames_video(original: Video, like: Video) -> Video:
@@ -309,7 +303,7 @@ def _judge(corpora: Path) -> VideoJudge | None:
 
 
 def evaluate_divot(trained: Path, corpora: Path, report: Path, limit: int | None) -> dict:
-    cfg = _trained_config(trained, DivotRecipeConfig)
+    _, cfg = load_recipe(trained / RECIPE_FILE)
     tokenizer, detokenizer = load_media_tokenizer(trained / "media_tokenizer"), load_detokenizer(trained / "detokenizer")
     test, judge = eval_set(corpora, cfg.data, limit), _judge(corpora)
     e = cfg.evaluation
@@ -339,7 +333,7 @@ def evaluate_divot(trained: Path, corpora: Path, report: Path, limit: int | None
 
 
 def evaluate_fsq(trained: Path, corpora: Path, report: Path, limit: int | None) -> dict:
-    cfg = _trained_config(trained, FSQVideoRecipeConfig)
+    _, cfg = load_recipe(trained / RECIPE_FILE)
     tokenizer, decoder = load_media_tokenizer(trained / "media_tokenizer"), load_detokenizer(trained / "detokenizer")
     test, judge = eval_set(corpora, cfg.data, limit), _judge(corpora)
     codes, recons = [], []
@@ -349,14 +343,11 @@ def evaluate_fsq(trained: Path, corpora: Path, report: Path, limit: int | None) 
         codes.append(batch)
         recons += decoder.decode_batch(batch)
     seconds = time.perf_counter() - start
-    counts = torch.bincount(torch.cat(codes).flatten(), minlength=tokenizer.codebook_size).double()
-    p = counts[counts > 0] / counts.sum()
     return {
         **reconstruction_report(test, recons, judge, report),
         "tokens_per_clip": tokenizer.num_tokens(test.videos[0]),
         "codebook_size": tokenizer.codebook_size,
-        "codebook_utilisation": round(float((counts > 0).double().mean()), 4),
-        "codebook_perplexity": round(float(torch.exp(-(p * p.log()).sum())), 1),
+        **codebook_usage(codes, tokenizer.codebook_size),
         "reconstruct_clips_per_s": round(len(recons) / seconds, 1),
     }
 
