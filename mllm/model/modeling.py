@@ -142,6 +142,15 @@ class MultimodalLM(PreTrainedModel):
         dims = {"hidden_size": self.config.text_config.hidden_size, "feature_dim": modality.feature_dim}
         return build_head(spec["name"], {**spec["options"], **dims})
 
+    def replace_head(self, name: str, spec: dict) -> None:
+        """A new, freshly initialised output head for modality `name` (e.g. diffusion in place of GMM), in the
+        config too, so that the saved checkpoint rebuilds it."""
+        if name not in self.config.heads:
+            raise KeyError(f"the model has no head for {name!r} (heads: {sorted(self.config.heads)})")
+        self.heads[name] = self._build_head(name, spec)
+        self.heads[name].reset_parameters()
+        self.config.heads[name] = spec
+
     def is_parallel(self, name: str) -> bool:
         """Whether modality `name` writes its features Divot-style, a whole span per forward pass."""
         return name in self.config.heads and self.config.heads[name]["parallel"]

@@ -70,10 +70,8 @@ def build_from_recipe(cfg: FinetuneConfig) -> tuple[MultimodalLM, Processor]:
     for m, head in cfg.new_heads.items():  # e.g. a diffusion head in place of a GMM head, on the same LM
         if m not in model.config.heads:
             raise ConfigError(f"new_heads.{m}", f"the model has no head for it (heads: {sorted(model.config.heads)})")
-        model.config.heads[m] = to_dict(head)
         torch.manual_seed(cfg.train.seed)
-        model.heads[m] = model._build_head(m, model.config.heads[m])
-        model.heads[m].reset_parameters()
+        model.replace_head(m, to_dict(head))
     for m, weight in cfg.loss.heads.items():
         if m not in model.config.heads:
             raise ConfigError(f"loss.heads.{m}", f"the model has no head for it (heads: {sorted(model.config.heads)})")
