@@ -18,12 +18,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from mllm.checkpoint import DETOKENIZERS_DIR
 from mllm.data.sources import cache_dir
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoint"
 VARIANTS = ("gmm", "diffusion")
 SHARED_FILE = "shared.json"  # {"media_from": "../gmm"}
-SHARED_DIRS = ("media_tokenizers", "detokenizers")
+SHARED_DIRS = ("media_tokenizers", DETOKENIZERS_DIR)  # what a shared variant borrows
 
 
 def default_checkpoint(variant: str = "gmm", root: Path = CHECKPOINTS) -> Path:

@@ -21,9 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mllm.checkpoint import DETOKENIZERS_DIR
-from mllm.default.paths import SHARED_FILE
-
-MEDIA_TOKENIZERS_DIR = "media_tokenizers"
+from mllm.default.paths import SHARED_DIRS, SHARED_FILE
 
 
 def to_float16(path: Path) -> None:
@@ -45,8 +43,8 @@ def ship(checkpoint: Path, detokenizers: dict[str, Path], out: Path, shared: Pat
         for modality, src in detokenizers.items():
             shutil.copytree(src, tmp / DETOKENIZERS_DIR / modality)
     else:
-        shutil.rmtree(tmp / MEDIA_TOKENIZERS_DIR, ignore_errors=True)
-        shutil.rmtree(tmp / DETOKENIZERS_DIR, ignore_errors=True)
+        for name in SHARED_DIRS:
+            shutil.rmtree(tmp / name, ignore_errors=True)
         (tmp / SHARED_FILE).write_text(json.dumps({"media_from": os.path.relpath(shared, out)}) + "\n")
     for file in tmp.rglob("*.safetensors"):
         to_float16(file)
