@@ -290,9 +290,12 @@ def test_build_is_deterministic(built, tmp_path):
 
 
 def test_refuses_to_overwrite(built, tmp_path):
-    out, _ = built
-    with pytest.raises(FileExistsError, match="complete build"):
-        build_corpora(SMALL, out, progress=False)
+    out, manifest = built
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    assert build_corpora(SMALL, out, progress=False).data == manifest.data  # the same build: already there
+    assert (out / "manifest.json").stat().st_mtime_ns == stamp
+    with pytest.raises(FileExistsError, match="complete build of other settings"):
+        build_corpora(SMALL, out, limit=1, progress=False)
     target = tmp_path / "quick"
     m = build_corpora(SMALL, target, limit=2, only=["digits"], progress=False)
     assert m.counts("digits") == {"train": 6, "validation": 6, "test": 6}

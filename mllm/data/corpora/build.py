@@ -248,7 +248,8 @@ def build_corpora(
 ) -> Manifest:
     """Build the corpora of `config` (a `BuildConfig` or a YAML path) into directory `out`.
 
-    - `overwrite`: replace an existing `out` (complete or not); otherwise refuse.
+    - `overwrite`: replace an existing `out` (complete or not). Otherwise a complete build of the same
+      settings (config, limit, corpora) is returned as it is, and anything else in `out` is refused.
     - `limit`: cap on source items per corpus and split (a quick look; counts shrink).
     - `only`: build just these corpora (names from `list_corpora()`).
     - `progress`: show a tqdm bar per corpus.
@@ -265,7 +266,14 @@ def build_corpora(
     selected = [n for n in names if cfg.enabled(n) and (only is None or n in only)]
 
     if out.exists() and any(out.iterdir()) and not overwrite:
-        state = "a complete build" if is_complete(out) else "not a complete build (no manifest.json)"
+        if is_complete(out):
+            built = Manifest.load(out)
+            d, settings = built.data, json.loads(json.dumps(to_dict(cfg)))  # as the manifest stores them
+            if d.get("config") == settings and d.get("limit") == limit and sorted(d["corpora"]) == sorted(selected):
+                if progress:
+                    print(f"{out} is already this build; nothing to do (overwrite=True rebuilds it)")
+                return built
+        state = "a complete build of other settings" if is_complete(out) else "not a complete build (no manifest.json)"
         raise FileExistsError(f"{out} already exists and is {state}; pass overwrite=True to replace it")
     _remove_stale_tmp(out)
 
