@@ -73,9 +73,15 @@ class DiffusionDeTokenizer(DeTokenizer):
         self.register_buffer("null_tokens", torch.zeros(config.num_tokens, config.token_dim))
         self.noise_schedule = make_scheduler(config.diffusion)  # training's noise levels (ddpm, ddim)
 
+    def conditioning(self, tokens: torch.Tensor) -> Any:
+        """What `denoise` reads of tokens [B, N, D], computed once per sample or loss, not once per step: the
+        tokens themselves, unless a de-tokenizer derives something costly from them."""
+        return tokens
+
     @abc.abstractmethod
-    def denoise(self, sample: torch.Tensor, timesteps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """The network: noisy sample [B, ...], timesteps [B] in [0, train_timesteps), tokens [B, N, D] -> prediction [B, ...]."""
+    def denoise(self, sample: torch.Tensor, timesteps: torch.Tensor, tokens: Any) -> torch.Tensor:
+        """The network: noisy sample [B, ...], timesteps [B] in [0, train_timesteps), tokens as `conditioning`
+        returns them -> prediction [B, ...]."""
 
     @property
     @abc.abstractmethod
@@ -113,7 +119,7 @@ class DiffusionDeTokenizer(DeTokenizer):
         b = len(x0)
         null = self.null_tokens if null_tokens is None else null_tokens
         drop = torch.rand(b, device=x0.device) < cfg.cond_dropout
-        tokens = torch.where(drop[:, None, None], null.expand_as(tokens), tokens)
+        tokens = self.conditioning(torch.where(drop[:, None, None], null.expand_as(tokens), tokens))
         noise = torch.randn_like(x0)
         if cfg.scheduler == "flow_matching":
             sigma = torch.rand(b, device=x0.device)
@@ -149,12 +155,13 @@ class DiffusionDeTokenizer(DeTokenizer):
         x = torch.randn((b, *self.sample_shape), generator=generator).to(tokens.device)
         if guidance != 1.0:  # one batch: conditional rows, then unconditional rows
             tokens = torch.cat([tokens, self.null_tokens.expand_as(tokens)])
+        conditioning = self.conditioning(tokens)
         for t in scheduler.timesteps:
             timesteps = t.expand(len(tokens)).to(tokens.device)
             if guidance == 1.0:
-                prediction = self.denoise(x, timesteps, tokens)
+                prediction = self.denoise(x, timesteps, conditioning)
             else:
-                cond, uncond = self.denoise(torch.cat([x, x]), timesteps, tokens).chunk(2)
+                cond, uncond = self.denoise(torch.cat([x, x]), timesteps, conditioning).chunk(2)
                 prediction = uncond + guidance * (cond - uncond)
             x = scheduler.step(prediction, t, x, generator=generator).prev_sample
         return x.clamp(-1, 1)

@@ -108,10 +108,15 @@ class DiffusionVideoDeTokenizer(DiffusionDeTokenizer):
         """tokens [B, N, D] -> the prior's clips [B, T·3, S, S] in [-1, 1] (unclamped)."""
         return rearrange(self.prior(tokens), "b t c h w -> b (t c) h w") * 2 - 1
 
-    def denoise(self, sample: torch.Tensor, timesteps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def conditioning(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(tokens, the prior's frames or None): the prior decodes once per clip, not once per denoising step."""
+        return tokens, None if self.config.prior is None else self.prior_frames(tokens)
+
+    def denoise(self, sample: torch.Tensor, timesteps: torch.Tensor,
+                tokens: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
         c = self.config
-        if c.prior is not None:
-            prior = self.prior_frames(tokens)
+        tokens, prior = tokens
+        if prior is not None:
             sample = torch.cat([sample, prior], dim=1)
         if c.token_grid is not None:
             a, s = c.token_grid
@@ -120,7 +125,7 @@ class DiffusionVideoDeTokenizer(DiffusionDeTokenizer):
             sample = torch.cat([sample, rearrange(token_map, "b d t h w -> b (t d) h w")], dim=1)
         no_extra = {"resolution": None, "aspect_ratio": None}
         out = self.denoiser(sample, encoder_hidden_states=tokens, timestep=timesteps, added_cond_kwargs=no_extra).sample
-        return out if c.prior is None else prior + out  # x0: the prior's frames plus the DiT's correction
+        return out if prior is None else prior + out  # x0: the prior's frames plus the DiT's correction
 
     def training_losses(
         self, clips: torch.Tensor, tokens: torch.Tensor, null_tokens: torch.Tensor | None = None

@@ -266,14 +266,15 @@ def build_corpora(
     selected = [n for n in names if cfg.enabled(n) and (only is None or n in only)]
 
     if out.exists() and any(out.iterdir()) and not overwrite:
-        if is_complete(out):
+        complete = is_complete(out)
+        if complete:
             built = Manifest.load(out)
             d, settings = built.data, json.loads(json.dumps(to_dict(cfg)))  # as the manifest stores them
             if d.get("config") == settings and d.get("limit") == limit and sorted(d["corpora"]) == sorted(selected):
                 if progress:
                     print(f"{out} is already this build; nothing to do (overwrite=True rebuilds it)")
                 return built
-        state = "a complete build of other settings" if is_complete(out) else "not a complete build (no manifest.json)"
+        state = "a complete build of other settings" if complete else "not a complete build (no manifest.json)"
         raise FileExistsError(f"{out} already exists and is {state}; pass overwrite=True to replace it")
     _remove_stale_tmp(out)
 
