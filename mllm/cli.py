@@ -46,7 +46,7 @@ def _tokenize(args: argparse.Namespace) -> int:
     if args.tokenize_command == "train":
         metrics = commands.train(args.recipe, args.data, args.out, args.overrides)
     elif args.tokenize_command == "eval":
-        metrics = commands.evaluate(args.trained, args.data, args.report, args.limit)
+        metrics = commands.evaluate(args.trained, args.data, args.report, args.limit, args.split)
     elif args.tokenize_command == "encode":
         print(commands.encode(args.tokenizer, args.files, args.out))
         return 0
@@ -215,11 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", type=Path, default=None, help="built corpora (default: $MLLM_CACHE/corpora)")
     t.add_argument("--out", type=Path, required=True)
     t.add_argument("overrides", nargs="*", help="dotted overrides of the recipe's config, e.g. steps=500")
-    e = tok_sub.add_parser("eval", help="evaluate a trained tokenizer on the test split; writes metrics and pictures")
+    e = tok_sub.add_parser("eval", help="evaluate a trained tokenizer on a held-out split; writes metrics and pictures")
     e.add_argument("trained", type=Path, help="a directory written by `mllm tokenize train`")
     e.add_argument("--data", type=Path, default=None)
     e.add_argument("--report", type=Path, required=True)
-    e.add_argument("--limit", type=int, default=None, help="at most this many test items")
+    e.add_argument("--limit", type=int, default=None, help="at most this many items (evenly spaced)")
+    e.add_argument("--split", choices=["test", "validation"], default="test",
+                   help="test (report it), or validation (choose recipes on it)")
     enc = tok_sub.add_parser("encode", help="encode media files to tokens (one safetensors file)")
     enc.add_argument("--tokenizer", type=Path, required=True)
     enc.add_argument("--out", type=Path, required=True)

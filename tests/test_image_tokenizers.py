@@ -278,7 +278,7 @@ def test_recipe_trains_evaluates_and_reloads(recipe, corpora, cache, tmp_path):
     assert metrics["steps"] == (5 if "diffusion" in recipe else 3) and (out / "loss.png").is_file()
     report = commands.evaluate(out, corpora, out / "report", limit=10)
     assert (out / "report" / "reconstructions.png").is_file()
-    assert report["test_images"] == 10 and 0 <= report["judge_accuracy_reconstructions"] <= 1
+    assert report["images"] == 10 and report["split"] == "test" and 0 <= report["judge_accuracy_reconstructions"] <= 1
     assert report["psnr_db"] > 0
     assert ("mean_token_probe_accuracy" in report) == ("diffusion" in recipe)
     tok, detok = load_media_tokenizer(out / "media_tokenizer"), load_detokenizer(out / "detokenizer")

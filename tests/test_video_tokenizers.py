@@ -230,9 +230,13 @@ def test_recipe_trains_evaluates_and_reloads(recipe, corpora, cache, tmp_path):
     assert metrics["steps"] == (5 if "divot" in recipe else 3) and (out / "loss.png").is_file()
     report = commands.evaluate(out, corpora, out / "report", limit=4)
     assert (out / "report" / "frame_strips.png").is_file() and (out / "report" / "metrics.json").is_file()
-    assert report["test_clips"] == 4 and report["psnr_db"] > 0
+    assert report["clips"] == 4 and report["split"] == "test" and report["psnr_db"] > 0
     assert report["direction_accuracy_originals"] == 1.0 and 0 <= report["direction_accuracy_reconstructions"] <= 1
     assert 0 <= report["digit_accuracy_reconstructions"] <= 1
+    held_out = commands.evaluate(out, corpora, out / "validation", limit=2, split="validation")
+    assert held_out["split"] == "validation" and held_out["clips"] == 2
+    with pytest.raises(ValueError, match="split must be one of test, validation, got 'train'"):
+        commands.evaluate(out, corpora, out / "train", split="train")
     tok, detok = load_media_tokenizer(out / "media_tokenizer"), load_detokenizer(out / "detokenizer")
     tokens_file = commands.encode(out / "media_tokenizer", corpus_clips(corpora, "video", "test")[0][:2], tmp_path / "t.safetensors")
     written = commands.decode(out / "detokenizer", tokens_file, tmp_path / "decoded", guidance=2.0, steps=1, seed=0)

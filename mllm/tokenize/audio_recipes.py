@@ -183,9 +183,9 @@ def train_codec(cfg: AudioCodecRecipe, corpora_dir: Path, out: Path) -> dict:
     }
 
 
-def evaluate_codec(trained: Path, corpora_dir: Path, report: Path, limit: int | None) -> dict:
+def evaluate_codec(trained: Path, corpora_dir: Path, report: Path, limit: int | None, split: str = "test") -> dict:
     tokenizer, detokenizer = load_media_tokenizer(trained / "media_tokenizer"), load_detokenizer(trained / "detokenizer")
-    return evaluate_audio(tokenizer, detokenizer, corpora_dir, report, limit)
+    return evaluate_audio(tokenizer, detokenizer, corpora_dir, report, limit, split)
 
 
 register_recipe(Recipe("audio_codec", AudioCodecRecipe, train_codec, evaluate_codec))
@@ -274,10 +274,12 @@ def train_mel_diffusion(cfg: AudioMelDiffusionRecipe, corpora_dir: Path, out: Pa
     }
 
 
-def evaluate_mel_diffusion(trained: Path, corpora_dir: Path, report: Path, limit: int | None) -> dict:
+def evaluate_mel_diffusion(trained: Path, corpora_dir: Path, report: Path, limit: int | None,
+                           split: str = "test") -> dict:
     _, cfg = load_recipe(trained / RECIPE_FILE)
     tokenizer, detokenizer = load_media_tokenizer(trained / "media_tokenizer"), load_detokenizer(trained / "detokenizer")
-    return evaluate_audio(tokenizer, detokenizer, corpora_dir, report, limit, guidance=cfg.guidance, steps=cfg.steps)
+    return evaluate_audio(tokenizer, detokenizer, corpora_dir, report, limit, split, guidance=cfg.guidance,
+                          steps=cfg.steps)
 
 
 register_recipe(Recipe("audio_mel_diffusion", AudioMelDiffusionRecipe, train_mel_diffusion, evaluate_mel_diffusion))
@@ -297,11 +299,12 @@ def mel_distance_db(original: Audio, reconstruction: Audio, mel: LogMel) -> floa
 
 
 def evaluate_audio(tokenizer: MediaTokenizer, detokenizer: DeTokenizer, corpora_dir: Path, report: Path,
-                   limit: int | None, guidance: float = 1.0, steps: int | None = None, examples: int = 4) -> dict:
-    """Round-trip the test split's single-digit utterances and sound effects; write WAVs, spectrograms, metrics."""
+                   limit: int | None, split: str = "test", guidance: float = 1.0, steps: int | None = None,
+                   examples: int = 4) -> dict:
+    """Round-trip the split's single-digit utterances and sound effects; write WAVs, spectrograms, metrics."""
     judge = SpokenDigitJudge.load_or_train(corpora_dir)
-    digits = single_digit_clips(corpora_dir, "test")[:limit]
-    sounds = audio_paths(corpora_dir, "sounds", "test")[:limit]
+    digits = single_digit_clips(corpora_dir, split)[:limit]
+    sounds = audio_paths(corpora_dir, "sounds", split)[:limit]
     mel = LogMel(MelConfig())
     generator = torch.Generator().manual_seed(0)
     report.mkdir(parents=True, exist_ok=True)

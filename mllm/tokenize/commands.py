@@ -18,6 +18,7 @@ from mllm.tokenize.recipes import RECIPE_FILE, RECIPES, load_recipe
 from mllm.tokenizers import load_media_tokenizer
 
 SUFFIX = {"image": ".png", "audio": ".wav", "video": ".mp4"}
+EVAL_SPLITS = ("test", "validation")  # never train: the judges and recipes learn from it
 
 
 def train(recipe_path: str | os.PathLike, corpora: Path, out: Path, overrides: list[str] | None = None) -> dict:
@@ -30,9 +31,12 @@ def train(recipe_path: str | os.PathLike, corpora: Path, out: Path, overrides: l
     return metrics
 
 
-def evaluate(trained: Path, corpora: Path, report: Path, limit: int | None = None) -> dict:
+def evaluate(trained: Path, corpora: Path, report: Path, limit: int | None = None, split: str = "test") -> dict:
+    """A trained directory's recipe evaluation on a held-out split of the built corpora, saved as report/metrics.json."""
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"split must be one of {', '.join(EVAL_SPLITS)}, got {split!r}")
     meta = yaml.safe_load((trained / RECIPE_FILE).read_text())
-    metrics = RECIPES.build(meta["recipe"]).evaluate(trained, corpora, report, limit)
+    metrics = {"split": split, **RECIPES.build(meta["recipe"]).evaluate(trained, corpora, report, limit, split)}
     report.mkdir(parents=True, exist_ok=True)
     (report / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics

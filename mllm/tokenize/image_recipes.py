@@ -192,13 +192,13 @@ class EvalSet:
     labels: list[int | None]  # the digit, for images of the digits corpus
 
 
-def eval_set(corpora_dir: Path, data: ImageData, limit: int | None) -> EvalSet:
+def eval_set(corpora_dir: Path, data: ImageData, limit: int | None, split: str) -> EvalSet:
     images, labels = [], []
     for corpus in data.corpora:
         if corpus == "digits":
-            paths, digits = digit_images(corpora_dir, "test")
+            paths, digits = digit_images(corpora_dir, split)
         else:
-            paths = corpus_images(corpora_dir, corpus, "test")
+            paths = corpus_images(corpora_dir, corpus, split)
             digits = [None] * len(paths)
         images += [load_image(p) for p in paths]
         labels += digits
@@ -352,7 +352,7 @@ def psnr(original: Image, reconstruction: Image) -> float:
 def reconstruction_report(test: EvalSet, recons: list[Image], judge: DigitJudge | None, report: Path) -> dict:
     """PSNR, the judge's accuracy on originals and reconstructions, and the picture."""
     metrics: dict[str, Any] = {
-        "test_images": len(recons),
+        "images": len(recons),
         "psnr_db": round(float(np.mean([psnr(o, r) for o, r in zip(test.images, recons)])), 2),
     }
     digits = [i for i, label in enumerate(test.labels) if label is not None]
@@ -382,10 +382,10 @@ def _judge(corpora: Path, data: ImageData) -> DigitJudge | None:
     return DigitJudge.load_or_train(corpora) if "digits" in data.corpora else None
 
 
-def evaluate_discrete(trained: Path, corpora: Path, report: Path, limit: int | None) -> dict:
+def evaluate_discrete(trained: Path, corpora: Path, report: Path, limit: int | None, split: str = "test") -> dict:
     _, cfg = load_recipe(trained / RECIPE_FILE)
     tokenizer, decoder = load_media_tokenizer(trained / "media_tokenizer"), load_detokenizer(trained / "detokenizer")
-    test, judge = eval_set(corpora, cfg.data, limit), _judge(corpora, cfg.data)
+    test, judge = eval_set(corpora, cfg.data, limit, split), _judge(corpora, cfg.data)
     codes, recons = [], []
     start = time.perf_counter()
     for i in tqdm(range(0, len(test.images), cfg.evaluation.batch_size), desc="reconstruct"):
@@ -427,10 +427,10 @@ def mean_token_probe(tokenizer: MediaTokenizer, corpora: Path, test: EvalSet, ba
     return float((probe((x_test - mean) / std).argmax(1) == y_test).float().mean())
 
 
-def evaluate_diffusion(trained: Path, corpora: Path, report: Path, limit: int | None) -> dict:
+def evaluate_diffusion(trained: Path, corpora: Path, report: Path, limit: int | None, split: str = "test") -> dict:
     _, cfg = load_recipe(trained / RECIPE_FILE)
     tokenizer, detokenizer = load_media_tokenizer(trained / "media_tokenizer"), load_detokenizer(trained / "detokenizer")
-    test, judge = eval_set(corpora, cfg.data, limit), _judge(corpora, cfg.data)
+    test, judge = eval_set(corpora, cfg.data, limit, split), _judge(corpora, cfg.data)
     e = cfg.evaluation
     generator = torch.Generator().manual_seed(e.seed)
     recons = []

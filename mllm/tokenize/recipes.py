@@ -12,7 +12,8 @@ writes into one output directory:
     media_tokenizer/   (load_media_tokenizer)      detokenizer/   (load_detokenizer)
     recipe.yaml        loss.png                     metrics.json
 
-and `mllm tokenize eval DIR` runs `recipe.evaluate` on the test split,
+and `mllm tokenize eval DIR` runs `recipe.evaluate` on the test split (or `--split validation`, the one
+to choose recipes on),
 writing metrics and pictures (reconstruction grids, frame strips,
 spectrograms) into a report directory.
 """
@@ -38,8 +39,8 @@ class Recipe:
     config_class: type
     # train(cfg, corpora_dir, out_dir) -> metrics; writes the layout above
     train: Callable[[Any, Path, Path], dict]
-    # evaluate(trained_dir, corpora_dir, report_dir, limit) -> metrics on the test split
-    evaluate: Callable[[Path, Path, Path, int | None], dict]
+    # evaluate(trained_dir, corpora_dir, report_dir, limit, split) -> metrics on that split ("test", "validation")
+    evaluate: Callable[[Path, Path, Path, int | None, str], dict]
 
 
 RECIPES: Registry[Recipe] = Registry("tokenizer recipe")

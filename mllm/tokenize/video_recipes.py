@@ -11,7 +11,7 @@
 Training reads the distinct clips of the train split of `data.corpora`
 (built corpora, `mllm data build`), a shuffled batch at a time, and writes
 media_tokenizer/, detokenizer/, loss.png and metrics. Evaluation
-reconstructs the test split (encode, then decode; `limit` keeps an evenly
+reconstructs the test (or validation) split (encode, then decode; `limit` keeps an evenly
 spaced subset) and reports PSNR over the sampled frames, the video judge's
 digit and direction accuracy on the originals and on the reconstructions
 (clips with `digits`/`direction` metadata), codebook use (discrete), and
@@ -126,15 +126,15 @@ class ClipSet:
     directions: list[str | None]
 
 
-def eval_set(corpora_dir: Path, data: VideoData, limit: int | None) -> ClipSet:
+def eval_set(corpora_dir: Path, data: VideoData, limit: int | None, split: str) -> ClipSet:
     paths, metas = [], []
     for corpus in data.corpora:
-        p, m = corpus_clips(corpora_dir, corpus, "test")
+        p, m = corpus_clips(corpora_dir, corpus, split)
         paths += p
         metas += m
     keep = evenly_spaced(len(paths), limit)
     paths, metas = [paths[i] for i in keep], [metas[i] for i in keep]
-    return ClipSet([load_video(p) for p in tqdm(paths, desc="load test clips")],
+    return ClipSet([load_video(p) for p in tqdm(paths, desc=f"load {split} clips")],
                    [m.get("digits") for m in metas], [m.get("direction") for m in metas])
 
 
@@ -287,7 +287,7 @@ def judge_scores(test: ClipSet, clips: list[Video], judge: VideoJudge | None, na
 def reconstruction_report(test: ClipSet, recons: list[Video], judge: VideoJudge | None, report: Path) -> dict:
     """PSNR, the video judge's accuracies on originals and reconstructions, and the frame strips."""
     metrics: dict[str, Any] = {
-        "test_clips": len(recons),
+        "clips": len(recons),
         "psnr_db": round(float(np.mean([psnr(o, r) for o, r in zip(test.videos, recons)])), 2),
         **judge_scores(test, test.videos, judge, "originals"),
         **judge_scores(test, recons, judge, "reconstructions"),
@@ -302,10 +302,10 @@ def _judge(corpora: Path) -> VideoJudge | None:
     return VideoJudge.load_or_train(corpora) if (corpora / "digits" / "train.jsonl").is_file() else None
 
 
-def evaluate_divot(trained: Path, corpora: Path, report: Path, limit: int | None) -> dict:
+def evaluate_divot(trained: Path, corpora: Path, report: Path, limit: int | None, split: str = "test") -> dict:
     _, cfg = load_recipe(trained / RECIPE_FILE)
     tokenizer, detokenizer = load_media_tokenizer(trained / "media_tokenizer"), load_detokenizer(trained / "detokenizer")
-    test, judge = eval_set(corpora, cfg.data, limit), _judge(corpora)
+    test, judge = eval_set(corpora, cfg.data, limit, split), _judge(corpora)
     e = cfg.evaluation
     generator = torch.Generator().manual_seed(e.seed)
     recons: list[Video] = []
@@ -332,10 +332,10 @@ def evaluate_divot(trained: Path, corpora: Path, report: Path, limit: int | None
     }
 
 
-def evaluate_fsq(trained: Path, corpora: Path, report: Path, limit: int | None) -> dict:
+def evaluate_fsq(trained: Path, corpora: Path, report: Path, limit: int | None, split: str = "test") -> dict:
     _, cfg = load_recipe(trained / RECIPE_FILE)
     tokenizer, decoder = load_media_tokenizer(trained / "media_tokenizer"), load_detokenizer(trained / "detokenizer")
-    test, judge = eval_set(corpora, cfg.data, limit), _judge(corpora)
+    test, judge = eval_set(corpora, cfg.data, limit, split), _judge(corpora)
     codes, recons = [], []
     start = time.perf_counter()
     for i in tqdm(range(0, len(test.videos), cfg.evaluation.batch_size), desc="reconstruct"):
