@@ -234,7 +234,7 @@ def test_training_gives_unused_projectors_and_heads_a_zero_gradient(arch):
 
 
 def test_parallel_targets_are_queries_that_see_their_whole_span():
-    model = with_heads("llama", {"image": {"name": "regression", "parallel": True}})
+    model = with_heads("llama", {"image": {"name": "regression", "parallel": True}}, tokens_per_item={"image": 3})
     ids = image_sequence(model.layout)
     slots = (ids == model.layout["image"].placeholder_id)[0].nonzero().squeeze(-1)
     feats, targets = torch.randn(6, IMAGE_DIM), torch.tensor([False] * 3 + [True] * 3)
@@ -326,3 +326,35 @@ def test_save_load_with_each_head_is_bit_identical(head, tmp_path, mistral_token
     assert torch.equal(samples[0], samples[1])
     auto = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
     assert isinstance(auto, MultimodalLM) and auto.heads["image"].name == head
+
+
+def test_parallel_slots_are_learned_queries_one_per_slot(tmp_path):
+    """Each query slot of a parallel span gets its own learned embedding (SEED-X's output queries): the same
+    placeholder at slots k and k' enters as different vectors, every span restarts at query 0, the queries
+    are saved with the model, and a model with a parallel head must know its N."""
+    model = with_heads("llama", {"image": {"name": "regression", "parallel": True}}, tokens_per_item={"image": 3})
+    ids = image_sequence(model.layout)  # two 3-slot spans
+    slots = ids == model.layout["image"].placeholder_id
+    embeds = model.embed(ids, queries=slots)[slots]  # [6, H]
+    plain = model.get_input_embeddings()(ids)[slots]
+    torch.testing.assert_close(embeds - plain, model.queries["image"].detach().repeat(2, 1))
+    assert not torch.allclose(embeds[0], embeds[1])
+    model.save_pretrained(tmp_path / "m")
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "m").queries["image"], model.queries["image"])
+    with pytest.raises(ValueError, match="longer than its 2 query slots"):
+        with_heads("llama", {"image": {"name": "regression", "parallel": True}}, tokens_per_item={"image": 2}).embed(
+            ids, queries=slots)
+    with pytest.raises(ValueError, match="heads.image is parallel: tokens_per_item.image must give"):
+        with_heads("llama", {"image": {"name": "regression", "parallel": True}})
+
+
+def test_replacing_a_head_with_a_parallel_one_adds_its_queries_and_keeps_them_for_the_next():
+    model = with_heads("llama", {"image": {"name": "gmm"}}, tokens_per_item={"image": 3})
+    assert "image" not in model.queries
+    model.replace_head("image", {"name": "regression", "parallel": True})
+    queries = model.queries["image"]
+    assert queries.shape == (3, model.config.text_config.hidden_size) and model.is_parallel("image")
+    model.replace_head("image", {"name": "gmm", "parallel": True})  # a new head on the same queries
+    assert model.queries["image"] is queries and model.config.heads["image"]["loss_weight"] == 1.0
+    model.replace_head("image", {"name": "gmm"})
+    assert "image" not in model.queries and not model.is_parallel("image")

@@ -91,7 +91,7 @@ def test_packed_parallel_targets_equal_each_document_alone():
     cfg = dict(TINY_LMS["llama"], vocab_size=300)
     base = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg), attn_implementation="sdpa")
     heads = {"image": {"name": "regression", "parallel": True}}
-    model = MultimodalLM.from_base(base, layout_for(), heads=heads).eval()
+    model = MultimodalLM.from_base(base, layout_for(), heads=heads, tokens_per_item={"image": 3}).eval()
     rows = pack(DOCS, T)
     packed = run(model, collate_rows(rows, T, pad_id=0, attn_implementation="sdpa"))
     slot = 0

@@ -48,7 +48,7 @@ class MultimodalConfig(PretrainedConfig):
         self.text_config = text_config
         self.vocab_layout = vocab_layout or {"text_vocab_size": 0, "modalities": []}
         self.projector = projector
-        self.heads = {name: _head_entry(name, spec) for name, spec in (heads or {}).items()}
+        self.heads = {name: head_entry(name, spec) for name, spec in (heads or {}).items()}
         self.tokens_per_item = {name: int(n) for name, n in (tokens_per_item or {}).items()}
         # Tying follows the base LM: its own config decides, and the wrapper only reports it.
         kwargs.setdefault("tie_word_embeddings", getattr(text_config, "tie_word_embeddings", False))
@@ -64,7 +64,7 @@ class MultimodalConfig(PretrainedConfig):
         return self.text_config
 
 
-def _head_entry(modality: str, spec: dict) -> dict:
+def head_entry(modality: str, spec: dict) -> dict:
     """A head entry with every key spelled out, so config.json says exactly what was built."""
     unknown = sorted(set(spec) - HEAD_KEYS)
     if unknown or "name" not in spec:

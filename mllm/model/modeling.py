@@ -9,10 +9,12 @@ resized embedding table. Continuous features replace the embedding of their
 modality's placeholder token. The hidden state at position p-1 predicts the
 feature at placeholder p, as the logits at p-1 predict the token at p.
 
-A modality whose head is `parallel` (Divot-style) instead keeps the
-placeholder embedding at its target slots: they are queries, they attend to
-each other within their span (a 4D mask), and the hidden state at slot p
-itself predicts the feature at p.
+A modality whose head is `parallel` (Divot-style, SEED-X's output queries)
+instead fills its target slots with N learned query embeddings, one per slot
+of the item (N = tokens_per_item): they attend to each other within their span
+(a 4D mask), and the hidden state at slot p itself predicts the feature at p.
+The queries must differ per slot: with one shared placeholder embedding a
+small LM gives every slot nearly the same hidden state, so the same feature.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from mllm.heads import Head, build_head
 from mllm.losses import causal_lm_loss, multimodal_loss
-from mllm.model.configuration import MultimodalConfig
+from mllm.model.configuration import MultimodalConfig, head_entry
 from mllm.model.projector import PROJECTORS
 from mllm.vocab import VocabLayout
 
@@ -72,6 +74,9 @@ class MultimodalLM(PreTrainedModel):
             if name not in self.layout.modalities or n < 0:
                 known = sorted(self.layout.modalities)
                 raise ValueError(f"tokens_per_item.{name} must be >= 0 and name a modality of {known}")
+        self.queries = nn.ParameterDict()  # m -> [N, H]: the output query of each slot of a parallel item
+        for name, spec in config.heads.items():
+            self._set_queries(name, spec)
         # transformers 5 calls the KV cache `cache`, 4.x `past_key_values`.
         params = inspect.signature(self.language_model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -147,9 +152,24 @@ class MultimodalLM(PreTrainedModel):
         config too, so that the saved checkpoint rebuilds it."""
         if name not in self.config.heads:
             raise KeyError(f"the model has no head for {name!r} (heads: {sorted(self.config.heads)})")
+        spec = head_entry(name, spec)
         self.heads[name] = self._build_head(name, spec)
         self.heads[name].reset_parameters()
         self.config.heads[name] = spec
+        self._set_queries(name, spec)
+
+    def _set_queries(self, name: str, spec: dict) -> None:
+        """Learned output queries for a parallel head's N slots (kept when a parallel head replaces another);
+        none for a sequential head."""
+        if not spec["parallel"]:
+            if name in self.queries:
+                del self.queries[name]
+            return
+        n = self.config.tokens_per_item.get(name, 0)
+        if n <= 0:
+            raise ValueError(f"heads.{name} is parallel: tokens_per_item.{name} must give its N query slots")
+        if name not in self.queries:
+            self.queries[name] = nn.Parameter(torch.randn(n, self.config.text_config.hidden_size) * 0.02)
 
     def is_parallel(self, name: str) -> bool:
         """Whether modality `name` writes its features Divot-style, a whole span per forward pass."""
@@ -190,6 +210,8 @@ class MultimodalLM(PreTrainedModel):
         if unknown:
             raise ValueError(f"features for '{unknown[0]}', which is not a continuous modality of this model")
         embeds = self.get_input_embeddings()(input_ids)
+        for name, table in self.queries.items():
+            embeds = self._add_queries(embeds, input_ids == self.layout[name].placeholder_id, queries, table, name)
         for name, projector in self.projectors.items():
             spec, slots = self.layout[name].spec, input_ids == self.layout[name].placeholder_id  # [B, T]
             if queries is not None:
@@ -209,6 +231,19 @@ class MultimodalLM(PreTrainedModel):
             projected = projector(feats.to(embeds.dtype))  # [n, H]
             embeds = embeds.masked_scatter(slots.unsqueeze(-1), projected)
         return embeds
+
+    def _add_queries(self, embeds: torch.Tensor, slots: torch.Tensor, queries: torch.Tensor | None,
+                     table: torch.Tensor, name: str) -> torch.Tensor:
+        """embeds [B, T, H] + table[k] at the k-th query slot of each of `name`'s parallel spans."""
+        marked = slots & queries if queries is not None else torch.zeros_like(slots)
+        if not marked.any():  # idle: a zero-weighted touch keeps multi-rank gradient reduction in step
+            return embeds + 0 * table.sum() if self.touch_idle_modules else embeds
+        index = torch.arange(slots.shape[1], device=slots.device).expand_as(slots)
+        starts = marked & ~nn.functional.pad(marked, (1, 0))[:, :-1]
+        rank = index - torch.where(starts, index, 0).cummax(-1).values  # [B, T]: the slot's place in its span
+        if int(rank[marked].max()) >= len(table):
+            raise ValueError(f"{name}: a parallel span longer than its {len(table)} query slots (tokens_per_item)")
+        return embeds + torch.where(marked.unsqueeze(-1), table[rank.clamp(max=len(table) - 1)], 0)
 
     def forward(
         self,

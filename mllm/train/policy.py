@@ -55,6 +55,7 @@ def apply_policy(model: MultimodalLM, policy: PolicyConfig) -> nn.Module:
         model.language_model.requires_grad_(policy.lm == "full")
     model.projectors.requires_grad_(policy.projectors)
     model.heads.requires_grad_(policy.heads)
+    model.queries.requires_grad_(policy.heads)  # a parallel head's input side
     params = dict(model.named_parameters())
     for key, patterns, trainable in (("policy.train", policy.train, True), ("policy.freeze", policy.freeze, False)):
         for pattern in patterns:
@@ -121,7 +122,8 @@ def _group(name: str) -> str:
         return "lora"
     if "trainable_tokens_delta" in name:
         return "token rows"
-    return {"projectors": "projectors", "heads": "heads", "language_model": "language model"}.get(name.split(".")[0], "other")
+    groups = {"projectors": "projectors", "heads": "heads", "queries": "output queries", "language_model": "language model"}
+    return groups.get(name.split(".")[0], "other")
 
 
 def _count(n: int) -> str:
