@@ -210,10 +210,10 @@ class MultimodalLM(PreTrainedModel):
         if unknown:
             raise ValueError(f"features for '{unknown[0]}', which is not a continuous modality of this model")
         embeds = self.get_input_embeddings()(input_ids)
-        for name, table in self.queries.items():
-            embeds = self._add_queries(embeds, input_ids == self.layout[name].placeholder_id, queries, table, name)
         for name, projector in self.projectors.items():
             spec, slots = self.layout[name].spec, input_ids == self.layout[name].placeholder_id  # [B, T]
+            if name in self.queries:
+                embeds = self._add_queries(embeds, None if queries is None else slots & queries, name)
             if queries is not None:
                 slots = slots & ~queries
             feats = features.get(name)
@@ -232,16 +232,13 @@ class MultimodalLM(PreTrainedModel):
             embeds = embeds.masked_scatter(slots.unsqueeze(-1), projected)
         return embeds
 
-    def _add_queries(self, embeds: torch.Tensor, slots: torch.Tensor, queries: torch.Tensor | None,
-                     table: torch.Tensor, name: str) -> torch.Tensor:
-        """embeds [B, T, H] + table[k] at the k-th query slot of each of `name`'s parallel spans."""
-        marked = slots & queries if queries is not None else torch.zeros_like(slots)
-        if not marked.any():  # idle: a zero-weighted touch keeps multi-rank gradient reduction in step
+    def _add_queries(self, embeds: torch.Tensor, marked: torch.Tensor | None, name: str) -> torch.Tensor:
+        """embeds [B, T, H] + queries[name][k] at the k-th slot of each run of `marked` [B, T] (`name`'s spans)."""
+        table = self.queries[name]
+        if marked is None or not marked.any():  # idle: a zero-weighted touch keeps multi-rank reduction in step
             return embeds + 0 * table.sum() if self.touch_idle_modules else embeds
-        index = torch.arange(slots.shape[1], device=slots.device).expand_as(slots)
-        starts = marked & ~nn.functional.pad(marked, (1, 0))[:, :-1]
-        rank = index - torch.where(starts, index, 0).cummax(-1).values  # [B, T]: the slot's place in its span
-        if int(rank[marked].max()) >= len(table):
+        rank = query_ranks(marked)
+        if int(rank.max()) >= len(table):
             raise ValueError(f"{name}: a parallel span longer than its {len(table)} query slots (tokens_per_item)")
         return embeds + torch.where(marked.unsqueeze(-1), table[rank.clamp(max=len(table) - 1)], 0)
 
@@ -344,10 +341,20 @@ class MultimodalLM(PreTrainedModel):
         }
 
 
+def _run_starts(queries: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: the first query of every run of adjacent queries."""
+    return queries & ~nn.functional.pad(queries, (1, 0))[:, :-1]
+
+
 def query_blocks(queries: torch.Tensor) -> torch.Tensor:
     """[B, T] bool -> [B, T] long: each run of adjacent queries numbered 1, 2, ... per row; 0 elsewhere."""
-    starts = queries & ~nn.functional.pad(queries, (1, 0))[:, :-1]
-    return starts.long().cumsum(-1) * queries
+    return _run_starts(queries).long().cumsum(-1) * queries
+
+
+def query_ranks(queries: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool -> [B, T] long: each query's place in its run, 0, 1, ...; 0 elsewhere."""
+    index = torch.arange(queries.shape[1], device=queries.device).expand_as(queries)
+    return (index - torch.where(_run_starts(queries), index, 0).cummax(-1).values) * queries
 
 
 def block_causal_mask(

@@ -183,7 +183,7 @@ def train_codec(cfg: AudioCodecRecipe, corpora_dir: Path, out: Path) -> dict:
     }
 
 
-def evaluate_codec(trained: Path, corpora_dir: Path, report: Path, limit: int | None, split: str = "test") -> dict:
+def evaluate_codec(trained: Path, corpora_dir: Path, report: Path, limit: int | None, split: str) -> dict:
     tokenizer, detokenizer = load_media_tokenizer(trained / "media_tokenizer"), load_detokenizer(trained / "detokenizer")
     return evaluate_audio(tokenizer, detokenizer, corpora_dir, report, limit, split)
 
@@ -274,8 +274,7 @@ def train_mel_diffusion(cfg: AudioMelDiffusionRecipe, corpora_dir: Path, out: Pa
     }
 
 
-def evaluate_mel_diffusion(trained: Path, corpora_dir: Path, report: Path, limit: int | None,
-                           split: str = "test") -> dict:
+def evaluate_mel_diffusion(trained: Path, corpora_dir: Path, report: Path, limit: int | None, split: str) -> dict:
     _, cfg = load_recipe(trained / RECIPE_FILE)
     tokenizer, detokenizer = load_media_tokenizer(trained / "media_tokenizer"), load_detokenizer(trained / "detokenizer")
     return evaluate_audio(tokenizer, detokenizer, corpora_dir, report, limit, split, guidance=cfg.guidance,
@@ -299,7 +298,7 @@ def mel_distance_db(original: Audio, reconstruction: Audio, mel: LogMel) -> floa
 
 
 def evaluate_audio(tokenizer: MediaTokenizer, detokenizer: DeTokenizer, corpora_dir: Path, report: Path,
-                   limit: int | None, split: str = "test", guidance: float = 1.0, steps: int | None = None,
+                   limit: int | None, split: str, guidance: float = 1.0, steps: int | None = None,
                    examples: int = 4) -> dict:
     """Round-trip the split's single-digit utterances and sound effects; write WAVs, spectrograms, metrics."""
     judge = SpokenDigitJudge.load_or_train(corpora_dir)

@@ -18,7 +18,7 @@ from mllm.tokenize.recipes import RECIPE_FILE, RECIPES, load_recipe
 from mllm.tokenizers import load_media_tokenizer
 
 SUFFIX = {"image": ".png", "audio": ".wav", "video": ".mp4"}
-EVAL_SPLITS = ("test", "validation")  # never train: the judges and recipes learn from it
+EVAL_SPLITS = ("test", "validation")  # the held-out splits; judges and recipes learn from train
 
 
 def train(recipe_path: str | os.PathLike, corpora: Path, out: Path, overrides: list[str] | None = None) -> dict:

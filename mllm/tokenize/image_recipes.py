@@ -382,7 +382,7 @@ def _judge(corpora: Path, data: ImageData) -> DigitJudge | None:
     return DigitJudge.load_or_train(corpora) if "digits" in data.corpora else None
 
 
-def evaluate_discrete(trained: Path, corpora: Path, report: Path, limit: int | None, split: str = "test") -> dict:
+def evaluate_discrete(trained: Path, corpora: Path, report: Path, limit: int | None, split: str) -> dict:
     _, cfg = load_recipe(trained / RECIPE_FILE)
     tokenizer, decoder = load_media_tokenizer(trained / "media_tokenizer"), load_detokenizer(trained / "detokenizer")
     test, judge = eval_set(corpora, cfg.data, limit, split), _judge(corpora, cfg.data)
@@ -427,7 +427,7 @@ def mean_token_probe(tokenizer: MediaTokenizer, corpora: Path, test: EvalSet, ba
     return float((probe((x_test - mean) / std).argmax(1) == y_test).float().mean())
 
 
-def evaluate_diffusion(trained: Path, corpora: Path, report: Path, limit: int | None, split: str = "test") -> dict:
+def evaluate_diffusion(trained: Path, corpora: Path, report: Path, limit: int | None, split: str) -> dict:
     _, cfg = load_recipe(trained / RECIPE_FILE)
     tokenizer, detokenizer = load_media_tokenizer(trained / "media_tokenizer"), load_detokenizer(trained / "detokenizer")
     test, judge = eval_set(corpora, cfg.data, limit, split), _judge(corpora, cfg.data)

@@ -302,7 +302,7 @@ def _judge(corpora: Path) -> VideoJudge | None:
     return VideoJudge.load_or_train(corpora) if (corpora / "digits" / "train.jsonl").is_file() else None
 
 
-def evaluate_divot(trained: Path, corpora: Path, report: Path, limit: int | None, split: str = "test") -> dict:
+def evaluate_divot(trained: Path, corpora: Path, report: Path, limit: int | None, split: str) -> dict:
     _, cfg = load_recipe(trained / RECIPE_FILE)
     tokenizer, detokenizer = load_media_tokenizer(trained / "media_tokenizer"), load_detokenizer(trained / "detokenizer")
     test, judge = eval_set(corpora, cfg.data, limit, split), _judge(corpora)
@@ -332,7 +332,7 @@ def evaluate_divot(trained: Path, corpora: Path, report: Path, limit: int | None
     }
 
 
-def evaluate_fsq(trained: Path, corpora: Path, report: Path, limit: int | None, split: str = "test") -> dict:
+def evaluate_fsq(trained: Path, corpora: Path, report: Path, limit: int | None, split: str) -> dict:
     _, cfg = load_recipe(trained / RECIPE_FILE)
     tokenizer, decoder = load_media_tokenizer(trained / "media_tokenizer"), load_detokenizer(trained / "detokenizer")
     test, judge = eval_set(corpora, cfg.data, limit, split), _judge(corpora)
