@@ -14,6 +14,7 @@ from mllm.detokenizers import build_detokenizer, list_detokenizers, load_detoken
 from mllm.judges.video import VideoJudge, centroid_track, direction
 from mllm.media import MediaError, Video
 from mllm.tokenize import commands
+from mllm.tokenize.corpus_media import shuffled_batches
 from mllm.tokenize.recipes import list_recipes
 from mllm.tokenize.video_recipes import corpus_clips
 from mllm.tokenizers import build_media_tokenizer, list_media_tokenizers, load_media_tokenizer
@@ -116,11 +117,15 @@ def test_diffusion_decodes_whole_clips_with_cfg_and_round_trips(token_grid, prio
     assert np.array_equal(clip.frames, again.frames)
     assert len(detok.decode_batch(tokens, steps=1)) == 2
     clips = torch.rand(2, 4, 3, 16, 16)
+    prior_rows = []
+    if prior:
+        detok.prior.register_forward_hook(lambda module, args, out: prior_rows.append(len(out)))
     losses = detok.training_losses(clips, tokens)
     losses["loss"].backward()
     assert torch.isfinite(losses["loss"])
     if prior:  # the DiT refines the prior's frames; the prior also learns on its own MSE
         assert set(losses) == {"loss", "diffusion", "prior_mse"} and detok.prior.to_pixels.weight.grad is not None
+        assert prior_rows == [2, 1]  # once per clip for both losses, once for the null tokens
     loaded = load_detokenizer(detok.save_pretrained(tmp_path / "detok"))
     assert torch.equal(loaded.null_tokens, detok.null_tokens)
     assert np.array_equal(loaded.decode(tokens[0], guidance=3.0, steps=2, generator=torch.Generator().manual_seed(0)).frames,
@@ -163,6 +168,19 @@ def test_bad_input_raises_clear_errors():
         tok.resampler.proj_out.weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="NaN or inf features"):
         tok.encode(videos(1)[0])
+
+
+def test_batch_streams_sharing_a_cache_load_each_clip_once(tmp_path):
+    paths, loads = [tmp_path / f"{i}.mp4" for i in range(6)], []
+    load = lambda p: loads.append(p) or p.name  # noqa: E731
+    shared: dict = {}
+    stage1, stage2 = shuffled_batches(paths, 2, 0, 10, load, shared), shuffled_batches(paths, 3, 1, 10, load, shared)
+    batches = [next(stage1) for _ in range(3)] + [next(stage2) for _ in range(4)]
+    assert sorted(loads) == sorted(paths) and all(len(set(b)) == len(b) for b in batches)
+    capped = shuffled_batches(paths, 3, 0, 2, load, {})
+    loads.clear()
+    [next(capped) for _ in range(4)]  # two epochs: all but the 2 cached clips load twice
+    assert len(loads) == 6 + 4
 
 
 def moving_square(direction_: str, frames: int = 6) -> Video:

@@ -109,17 +109,20 @@ class DiffusionDeTokenizer(DeTokenizer):
         if not torch.isfinite(tokens).all():
             raise ValueError(f"{self.name}: tokens contain NaN or inf")
 
-    def diffusion_loss(self, x0: torch.Tensor, tokens: torch.Tensor, null_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    def diffusion_loss(self, x0: torch.Tensor, tokens: torch.Tensor, null_tokens: torch.Tensor | None = None,
+                       conditioned: Any = None) -> torch.Tensor:
         """MSE of the denoiser's prediction at random noise levels; x0 [B, ...] in [-1, 1], tokens [B, N, D].
 
         `null_tokens` [N, D] is the current encoding of the empty medium (the buffer if None); it may carry
-        gradients when the tokenizer trains jointly.
+        gradients when the tokenizer trains jointly. `conditioned` is `conditioning(tokens)` where the caller
+        has it already (a costly conditioning is then computed once per batch, plus once for the null row).
         """
         cfg = self.config.diffusion
         b = len(x0)
         null = self.null_tokens if null_tokens is None else null_tokens
         drop = torch.rand(b, device=x0.device) < cfg.cond_dropout
-        tokens = self.conditioning(torch.where(drop[:, None, None], null.expand_as(tokens), tokens))
+        conditioned = self.conditioning(tokens) if conditioned is None else conditioned
+        tokens = drop_rows(conditioned, self.conditioning(null[None]), drop)
         noise = torch.randn_like(x0)
         if cfg.scheduler == "flow_matching":
             sigma = torch.rand(b, device=x0.device)
@@ -191,3 +194,12 @@ class DiffusionDeTokenizer(DeTokenizer):
             got = list(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
             raise ValueError(f"{self.name}: expected tokens [{n}, {d}], got {got}")
         return self.decode_batch(tokens[None], guidance=guidance, steps=steps, generator=generator)[0]
+
+
+def drop_rows(conditioned: Any, null: Any, drop: torch.Tensor) -> Any:
+    """`conditioned`'s rows with `null`'s (batch 1) where drop [B]: on a tensor, or a tuple of tensors and Nones."""
+    if isinstance(conditioned, tuple):
+        return tuple(drop_rows(c, n, drop) for c, n in zip(conditioned, null))
+    if conditioned is None:
+        return None
+    return torch.where(drop.view(-1, *[1] * (conditioned.ndim - 1)), null, conditioned)

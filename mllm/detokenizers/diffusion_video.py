@@ -132,10 +132,11 @@ class DiffusionVideoDeTokenizer(DiffusionDeTokenizer):
     ) -> dict[str, torch.Tensor]:
         """clips [B, T, 3, S, S] in [0, 1], tokens [B, N, D] -> {"loss": diffusion loss (+ the prior's MSE), terms}."""
         x0 = rearrange(clips, "b t c h w -> b (t c) h w") * 2 - 1
-        diffusion = self.diffusion_loss(x0, tokens, null_tokens)
+        conditioned = self.conditioning(tokens)  # the prior's frames serve the DiT and their own MSE
+        diffusion = self.diffusion_loss(x0, tokens, null_tokens, conditioned)
         if self.config.prior is None:
             return {"loss": diffusion}
-        prior_mse = F.mse_loss(self.prior_frames(tokens), x0)
+        prior_mse = F.mse_loss(conditioned[1], x0)
         return {"loss": diffusion + prior_mse, "diffusion": diffusion, "prior_mse": prior_mse}
 
     def to_media(self, sample: torch.Tensor) -> Video:

@@ -50,10 +50,11 @@ def media_captions(corpora_dir: Path, corpus: str, split: str, modality: str) ->
 
 
 def shuffled_batches(paths: list[Path], batch_size: int, seed: int, cache_size: int,
-                     load: Callable[[Path], M]) -> Iterator[list[M]]:
-    """Endless shuffled epochs of `batch_size` loaded media; the first `cache_size` distinct ones stay in memory."""
+                     load: Callable[[Path], M], cache: dict[int, M] | None = None) -> Iterator[list[M]]:
+    """Endless shuffled epochs of `batch_size` loaded media; the first `cache_size` distinct ones stay in memory,
+    in `cache` (index into `paths` -> medium) when given: streams over the same paths share their decoding."""
     generator = torch.Generator().manual_seed(seed)
-    cache: dict[int, M] = {}
+    cache = {} if cache is None else cache
 
     def get(j: int) -> M:
         if j in cache:

@@ -114,9 +114,11 @@ def train_clips(corpora_dir: Path, data: VideoData) -> list[Path]:
     return paths[: data.max_clips]
 
 
-def clip_batches(paths: list[Path], batch_size: int, seed: int, cache_clips: int) -> Iterator[list[Video]]:
-    """Endless shuffled epochs of `batch_size` clips; the first `cache_clips` distinct ones stay decoded in memory."""
-    return shuffled_batches(paths, batch_size, seed, cache_clips, load_video)
+def clip_batches(paths: list[Path], batch_size: int, seed: int, cache_clips: int,
+                 cache: dict[int, Video] | None = None) -> Iterator[list[Video]]:
+    """Endless shuffled epochs of `batch_size` clips; the first `cache_clips` distinct ones stay decoded in memory
+    (in `cache`, shared by the stages of one recipe, when given)."""
+    return shuffled_batches(paths, batch_size, seed, cache_clips, load_video, cache)
 
 
 @dataclass
@@ -226,8 +228,10 @@ def train_divot(cfg: DivotRecipeConfig, corpora: Path, out: Path) -> dict:
         t.frames, tokenizer.frame_size, t.num_tokens, t.feature_dim, cfg.pretraining.decoder,
         None if t.query_grid is None else tuple(t.query_grid))
     paths, pre = train_clips(corpora, cfg.data), cfg.pretraining.optim
+    decoded: dict[int, Video] = {}  # both stages read the same clips: decode each once
     clock = (time.perf_counter(), time.process_time())
-    stage1 = fit(TokenAutoencoder(tokenizer, probe), clip_batches(paths, pre.batch_size, pre.seed, cfg.data.cache_clips),
+    stage1 = fit(TokenAutoencoder(tokenizer, probe),
+                 clip_batches(paths, pre.batch_size, pre.seed, cfg.data.cache_clips, decoded),
                  pre, desc="video_divot tokens") if pre.steps else {}
     empty = empty_clip(t.frames, tokenizer.frame_size, cfg.fps)
     detokenizer.set_null_tokens(tokenizer.encode(empty))
@@ -235,7 +239,8 @@ def train_divot(cfg: DivotRecipeConfig, corpora: Path, out: Path) -> dict:
         tokenizer.requires_grad_(False)  # (a vision tower stays frozen either way)
     stage2_module = TokenConditionedDiffusion(tokenizer, detokenizer, cfg.joint)
     parameters = list(detokenizer.parameters()) + (list(tokenizer.parameters()) if cfg.joint else [])
-    stage2 = fit(stage2_module, clip_batches(paths, cfg.optim.batch_size, cfg.optim.seed, cfg.data.cache_clips),
+    stage2 = fit(stage2_module,
+                 clip_batches(paths, cfg.optim.batch_size, cfg.optim.seed, cfg.data.cache_clips, decoded),
                  cfg.optim, desc="video_divot de-tokenizer", parameters=parameters)
     tokenizer.eval().requires_grad_(False)
     detokenizer.set_null_tokens(tokenizer.encode(empty))  # again: with `joint`, the tokenizer has moved
