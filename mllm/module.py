@@ -27,10 +27,28 @@ class ConfiguredModule(nn.Module, metaclass=abc.ABCMeta):
     name: ClassVar[str]  # registry name
     config_class: ClassVar[type]  # the dataclass of `config`
     config_file: ClassVar[str]  # e.g. "media_tokenizer.yaml"
+    registry: ClassVar[Registry | None] = None  # a family's registry, set by its base class
 
     def __init__(self, config: Any):
         super().__init__()
         self.config = config
+
+    @classmethod
+    def from_pretrained(cls: type[M], path: str | os.PathLike) -> M:
+        """Load a directory written by `save_pretrained`; weights must match exactly. A family's base class
+        (`MediaTokenizer`) builds whichever variant the directory names; a variant's class refuses another's."""
+        path = Path(path)
+        try:
+            meta = yaml.safe_load((path / cls.config_file).read_text())
+        except OSError as e:
+            raise FileNotFoundError(f"{path}: not a {cls.__name__} directory (no {cls.config_file})") from e
+        variant = cls if cls.registry is None else cls.registry.get(meta["name"])
+        if not issubclass(variant, cls) or variant.name != meta["name"]:
+            raise TypeError(f"{path}: holds a '{meta['name']}', not a {cls.__name__}")
+        module = variant(from_dict(variant.config_class, meta.get("config") or {}, source=str(path / cls.config_file)))
+        if (path / WEIGHTS_FILE).exists():
+            module.load_state_dict(load_file(path / WEIGHTS_FILE), strict=True)
+        return module.eval()
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         path = Path(path)
@@ -46,15 +64,3 @@ def build_module(registry: Registry[type[M]], name: str, options: dict | None = 
     cls = registry.get(name)
     return cls(from_dict(cls.config_class, options or {}, source=f"{registry.kind} '{name}'")).eval()
 
-
-def load_module(registry: Registry[type[M]], config_file: str, path: str | os.PathLike) -> M:
-    """Load a directory written by `save_pretrained`; weights must match exactly."""
-    path = Path(path)
-    try:
-        meta = yaml.safe_load((path / config_file).read_text())
-    except OSError as e:
-        raise FileNotFoundError(f"{path}: not a {registry.kind} directory (no {config_file})") from e
-    module = build_module(registry, meta["name"], meta.get("config"))
-    if (path / WEIGHTS_FILE).exists():
-        module.load_state_dict(load_file(path / WEIGHTS_FILE), strict=True)
-    return module.eval()

@@ -18,7 +18,7 @@ from mllm.judges import DigitJudge, digit_images
 from mllm.media import Image, MediaError, load_image
 from mllm.tokenize import commands
 from mllm.tokenize.recipes import list_recipes
-from mllm.tokenizers import build_media_tokenizer, list_media_tokenizers, load_media_tokenizer
+from mllm.tokenizers import MediaTokenizer, build_media_tokenizer, list_media_tokenizers, load_media_tokenizer
 
 TINY = {
     "fsq_image": dict(image_size=16, patch_size=4, levels=[4, 4, 3], width=32, depth=1, heads=2),
@@ -86,9 +86,17 @@ def test_encode_shapes_counts_and_determinism(name):
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_tokenizer_save_load_round_trip(name, tmp_path):
     tok, batch = tokenizer(name), images(2)
-    loaded = load_media_tokenizer(tok.save_pretrained(tmp_path / name))
+    saved = tok.save_pretrained(tmp_path / name)
+    loaded = load_media_tokenizer(saved)
     assert type(loaded) is type(tok) and loaded.config == tok.config
     assert torch.equal(loaded.encode_batch(batch), tok.encode_batch(batch))
+    for cls in (MediaTokenizer, type(tok)):  # HF-style: the family's base class or the variant's own
+        assert torch.equal(cls.from_pretrained(saved).encode_batch(batch), tok.encode_batch(batch))
+    other = next(c for c in map(type, map(tokenizer, TINY)) if c is not type(tok))
+    with pytest.raises(TypeError, match=f"holds a '{tok.name}', not a {other.__name__}"):
+        other.from_pretrained(saved)
+    with pytest.raises(FileNotFoundError, match="no media_tokenizer.yaml"):
+        MediaTokenizer.from_pretrained(tmp_path)
 
 
 def test_query_tokens_are_causal():

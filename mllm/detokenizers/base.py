@@ -18,8 +18,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from mllm.module import ConfiguredModule, build_module, load_module
+from mllm.module import ConfiguredModule, build_module
 from mllm.registry import Registry
+
+
+DETOKENIZERS: Registry[type[DeTokenizer]] = Registry("de-tokenizer")
 
 
 class DeTokenizer(ConfiguredModule):
@@ -28,6 +31,7 @@ class DeTokenizer(ConfiguredModule):
     modality: ClassVar[str]  # "image" | "video" | "audio"
     kind: ClassVar[str]  # kind of tokens it reads: "discrete" | "continuous"
     config_file = "detokenizer.yaml"
+    registry = DETOKENIZERS
 
     @abc.abstractmethod
     def decode(
@@ -39,9 +43,6 @@ class DeTokenizer(ConfiguredModule):
         generator: torch.Generator | None = None,
     ) -> Any:
         """One medium from its tokens; `generator` makes stochastic decoders reproducible."""
-
-
-DETOKENIZERS: Registry[type[DeTokenizer]] = Registry("de-tokenizer")
 
 
 def list_detokenizers() -> list[str]:
@@ -59,4 +60,4 @@ def build_detokenizer(name: str, options: dict | None = None) -> DeTokenizer:
 
 
 def load_detokenizer(path: str | os.PathLike) -> DeTokenizer:
-    return load_module(DETOKENIZERS, DeTokenizer.config_file, path)
+    return DeTokenizer.from_pretrained(path)

@@ -19,8 +19,11 @@ import os
 import torch
 from torch import nn
 
-from mllm.module import ConfiguredModule, build_module, load_module
+from mllm.module import ConfiguredModule, build_module
 from mllm.registry import Registry
+
+
+HEADS: Registry[type[Head]] = Registry("head")
 
 
 class Head(ConfiguredModule):
@@ -28,6 +31,7 @@ class Head(ConfiguredModule):
     has `hidden_size` (H) and `feature_dim` (D)."""
 
     config_file = "head.yaml"
+    registry = HEADS
 
     @abc.abstractmethod
     def loss(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -49,9 +53,6 @@ class Head(ConfiguredModule):
         """(Re-)initialise every weight; MultimodalLM calls it after HF's generic initialiser."""
 
 
-HEADS: Registry[type[Head]] = Registry("head")
-
-
 def list_heads() -> list[str]:
     return HEADS.names()
 
@@ -67,7 +68,7 @@ def build_head(name: str, options: dict | None = None) -> Head:
 
 
 def load_head(path: str | os.PathLike) -> Head:
-    return load_module(HEADS, Head.config_file, path)
+    return Head.from_pretrained(path)
 
 
 def mlp(in_dim: int, width: int, out_dim: int, depth: int) -> nn.Sequential:

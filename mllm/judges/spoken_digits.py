@@ -26,12 +26,10 @@ import librosa
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
-from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
-from mllm.config import from_dict, to_dict
+from mllm.config import to_dict
 from mllm.media import Audio, MediaError, load_audio
 from mllm.module import WEIGHTS_FILE, ConfiguredModule
 
@@ -148,19 +146,11 @@ class SpokenDigitJudge(ConfiguredModule):
             raise ValueError(f"{corpora_dir}: the speech train split must hold single-digit utterances of all ten digits")
         path = Path(cache_dir or cache_root()) / f"spoken_digits-{fingerprint(train, config)}"
         if (path / WEIGHTS_FILE).is_file():
-            return cls.load(path)
+            return cls.from_pretrained(path)
         judge = cls(config)
         judge.fit(train)
         judge.save_pretrained(path)
         return judge
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> SpokenDigitJudge:
-        path = Path(path)
-        meta = yaml.safe_load((path / cls.config_file).read_text())
-        judge = cls(from_dict(JudgeConfig, meta["config"], source=str(path / cls.config_file)))
-        judge.load_state_dict(load_file(path / WEIGHTS_FILE))
-        return judge.eval()
 
     def fit(self, clips: list[tuple[Path, int]]) -> None:
         """Train on original (path, digit) clips, with augmentation of those originals only."""

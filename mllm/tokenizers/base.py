@@ -17,9 +17,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from mllm.module import ConfiguredModule, build_module, load_module
+from mllm.module import ConfiguredModule, build_module
 from mllm.registry import Registry
 from mllm.vocab import ModalitySpec
+
+
+MEDIA_TOKENIZERS: Registry[type[MediaTokenizer]] = Registry("media tokenizer")
 
 
 class MediaTokenizer(ConfiguredModule):
@@ -28,6 +31,7 @@ class MediaTokenizer(ConfiguredModule):
     modality: ClassVar[str]  # "image" | "video" | "audio"
     kind: ClassVar[str]  # "discrete" | "continuous"
     config_file = "media_tokenizer.yaml"
+    registry = MEDIA_TOKENIZERS
 
     @property
     def spec(self) -> ModalitySpec:
@@ -53,9 +57,6 @@ class MediaTokenizer(ConfiguredModule):
         """LongTensor [N] of codes, or FloatTensor [N, feature_dim]."""
 
 
-MEDIA_TOKENIZERS: Registry[type[MediaTokenizer]] = Registry("media tokenizer")
-
-
 def list_media_tokenizers() -> list[str]:
     return MEDIA_TOKENIZERS.names()
 
@@ -71,4 +72,4 @@ def build_media_tokenizer(name: str, options: dict | None = None) -> MediaTokeni
 
 
 def load_media_tokenizer(path: str | os.PathLike) -> MediaTokenizer:
-    return load_module(MEDIA_TOKENIZERS, MediaTokenizer.config_file, path)
+    return MediaTokenizer.from_pretrained(path)
