@@ -34,6 +34,11 @@ class ConfiguredModule(nn.Module, metaclass=abc.ABCMeta):
         self.config = config
 
     @classmethod
+    def from_options(cls: type[M], options: dict | None, source: str) -> M:
+        """A fresh module of this class, its config checked from `options` (`source` names them in errors)."""
+        return cls(from_dict(cls.config_class, options or {}, source=source)).eval()
+
+    @classmethod
     def from_pretrained(cls: type[M], path: str | os.PathLike) -> M:
         """Load a directory written by `save_pretrained`; weights must match exactly. A family's base class
         (`MediaTokenizer`) builds whichever variant the directory names; a variant's class refuses another's."""
@@ -41,11 +46,12 @@ class ConfiguredModule(nn.Module, metaclass=abc.ABCMeta):
         try:
             meta = yaml.safe_load((path / cls.config_file).read_text())
         except OSError as e:
-            raise FileNotFoundError(f"{path}: not a {cls.__name__} directory (no {cls.config_file})") from e
+            kind = cls.__name__ if cls.registry is None else cls.registry.kind
+            raise FileNotFoundError(f"{path}: not a {kind} directory (no {cls.config_file})") from e
         variant = cls if cls.registry is None else cls.registry.get(meta["name"])
         if not issubclass(variant, cls) or variant.name != meta["name"]:
             raise TypeError(f"{path}: holds a '{meta['name']}', not a {cls.__name__}")
-        module = variant(from_dict(variant.config_class, meta.get("config") or {}, source=str(path / cls.config_file)))
+        module = variant.from_options(meta.get("config"), source=str(path / cls.config_file))
         if (path / WEIGHTS_FILE).exists():
             module.load_state_dict(load_file(path / WEIGHTS_FILE), strict=True)
         return module.eval()
@@ -61,6 +67,5 @@ class ConfiguredModule(nn.Module, metaclass=abc.ABCMeta):
 
 
 def build_module(registry: Registry[type[M]], name: str, options: dict | None = None) -> M:
-    cls = registry.get(name)
-    return cls(from_dict(cls.config_class, options or {}, source=f"{registry.kind} '{name}'")).eval()
+    return registry.get(name).from_options(options, source=f"{registry.kind} '{name}'")
 
