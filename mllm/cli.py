@@ -229,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     dec = tok_sub.add_parser("decode", help="decode a safetensors token file back to media files")
     dec.add_argument("--detokenizer", type=Path, required=True)
     dec.add_argument("--out", type=Path, required=True)
-    dec.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    dec.add_argument("--guidance", type=float, default=None,
+                     help="classifier-free guidance scale, 1 = none (default: the de-tokenizer's own)")
     dec.add_argument("--steps", type=int, default=None, help="diffusion steps (default: the de-tokenizer's)")
     dec.add_argument("--seed", type=int, default=0)
     dec.add_argument("tokens", type=Path)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mllm.data.corpora.build import is_complete
-from mllm.generation import GenerationConfig, HeadSampling
+from mllm.generation import GenerationConfig
 from mllm.media import Audio, Image, Video, save_audio, save_image, save_video
 from mllm.pipeline import Pipeline
 
@@ -80,7 +80,7 @@ class Demo:
 
     def reply(self, variant: str, turns: list[Turn], force: str | None, max_new_tokens: int) -> list:
         pipe = self.pipelines[variant]
-        config = GenerationConfig(max_new_tokens=max_new_tokens, seed=self.seed, continuous=HeadSampling(temperature=1.0))
+        config = GenerationConfig(max_new_tokens=max_new_tokens, seed=self.seed)
         [reply] = pipe.chat([[_message(t.role, t.parts) for t in turns]], config, force=force)
         return [item.strip() if isinstance(item, str) else item for item in reply if not isinstance(item, str) or item.strip()]
 

@@ -56,7 +56,7 @@ class Pipeline:
         config: GenerationConfig | None = None,
         *,
         force: str | None = None,
-        decode_guidance: float = 1.0,
+        decode_guidance: float | None = None,
         decode_steps: int | None = None,
         on_text: Callable[[int, str], None] | None = None,
         on_media: Callable[[int, Media], None] | None = None,
@@ -64,7 +64,8 @@ class Pipeline:
         """The assistant's next turn for each conversation, as text and decoded media in order.
 
         `force` ("image" | "audio" | "video") opens the reply with that modality's begin
-        token, so it starts with a medium (text-to-image and the like).
+        token, so it starts with a medium (text-to-image and the like). `decode_guidance` and
+        `decode_steps` go to the de-tokenizers; None: each de-tokenizer's saved default.
         """
         config = self._defaults(config or GenerationConfig())
         batch = self._prompts(conversations, force)
@@ -100,7 +101,7 @@ class Pipeline:
             media.append(found[0])
         return media
 
-    def decode(self, span: MediaSpan, *, guidance: float = 1.0, steps: int | None = None) -> Media:
+    def decode(self, span: MediaSpan, *, guidance: float | None = None, steps: int | None = None) -> Media:
         if span.modality not in self.detokenizers:
             raise KeyError(f"no {span.modality} de-tokenizer in this pipeline (has: {sorted(self.detokenizers)})")
         return self.detokenizers[span.modality].decode(span.tokens, guidance=guidance, steps=steps)

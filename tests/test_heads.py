@@ -171,6 +171,24 @@ def test_diffusion_sampling_steps_and_temperature(sampler, eta):
             draw(steps=2000)
 
 
+@pytest.mark.parametrize("name,options", [("gmm", {"temperature": 0.3}), ("gmm", {"temperature": 0.3, "mode": "mean"}),
+                                          ("diffusion", {"temperature": 0.2, "sampler": "flow"})])
+def test_the_saved_readout_is_the_default(name, options, tmp_path):
+    """A head samples with its config's temperature (and mode) unless the call names one, also after loading."""
+    model = head(name, **options)
+    train(model, lambda n: (torch.randn(n, H), torch.randn(n, D)), steps=3, lr=1e-2, batch=8)
+    loaded = load_head(model.save_pretrained(tmp_path / name))
+    hidden = torch.randn(4, H)
+
+    def draw(module, temperature=None):
+        return module.sample(hidden, temperature, generator=torch.Generator().manual_seed(0))
+
+    assert torch.equal(draw(loaded), draw(model, options["temperature"]))
+    assert torch.equal(draw(model), draw(model, 1.0)) == (options.get("mode") == "mean")  # the mean has no noise
+    with pytest.raises(ConfigError, match="temperature"):
+        build_head(name, {"hidden_size": H, "feature_dim": D, "temperature": -1.0})
+
+
 @pytest.mark.parametrize("name", list_heads())
 def test_save_load_round_trip(name, tmp_path):
     model = head(name)

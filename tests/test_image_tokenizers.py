@@ -144,6 +144,11 @@ def test_diffusion_decode_training_and_round_trip(scheduler, backbone, layout, t
     loaded = load_detokenizer(detok.save_pretrained(tmp_path / "detok"))
     assert torch.equal(loaded.null_tokens, detok.null_tokens)
     assert np.array_equal(decode(loaded, 0, guidance=3.0, steps=2), first)
+    # The guidance a recipe saves in the config is what decode uses when given none.
+    detok.config.diffusion.guidance = 3.0
+    assert np.array_equal(decode(detok, 0, steps=2), first)
+    assert np.array_equal(decode(load_detokenizer(detok.save_pretrained(tmp_path / "guided")), 0, steps=2), first)
+    assert not np.array_equal(decode(detok, 0, guidance=1.0, steps=2), first)
 
 
 # ---------------------------------------------------------------- the CLIP / SigLIP adapter

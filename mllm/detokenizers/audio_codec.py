@@ -58,7 +58,7 @@ class CodecDecoder(DeTokenizer):
         return torch.istft(spec, self.n_fft, self.hop, window=self.window, length=vectors.shape[1] * self.hop)
 
     @torch.no_grad()
-    def decode(self, tokens: torch.Tensor, *, guidance: float = 1.0, steps: int | None = None,
+    def decode(self, tokens: torch.Tensor, *, guidance: float | None = None, steps: int | None = None,
                generator: torch.Generator | None = None) -> Audio:
         codes = check_codes(tokens, self.config.codebook_size, self.name)
         wave = self(self.quantizer.indices_to_codes(codes[None]))[0]

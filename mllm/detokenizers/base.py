@@ -5,8 +5,9 @@
 
 A diffusion de-tokenizer is conditioned on the tokens; its unconditional
 branch is the encoding of an empty medium (black frame, silence), and
-`guidance` is the classifier-free guidance scale (1 = none). A direct decoder
-(VQ decoder, codec) ignores `guidance` and `steps`. Saved as a directory:
+`guidance` is the classifier-free guidance scale (1 = none); left out, the
+de-tokenizer uses the one saved in its config, the scale its recipe chose.
+A direct decoder (VQ decoder, codec) ignores `guidance` and `steps`. Saved as a directory:
 `detokenizer.yaml` (registry name + config) and `model.safetensors`.
 """
 
@@ -33,12 +34,17 @@ class DeTokenizer(ConfiguredModule):
     config_file = "detokenizer.yaml"
     registry = DETOKENIZERS
 
+    @property
+    def guidance(self) -> float:
+        """The classifier-free guidance scale `decode` uses when it is given none; 1: none."""
+        return 1.0
+
     @abc.abstractmethod
     def decode(
         self,
         tokens: torch.Tensor,
         *,
-        guidance: float = 1.0,
+        guidance: float | None = None,
         steps: int | None = None,
         generator: torch.Generator | None = None,
     ) -> Any:

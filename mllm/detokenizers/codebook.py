@@ -68,7 +68,7 @@ class CodebookDecoder(DeTokenizer):
         self,
         tokens: torch.Tensor,
         *,
-        guidance: float = 1.0,
+        guidance: float | None = None,
         steps: int | None = None,
         generator: torch.Generator | None = None,
     ) -> Any:

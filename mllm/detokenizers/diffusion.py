@@ -41,6 +41,7 @@ class DiffusionConfig:
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"  # ddpm, ddim
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "v_prediction"  # ddpm, ddim
     steps: int = 25  # sampling steps when decode() is not given any
+    guidance: float = 1.0  # classifier-free guidance scale when decode() is not given one; 1: none
     cond_dropout: float = 0.1  # share of training samples conditioned on the empty medium instead
 
     def __post_init__(self):
@@ -48,6 +49,8 @@ class DiffusionConfig:
             raise ValueError(f"need train_timesteps >= 2 and steps >= 1, got {self.train_timesteps}, {self.steps}")
         if not 0 <= self.cond_dropout < 1:
             raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
+        if self.guidance < 0:
+            raise ValueError(f"guidance must be >= 0, got {self.guidance}")
 
 
 def make_scheduler(cfg: DiffusionConfig) -> SchedulerMixin:
@@ -138,18 +141,23 @@ class DiffusionDeTokenizer(DeTokenizer):
         }[cfg.prediction_type]
         return F.mse_loss(self.denoise(noisy, t, tokens), target)
 
+    @property
+    def guidance(self) -> float:
+        return self.config.diffusion.guidance
+
     @torch.no_grad()
     def sample(
         self,
         tokens: torch.Tensor,
         *,
-        guidance: float = 1.0,
+        guidance: float | None = None,
         steps: int | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """tokens [B, N, D] -> samples [B, *sample_shape] in [-1, 1]."""
         self.check_tokens(tokens)
         steps = self.config.diffusion.steps if steps is None else steps
+        guidance = self.guidance if guidance is None else guidance
         if steps < 1:
             raise ValueError(f"{self.name}: steps must be >= 1, got {steps}")
         b = len(tokens)
@@ -173,7 +181,7 @@ class DiffusionDeTokenizer(DeTokenizer):
         self,
         tokens: torch.Tensor,
         *,
-        guidance: float = 1.0,
+        guidance: float | None = None,
         steps: int | None = None,
         generator: torch.Generator | None = None,
     ) -> list[Any]:
@@ -185,7 +193,7 @@ class DiffusionDeTokenizer(DeTokenizer):
         self,
         tokens: torch.Tensor,
         *,
-        guidance: float = 1.0,
+        guidance: float | None = None,
         steps: int | None = None,
         generator: torch.Generator | None = None,
     ) -> Any:

@@ -43,12 +43,13 @@ class MelDiffusionConfig:
     cond_channels: int = 32
     train_timesteps: int = 1000
     steps: int = 10  # default sampling steps
+    guidance: float = 1.0  # classifier-free guidance scale when decode() is not given one; 1: none
     p_uncond: float = 0.1
     griffin_lim_iters: int = 32
 
     def __post_init__(self):
-        if len(self.channels) < 2 or not 0 <= self.p_uncond < 1 or self.steps < 1:
-            raise ValueError("need >= 2 UNet levels, 0 <= p_uncond < 1 and steps >= 1")
+        if len(self.channels) < 2 or not 0 <= self.p_uncond < 1 or self.steps < 1 or self.guidance < 0:
+            raise ValueError("need >= 2 UNet levels, 0 <= p_uncond < 1, steps >= 1 and guidance >= 0")
 
 
 @register
@@ -99,12 +100,17 @@ class MelDiffusionDecoder(DeTokenizer):
         noisy = self.scheduler.add_noise(residual, noise, t)
         return {"loss": F.mse_loss(self(noisy, t, latents), self.scheduler.get_velocity(residual, noise, t))}
 
+    @property
+    def guidance(self) -> float:
+        return self.config.guidance
+
     @torch.no_grad()
-    def render_mel(self, latents: torch.Tensor, *, guidance: float = 1.0, steps: int | None = None,
+    def render_mel(self, latents: torch.Tensor, *, guidance: float | None = None, steps: int | None = None,
                    generator: torch.Generator | None = None) -> torch.Tensor:
         """Latents [B, D, N] -> normalised log-mel [B, M, N · r]: μ plus a residual sampled with DPM-Solver++ and CFG."""
         sampler = DPMSolverMultistepScheduler.from_config(self.scheduler.config)
         sampler.set_timesteps(steps or self.config.steps)
+        guidance = self.guidance if guidance is None else guidance
         frames = latents.shape[-1] * self.config.latents.downsample
         x = torch.randn(len(latents), self.config.latents.mel.n_mels, frames, generator=generator)
         null = self.null_latent[None, :, None].expand_as(latents)
@@ -127,7 +133,7 @@ class MelDiffusionDecoder(DeTokenizer):
                                   win_length=c.win_length, length=mel.shape[-1] * c.hop_length, random_state=seed)
         return torch.from_numpy(wave)
 
-    def decode(self, tokens: torch.Tensor, *, guidance: float = 1.0, steps: int | None = None,
+    def decode(self, tokens: torch.Tensor, *, guidance: float | None = None, steps: int | None = None,
                generator: torch.Generator | None = None) -> Audio:
         dim = self.config.latents.latent_dim
         if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.shape[1] != dim or not len(tokens):

@@ -30,7 +30,7 @@ class HFCodecDecoder(DeTokenizer):
         super().__init__(config)
         self.codec = HFCodec(config)
 
-    def decode(self, tokens: torch.Tensor, *, guidance: float = 1.0, steps: int | None = None,
+    def decode(self, tokens: torch.Tensor, *, guidance: float | None = None, steps: int | None = None,
                generator: torch.Generator | None = None) -> Audio:
         q, k = self.codec.codebooks, self.codec.codebook_size
         tokens = check_codes(tokens, q * k, self.name)

@@ -25,5 +25,5 @@ class PatchDeTokenizer(DeTokenizer):
         self.patches = PatchTokenizer(config)
 
     @torch.no_grad()
-    def decode(self, tokens: torch.Tensor, *, guidance: float = 1.0, steps: int | None = None, generator=None) -> Image:
+    def decode(self, tokens: torch.Tensor, *, guidance: float | None = None, steps: int | None = None, generator=None) -> Image:
         return self.patches.decode(tokens.clamp(-1, 1))

@@ -25,7 +25,7 @@ class TokenSampling:
 class HeadSampling:
     """How continuous features are drawn from the output heads."""
 
-    temperature: float = 1.0
+    temperature: float | None = None  # None: each head's own (its config's temperature)
     cfg_scale: float = 1.0  # passed to head.sample as `cfg`; 1: none
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # modality -> extra head.sample keywords,
     # e.g. {"image": {"steps": 50}} for a diffusion head, {"image": {"mode": "mean"}} for a GMM head

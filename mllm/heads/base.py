@@ -3,6 +3,9 @@
     loss(hidden [M, H], target [M, D]) -> scalar
     sample(hidden [M, H], temperature, cfg) -> [M, D]
 
+`temperature` None means the head's own default (its config's `temperature`,
+the readout its recipe chose; a GMM head's `mode` is kept the same way).
+
 With `cfg != 1`, `hidden` is `cat(conditional, unconditional)` along M and
 both halves of the result are the same guided sample, so the caller can feed
 it back into both streams. `cfg == 1` means no guidance and a plain
@@ -41,7 +44,7 @@ class Head(ConfiguredModule):
     def sample(
         self,
         hidden: torch.Tensor,
-        temperature: float = 1.0,
+        temperature: float | None = None,
         cfg: float = 1.0,
         *,
         generator: torch.Generator | None = None,

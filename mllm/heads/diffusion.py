@@ -53,6 +53,7 @@ class DiffusionHeadConfig:
     batch_multiplier: int = 4
     steps: int = 100  # sampling steps, unless `sample(steps=...)` says otherwise
     eta: float = 1.0  # DDIM noise: 1 DDPM's ancestral sampler, 0 the deterministic ODE
+    temperature: float = 1.0  # sample()'s default: scales the noise the sampler draws
 
     def __post_init__(self):
         sizes = ("hidden_size", "feature_dim", "width", "depth", "train_steps", "batch_multiplier", "steps")
@@ -62,6 +63,8 @@ class DiffusionHeadConfig:
             raise ValueError(f"steps ({self.steps}) cannot exceed train_steps ({self.train_steps})")
         if not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {self.eta}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
 
 
 def cosine_alpha_bar(t: torch.Tensor, train_steps: int) -> torch.Tensor:
@@ -180,13 +183,14 @@ class DiffusionHead(Head):
     def sample(
         self,
         hidden: torch.Tensor,
-        temperature: float = 1.0,
+        temperature: float | None = None,
         cfg: float = 1.0,
         *,
         generator: torch.Generator | None = None,
         steps: int | None = None,
     ) -> torch.Tensor:
         steps = steps or self.config.steps
+        temperature = self.config.temperature if temperature is None else temperature
         if self.config.sampler == "ddim" and not 0 < steps <= self.config.train_steps:
             raise ValueError(f"steps must be in [1, {self.config.train_steps}], got {steps}")
         cond, uncond = split_guidance(hidden, cfg)  # hidden is the condition of both halves of each forward

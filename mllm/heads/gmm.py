@@ -41,14 +41,15 @@ class GMMHeadConfig:
     depth: int = 2  # hidden layers of the MLP
     min_variance: float = 1e-5  # Divot's clamp on softplus(variance)
     variance_scale: float = 1.0  # multiplies the variance when sampling (Divot: 0.1)
-    mode: Mode = "sample"
+    mode: Mode = "sample"  # sample()'s default readout
+    temperature: float = 1.0  # sample()'s default temperature
     cfg_candidates: int = 64  # draws per row for density-based guidance
 
     def __post_init__(self):
         if min(self.hidden_size, self.feature_dim, self.num_components, self.width, self.cfg_candidates) <= 0:
             raise ValueError("hidden_size, feature_dim, num_components, width and cfg_candidates must be positive")
-        if self.depth < 0 or self.min_variance <= 0 or self.variance_scale <= 0:
-            raise ValueError("depth must be >= 0, min_variance and variance_scale positive")
+        if self.depth < 0 or self.min_variance <= 0 or self.variance_scale <= 0 or self.temperature < 0:
+            raise ValueError("depth and temperature must be >= 0, min_variance and variance_scale positive")
 
 
 @register
@@ -89,13 +90,14 @@ class GMMHead(Head):
     def sample(
         self,
         hidden: torch.Tensor,
-        temperature: float = 1.0,
+        temperature: float | None = None,
         cfg: float = 1.0,
         *,
         generator: torch.Generator | None = None,
         mode: Mode | None = None,
     ) -> torch.Tensor:
         mode = mode or self.config.mode
+        temperature = self.config.temperature if temperature is None else temperature
         cond, uncond = split_guidance(hidden, cfg)
         scale = self.config.variance_scale**0.5 * temperature
         c = self._tempered(cond, scale)

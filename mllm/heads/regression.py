@@ -54,7 +54,7 @@ class RegressionHead(Head):
     def sample(
         self,
         hidden: torch.Tensor,
-        temperature: float = 1.0,
+        temperature: float | None = None,
         cfg: float = 1.0,
         *,
         generator: torch.Generator | None = None,

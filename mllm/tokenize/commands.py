@@ -53,7 +53,7 @@ def encode(tokenizer_dir: Path, files: list[Path], out: Path) -> Path:
     return out
 
 
-def decode(detokenizer_dir: Path, tokens_file: Path, out: Path, guidance: float, steps: int | None, seed: int) -> list[Path]:
+def decode(detokenizer_dir: Path, tokens_file: Path, out: Path, guidance: float | None, steps: int | None, seed: int) -> list[Path]:
     """Decode every entry of a safetensors token file into a media file under `out`."""
     detokenizer = load_detokenizer(detokenizer_dir)
     out.mkdir(parents=True, exist_ok=True)

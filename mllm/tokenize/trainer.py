@@ -40,7 +40,7 @@ class EvalConfig:
     """How a recipe's evaluation reconstructs the test split."""
 
     batch_size: int = 100
-    guidance: float = 2.0  # diffusion de-tokenizers: classifier-free guidance scale
+    guidance: float | None = None  # diffusion de-tokenizers: classifier-free guidance (None: the de-tokenizer's own)
     steps: int | None = None  # diffusion steps (None: the de-tokenizer's default)
     seed: int = 0
 
