@@ -115,6 +115,9 @@ def test_mel_diffusion_save_load_and_seeded_decode(mel_pair, tmp_path):
 
     np.testing.assert_array_equal(render(loaded, 3), render(decoder, 3))
     np.testing.assert_array_equal(render(decoder, 3, guidance=2.0), render(decoder, 3, guidance=2.0))
+    decoder.config.guidance = 2.0  # the saved default, used when decode is given none
+    np.testing.assert_array_equal(render(load_detokenizer(decoder.save_pretrained(tmp_path / "guided")), 3, guidance=None),
+                                  render(decoder, 3, guidance=2.0))
     assert not np.array_equal(render(decoder, 3), render(decoder, 4))
 
 
@@ -261,14 +264,17 @@ def corpora(tmp_path_factory) -> Path:
     ("audio_mel_diffusion_tiny.yaml", ["model.latents.channels=16", "model.latents.depth=1", "model.channels=[16, 16]",
                                        "model.cond_channels=8", "model.steps=2", "model.griffin_lim_iters=2",
                                        "autoencoder.steps=2", "diffusion.steps=2", "autoencoder.batch_size=2",
-                                       "diffusion.batch_size=2", "data.crop_seconds=0.2"]),
+                                       "diffusion.batch_size=2", "data.crop_seconds=0.2", "transcripts=0.5",
+                                       "transcript_batch=2"]),
 ])
 def test_recipe_train_eval_encode_decode(recipe, overrides, corpora, tmp_path, monkeypatch):
     monkeypatch.setenv("MLLM_CACHE", str(corpora.parent / "cache"))  # one judge for both recipes
     out = tmp_path / "run"
     metrics = commands.train(ROOT / "tokenizers" / recipe, corpora, out, overrides)
     assert metrics["train_seconds"] > 0 and (out / "loss.png").is_file()
+    assert ("final_autoencoder_ctc" in metrics) == ("mel" in recipe)  # the mel recipe reads the transcripts
     report = commands.evaluate(out, corpora, out / "report", limit=2)
+    assert "mel" not in recipe or 0 <= report["transcript_probe_cer"]
     assert set(report) >= {"judge_accuracy_original", "judge_accuracy_reconstruction", "mel_distance_db",
                            "tokens_per_second"}
     assert (out / "report" / "spectrograms.png").is_file()

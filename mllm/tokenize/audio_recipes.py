@@ -17,6 +17,8 @@ utterances (held-out voices) and sound effects, and reports:
     judge_accuracy_original / _reconstruction   the spoken-digit judge (trained on original audio only)
     mel_distance_db                              mean |log-mel(original) - log-mel(reconstruction)|, in dB
     tokens_per_second
+    transcript_probe_cer                         (mel latents) CER of a linear CTC probe on the latents: do they say
+                                                 what is spoken, not only how it sounds (mllm/tokenize/transcripts.py)
 
 It writes `report/NN_<what>_{original,reconstruction}.wav` and
 `report/spectrograms.png` (each original above its reconstruction).
@@ -45,6 +47,7 @@ from mllm.plots import save_loss_curves, save_spectrograms
 from mllm.tokenize.corpus_media import corpus_media
 from mllm.tokenize.recipes import RECIPE_FILE, Recipe, load_recipe, register_recipe
 from mllm.tokenize.trainer import OptimConfig, fit
+from mllm.tokenize.transcripts import NUM_CLASSES, ctc_loss, linear_ctc_probe_cer, transcribed_clips, transcript_batches
 from mllm.tokenizers import MediaTokenizer, load_media_tokenizer
 from mllm.tokenizers.audio_codec import CodecConfig, CodecTokenizer
 from mllm.tokenizers.mel_latent import LogMel, MelConfig, MelLatentTokenizer
@@ -195,20 +198,31 @@ register_recipe(Recipe("audio_codec", AudioCodecRecipe, train_codec, evaluate_co
 
 
 class MelAutoencoder(nn.Module):
-    """The tokenizer's encoder and the de-tokenizer's coarse decoder, trained as one β-VAE on log-mels."""
+    """The tokenizer's encoder and the de-tokenizer's coarse decoder, trained as one β-VAE on log-mels; with
+    `ctc_weight` > 0, a throwaway linear layer also reads the transcript's characters from the latent means."""
 
-    def __init__(self, tokenizer: MelLatentTokenizer, detokenizer: MelDiffusionDecoder, kl_weight: float):
+    def __init__(self, tokenizer: MelLatentTokenizer, detokenizer: MelDiffusionDecoder, kl_weight: float,
+                 ctc_weight: float = 0.0):
         super().__init__()
-        self.tokenizer, self.decoder, self.kl_weight = tokenizer, detokenizer.coarse, kl_weight
+        self.tokenizer, self.decoder, self.kl_weight, self.ctc_weight = tokenizer, detokenizer.coarse, kl_weight, ctc_weight
+        self.ctc = nn.Linear(tokenizer.config.latent_dim, NUM_CLASSES) if ctc_weight > 0 else None
 
-    def training_losses(self, wave: torch.Tensor) -> dict[str, torch.Tensor]:
-        """wave [B, N] -> L1 mel reconstruction + kl_weight · KL(posterior || N(0, I))."""
-        mel = self.tokenizer.mel_frames(wave)
+    def training_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """batch["wave"] [B, N] -> L1 mel reconstruction + kl_weight · KL(posterior || N(0, I)),
+        + ctc_weight · CTC on batch["speech"] (whole transcribed clips) when given."""
+        mel = self.tokenizer.mel_frames(batch["wave"])
         mean, logvar = self.tokenizer.posterior(mel)
         latents = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
         recon = F.l1_loss(self.decoder(latents), mel)
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
-        return {"loss": recon + self.kl_weight * kl, "recon": recon, "kl": kl}
+        losses = {"loss": recon + self.kl_weight * kl, "recon": recon, "kl": kl}
+        if "speech" in batch:
+            speech = batch["speech"]
+            means, _ = self.tokenizer.posterior(self.tokenizer.mel_frames(speech.wave))  # [B, D, T]
+            frames = speech.frames(self.tokenizer.config.samples_per_token)
+            losses["ctc"] = ctc_loss(self.ctc(means.transpose(1, 2)), frames, speech)
+            losses["loss"] = losses["loss"] + self.ctc_weight * losses["ctc"]
+        return losses
 
 
 @dataclass
@@ -218,7 +232,9 @@ class AudioMelDiffusionRecipe:
     autoencoder: OptimConfig = field(default_factory=lambda: OptimConfig(steps=1000, batch_size=16, lr=1e-3))
     diffusion: OptimConfig = field(default_factory=lambda: OptimConfig(steps=1500, batch_size=16, lr=1e-3))
     data: AudioData = field(default_factory=AudioData)
-    guidance: float = 1.0  # used by `mllm tokenize eval`
+    transcripts: float = 0.0  # weight of a CTC loss reading the speech transcripts from the latents (0: none)
+    transcript_batch: int = 16  # whole transcribed clips per autoencoder step
+    guidance: float | None = None  # for `mllm tokenize eval` (None: the de-tokenizer's own, model.guidance)
     steps: int | None = None  # sampling steps for eval (None: the de-tokenizer's default)
 
 
@@ -237,9 +253,13 @@ def train_mel_diffusion(cfg: AudioMelDiffusionRecipe, corpora_dir: Path, out: Pa
     clips = load_train_clips(corpora_dir, cfg.data, lat.mel.sample_rate)
     length = crop_length(cfg.data, lat.mel.sample_rate, lat.samples_per_token)
 
-    autoencoder = MelAutoencoder(tokenizer, detokenizer, cfg.kl_weight)
-    ae_history = fit(autoencoder, random_crops(clips, cfg.autoencoder.batch_size, length, cfg.autoencoder.seed),
-                     cfg.autoencoder, desc="mel autoencoder")
+    autoencoder = MelAutoencoder(tokenizer, detokenizer, cfg.kl_weight, cfg.transcripts)
+    crops = ({"wave": w} for w in random_crops(clips, cfg.autoencoder.batch_size, length, cfg.autoencoder.seed))
+    if cfg.transcripts > 0:
+        speech = transcript_batches(transcribed_clips(corpora_dir, "train", lat.mel.sample_rate), cfg.transcript_batch,
+                                    cfg.autoencoder.seed)
+        crops = (c | {"speech": s} for c, s in zip(crops, speech))
+    ae_history = fit(autoencoder, crops, cfg.autoencoder, desc="mel autoencoder")
     autoencoder.requires_grad_(False)  # the encoder and the coarse decoder stay as they are from here on
     ae_seconds = time.time() - start
 
@@ -258,8 +278,10 @@ def train_mel_diffusion(cfg: AudioMelDiffusionRecipe, corpora_dir: Path, out: Pa
     diff_history = fit(detokenizer, batches, cfg.diffusion, desc="mel diffusion")
     tokenizer.save_pretrained(out / "media_tokenizer")
     detokenizer.save_pretrained(out / "detokenizer")
-    save_loss_curves({"autoencoder L1": ae_history["recon"], "diffusion MSE": diff_history["loss"]}, out / "loss.png",
-                     title="mel autoencoder, then diffusion")
+    curves = {"autoencoder L1": ae_history["recon"], "diffusion MSE": diff_history["loss"]}
+    if "ctc" in ae_history:
+        curves["autoencoder CTC"] = ae_history["ctc"]
+    save_loss_curves(curves, out / "loss.png", title="mel autoencoder, then diffusion")
     sample = torch.cat([tokenizer.encode(Audio(c[None].numpy(), lat.mel.sample_rate)) for c in clips[:200]])
     return {
         "train_clips": len(clips), "autoencoder_steps": cfg.autoencoder.steps, "diffusion_steps": cfg.diffusion.steps,
@@ -270,6 +292,7 @@ def train_mel_diffusion(cfg: AudioMelDiffusionRecipe, corpora_dir: Path, out: Pa
         "detokenizer_parameters": sum(p.numel() for p in detokenizer.parameters()),
         "residual_std": float(detokenizer.residual_std),
         "final_autoencoder_recon": float(np.mean(ae_history["recon"][-50:])),
+        **({"final_autoencoder_ctc": float(np.mean(ae_history["ctc"][-50:]))} if "ctc" in ae_history else {}),
         "final_diffusion_loss": float(np.mean(diff_history["loss"][-50:])),
     }
 
@@ -277,8 +300,23 @@ def train_mel_diffusion(cfg: AudioMelDiffusionRecipe, corpora_dir: Path, out: Pa
 def evaluate_mel_diffusion(trained: Path, corpora_dir: Path, report: Path, limit: int | None, split: str) -> dict:
     _, cfg = load_recipe(trained / RECIPE_FILE)
     tokenizer, detokenizer = load_media_tokenizer(trained / "media_tokenizer"), load_detokenizer(trained / "detokenizer")
-    return evaluate_audio(tokenizer, detokenizer, corpora_dir, report, limit, split, guidance=cfg.guidance,
-                          steps=cfg.steps)
+    metrics = evaluate_audio(tokenizer, detokenizer, corpora_dir, report, limit, split, guidance=cfg.guidance,
+                             steps=cfg.steps)
+    return metrics | {"transcript_probe_cer": round(transcript_probe(tokenizer, corpora_dir, split, limit), 4)}
+
+
+def transcript_probe(tokenizer: MelLatentTokenizer, corpora_dir: Path, split: str, limit: int | None,
+                     train_clips: int = 2000) -> float:
+    """How plainly the latents say what is spoken: the CER of a linear CTC probe on them, fit on (up to
+    `train_clips`) train utterances, read on the split's (held-out voices)."""
+    rate = tokenizer.config.mel.sample_rate
+
+    def encoded(clips):
+        with torch.no_grad():
+            return [(tokenizer.encode(Audio(w[None].numpy(), rate)), text) for w, text in clips]
+
+    train = encoded(transcribed_clips(corpora_dir, "train", rate, limit=train_clips))
+    return linear_ctc_probe_cer(train, encoded(transcribed_clips(corpora_dir, split, rate, limit=limit)))
 
 
 register_recipe(Recipe("audio_mel_diffusion", AudioMelDiffusionRecipe, train_mel_diffusion, evaluate_mel_diffusion))
@@ -298,7 +336,7 @@ def mel_distance_db(original: Audio, reconstruction: Audio, mel: LogMel) -> floa
 
 
 def evaluate_audio(tokenizer: MediaTokenizer, detokenizer: DeTokenizer, corpora_dir: Path, report: Path,
-                   limit: int | None, split: str, guidance: float = 1.0, steps: int | None = None,
+                   limit: int | None, split: str, guidance: float | None = None, steps: int | None = None,
                    examples: int = 4) -> dict:
     """Round-trip the split's single-digit utterances and sound effects; write WAVs, spectrograms, metrics."""
     judge = SpokenDigitJudge.load_or_train(corpora_dir)
@@ -334,5 +372,5 @@ def evaluate_audio(tokenizer: MediaTokenizer, detokenizer: DeTokenizer, corpora_
         "mel_distance_db": float(np.mean([d for _, _, d in results["digit"]])) if digits else float("nan"),
         "mel_distance_db_sounds": float(np.mean([d for _, _, d in results["sound"]])) if sounds else float("nan"),
         "tokens_per_second": tokens / seconds if seconds else float("nan"),
-        "guidance": guidance, "steps": steps,
+        "guidance": detokenizer.guidance if guidance is None else guidance, "steps": steps,
     }

@@ -1,0 +1,123 @@
+"""Transcript supervision for audio tokens: a CTC loss over characters, read from the latents.
+
+A β-VAE trained only to reconstruct log-mel says how a clip sounds, not which
+words it holds, and a tiny LM cannot learn speech recognition from it inside a
+task mixture. CosyVoice's supervised semantic tokens are trained with an ASR
+loss; this is the small version: a throwaway linear layer reads characters from
+each latent (CTC), so the latents the LM sees say what is spoken.
+
+    transcribed_clips(corpora, "train", 16000)  -> [(wave [N], "three six zero"), ...]
+    transcript_batches(clips, 16, seed=0)       -> endless TranscriptBatch (padded waves + character targets)
+    ctc_loss(logits [B, T, C], frames [B], batch) -> scalar, mean over target characters
+    greedy_ctc(logits [T, C])                   -> text
+    linear_ctc_probe_cer(train, test)            -> character error rate of a linear CTC probe on frozen latents
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from mllm.media import load_audio
+from mllm.tokenize.corpus_media import corpus_media
+
+ALPHABET = " 'abcdefghijklmnopqrstuvwxyz"  # class k + 1 is ALPHABET[k]; class 0 is CTC's blank
+NUM_CLASSES = len(ALPHABET) + 1
+
+
+def encode_text(text: str) -> list[int]:
+    """Lower-cased characters of ALPHABET as CTC classes (1 ...); anything else (digits, punctuation) dropped."""
+    kept = "".join(c for c in text.lower() if c in ALPHABET)
+    return [ALPHABET.index(c) + 1 for c in " ".join(kept.split())]
+
+
+def transcribed_clips(corpora_dir: Path, split: str, sample_rate: int, corpus: str = "speech",
+                      limit: int | None = None) -> list[tuple[torch.Tensor, str]]:
+    """(mono waveform [N] at sample_rate, transcript) for each audio file of the split whose record has one."""
+    media = [(path, meta["transcript"]) for path, meta in corpus_media(corpora_dir, corpus, split, "audio").items()
+             if meta.get("transcript") and encode_text(meta["transcript"])][:limit]
+    return [(torch.from_numpy(load_audio(p, sample_rate=sample_rate).samples[0]), text)
+            for p, text in tqdm(media, desc=f"load transcribed {split} audio")]
+
+
+@dataclass
+class TranscriptBatch:
+    wave: torch.Tensor  # [B, L], zero-padded
+    lengths: torch.Tensor  # [B] samples
+    targets: torch.Tensor  # [ΣS] character classes, concatenated
+    target_lengths: torch.Tensor  # [B]
+
+    def frames(self, samples_per_frame: int) -> torch.Tensor:
+        """[B]: how many latent frames each clip fills (the rest of its row is padding)."""
+        return (self.lengths + samples_per_frame - 1) // samples_per_frame
+
+
+def collate(clips: list[tuple[torch.Tensor, str]]) -> TranscriptBatch:
+    targets = [torch.tensor(encode_text(text)) for _, text in clips]
+    return TranscriptBatch(
+        wave=nn.utils.rnn.pad_sequence([w for w, _ in clips], batch_first=True),
+        lengths=torch.tensor([len(w) for w, _ in clips]),
+        targets=torch.cat(targets),
+        target_lengths=torch.tensor([len(t) for t in targets]),
+    )
+
+
+def transcript_batches(clips: list[tuple[torch.Tensor, str]], batch_size: int, seed: int) -> Iterator[TranscriptBatch]:
+    """Endless batches of whole clips, drawn uniformly with a seeded generator."""
+    if not clips:
+        raise ValueError("no transcribed clips to train on (the speech corpus' records need meta.transcript)")
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        yield collate([clips[i] for i in torch.randint(len(clips), (batch_size,), generator=gen).tolist()])
+
+
+def ctc_loss(logits: torch.Tensor, frames: torch.Tensor, batch: TranscriptBatch) -> torch.Tensor:
+    """logits [B, T, C] over NUM_CLASSES -> CTC loss per target character (impossible alignments count 0)."""
+    log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # [T, B, C], as F.ctc_loss wants
+    return F.ctc_loss(log_probs, batch.targets, frames.clamp(max=logits.shape[1]), batch.target_lengths,
+                      zero_infinity=True)
+
+
+def greedy_ctc(logits: torch.Tensor) -> str:
+    """Best path [T, C] -> text: repeats merged, blanks dropped."""
+    best = logits.argmax(-1).tolist()
+    return "".join(ALPHABET[k - 1] for i, k in enumerate(best) if k and (i == 0 or k != best[i - 1]))
+
+
+def linear_ctc_probe_cer(train: list[tuple[torch.Tensor, str]], test: list[tuple[torch.Tensor, str]],
+                         steps: int = 400, batch_size: int = 64, seed: int = 0) -> float:
+    """How plainly latents say what is spoken: a linear CTC classifier over standardised latents [T, D], fit on
+    `train` (Adam, seeded), its character error rate (jiwer) on `test`, decoded greedily."""
+    import jiwer
+
+    latents = torch.cat([x for x, _ in train])
+    mean, std = latents.mean(0), latents.std(0).clamp_min(1e-6)
+    torch.manual_seed(seed)
+    probe = nn.Linear(latents.shape[1], NUM_CLASSES)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2)
+    for batch in tqdm(_latent_batches(train, batch_size, seed, steps), total=steps, desc="linear CTC probe"):
+        x, frames, targets = batch
+        loss = ctc_loss(probe((x - mean) / std), frames, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        hypotheses = [greedy_ctc(probe((x - mean) / std)) for x, _ in test]
+    references = ["".join(ALPHABET[k - 1] for k in encode_text(t)) for _, t in test]
+    return float(jiwer.cer(references, [h if h.strip() else "-" for h in hypotheses]))
+
+
+def _latent_batches(clips: list[tuple[torch.Tensor, str]], batch_size: int, seed: int, steps: int):
+    """`steps` batches of (latents [B, T, D] zero-padded, frames [B], the transcripts as a TranscriptBatch)."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        chosen = [clips[i] for i in torch.randint(len(clips), (batch_size,), generator=gen).tolist()]
+        texts = collate([(torch.zeros(1), t) for _, t in chosen])
+        yield (nn.utils.rnn.pad_sequence([x for x, _ in chosen], batch_first=True),
+               torch.tensor([len(x) for x, _ in chosen]), texts)
