@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections import Counter
 import sys
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from mllm.train.checkpointing import (
     read_state,
     step_dir,
 )
+from mllm.train.distributed import DistEnv
 from mllm.train.loop import Finetune, NonFiniteLossError, cosine_lr
 from mllm.train.recipe import deepspeed_config, resolve_precision
 from tests.conftest import TINY_LMS
@@ -151,6 +153,7 @@ def test_deepspeed_configs_fill_every_auto_from_the_recipe(config, corpus, text_
     (["policy.lora.r=0"], "policy.lora"),
     (["optim.betas=[0.9, 1.5]"], "optim.betas"),
     (["train.eval_every=2"], "train.eval_every"),
+    (["data.repeat={image_generation: 0}"], "data"),
 ])
 def test_recipe_errors_name_the_key(overrides, key, corpus, text_tokenizer, tmp_path):
     with pytest.raises(ConfigError) as e:
@@ -182,6 +185,20 @@ def test_cosine_schedule_warms_up_then_decays_to_the_floor(corpus, text_tokenize
     lrs = [cosine_lr(s, cfg) for s in range(10)]
     assert lrs[:3] == [0.5, 1.0, 1.0] and all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
     assert lrs[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 7 / 8)))
+
+
+def test_data_repeat_upsamples_a_task_in_every_epoch(corpus, text_tokenizer, tmp_path):
+    data = {"repeat": {"image_generation": 3}}
+    run = Finetune(load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, tmp_path / "out", data=data))),
+                   DistEnv.from_environ())
+    try:
+        tasks = Counter(run.train_records[int(i)]["task"] for i in run.epoch_rows)
+    finally:
+        run.close()
+    assert tasks == {"image_caption": 24, "image_generation": 72}
+    with pytest.raises(ConfigError, match="paint") as e:
+        finetune(load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, tmp_path / "bad", data={"repeat": {"paint": 2}}))))
+    assert e.value.key == "data.repeat"
 
 
 # ---- policies -----------------------------------------------------------------------------------

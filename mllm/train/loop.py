@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mllm.config import ConfigError
 from mllm.data.cache import TokenCache
 from mllm.data.loader import MultimodalLoader
 from mllm.data.records import BadRecords, iter_records, read_records, record_files
@@ -128,6 +129,7 @@ class Finetune:
             self.say(f"resumed from {resume} (step {self.state.step}, epoch {self.state.epoch}, batch {self.state.batch})")
 
         self.train_records, self.validation_records, self.cache = self._prepare_data()
+        self.epoch_rows = self._epoch_rows()
         self.writer = None
         if env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -185,6 +187,18 @@ class Finetune:
             cache.reload()
         return train, validation, cache
 
+    def _epoch_rows(self) -> np.ndarray:
+        """The train record indices one epoch visits: each once, or `data.repeat[task]` times (upsampling)."""
+        rows = np.arange(len(self.train_records))
+        repeat = self.cfg.data.repeat
+        if not repeat:
+            return rows
+        tasks = self.train_records["task"]
+        missing = sorted(set(repeat) - set(tasks))
+        if missing:
+            raise ConfigError("data.repeat", f"no training record has the task {', '.join(missing)}")
+        return np.repeat(rows, [repeat.get(t, 1) for t in tasks])
+
     def micro_batches(self, records, seed: int) -> Iterator[Callable[[], MultimodalBatch]]:
         """One pass over `records` as micro-batches that collate when called. Every rank walks the whole
         stream but builds (attention masks and all) only the batches it trains on."""
@@ -203,7 +217,7 @@ class Finetune:
         per_step = self.cfg.train.grad_accum * world
         epoch, start = self.state.epoch, self.state.batch
         while True:
-            order = np.random.default_rng([self.cfg.train.seed, epoch]).permutation(len(self.train_records))
+            order = np.random.default_rng([self.cfg.train.seed, epoch]).permutation(self.epoch_rows)
             mine, seen = [], 0
             for index, batch in enumerate(self.micro_batches(self.train_records.select(order), seed=self.cfg.train.seed + epoch)):
                 seen = index + 1

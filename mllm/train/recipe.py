@@ -49,12 +49,18 @@ class DataConfig:
     train: list[str]  # record files, directories or globs (JSONL/Parquet), relative to `root`
     validation: list[str] = field(default_factory=list)
     tasks: list[str] = field(default_factory=list)  # keep only records of these tasks (the record's "task"); empty: all
+    repeat: dict[str, int] = field(default_factory=dict)  # task -> times each of its records comes per epoch (upsampling)
     root: str | None = None  # None: the built corpora, $MLLM_CACHE/corpora
     max_length: int = 1024
     batch_size: int = 8  # rows per micro-batch and rank: packed rows of max_length, or padded samples
     packing: bool = True
     bad_records: Literal["skip", "fail"] = "skip"
     cache_dir: str | None = None  # record tables and encoded media are cached here; None: <output_dir>/cache
+
+    def __post_init__(self):
+        bad = {task: n for task, n in self.repeat.items() if not isinstance(n, int) or n < 1}
+        if bad:
+            raise ValueError(f"data.repeat: each count must be a whole number >= 1, got {bad}")
 
 
 @dataclass
