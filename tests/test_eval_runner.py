@@ -145,6 +145,8 @@ def test_generation_writes_one_file_per_item_and_the_judge_scores_them(tmp_path)
     assert results["draw"]["judge_accuracy"] == pytest.approx(2 / 3)
     lines = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert [x["files"] for x in lines] == [[f"media/draw/g{k}.png"] for k in range(3)]
+    assert [x["judged"] for x in lines] == ["7", "7", "7"] and [x["score"] for x in lines] == [1.0, 1.0, 0.0]
+    assert "the judge read" in (tmp_path / "out" / "report.md").read_text()
     assert all((tmp_path / "out" / x["files"][0]).is_file() for x in lines)
 
 

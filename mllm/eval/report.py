@@ -164,6 +164,8 @@ def write_report(
             prediction = line.get("prediction") if "prediction" in line else line.get("likelihood_choice")
             verdict = "" if "score" not in line else ("right" if line["score"] >= 1.0 else "wrong")
             fields = [("question", item.question), ("prediction", prediction), ("answer", item.answer)]
+            if "judged" in line:
+                fields[1] = ("the judge read", line["judged"])
             if "likelihood_choice" in line and "prediction" in line:
                 fields.insert(2, ("most likely option", line["likelihood_choice"]))
             if "score" in line:

@@ -290,6 +290,8 @@ def _prediction_line(task: Task, item: Item, prediction: Prediction, scores: Sco
     line["answer"] = item.answer
     if item.id in scores.per_item:
         line["score"] = scores.per_item[item.id]
+    if item.id in scores.judged:
+        line["judged"] = scores.judged[item.id]
     if prediction.files:
         line["files"] = prediction.files
     return line

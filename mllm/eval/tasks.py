@@ -116,6 +116,7 @@ class Scores:
     metrics: dict[str, Any]  # e.g. {"accuracy": 0.93, "n": 200}; a skipped metric is a "skipped: ..." string
     per_item: dict[str, float]  # item id -> its score in [0, 1] (1: right)
     categories: dict[str, dict[str, Any]] = field(default_factory=dict)  # category -> its metrics
+    judged: dict[str, str] = field(default_factory=dict)  # item id -> what a judge read in its generated file
 
 
 Scorer = Callable[[Sequence[Item], Sequence[Prediction]], Scores]

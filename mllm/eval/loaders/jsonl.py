@@ -123,7 +123,7 @@ def generation_scorer(make_judge: Callable[[], FileJudge] | None, judge_name: st
         labels = make_judge()([p.files[0] if p.files else "" for p in predictions])
         per_item = {i.id: float(normalize_answer(label) == normalize_answer(i.answer)) for i, label in zip(items, labels)}
         metrics = {"judge_accuracy": sum(per_item.values()) / len(per_item), "n": len(items), "judge": judge_name}
-        return Scores(metrics, per_item, _categories(items, per_item))
+        return Scores(metrics, per_item, _categories(items, per_item), {i.id: label for i, label in zip(items, labels)})
 
     return score
 
