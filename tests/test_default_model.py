@@ -11,6 +11,7 @@ import torch
 
 from mllm.checkpoint import load_checkpoint
 from mllm.default import VARIANTS, default_checkpoint
+from mllm.default.corpus import prepare_corpora
 from mllm.default.paths import CHECKPOINTS
 from mllm.default.ship import size_mb
 from mllm.eval.predictor import ModelPredictor
@@ -121,3 +122,20 @@ def test_a_built_variant_directory_that_shares_media_loads_by_path(tmp_path, mon
     cli.main(["eval", "--model", str(copy / "diffusion"), "--tasks", "pope_proxy", "--out", str(tmp_path / "e")])
     assert (Path(seen["model"]) / "media_tokenizers" / "image" / "media_tokenizer.yaml").is_file()
     assert Pipeline.from_pretrained(seen["model"]).model.config.heads["image"]["name"] == "diffusion"
+
+
+def test_corpora_leave_out_media_without_a_tokenizer_and_skipped_tasks(tmp_path):
+    def record(i: int, task: str, part: dict) -> dict:
+        return {"id": f"r{i}", "task": task, "messages": [{"role": "user", "content": [part]},
+                                                          {"role": "assistant", "content": "ok"}]}
+
+    text = {"type": "text", "text": "Draw a stamp."}
+    rows = [record(0, "image_caption", text), record(1, "image_generation", text),
+            record(2, "video_qa", {"type": "video", "path": "v.mp4"})]
+    for split in ("train", "validation"):
+        (tmp_path / "in" / "stamps").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / "stamps" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prepare_corpora(tmp_path / "in", tmp_path / "out", ["stamps"], {"image", "audio"}, 2.4,
+                    skip={"stamps": {"image_generation"}})
+    kept = [json.loads(line)["task"] for line in (tmp_path / "out" / "stamps" / "train.jsonl").read_text().splitlines()]
+    assert kept == ["image_caption"]

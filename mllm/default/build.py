@@ -44,6 +44,9 @@ class DefaultBuildConfig:
     recipes: Path = ROOT / "finetune" / "recipes"
     corpora_used: list[str] = field(default_factory=lambda: ["digits", "stamps", "speech", "sounds", "interleaved"])
     audio_seconds: float = 2.4  # 60 tokens of the mel tokenizer: every spoken reply
+    # The image tokenizer learns digits only; its stamps come back unreadable, and learning to draw them
+    # slowed the digits' drawing (the parallel head's loss stayed high), so the model does not draw stamps.
+    skip_tasks: dict[str, set[str]] = field(default_factory=lambda: {"stamps": {"image_generation"}})
     overrides: dict[str, list[str]] = field(default_factory=dict)  # stage -> dotted recipe overrides
     ship: bool = False  # also install into the package
 
@@ -82,7 +85,8 @@ class Build:
                            lambda m=m: tokenize.train(self.cfg.tokenizer_recipes[m], corpora, o / "tokenizers" / m))
         data = o / "data"
         self.stage("corpora", data / "done", lambda: (
-            prepare_corpora(corpora, data, self.cfg.corpora_used, set(MODALITIES), self.cfg.audio_seconds), (data / "done").touch()))
+            prepare_corpora(corpora, data, self.cfg.corpora_used, set(MODALITIES), self.cfg.audio_seconds,
+                            self.cfg.skip_tasks), (data / "done").touch()))
         common = [f"data.cache_dir={o / 'cache'}"]
         self.stage("text", o / "text" / "final", lambda: self.finetune("text", "default_text.yaml", common + [
             f"output_dir={o / 'text'}", f"model.tokenizer={o / 'text_tokenizer'}", f"data.root={corpora}"]))

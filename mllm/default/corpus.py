@@ -6,7 +6,7 @@ padded with silence to `seconds` (cropped when longer): the model learns to
 say the words and then write silence. Audio the user gives keeps its length.
 
     prepare_corpora(Path("~/.cache/mllm/corpora"), Path("runs/default/data"), ["digits", "speech"],
-                    modalities={"image", "audio"}, seconds=2.4)
+                    modalities={"image", "audio"}, seconds=2.4, skip={"stamps": {"image_generation"}})
 
 Half of the questions, multiple-choice items and captioning requests (chosen
 by a hash of the record id) are phrased the way LLaVA-1.5's instruction mix and
@@ -16,7 +16,8 @@ phrase.", "Answer with the option's letter from the given choices directly.",
 
 Records are copied with absolute media paths; only padded audio is written anew
 (16-bit WAV at the source's rate), under `<out>/<corpus>/media/`. Records with a
-medium the model has no tokenizer for (video, for a model without one) are left out.
+medium the model has no tokenizer for (video, for a model without one) are left out,
+and so are the tasks `skip` names for a corpus.
 """
 
 from __future__ import annotations
@@ -85,8 +86,10 @@ def _modalities(record: dict) -> set[str]:
     return {p["type"] for m in record["messages"] if isinstance(m["content"], list) for p in m["content"]} - {"text"}
 
 
-def prepare_corpora(corpora: Path, out: Path, names: list[str], modalities: set[str], seconds: float) -> Path:
+def prepare_corpora(corpora: Path, out: Path, names: list[str], modalities: set[str], seconds: float,
+                    skip: dict[str, set[str]] | None = None) -> Path:
     """Write `<out>/<corpus>/{train,validation}.jsonl` for each corpus in `names`; returns `out`."""
+    skip = skip or {}
     for name in names:
         for split in SPLITS:
             src = corpora / name / f"{split}.jsonl"
@@ -98,7 +101,8 @@ def prepare_corpora(corpora: Path, out: Path, names: list[str], modalities: set[
             lines = [line for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
             records = [json.loads(line) for line in lines]
             records = [restyle(_convert(r, corpora / name, out / name, seconds))
-                       for r in tqdm(records, desc=f"corpus {name}/{split}", unit="record") if _modalities(r) <= modalities]
+                       for r in tqdm(records, desc=f"corpus {name}/{split}", unit="record")
+                       if _modalities(r) <= modalities and r.get("task") not in skip.get(name, ())]
             dst.parent.mkdir(parents=True, exist_ok=True)
             tmp = dst.with_suffix(".tmp")
             tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")

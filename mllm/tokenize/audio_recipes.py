@@ -237,6 +237,10 @@ class AudioMelDiffusionRecipe:
     guidance: float | None = None  # for `mllm tokenize eval` (None: the de-tokenizer's own, model.guidance)
     steps: int | None = None  # sampling steps for eval (None: the de-tokenizer's default)
 
+    def __post_init__(self):
+        if self.transcripts < 0 or self.transcript_batch < 1:
+            raise ValueError(f"need transcripts >= 0 and transcript_batch >= 1, got {self.transcripts}, {self.transcript_batch}")
+
 
 def null_latent(tokenizer: MelLatentTokenizer) -> torch.Tensor:
     """The latent of silence [D]: a middle frame of one second of digital silence (edges see padding)."""
