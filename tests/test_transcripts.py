@@ -35,7 +35,7 @@ def test_greedy_ctc_merges_repeats_and_drops_blanks():
 
 def test_batches_pad_and_count_frames():
     batch = collate([(torch.ones(5), "ab"), (torch.ones(9), "c")])
-    assert batch.wave.shape == (2, 9) and batch.wave[0, 5:].abs().sum() == 0
+    assert batch.inputs.shape == (2, 9) and batch.inputs[0, 5:].abs().sum() == 0
     assert batch.targets.tolist() == encode_text("abc") and batch.target_lengths.tolist() == [2, 1]
     assert batch.frames(4).tolist() == [2, 3]
     with pytest.raises(ValueError, match="no transcribed clips"):

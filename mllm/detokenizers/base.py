@@ -39,6 +39,10 @@ class DeTokenizer(ConfiguredModule):
         """The classifier-free guidance scale `decode` uses when it is given none; 1: none."""
         return 1.0
 
+    def resolve_guidance(self, guidance: float | None) -> float:
+        """`guidance`, or this de-tokenizer's saved default when it is None."""
+        return self.guidance if guidance is None else guidance
+
     @abc.abstractmethod
     def decode(
         self,

@@ -157,7 +157,7 @@ class DiffusionDeTokenizer(DeTokenizer):
         """tokens [B, N, D] -> samples [B, *sample_shape] in [-1, 1]."""
         self.check_tokens(tokens)
         steps = self.config.diffusion.steps if steps is None else steps
-        guidance = self.guidance if guidance is None else guidance
+        guidance = self.resolve_guidance(guidance)
         if steps < 1:
             raise ValueError(f"{self.name}: steps must be >= 1, got {steps}")
         b = len(tokens)

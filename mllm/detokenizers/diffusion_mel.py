@@ -110,7 +110,7 @@ class MelDiffusionDecoder(DeTokenizer):
         """Latents [B, D, N] -> normalised log-mel [B, M, N · r]: μ plus a residual sampled with DPM-Solver++ and CFG."""
         sampler = DPMSolverMultistepScheduler.from_config(self.scheduler.config)
         sampler.set_timesteps(steps or self.config.steps)
-        guidance = self.guidance if guidance is None else guidance
+        guidance = self.resolve_guidance(guidance)
         frames = latents.shape[-1] * self.config.latents.downsample
         x = torch.randn(len(latents), self.config.latents.mel.n_mels, frames, generator=generator)
         null = self.null_latent[None, :, None].expand_as(latents)

@@ -163,9 +163,8 @@ def write_report(
             placed = [(kind, media.place(kind, path)) for kind, path in _media_of(item, line, out, task)]
             prediction = line.get("prediction") if "prediction" in line else line.get("likelihood_choice")
             verdict = "" if "score" not in line else ("right" if line["score"] >= 1.0 else "wrong")
-            fields = [("question", item.question), ("prediction", prediction), ("answer", item.answer)]
-            if "judged" in line:
-                fields[1] = ("the judge read", line["judged"])
+            said = ("the judge read", line["judged"]) if "judged" in line else ("prediction", prediction)
+            fields = [("question", item.question), said, ("answer", item.answer)]
             if "likelihood_choice" in line and "prediction" in line:
                 fields.insert(2, ("most likely option", line["likelihood_choice"]))
             if "score" in line:

@@ -218,7 +218,7 @@ class MelAutoencoder(nn.Module):
         losses = {"loss": recon + self.kl_weight * kl, "recon": recon, "kl": kl}
         if "speech" in batch:
             speech = batch["speech"]
-            means, _ = self.tokenizer.posterior(self.tokenizer.mel_frames(speech.wave))  # [B, D, T]
+            means, _ = self.tokenizer.posterior(self.tokenizer.mel_frames(speech.inputs))  # [B, D, T]
             frames = speech.frames(self.tokenizer.config.samples_per_token)
             losses["ctc"] = ctc_loss(self.ctc(means.transpose(1, 2)), frames, speech)
             losses["loss"] = losses["loss"] + self.ctc_weight * losses["ctc"]
@@ -376,5 +376,5 @@ def evaluate_audio(tokenizer: MediaTokenizer, detokenizer: DeTokenizer, corpora_
         "mel_distance_db": float(np.mean([d for _, _, d in results["digit"]])) if digits else float("nan"),
         "mel_distance_db_sounds": float(np.mean([d for _, _, d in results["sound"]])) if sounds else float("nan"),
         "tokens_per_second": tokens / seconds if seconds else float("nan"),
-        "guidance": detokenizer.guidance if guidance is None else guidance, "steps": steps,
+        "guidance": detokenizer.resolve_guidance(guidance), "steps": steps,
     }

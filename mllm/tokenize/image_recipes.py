@@ -445,7 +445,7 @@ def evaluate_diffusion(trained: Path, corpora: Path, report: Path, limit: int | 
         **probe,
         "tokens_per_image": tokenizer.num_tokens(test.images[0]),
         "token_dim": tokenizer.feature_dim,
-        "guidance": detokenizer.guidance if e.guidance is None else e.guidance,
+        "guidance": detokenizer.resolve_guidance(e.guidance),
         "steps": e.steps or detokenizer.config.diffusion.steps,
         "scheduler": detokenizer.config.diffusion.scheduler,
         "reconstruct_items_per_s": round(len(recons) / seconds, 2),

@@ -7,7 +7,7 @@ loss; this is the small version: a throwaway linear layer reads characters from
 each latent (CTC), so the latents the LM sees say what is spoken.
 
     transcribed_clips(corpora, "train", 16000)  -> [(wave [N], "three six zero"), ...]
-    transcript_batches(clips, 16, seed=0)       -> endless TranscriptBatch (padded waves + character targets)
+    transcript_batches(clips, 16, seed=0)       -> endless TranscriptBatch (padded waves or latents + character targets)
     ctc_loss(logits [B, T, C], frames [B], batch) -> scalar, mean over target characters
     greedy_ctc(logits [T, C])                   -> text
     linear_ctc_probe_cer(train, test)            -> character error rate of a linear CTC probe on frozen latents
@@ -15,6 +15,7 @@ each latent (CTC), so the latents the LM sees say what is spoken.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,8 +49,8 @@ def transcribed_clips(corpora_dir: Path, split: str, sample_rate: int, corpus: s
 
 @dataclass
 class TranscriptBatch:
-    wave: torch.Tensor  # [B, L], zero-padded
-    lengths: torch.Tensor  # [B] samples
+    inputs: torch.Tensor  # [B, L, ...] zero-padded: waveforms [B, L] or latents [B, T, D]
+    lengths: torch.Tensor  # [B] samples (or frames) of each row before the padding
     targets: torch.Tensor  # [ΣS] character classes, concatenated
     target_lengths: torch.Tensor  # [B]
 
@@ -59,10 +60,11 @@ class TranscriptBatch:
 
 
 def collate(clips: list[tuple[torch.Tensor, str]]) -> TranscriptBatch:
+    """(sequence [L, ...], transcript) pairs -> one padded batch with concatenated character targets."""
     targets = [torch.tensor(encode_text(text)) for _, text in clips]
     return TranscriptBatch(
-        wave=nn.utils.rnn.pad_sequence([w for w, _ in clips], batch_first=True),
-        lengths=torch.tensor([len(w) for w, _ in clips]),
+        inputs=nn.utils.rnn.pad_sequence([x for x, _ in clips], batch_first=True),
+        lengths=torch.tensor([len(x) for x, _ in clips]),
         targets=torch.cat(targets),
         target_lengths=torch.tensor([len(t) for t in targets]),
     )
@@ -101,9 +103,9 @@ def linear_ctc_probe_cer(train: list[tuple[torch.Tensor, str]], test: list[tuple
     torch.manual_seed(seed)
     probe = nn.Linear(latents.shape[1], NUM_CLASSES)
     optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2)
-    for batch in tqdm(_latent_batches(train, batch_size, seed, steps), total=steps, desc="linear CTC probe"):
-        x, frames, targets = batch
-        loss = ctc_loss(probe((x - mean) / std), frames, targets)
+    for batch in tqdm(itertools.islice(transcript_batches(train, batch_size, seed), steps), total=steps,
+                      desc="linear CTC probe"):
+        loss = ctc_loss(probe((batch.inputs - mean) / std), batch.lengths, batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -112,12 +114,3 @@ def linear_ctc_probe_cer(train: list[tuple[torch.Tensor, str]], test: list[tuple
     references = ["".join(ALPHABET[k - 1] for k in encode_text(t)) for _, t in test]
     return float(jiwer.cer(references, [h if h.strip() else "-" for h in hypotheses]))
 
-
-def _latent_batches(clips: list[tuple[torch.Tensor, str]], batch_size: int, seed: int, steps: int):
-    """`steps` batches of (latents [B, T, D] zero-padded, frames [B], the transcripts as a TranscriptBatch)."""
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        chosen = [clips[i] for i in torch.randint(len(clips), (batch_size,), generator=gen).tolist()]
-        texts = collate([(torch.zeros(1), t) for _, t in chosen])
-        yield (nn.utils.rnn.pad_sequence([x for x, _ in chosen], batch_first=True),
-               torch.tensor([len(x) for x, _ in chosen]), texts)

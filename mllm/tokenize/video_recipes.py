@@ -330,7 +330,7 @@ def evaluate_divot(trained: Path, corpora: Path, report: Path, limit: int | None
             **judge_scores(test, priors, judge, "prior")} if priors else {}),
         "tokens_per_clip": tokenizer.num_tokens(test.videos[0]),
         "token_dim": tokenizer.feature_dim,
-        "guidance": detokenizer.guidance if e.guidance is None else e.guidance,
+        "guidance": detokenizer.resolve_guidance(e.guidance),
         "steps": e.steps or detokenizer.config.diffusion.steps,
         "scheduler": detokenizer.config.diffusion.scheduler,
         "reconstruct_clips_per_s": round(len(recons) / seconds, 2),
