@@ -16,6 +16,7 @@ same kind of skill on far easier data: every result is labelled "proxy".
     t2i_proxy            digits        text -> image; the digit judge reads the drawn digit
     tts_proxy            speech        text -> speech; the spoken-digit judge hears the digit
     t2v_proxy            video         text -> video; the digit judge reads the moving digit (frame majority)
+                                       and its centroid track the way it moves: "7 up"
 
 `build_proxy(name, corpora)` writes one into the mllm cache, under a key of
 its source records, and returns the `TaskSpec` that runs it.
@@ -41,7 +42,7 @@ import soundfile as sf
 from mllm.data.sources import cache_dir
 from mllm.eval.tasks import TaskSpec
 
-VERSION = 1  # bump when a proxy's files change
+VERSION = 2  # bump when a proxy's files change (2: t2v targets say the direction too)
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CONFUSABLE = {0: 6, 1: 7, 2: 7, 3: 8, 4: 9, 5: 6, 6: 0, 7: 1, 8: 3, 9: 4}  # POPE's "adversarial" negatives
 
@@ -256,7 +257,7 @@ def write_tts(corpora: Path, out: Path) -> None:
 
 
 def write_t2v(corpora: Path, out: Path) -> None:
-    rows = [{"id": r["id"], "prompt": r["meta"]["prompt"], "target": str(r["meta"]["digits"][0])}
+    rows = [{"id": r["id"], "prompt": r["meta"]["prompt"], "target": f"{r['meta']['digits'][0]} {r['meta']['direction']}"}
             for r in _records(corpora, "video", "video_generation") if r["meta"]["num_digits"] == 1]
     _write_json(out / "t2v.jsonl", rows, lines=True)
 
@@ -278,7 +279,7 @@ PROXIES: dict[str, Proxy] = {
     "sound_caption_proxy": Proxy(("sounds",), write_sound_captions, "captioning", lambda c: {}),
     "t2i_proxy": Proxy(("digits",), write_t2i, "jsonl", _generation("image", "digits")),
     "tts_proxy": Proxy(("speech",), write_tts, "jsonl", _generation("audio", "spoken_digits")),
-    "t2v_proxy": Proxy(("video",), write_t2v, "jsonl", _generation("video", "digits")),
+    "t2v_proxy": Proxy(("video",), write_t2v, "jsonl", _generation("video", "moving_digits")),
 }
 FILES = {"mmbench_proxy": "stamps_mmbench_dev.tsv", "t2i_proxy": "t2i.jsonl", "tts_proxy": "tts.jsonl", "t2v_proxy": "t2v.jsonl"}
 

@@ -8,7 +8,8 @@ Comprehension is scored by normalised exact match; with choices, also by the
 likelihood of each choice (the answer is the right choice's text or letter).
 Generation writes one file per item (listed in predictions.jsonl, for any
 external judge); `judge` scores them here: "digits" (digit images, or video
-frames read per digit lane by majority), "spoken_digits" (audio), or "package.module:function"
+frames read per digit lane by majority), "moving_digits" (video: its digits and
+the way they move, "7 up"), "spoken_digits" (audio), or "package.module:function"
 taking the files' paths and returning a label for each, compared with `target`.
 The built-in judges are independent classifiers trained only on the real
 corpora (`judge_data`), never on a model's output.
@@ -29,13 +30,13 @@ from mllm.eval.metrics import LETTERS, choice_letter, exact_match, normalize_ans
 from mllm.eval.tasks import Item, Modality, Prediction, Scores, Task
 
 FileJudge = Callable[[list[str]], list[str]]  # generated files -> the label each shows
-BUILTIN_JUDGES = {"digits": ("image", "video"), "spoken_digits": ("audio",)}
+BUILTIN_JUDGES = {"digits": ("image", "video"), "moving_digits": ("video",), "spoken_digits": ("audio",)}
 
 
 @dataclass
 class Options:
     generate: Modality | None = None  # a generation task: what the model writes for each prompt
-    judge: str | None = None  # digits | spoken_digits | package.module:function (generation only)
+    judge: str | None = None  # digits | moving_digits | spoken_digits | package.module:function (generation only)
     judge_data: str | None = None  # built corpora the built-in judges train on; default $MLLM_CACHE/corpora
 
     def __post_init__(self):
@@ -134,30 +135,32 @@ def _judge(options: Options) -> FileJudge:
     from mllm.data.sources import cache_dir
 
     corpora = Path(options.judge_data) if options.judge_data else cache_dir() / "corpora"
-    return digit_judge(corpora, options.generate) if options.judge == "digits" else spoken_digit_judge(corpora)
+    if options.judge == "spoken_digits":
+        return spoken_digit_judge(corpora)
+    return digit_judge(corpora, options.generate, motion=options.judge == "moving_digits")
 
 
-def digit_judge(corpora: Path, modality: Modality) -> FileJudge:
-    """Digit images -> "0".."9" (a video: its digits, space-separated, each its lane's frame majority: `VideoJudge`);
-    "" for a missing file."""
+def _each_file(read: Callable[[str], str]) -> FileJudge:
+    """A judge of one file made a judge of a list of files; "" for a missing file."""
+    return lambda paths: [read(p) if p and os.path.isfile(p) else "" for p in paths]
+
+
+def digit_judge(corpora: Path, modality: Modality, motion: bool = False) -> FileJudge:
+    """Digit images -> "0".."9"; a video -> its digits, space-separated, each its lane's frame majority
+    (`VideoJudge`), and with `motion` the way they move by their centroid track ("7 up")."""
     from mllm.judges.digits import DigitJudge
-    from mllm.judges.video import VideoJudge
+    from mllm.judges.video import VideoJudge, direction
     from mllm.media import load_image, load_video
 
     judge = DigitJudge.load_or_train(corpora)
+    if modality == "image":
+        return _each_file(lambda path: str(judge.predict([load_image(path)])[0]))
 
-    def read(paths: list[str]) -> list[str]:
-        labels = []
-        for path in paths:
-            if not path or not os.path.isfile(path):
-                labels.append("")
-            elif modality == "image":
-                labels.append(str(judge.predict([load_image(path)])[0]))
-            else:
-                labels.append(" ".join(map(str, VideoJudge(judge).digits(load_video(path)))))
-        return labels
+    def read(path: str) -> str:
+        video = load_video(path)
+        return " ".join([*map(str, VideoJudge(judge).digits(video)), *([direction(video)] if motion else [])])
 
-    return read
+    return _each_file(read)
 
 
 def spoken_digit_judge(corpora: Path) -> FileJudge:
@@ -166,4 +169,4 @@ def spoken_digit_judge(corpora: Path) -> FileJudge:
     from mllm.media import load_audio
 
     judge = SpokenDigitJudge.load_or_train(corpora)
-    return lambda paths: [str(judge.predict([load_audio(p)])[0]) if p and os.path.isfile(p) else "" for p in paths]
+    return _each_file(lambda path: str(judge.predict([load_audio(path)])[0]))
