@@ -300,9 +300,9 @@ def test_recipe_trains_evaluates_and_reloads(recipe, corpora, cache, tmp_path):
 
 
 def test_caption_vocabulary_targets_the_words_of_each_images_captions(corpora):
-    from mllm.tokenize.image_recipes import CaptionVocabulary, ImageData
+    from mllm.tokenize.captions import CaptionVocabulary
 
-    vocabulary = CaptionVocabulary(corpora, ImageData(corpora=["digits"]), min_count=1)
+    vocabulary = CaptionVocabulary(corpora, ["digits"], "image", min_count=1)
     assert {"zero", "one", "nine"} <= set(vocabulary.words)
     captioned = next(iter(vocabulary.captions))
     target = vocabulary.target(captioned)
@@ -311,7 +311,7 @@ def test_caption_vocabulary_targets_the_words_of_each_images_captions(corpora):
     assert target.sum().item() == pytest.approx(1.0)
     assert vocabulary.target(corpora / "no-such.png").sum() == 0
     with pytest.raises(ValueError, match="no caption word"):
-        CaptionVocabulary(corpora, ImageData(corpora=["digits"]), min_count=10**9)
+        CaptionVocabulary(corpora, ["digits"], "image", min_count=10**9)
 
 
 def test_bag_of_words_loss_prefers_the_right_words_and_skips_uncaptioned_rows():

@@ -230,13 +230,28 @@ def test_video_judge_reads_original_clips(corpora, cache):
     assert len(lanes) == len(metas[0]["digits"]) and all(lane for lane in lanes)
 
 
+def test_the_moving_digits_file_judge_says_digits_then_direction(corpora, cache):
+    from mllm.eval.loaders.jsonl import digit_judge
+    from mllm.media import load_video
+
+    paths, metas = corpus_clips(corpora, "video", "test")
+    paths, metas = paths[:6], metas[:6]
+    labels = digit_judge(corpora, "video", motion=True)([str(p) for p in paths] + [str(corpora / "missing.mp4")])
+    assert labels[-1] == ""
+    judge = VideoJudge.load_or_train(corpora, progress=False)
+    for label, path, meta in zip(labels, paths, metas):
+        *digits, way = label.split()
+        assert way == meta["direction"] and digits == [str(d) for d in judge.digits(load_video(path))]
+
+
 # each shipped tiny recipe, shrunk to seconds by overrides
 SHRINK = ["optim.steps=3", "optim.batch_size=4", "optim.warmup_steps=1", "tokenizer.width=32", "tokenizer.heads=2",
           "evaluation.batch_size=4"]
+DIVOT = [*SHRINK, "dit.width=32", "dit.depth=1", "evaluation.steps=2", "pretraining.optim.steps=2",
+         "pretraining.optim.batch_size=4", "pretraining.decoder.width=32", "pretraining.decoder.depth=1", "joint=true"]
 RECIPES = {
-    "video_divot_tiny": [*SHRINK, "dit.width=32", "dit.depth=1", "evaluation.steps=2", "pretraining.optim.steps=2",
-                         "pretraining.optim.batch_size=4", "pretraining.decoder.width=32", "pretraining.decoder.depth=1",
-                         "joint=true"],
+    "video_divot_tiny": DIVOT,
+    "video_divot_captioned_tiny": [*DIVOT, "pretraining.min_word_count=1"],
     "video_fsq_tiny": [*SHRINK, "decoder.width=32", "decoder.depth=1"],
 }
 
@@ -246,6 +261,7 @@ def test_recipe_trains_evaluates_and_reloads(recipe, corpora, cache, tmp_path):
     out = tmp_path / "trained"
     metrics = commands.train(f"tokenizers/{recipe}.yaml", corpora, out, RECIPES[recipe])
     assert metrics["steps"] == (5 if "divot" in recipe else 3) and (out / "loss.png").is_file()
+    assert ("final_tokens_caption_words" in metrics) == ("captioned" in recipe)
     report = commands.evaluate(out, corpora, out / "report", limit=4)
     assert (out / "report" / "frame_strips.png").is_file() and (out / "report" / "metrics.json").is_file()
     assert report["clips"] == 4 and report["split"] == "test" and report["psnr_db"] > 0

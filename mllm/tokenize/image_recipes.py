@@ -20,9 +20,7 @@ originals above their reconstructions.
 
 from __future__ import annotations
 
-import re
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -44,7 +42,8 @@ from mllm.judges import DigitJudge, digit_images
 from mllm.losses import bag_of_words_loss
 from mllm.media import Image, load_image
 from mllm.plots import save_image_grid
-from mllm.tokenize.corpus_media import corpus_media, evenly_spaced, media_captions, shuffled_batches
+from mllm.tokenize.captions import CaptionVocabulary, captioned_batches
+from mllm.tokenize.corpus_media import corpus_media, evenly_spaced, shuffled_batches
 from mllm.tokenize.metrics import codebook_usage, psnr_db
 from mllm.tokenize.recipes import RECIPE_FILE, Recipe, load_recipe, register_recipe
 from mllm.tokenize.trainer import EvalConfig, OptimConfig, fit, training_metrics
@@ -150,40 +149,6 @@ def train_images(corpora_dir: Path, data: ImageData) -> list[Path]:
 def image_batches(paths: list[Path], batch_size: int, seed: int, cache_images: int) -> Iterator[list[Image]]:
     """Endless shuffled epochs of `batch_size` images; the first `cache_images` distinct ones stay decoded in memory."""
     return shuffled_batches(paths, batch_size, seed, cache_images, load_image)
-
-
-def caption_words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", text.lower())
-
-
-class CaptionVocabulary:
-    """The words of the training images' captions: each image's target is a distribution over them, uniform over the
-    distinct words of all its captions (all zero for an image with no caption record)."""
-
-    def __init__(self, corpora_dir: Path, data: ImageData, min_count: int):
-        self.captions = {p: texts for corpus in data.corpora
-                         for p, texts in media_captions(corpora_dir, corpus, "train", "image").items()}
-        counts = Counter(w for texts in self.captions.values() for text in texts for w in set(caption_words(text)))
-        self.words = sorted(w for w, n in counts.items() if n >= min_count)
-        if not self.words:
-            raise ValueError(f"caption_words: no caption word occurs {min_count}+ times in {data.corpora}' train captions")
-        self.index = {w: i for i, w in enumerate(self.words)}
-
-    def target(self, path: Path) -> torch.Tensor:
-        """[V] the word distribution of `path`'s captions."""
-        found = {self.index[w] for text in self.captions.get(path, []) for w in caption_words(text) if w in self.index}
-        target = torch.zeros(len(self.words))
-        if found:
-            target[list(found)] = 1 / len(found)
-        return target
-
-
-def captioned_batches(paths: list[Path], vocabulary: CaptionVocabulary, batch_size: int, seed: int,
-                      cache_images: int) -> Iterator[tuple[list[Image], torch.Tensor]]:
-    """image_batches with each batch's caption word targets [B, V]."""
-    load = lambda p: (load_image(p), vocabulary.target(p))  # noqa: E731
-    for batch in shuffled_batches(paths, batch_size, seed, cache_images, load):
-        yield [image for image, _ in batch], torch.stack([words for _, words in batch])
 
 
 @dataclass
@@ -321,8 +286,8 @@ def train_diffusion(cfg: DiffusionRecipeConfig, corpora: Path, out: Path) -> dic
     paths, pre = train_images(corpora, cfg.data), cfg.pretraining.optim
     clock = (time.perf_counter(), time.process_time())
     if cfg.pretraining.caption_words > 0:
-        vocabulary = CaptionVocabulary(corpora, cfg.data, cfg.pretraining.min_word_count)
-        batches = captioned_batches(paths, vocabulary, pre.batch_size, pre.seed, cfg.data.cache_images)
+        vocabulary = CaptionVocabulary(corpora, cfg.data.corpora, "image", cfg.pretraining.min_word_count)
+        batches = captioned_batches(paths, vocabulary, pre.batch_size, pre.seed, cfg.data.cache_images, load_image)
         stage1_module = TokenAutoencoder(tokenizer, probe, cfg.pretraining.augment, len(vocabulary.words),
                                          cfg.pretraining.caption_words)
     else:

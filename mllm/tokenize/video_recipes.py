@@ -38,8 +38,10 @@ from mllm.detokenizers.diffusion_video import DiffusionVideoConfig, DiffusionVid
 from mllm.detokenizers.vq_image import PixelDecoderArch
 from mllm.detokenizers.vq_video import FramesDecoder, VQVideoDecoder, VQVideoDecoderConfig, frames_decoder_arch
 from mllm.judges.video import VideoJudge
+from mllm.losses import bag_of_words_loss
 from mllm.media import Video, load_video
 from mllm.plots import save_frame_strips
+from mllm.tokenize.captions import CaptionVocabulary, captioned_batches
 from mllm.tokenize.corpus_media import corpus_media, evenly_spaced, shuffled_batches
 from mllm.tokenize.metrics import codebook_usage, psnr_db
 from mllm.tokenize.recipes import RECIPE_FILE, Recipe, load_recipe, register_recipe
@@ -67,10 +69,21 @@ def video_eval() -> EvalConfig:
 
 @dataclass
 class TokenPretraining:
-    """Stage 1 of video_divot: tokens learn to keep what the frames need, through a frame decoder (MSE)."""
+    """Stage 1 of video_divot: tokens learn to keep what the frames need, through a frame decoder (MSE).
+
+    With `caption_words` > 0 the mean token must also predict the words of the clip's training captions ("The
+    digits 3 and 8 move left."; mllm/tokenize/captions.py): reconstruction alone keeps where the strokes are in
+    each frame, not which digits they make, and an LM reads those digits at chance.
+    """
 
     decoder: PixelDecoderArch = field(default_factory=frames_decoder_arch)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    caption_words: float = 0.0  # weight of the bag-of-words loss (0: MSE only)
+    min_word_count: int = 3  # rarer caption words are left out of the vocabulary
+
+    def __post_init__(self):
+        if self.caption_words < 0 or self.min_word_count < 1:
+            raise ValueError(f"need caption_words >= 0 and min_word_count >= 1, got {self.caption_words}, {self.min_word_count}")
 
 
 @dataclass
@@ -149,15 +162,24 @@ def empty_clip(frames: int, size: int, fps: float) -> Video:
 
 
 class TokenAutoencoder(nn.Module):
-    """Stage 1 of video_divot: the tokenizer and a throwaway frame decoder, trained on MSE."""
+    """Stage 1 of video_divot: the tokenizer and a frame decoder, trained on MSE; with a vocabulary, also a
+    throwaway linear reader of caption words from the mean token."""
 
-    def __init__(self, tokenizer: VideoDivotTokenizer, decoder: FramesDecoder):
+    def __init__(self, tokenizer: VideoDivotTokenizer, decoder: FramesDecoder, vocabulary: int = 0,
+                 words_weight: float = 0.0):
         super().__init__()
-        self.tokenizer, self.decoder = tokenizer, decoder
+        self.tokenizer, self.decoder, self.words_weight = tokenizer, decoder, words_weight
+        self.words = nn.Linear(tokenizer.feature_dim, vocabulary) if vocabulary else None
 
-    def training_losses(self, videos: list[Video]) -> dict[str, torch.Tensor]:
+    def training_losses(self, batch: tuple[list[Video], torch.Tensor | None]) -> dict[str, torch.Tensor]:
+        videos, words = batch  # words: [B, V] caption word targets, or None
         clips = clip_batch(videos, self.tokenizer.config.frames, self.tokenizer.frame_size, "train")
-        return {"loss": F.mse_loss(self.decoder(self.tokenizer.features(clips)), clips)}
+        tokens = self.tokenizer.features(clips)  # [B, N, D]
+        losses = {"mse": F.mse_loss(self.decoder(tokens), clips)}
+        if self.words is not None:
+            losses["caption_words"] = bag_of_words_loss(self.words(tokens.mean(1)), words)
+        losses["loss"] = losses["mse"] + self.words_weight * losses.get("caption_words", 0.0)
+        return losses
 
 
 class TokenConditionedDiffusion(nn.Module):
@@ -228,11 +250,16 @@ def train_divot(cfg: DivotRecipeConfig, corpora: Path, out: Path) -> dict:
         t.frames, tokenizer.frame_size, t.num_tokens, t.feature_dim, cfg.pretraining.decoder,
         None if t.query_grid is None else tuple(t.query_grid))
     paths, pre = train_clips(corpora, cfg.data), cfg.pretraining.optim
-    decoded: dict[int, Video] = {}  # both stages read the same clips: decode each once
+    decoded: dict[int, Video] = {}  # both stages read the same clips: decode each once (without captions)
     clock = (time.perf_counter(), time.process_time())
-    stage1 = fit(TokenAutoencoder(tokenizer, probe),
-                 clip_batches(paths, pre.batch_size, pre.seed, cfg.data.cache_clips, decoded),
-                 pre, desc="video_divot tokens") if pre.steps else {}
+    if cfg.pretraining.caption_words > 0:
+        vocabulary = CaptionVocabulary(corpora, cfg.data.corpora, "video", cfg.pretraining.min_word_count)
+        batches = captioned_batches(paths, vocabulary, pre.batch_size, pre.seed, cfg.data.cache_clips, load_video)
+        stage1_module = TokenAutoencoder(tokenizer, probe, len(vocabulary.words), cfg.pretraining.caption_words)
+    else:
+        batches = ((videos, None) for videos in clip_batches(paths, pre.batch_size, pre.seed, cfg.data.cache_clips, decoded))
+        stage1_module = TokenAutoencoder(tokenizer, probe)
+    stage1 = fit(stage1_module, batches, pre, desc="video_divot tokens") if pre.steps else {}
     empty = empty_clip(t.frames, tokenizer.frame_size, cfg.fps)
     detokenizer.set_null_tokens(tokenizer.encode(empty))
     if not cfg.joint:
@@ -246,7 +273,8 @@ def train_divot(cfg: DivotRecipeConfig, corpora: Path, out: Path) -> dict:
     detokenizer.set_null_tokens(tokenizer.encode(empty))  # again: with `joint`, the tokenizer has moved
     tokenizer.save_pretrained(out / "media_tokenizer")
     detokenizer.eval().save_pretrained(out / "detokenizer")
-    terms = (("tokens_mse", stage1.get("loss")), ("diffusion", stage2.get("diffusion", stage2["loss"])),
+    terms = (("tokens_mse", stage1.get("mse")), ("tokens_caption_words", stage1.get("caption_words")),
+             ("diffusion", stage2.get("diffusion", stage2["loss"])),
              ("prior_mse", stage2.get("prior_mse")))  # prior_mse: on [-1, 1] pixels
     history = {k: v for k, v in terms if v}
     return training_metrics(out, history, pre.steps + cfg.optim.steps, clock,

@@ -1,0 +1,56 @@
+"""Caption words as a tokenizer's text supervision (SEED-style): from its mean token, a throwaway linear layer
+predicts the words of each medium's training captions, so the tokens say what they show, not only how it looks.
+
+    vocabulary = CaptionVocabulary(corpora, ["video"], "video", min_count=3)
+    vocabulary.target(path)                 -> [V] uniform over the distinct words of path's captions
+    captioned_batches(paths, vocabulary, 8, seed=0, cache_size=4000, load=load_video)
+                                            -> endless (media, word targets [B, V]) batches
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+
+from mllm.tokenize.corpus_media import media_captions, shuffled_batches
+
+M = TypeVar("M")
+
+
+def caption_words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+class CaptionVocabulary:
+    """The words of the training media's captions: each medium's target is a distribution over them, uniform over
+    the distinct words of all its captions (all zero for a medium with no caption record)."""
+
+    def __init__(self, corpora_dir: Path, corpora: list[str], modality: str, min_count: int):
+        self.captions = {p: texts for corpus in corpora
+                         for p, texts in media_captions(corpora_dir, corpus, "train", modality).items()}
+        counts = Counter(w for texts in self.captions.values() for text in texts for w in set(caption_words(text)))
+        self.words = sorted(w for w, n in counts.items() if n >= min_count)
+        if not self.words:
+            raise ValueError(f"caption_words: no caption word occurs {min_count}+ times in {corpora}' train captions")
+        self.index = {w: i for i, w in enumerate(self.words)}
+
+    def target(self, path: Path) -> torch.Tensor:
+        """[V] the word distribution of `path`'s captions."""
+        found = {self.index[w] for text in self.captions.get(path, []) for w in caption_words(text) if w in self.index}
+        target = torch.zeros(len(self.words))
+        if found:
+            target[list(found)] = 1 / len(found)
+        return target
+
+
+def captioned_batches(paths: list[Path], vocabulary: CaptionVocabulary, batch_size: int, seed: int, cache_size: int,
+                      load: Callable[[Path], M]) -> Iterator[tuple[list[M], torch.Tensor]]:
+    """shuffled_batches of loaded media with each batch's caption word targets [B, V]."""
+    pair = lambda p: (load(p), vocabulary.target(p))  # noqa: E731
+    for batch in shuffled_batches(paths, batch_size, seed, cache_size, pair):
+        yield [medium for medium, _ in batch], torch.stack([words for _, words in batch])
