@@ -5,6 +5,8 @@ predicts the words of each medium's training captions, so the tokens say what th
     vocabulary.target(path)                 -> [V] uniform over the distinct words of path's captions
     captioned_batches(paths, vocabulary, 8, seed=0, cache_size=4000, load=load_video)
                                             -> endless (media, word targets [B, V]) batches
+    reader = CaptionReader(feature_dim, len(vocabulary.words), weight=1.0)
+    reader.add_loss({"mse": mse}, tokens, targets)   -> {"mse", "caption_words", "loss"}
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
+from torch import nn
 
+from mllm.losses import bag_of_words_loss
 from mllm.tokenize.corpus_media import media_captions, shuffled_batches
 
 M = TypeVar("M")
@@ -54,3 +58,20 @@ def captioned_batches(paths: list[Path], vocabulary: CaptionVocabulary, batch_si
     pair = lambda p: (load(p), vocabulary.target(p))  # noqa: E731
     for batch in shuffled_batches(paths, batch_size, seed, cache_size, pair):
         yield [medium for medium, _ in batch], torch.stack([words for _, words in batch])
+
+
+class CaptionReader(nn.Module):
+    """A throwaway linear reader of caption words from the mean token; without a vocabulary, none."""
+
+    def __init__(self, feature_dim: int, vocabulary: int = 0, weight: float = 0.0):
+        super().__init__()
+        self.words = nn.Linear(feature_dim, vocabulary) if vocabulary else None
+        self.weight = weight
+
+    def add_loss(self, losses: dict[str, torch.Tensor], tokens: torch.Tensor,
+                 targets: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """losses["loss"] = losses["mse"] (+ weight × the caption words' loss of tokens [B, N, D] against targets [B, V])."""
+        if self.words is not None:
+            losses["caption_words"] = bag_of_words_loss(self.words(tokens.mean(1)), targets)
+        losses["loss"] = losses["mse"] + self.weight * losses.get("caption_words", 0.0)
+        return losses

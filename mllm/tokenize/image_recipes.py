@@ -39,10 +39,9 @@ from mllm.detokenizers.diffusion import DiffusionConfig
 from mllm.detokenizers.diffusion_image import DiffusionImageConfig, DiffusionImageDeTokenizer, DiTArch, UNetArch
 from mllm.detokenizers.vq_image import PixelDecoder, PixelDecoderArch, VQImageDecoder, VQImageDecoderConfig
 from mllm.judges import DigitJudge, digit_images
-from mllm.losses import bag_of_words_loss
 from mllm.media import Image, load_image
 from mllm.plots import save_image_grid
-from mllm.tokenize.captions import CaptionVocabulary, captioned_batches
+from mllm.tokenize.captions import CaptionReader, CaptionVocabulary, captioned_batches
 from mllm.tokenize.corpus_media import corpus_media, evenly_spaced, shuffled_batches
 from mllm.tokenize.metrics import codebook_usage, psnr_db
 from mllm.tokenize.recipes import RECIPE_FILE, Recipe, load_recipe, register_recipe
@@ -196,18 +195,14 @@ class TokenAutoencoder(nn.Module):
     def __init__(self, tokenizer: MediaTokenizer, decoder: PixelDecoder, augment: AffineJitter, vocabulary: int = 0,
                  words_weight: float = 0.0):
         super().__init__()
-        self.tokenizer, self.decoder, self.augment, self.words_weight = tokenizer, decoder, augment, words_weight
-        self.words = nn.Linear(tokenizer.feature_dim, vocabulary) if vocabulary else None
+        self.tokenizer, self.decoder, self.augment = tokenizer, decoder, augment
+        self.captions = CaptionReader(tokenizer.feature_dim, vocabulary, words_weight)
 
     def training_losses(self, batch: tuple[list[Image], torch.Tensor | None]) -> dict[str, torch.Tensor]:
         images, words = batch  # words: [B, V] caption word targets, or None
         pixels = jitter(image_batch(images, self.tokenizer.image_size, "train"), self.augment)  # [B, 3, S, S]
         tokens = self.tokenizer.features(pixels)  # [B, N, D]
-        losses = {"mse": F.mse_loss(self.decoder(tokens), pixels)}
-        if self.words is not None:
-            losses["caption_words"] = bag_of_words_loss(self.words(tokens.mean(1)), words)
-        losses["loss"] = losses["mse"] + self.words_weight * losses.get("caption_words", 0.0)
-        return losses
+        return self.captions.add_loss({"mse": F.mse_loss(self.decoder(tokens), pixels)}, tokens, words)
 
 
 class TokenConditionedDiffusion(nn.Module):

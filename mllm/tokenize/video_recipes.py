@@ -38,10 +38,9 @@ from mllm.detokenizers.diffusion_video import DiffusionVideoConfig, DiffusionVid
 from mllm.detokenizers.vq_image import PixelDecoderArch
 from mllm.detokenizers.vq_video import FramesDecoder, VQVideoDecoder, VQVideoDecoderConfig, frames_decoder_arch
 from mllm.judges.video import VideoJudge
-from mllm.losses import bag_of_words_loss
 from mllm.media import Video, load_video
 from mllm.plots import save_frame_strips
-from mllm.tokenize.captions import CaptionVocabulary, captioned_batches
+from mllm.tokenize.captions import CaptionReader, CaptionVocabulary, captioned_batches
 from mllm.tokenize.corpus_media import corpus_media, evenly_spaced, shuffled_batches
 from mllm.tokenize.metrics import codebook_usage, psnr_db
 from mllm.tokenize.recipes import RECIPE_FILE, Recipe, load_recipe, register_recipe
@@ -168,18 +167,14 @@ class TokenAutoencoder(nn.Module):
     def __init__(self, tokenizer: VideoDivotTokenizer, decoder: FramesDecoder, vocabulary: int = 0,
                  words_weight: float = 0.0):
         super().__init__()
-        self.tokenizer, self.decoder, self.words_weight = tokenizer, decoder, words_weight
-        self.words = nn.Linear(tokenizer.feature_dim, vocabulary) if vocabulary else None
+        self.tokenizer, self.decoder = tokenizer, decoder
+        self.captions = CaptionReader(tokenizer.feature_dim, vocabulary, words_weight)
 
     def training_losses(self, batch: tuple[list[Video], torch.Tensor | None]) -> dict[str, torch.Tensor]:
         videos, words = batch  # words: [B, V] caption word targets, or None
         clips = clip_batch(videos, self.tokenizer.config.frames, self.tokenizer.frame_size, "train")
         tokens = self.tokenizer.features(clips)  # [B, N, D]
-        losses = {"mse": F.mse_loss(self.decoder(tokens), clips)}
-        if self.words is not None:
-            losses["caption_words"] = bag_of_words_loss(self.words(tokens.mean(1)), words)
-        losses["loss"] = losses["mse"] + self.words_weight * losses.get("caption_words", 0.0)
-        return losses
+        return self.captions.add_loss({"mse": F.mse_loss(self.decoder(tokens), clips)}, tokens, words)
 
 
 class TokenConditionedDiffusion(nn.Module):
