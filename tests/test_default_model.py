@@ -48,7 +48,7 @@ def test_shipped_checkpoint_is_small_and_float16():
 def test_every_variant_loads_as_a_float32_pipeline(variant):
     pipe = Pipeline.from_pretrained(default_checkpoint(variant))
     assert {p.dtype for p in pipe.model.parameters()} == {torch.float32}
-    assert set(pipe.detokenizers) == {"image", "audio"} and set(pipe.processor.media_tokenizers) == {"image", "audio"}
+    assert set(pipe.detokenizers) == set(pipe.processor.media_tokenizers) == {"image", "audio", "video"}
     head = pipe.model.config.heads["image"]["name"]
     assert head == variant
 

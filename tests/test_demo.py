@@ -16,7 +16,7 @@ def corpora(tmp_path_factory) -> Path:
     from mllm.data.corpora.build import build_corpora
 
     out = tmp_path_factory.mktemp("corpora")
-    build_corpora(ROOT / "data" / "build_small.yaml", out, only=["digits", "speech", "sounds", "interleaved"],
+    build_corpora(ROOT / "data" / "build_small.yaml", out, only=["digits", "speech", "sounds", "video", "interleaved"],
                   progress=False, overwrite=True)
     return out
 
@@ -29,8 +29,10 @@ def test_demo_writes_a_page_with_every_path(corpora, tmp_path, capsys):
                  "speech → text", "text → speech", "sound → caption", "video → answer", "text → video",
                  "interleaved conversation"):
         assert path in page and path in printed
+    assert "not available" not in page
     assert page.count("data:image/png;base64,") >= 4 and page.count("data:audio/wav;base64,") >= 3
-    assert list((tmp_path / "demo" / "media").glob("*.png")) and list((tmp_path / "demo" / "media").glob("*.wav"))
+    assert page.count("data:video/mp4;base64,") >= 2  # the question's clip and the generated one
+    assert all(list((tmp_path / "demo" / "media").glob(f"*.{suffix}")) for suffix in ("png", "wav", "mp4"))
 
 
 def test_demo_without_corpora_says_how_to_build_them(tmp_path, capsys):
