@@ -308,7 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse gives a command's positionals (recipe + overrides) one run of words, so KEY=VALUE overrides
+    # after an option (`tokenize train R --out D steps=5`) come back unparsed: they are overrides all the same.
+    if extra and (not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     if getattr(args, "out", "unset") is None:
         args.out = _default_corpora()
     if getattr(args, "data", "unset") is None:

@@ -34,3 +34,20 @@ def test_list_shows_every_registry():
     lines = dict(line.split(": ", 1) for line in result.stdout.splitlines())
     assert "patch" in lines["media tokenizers"].split(", ") and "patch" in lines["de-tokenizers"].split(", ")
     assert lines["chat templates"] == "chatml, mistral, plain"
+
+
+def test_overrides_may_follow_options_and_stray_words_are_refused(monkeypatch, capsys):
+    import pytest
+
+    from mllm import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "_tokenize", lambda args: seen.update(overrides=args.overrides) or 0)
+    assert cli.main(["tokenize", "train", "r.yaml", "a=1", "--out", "d", "b.c=2"]) == 0
+    assert seen["overrides"] == ["a=1", "b.c=2"]
+    for stray in ("--bogus", "stray"):
+        with pytest.raises(SystemExit):
+            cli.main(["tokenize", "train", "r.yaml", "--out", "d", stray])
+        assert f"unrecognized arguments: {stray}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a command without overrides takes none
+        cli.main(["list", "x=1"])
