@@ -113,25 +113,24 @@ def run_lane(stages: list[Stage], log: Path, threads: int) -> dict[str, float]:
 def side_by_side(lanes: list[list[Stage]], logs: Path) -> dict[str, float]:
     """Each lane in its own process with one thread; a progress bar counts finished stages. A failed lane
     lets the others finish (their work is kept), then raises, naming its log."""
-    files = {tuple(s.name for s in lane): logs / f"{'+'.join(s.name for s in lane)}.log" for lane in lanes}
-    print(f"[default] side by side, one thread each: {' ‖ '.join(' → '.join(n) for n in files)} (logs: {logs})", flush=True)
+    logs_of = [logs / f"{'+'.join(s.name for s in lane)}.log" for lane in lanes]
+    chains = " ‖ ".join(" → ".join(s.name for s in lane) for lane in lanes)
+    print(f"[default] side by side, one thread each: {chains} (logs: {logs})", flush=True)
     times: dict[str, float] = {}
     failures = []
     with ProcessPoolExecutor(len(lanes), mp_context=multiprocessing.get_context("spawn")) as pool, \
             tqdm(total=sum(map(len, lanes)), desc="stages side by side", unit="stage") as bar:
-        running: dict[Future, tuple[str, ...]] = {
-            pool.submit(run_lane, lane, files[names], 1): names for names, lane in zip(files, lanes)}
+        running: dict[Future, Path] = {pool.submit(run_lane, lane, log, 1): log for lane, log in zip(lanes, logs_of)}
         pending = set(running)
         while pending:
             finished, pending = wait(pending, timeout=10, return_when=FIRST_COMPLETED)
             bar.n = sum(s.done.exists() for lane in lanes for s in lane)
             bar.refresh()
             for future in finished:
-                names = running[future]
                 try:
                     times.update(future.result())
                 except Exception as e:
-                    failures.append(f"{e}; its output: {files[names]}")
+                    failures.append(f"{e}; its output: {running[future]}")
                     tqdm.write(f"[default] {failures[-1]}" + ("; the other stages go on" if pending else ""))
     if failures:
         raise RuntimeError("; ".join(failures))

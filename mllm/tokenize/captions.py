@@ -5,6 +5,7 @@ predicts the words of each medium's training captions, so the tokens say what th
     vocabulary.target(path)                 -> [V] uniform over the distinct words of path's captions
     captioned_batches(paths, vocabulary, 8, seed=0, cache_size=4000, load=load_video)
                                             -> endless (media, word targets [B, V]) batches
+    CaptionWords                            the `caption_words` / `min_word_count` keys of a stage-1 config
     reader = CaptionReader(feature_dim, len(vocabulary.words), weight=1.0)
     reader.add_loss({"mse": mse}, tokens, targets)   -> {"mse", "caption_words", "loss"}
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -21,9 +23,21 @@ import torch
 from torch import nn
 
 from mllm.losses import bag_of_words_loss
-from mllm.tokenize.corpus_media import media_captions, shuffled_batches
+from mllm.tokenize.corpus_media import cached_loader, media_captions, shuffled_indices
 
 M = TypeVar("M")
+
+
+@dataclass
+class CaptionWords:
+    """A stage-1 config's caption supervision (its `caption_words` and `min_word_count` keys)."""
+
+    caption_words: float = 0.0  # weight of the bag-of-words loss (0: MSE only)
+    min_word_count: int = 3  # rarer caption words are left out of the vocabulary
+
+    def __post_init__(self):
+        if self.caption_words < 0 or self.min_word_count < 1:
+            raise ValueError(f"need caption_words >= 0 and min_word_count >= 1, got {self.caption_words}, {self.min_word_count}")
 
 
 def caption_words(text: str) -> list[str]:
@@ -53,11 +67,12 @@ class CaptionVocabulary:
 
 
 def captioned_batches(paths: list[Path], vocabulary: CaptionVocabulary, batch_size: int, seed: int, cache_size: int,
-                      load: Callable[[Path], M]) -> Iterator[tuple[list[M], torch.Tensor]]:
-    """shuffled_batches of loaded media with each batch's caption word targets [B, V]."""
-    pair = lambda p: (load(p), vocabulary.target(p))  # noqa: E731
-    for batch in shuffled_batches(paths, batch_size, seed, cache_size, pair):
-        yield [medium for medium, _ in batch], torch.stack([words for _, words in batch])
+                      load: Callable[[Path], M], cache: dict[int, M] | None = None
+                      ) -> Iterator[tuple[list[M], torch.Tensor]]:
+    """shuffled_batches (the same batches, the same shared `cache`) with each batch's caption word targets [B, V]."""
+    get = cached_loader(paths, cache_size, load, cache)
+    for batch in shuffled_indices(len(paths), batch_size, seed):
+        yield [get(j) for j in batch], torch.stack([vocabulary.target(paths[j]) for j in batch])
 
 
 class CaptionReader(nn.Module):

@@ -49,11 +49,10 @@ def media_captions(corpora_dir: Path, corpus: str, split: str, modality: str) ->
     return captions
 
 
-def shuffled_batches(paths: list[Path], batch_size: int, seed: int, cache_size: int,
-                     load: Callable[[Path], M], cache: dict[int, M] | None = None) -> Iterator[list[M]]:
-    """Endless shuffled epochs of `batch_size` loaded media; the first `cache_size` distinct ones stay in memory,
-    in `cache` (index into `paths` -> medium) when given: streams over the same paths share their decoding."""
-    generator = torch.Generator().manual_seed(seed)
+def cached_loader(paths: list[Path], cache_size: int, load: Callable[[Path], M],
+                  cache: dict[int, M] | None = None) -> Callable[[int], M]:
+    """index -> loaded medium; the first `cache_size` distinct ones stay in memory, in `cache` (index into `paths`
+    -> medium) when given: loaders over the same paths share their decoding."""
     cache = {} if cache is None else cache
 
     def get(j: int) -> M:
@@ -64,10 +63,24 @@ def shuffled_batches(paths: list[Path], batch_size: int, seed: int, cache_size: 
             cache[j] = medium
         return medium
 
+    return get
+
+
+def shuffled_indices(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Endless shuffled epochs of `batch_size` indices into range(n): full batches (one short one if too few)."""
+    generator = torch.Generator().manual_seed(seed)
     while True:
-        order = torch.randperm(len(paths), generator=generator).tolist()
-        for i in range(0, max(len(order) - batch_size, 0) + 1, batch_size):  # full batches (one short one if too few)
-            yield [get(j) for j in order[i:i + batch_size]]
+        order = torch.randperm(n, generator=generator).tolist()
+        for i in range(0, max(len(order) - batch_size, 0) + 1, batch_size):
+            yield order[i:i + batch_size]
+
+
+def shuffled_batches(paths: list[Path], batch_size: int, seed: int, cache_size: int,
+                     load: Callable[[Path], M], cache: dict[int, M] | None = None) -> Iterator[list[M]]:
+    """Endless shuffled epochs of `batch_size` loaded media (`cached_loader` keeps the first `cache_size`)."""
+    get = cached_loader(paths, cache_size, load, cache)
+    for batch in shuffled_indices(len(paths), batch_size, seed):
+        yield [get(j) for j in batch]
 
 
 def evenly_spaced(n: int, limit: int | None) -> list[int]:

@@ -41,7 +41,7 @@ from mllm.detokenizers.vq_image import PixelDecoder, PixelDecoderArch, VQImageDe
 from mllm.judges import DigitJudge, digit_images
 from mllm.media import Image, load_image
 from mllm.plots import save_image_grid
-from mllm.tokenize.captions import CaptionReader, CaptionVocabulary, captioned_batches
+from mllm.tokenize.captions import CaptionReader, CaptionVocabulary, CaptionWords, captioned_batches
 from mllm.tokenize.corpus_media import corpus_media, evenly_spaced, shuffled_batches
 from mllm.tokenize.metrics import codebook_usage, psnr_db
 from mllm.tokenize.recipes import RECIPE_FILE, Recipe, load_recipe, register_recipe
@@ -97,7 +97,7 @@ class TokenizerSpec:
 
 
 @dataclass
-class TokenPretraining:
+class TokenPretraining(CaptionWords):
     """Stage 1 of image_diffusion: tokens learn to keep what the pixels need, through a throwaway ViT decoder (MSE).
 
     With `caption_words` > 0 the mean token must also predict the words of the image's training captions
@@ -107,13 +107,7 @@ class TokenPretraining:
 
     decoder: PixelDecoderArch = field(default_factory=PixelDecoderArch)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    caption_words: float = 0.0  # weight of the bag-of-words loss (0: MSE only)
-    min_word_count: int = 3  # rarer caption words are left out of the vocabulary
     augment: AffineJitter = field(default_factory=AffineJitter)  # on the images the tokens encode and reconstruct
-
-    def __post_init__(self):
-        if self.caption_words < 0 or self.min_word_count < 1:
-            raise ValueError(f"need caption_words >= 0 and min_word_count >= 1, got {self.caption_words}, {self.min_word_count}")
 
 
 @dataclass

@@ -40,7 +40,7 @@ from mllm.detokenizers.vq_video import FramesDecoder, VQVideoDecoder, VQVideoDec
 from mllm.judges.video import VideoJudge
 from mllm.media import Video, load_video
 from mllm.plots import save_frame_strips
-from mllm.tokenize.captions import CaptionReader, CaptionVocabulary, captioned_batches
+from mllm.tokenize.captions import CaptionReader, CaptionVocabulary, CaptionWords, captioned_batches
 from mllm.tokenize.corpus_media import corpus_media, evenly_spaced, shuffled_batches
 from mllm.tokenize.metrics import codebook_usage, psnr_db
 from mllm.tokenize.recipes import RECIPE_FILE, Recipe, load_recipe, register_recipe
@@ -67,7 +67,7 @@ def video_eval() -> EvalConfig:
 
 
 @dataclass
-class TokenPretraining:
+class TokenPretraining(CaptionWords):
     """Stage 1 of video_divot: tokens learn to keep what the frames need, through a frame decoder (MSE).
 
     With `caption_words` > 0 the mean token must also predict the words of the clip's training captions ("The
@@ -77,12 +77,6 @@ class TokenPretraining:
 
     decoder: PixelDecoderArch = field(default_factory=frames_decoder_arch)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    caption_words: float = 0.0  # weight of the bag-of-words loss (0: MSE only)
-    min_word_count: int = 3  # rarer caption words are left out of the vocabulary
-
-    def __post_init__(self):
-        if self.caption_words < 0 or self.min_word_count < 1:
-            raise ValueError(f"need caption_words >= 0 and min_word_count >= 1, got {self.caption_words}, {self.min_word_count}")
 
 
 @dataclass
@@ -245,11 +239,12 @@ def train_divot(cfg: DivotRecipeConfig, corpora: Path, out: Path) -> dict:
         t.frames, tokenizer.frame_size, t.num_tokens, t.feature_dim, cfg.pretraining.decoder,
         None if t.query_grid is None else tuple(t.query_grid))
     paths, pre = train_clips(corpora, cfg.data), cfg.pretraining.optim
-    decoded: dict[int, Video] = {}  # both stages read the same clips: decode each once (without captions)
+    decoded: dict[int, Video] = {}  # both stages read the same clips: decode each once
     clock = (time.perf_counter(), time.process_time())
     if cfg.pretraining.caption_words > 0:
         vocabulary = CaptionVocabulary(corpora, cfg.data.corpora, "video", cfg.pretraining.min_word_count)
-        batches = captioned_batches(paths, vocabulary, pre.batch_size, pre.seed, cfg.data.cache_clips, load_video)
+        batches = captioned_batches(paths, vocabulary, pre.batch_size, pre.seed, cfg.data.cache_clips, load_video,
+                                    decoded)
         stage1_module = TokenAutoencoder(tokenizer, probe, len(vocabulary.words), cfg.pretraining.caption_words)
     else:
         batches = ((videos, None) for videos in clip_batches(paths, pre.batch_size, pre.seed, cfg.data.cache_clips, decoded))
