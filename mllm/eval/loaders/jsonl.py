@@ -156,9 +156,11 @@ def digit_judge(corpora: Path, modality: Modality, motion: bool = False) -> File
     if modality == "image":
         return _each_file(lambda path: str(judge.predict([load_image(path)])[0]))
 
+    lanes = VideoJudge(judge)
+
     def read(path: str) -> str:
         video = load_video(path)
-        return " ".join([*map(str, VideoJudge(judge).digits(video)), *([direction(video)] if motion else [])])
+        return " ".join([*map(str, lanes.digits(video)), *([direction(video)] if motion else [])])
 
     return _each_file(read)
 
