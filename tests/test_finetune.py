@@ -154,6 +154,7 @@ def test_deepspeed_configs_fill_every_auto_from_the_recipe(config, corpus, text_
     (["optim.betas=[0.9, 1.5]"], "optim.betas"),
     (["train.eval_every=2"], "train.eval_every"),
     (["data.repeat={image_generation: 0}"], "data"),
+    (["data.repeat={image_generation: many}"], "data.repeat.image_generation"),
 ])
 def test_recipe_errors_name_the_key(overrides, key, corpus, text_tokenizer, tmp_path):
     with pytest.raises(ConfigError) as e:
@@ -187,15 +188,31 @@ def test_cosine_schedule_warms_up_then_decays_to_the_floor(corpus, text_tokenize
     assert lrs[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 7 / 8)))
 
 
-def test_data_repeat_upsamples_a_task_in_every_epoch(corpus, text_tokenizer, tmp_path):
+def test_data_repeat_up_and_down_samples_tasks_afresh_each_epoch(corpus, text_tokenizer, tmp_path):
     data = {"repeat": {"image_generation": 3}}
     run = Finetune(load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, tmp_path / "out", data=data))),
                    DistEnv.from_environ())
     try:
-        tasks = Counter(run.train_records[int(i)]["task"] for i in run.epoch_rows)
+        tasks = Counter(run.train_records[int(i)]["task"] for i in run.epoch_rows(0))
     finally:
         run.close()
     assert tasks == {"image_caption": 24, "image_generation": 72}
+
+    data = {"repeat": {"image_generation": 2.5, "image_caption": 0.25}}
+    run = Finetune(load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, tmp_path / "thin", data=data))),
+                   DistEnv.from_environ())
+    try:
+        epochs = [run.epoch_rows(e) for e in range(40)]
+        assert np.array_equal(epochs[3], run.epoch_rows(3))  # a resumed run draws the same rows
+        tasks = [run.train_records.select(rows)["task"] for rows in epochs]
+        captions = [{int(i) for i, t in zip(rows, ts) if t == "image_caption"} for rows, ts in zip(epochs, tasks)]
+    finally:
+        run.close()
+    drawn = Counter(t for ts in tasks for t in ts)
+    assert 40 * 24 * 2 < drawn["image_generation"] < 40 * 24 * 3
+    assert drawn["image_caption"] == pytest.approx(40 * 24 * 0.25, rel=0.2)
+    assert len(set(map(frozenset, captions))) > 30  # a different quarter of the captions each epoch
+    assert len(set().union(*captions)) == 24  # and over the epochs, every caption
     with pytest.raises(ConfigError, match="paint") as e:
         finetune(load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, tmp_path / "bad", data={"repeat": {"paint": 2}}))))
     assert e.value.key == "data.repeat"

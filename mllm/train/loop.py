@@ -129,7 +129,7 @@ class Finetune:
             self.say(f"resumed from {resume} (step {self.state.step}, epoch {self.state.epoch}, batch {self.state.batch})")
 
         self.train_records, self.validation_records, self.cache = self._prepare_data()
-        self.epoch_rows = self._epoch_rows()
+        self._check_repeat()
         self.writer = None
         if env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -187,17 +187,21 @@ class Finetune:
             cache.reload()
         return train, validation, cache
 
-    def _epoch_rows(self) -> np.ndarray:
-        """The train record indices one epoch visits: each once, or `data.repeat[task]` times (upsampling)."""
+    def epoch_rows(self, epoch: int) -> np.ndarray:
+        """The train record indices epoch `epoch` visits, shuffled: each record once, or at its task's
+        `data.repeat` rate r: floor(r) times, plus once more with probability r - floor(r), drawn afresh each
+        epoch from (seed, epoch), so a rate below 1 thins a task and a resumed run draws the same rows."""
+        rng = np.random.default_rng([self.cfg.train.seed, epoch])
         rows = np.arange(len(self.train_records))
-        repeat = self.cfg.data.repeat
-        if not repeat:
-            return rows
-        tasks = self.train_records["task"]
-        missing = sorted(set(repeat) - set(tasks))
+        if repeat := self.cfg.data.repeat:
+            rate = np.array([repeat.get(t, 1.0) for t in self.train_records["task"]])
+            rows = np.repeat(rows, np.floor(rate).astype(int) + (rng.random(len(rows)) < rate % 1))
+        return rng.permutation(rows)
+
+    def _check_repeat(self) -> None:
+        missing = sorted(set(self.cfg.data.repeat) - set(self.train_records["task"]))
         if missing:
             raise ConfigError("data.repeat", f"no training record has the task {', '.join(missing)}")
-        return np.repeat(rows, [repeat.get(t, 1) for t in tasks])
 
     def micro_batches(self, records, seed: int) -> Iterator[Callable[[], MultimodalBatch]]:
         """One pass over `records` as micro-batches that collate when called. Every rank walks the whole
@@ -217,7 +221,7 @@ class Finetune:
         per_step = self.cfg.train.grad_accum * world
         epoch, start = self.state.epoch, self.state.batch
         while True:
-            order = np.random.default_rng([self.cfg.train.seed, epoch]).permutation(self.epoch_rows)
+            order = self.epoch_rows(epoch)
             mine, seen = [], 0
             for index, batch in enumerate(self.micro_batches(self.train_records.select(order), seed=self.cfg.train.seed + epoch)):
                 seen = index + 1

@@ -49,7 +49,7 @@ class DataConfig:
     train: list[str]  # record files, directories or globs (JSONL/Parquet), relative to `root`
     validation: list[str] = field(default_factory=list)
     tasks: list[str] = field(default_factory=list)  # keep only records of these tasks (the record's "task"); empty: all
-    repeat: dict[str, int] = field(default_factory=dict)  # task -> times each of its records comes per epoch (upsampling)
+    repeat: dict[str, float] = field(default_factory=dict)  # task -> times each record comes per epoch: 3 up-, 0.5 down-samples
     root: str | None = None  # None: the built corpora, $MLLM_CACHE/corpora
     max_length: int = 1024
     batch_size: int = 8  # rows per micro-batch and rank: packed rows of max_length, or padded samples
@@ -58,9 +58,9 @@ class DataConfig:
     cache_dir: str | None = None  # record tables and encoded media are cached here; None: <output_dir>/cache
 
     def __post_init__(self):
-        bad = {task: n for task, n in self.repeat.items() if not isinstance(n, int) or n < 1}
+        bad = {task: r for task, r in self.repeat.items() if isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0}
         if bad:
-            raise ValueError(f"data.repeat: each count must be a whole number >= 1, got {bad}")
+            raise ValueError(f"data.repeat: each rate must be a number > 0, got {bad}")
 
 
 @dataclass
