@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from mllm.checkpoint import HeadConfig, MediaConfig, ModelConfig, build_model
 from mllm.detokenizers import build_detokenizer
