@@ -44,6 +44,17 @@ def test_shipped_checkpoint_is_small_and_float16():
             assert all(f.get_slice(k).get_dtype() != "F32" for k in f.keys()), file
 
 
+def test_shipped_configs_name_no_build_directory():
+    def strings(value):
+        if isinstance(value, dict):
+            return [s for v in value.values() for s in strings(v)]
+        return [s for v in value for s in strings(v)] if isinstance(value, list) else [value]
+
+    for file in CHECKPOINTS.rglob("*.json"):
+        absolute = [s for s in strings(json.loads(file.read_text())) if isinstance(s, str) and s.startswith("/")]
+        assert not absolute, (file, absolute)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_variant_loads_as_a_float32_pipeline(variant):
     pipe = Pipeline.from_pretrained(default_checkpoint(variant))

@@ -34,8 +34,15 @@ def to_float16(path: Path) -> None:
     os.replace(tmp, path)
 
 
+def drop_build_paths(config: dict) -> dict:
+    """`config` without the `_name_or_path` entries transformers records at any depth: they name
+    directories of the machine that built the checkpoint."""
+    return {k: drop_build_paths(v) if isinstance(v, dict) else v for k, v in config.items() if k != "_name_or_path"}
+
+
 def ship(checkpoint: Path, detokenizers: dict[str, Path], out: Path, shared: Path | None = None) -> Path:
-    """Copy `checkpoint` (+ each modality's de-tokenizer dir) into `out` with float16 weights."""
+    """Copy `checkpoint` (+ each modality's de-tokenizer dir) into `out` with float16 weights and configs
+    that name no build directory."""
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(checkpoint, tmp)
@@ -48,6 +55,8 @@ def ship(checkpoint: Path, detokenizers: dict[str, Path], out: Path, shared: Pat
         (tmp / SHARED_FILE).write_text(json.dumps({"media_from": os.path.relpath(shared, out)}) + "\n")
     for file in tmp.rglob("*.safetensors"):
         to_float16(file)
+    for file in tmp.rglob("config.json"):
+        file.write_text(json.dumps(drop_build_paths(json.loads(file.read_text())), indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
