@@ -129,7 +129,7 @@ class Finetune:
             self.say(f"resumed from {resume} (step {self.state.step}, epoch {self.state.epoch}, batch {self.state.batch})")
 
         self.train_records, self.validation_records, self.cache = self._prepare_data()
-        self._check_repeat()
+        self.repeat_rates = self._repeat_rates()
         self.writer = None
         if env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -187,21 +187,26 @@ class Finetune:
             cache.reload()
         return train, validation, cache
 
+    def _repeat_rates(self) -> np.ndarray | None:
+        """[R] each train record's `data.repeat` rate (1 for a task not named); None without `data.repeat`."""
+        repeat = self.cfg.data.repeat
+        if not repeat:
+            return None
+        tasks = self.train_records["task"]
+        missing = sorted(set(repeat) - set(tasks))
+        if missing:
+            raise ConfigError("data.repeat", f"no training record has the task {', '.join(missing)}")
+        return np.array([repeat.get(t, 1.0) for t in tasks])
+
     def epoch_rows(self, epoch: int) -> np.ndarray:
         """The train record indices epoch `epoch` visits, shuffled: each record once, or at its task's
         `data.repeat` rate r: floor(r) times, plus once more with probability r - floor(r), drawn afresh each
         epoch from (seed, epoch), so a rate below 1 thins a task and a resumed run draws the same rows."""
         rng = np.random.default_rng([self.cfg.train.seed, epoch])
         rows = np.arange(len(self.train_records))
-        if repeat := self.cfg.data.repeat:
-            rate = np.array([repeat.get(t, 1.0) for t in self.train_records["task"]])
+        if (rate := self.repeat_rates) is not None:
             rows = np.repeat(rows, np.floor(rate).astype(int) + (rng.random(len(rows)) < rate % 1))
         return rng.permutation(rows)
-
-    def _check_repeat(self) -> None:
-        missing = sorted(set(self.cfg.data.repeat) - set(self.train_records["task"]))
-        if missing:
-            raise ConfigError("data.repeat", f"no training record has the task {', '.join(missing)}")
 
     def micro_batches(self, records, seed: int) -> Iterator[Callable[[], MultimodalBatch]]:
         """One pass over `records` as micro-batches that collate when called. Every rank walks the whole
