@@ -1,12 +1,21 @@
-"""The default model's training corpora: the built corpora, with every audio the assistant speaks padded to one length.
+"""The default model's training corpora: the built corpora, with every audio the assistant speaks in one voice and
+padded to one length.
 
 A continuous output head writes a fixed number of features per item (the
 engine cannot end a feature span early), so text-to-speech targets are
 padded with silence to `seconds` (cropped when longer): the model learns to
 say the words and then write silence. Audio the user gives keeps its length.
 
+The built speech corpus speaks each reply in one of ~150 random voices, rates and
+pitches. Read out by its mixture mean, a GMM head writes the average of those:
+no voice at all. So every spoken reply whose words are known (the record's
+transcript) is re-spoken in one house `voice`, as a single-speaker TTS corpus
+would be; the user's audio keeps its many voices, which the model must
+understand. Each distinct reply is synthesized once.
+
     prepare_corpora(Path("~/.cache/mllm/corpora"), Path("runs/default/data"), ["digits", "speech"],
-                    modalities={"image", "audio"}, seconds=2.4, skip={"stamps": {"image_generation"}})
+                    modalities={"image", "audio"}, seconds=2.4, skip={"stamps": {"image_generation"}},
+                    voice=HOUSE_VOICE)
 
 Half of the questions, multiple-choice items and captioning requests (chosen
 by a hash of the record id) are phrased the way LLaVA-1.5's instruction mix and
@@ -14,8 +23,8 @@ the benchmarks phrase them ("Answer the question using a single word or
 phrase.", "Answer with the option's letter from the given choices directly.",
 "Describe the sound in one sentence."), so a tiny model learns both styles.
 
-Records are copied with absolute media paths; only padded audio is written anew
-(16-bit WAV at the source's rate), under `<out>/<corpus>/media/`. Records with a
+Records are copied with absolute media paths; only spoken replies are written anew
+(16-bit WAV at the source's rate, written whole or not at all), under `<out>/<corpus>/media/`. Records with a
 medium the model has no tokenizer for (video, for a model without one) are left out,
 and so are the tasks `skip` names for a corpus.
 """
@@ -32,10 +41,18 @@ import numpy as np
 import soundfile as sf
 from tqdm.auto import tqdm
 
+from mllm.data.corpora.digits import load_mnist
+from mllm.data.corpora.speech import Voice, synthesize
+from mllm.data.corpora.video import render_clip
+from mllm.media import Audio, Video, save_audio, save_video
+
 SPLITS = ("train", "validation")
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 LETTER = ("Answer with the letter.", "Answer with the option's letter from the given choices directly.")
 CAPTION = {"image_caption": "image", "sound_caption": "sound", "video_caption": "video"}
+# A plain training voice (not one of the held-out test voices), unhurried, no noise.
+HOUSE_VOICE = Voice(accent="en-us", variant="m1", rate=150, pitch=50, gap=0, gain=0.9, snr_db=None, noise_seed=0,
+                    held_out=False)
 
 
 def restyle(record: dict) -> dict:
@@ -55,29 +72,70 @@ def restyle(record: dict) -> dict:
     return record
 
 
-def pad_audio(src: Path, dst: Path, seconds: float) -> None:
-    """src, silence-padded (or cropped) to `seconds`, written to dst."""
-    samples, rate = sf.read(src, dtype="float32", always_2d=True)  # [N, C]
-    n = math.ceil(seconds * rate)
-    samples = samples[:n]
-    samples = np.pad(samples, ((0, n - len(samples)), (0, 0)))
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(dst, samples, rate, subtype="PCM_16")
+def fit(audio: Audio, seconds: float) -> Audio:
+    """audio silence-padded (or cropped) to `seconds`."""
+    n = math.ceil(seconds * audio.sample_rate)
+    x = audio.samples[:, :n]  # [C, <=n]
+    return Audio(np.pad(x, ((0, 0), (0, n - x.shape[1]))), audio.sample_rate)
 
 
-def _convert(record: dict, corpus_dir: Path, out_dir: Path, seconds: float) -> dict:
-    for m, message in enumerate(record["messages"]):
+def spoken_words(record: dict) -> list[str | None]:
+    """The transcript of each audio part of a record, in order; None where it is not speech (sounds)."""
+    n = sum(p["type"] == "audio" for m in record["messages"] if isinstance(m["content"], list) for p in m["content"])
+    meta = record.get("meta") or {}
+    if "speech" in meta and len(meta["speech"]) == n:  # interleaved: one voice entry per audio part
+        return [s.get("transcript") for s in meta["speech"]]
+    if "transcript" in meta and n == 1:  # speech corpus
+        return [meta["transcript"]]
+    return [None] * n
+
+
+def _key(*parts) -> str:
+    return hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def _reply(src: Path, words: str | None, out_dir: Path, seconds: float, voice: Voice | None) -> Path:
+    """The spoken reply the model learns to write: in the house voice where its words are known, padded."""
+    rate = sf.info(src).samplerate
+    if voice is None or not words:
+        dst = out_dir / "media" / f"{src.parent.name}-{src.stem}-{seconds:g}s.wav"
+        if not dst.is_file():
+            samples, _ = sf.read(src, dtype="float32", always_2d=True)  # [N, C]
+            save_audio(fit(Audio(samples.T, rate), seconds), dst)
+        return dst
+    key = _key(voice.name, voice.rate, voice.pitch, voice.gap, voice.gain, words, rate, seconds)
+    dst = out_dir / "media" / f"voice-{key}.wav"
+    if not dst.is_file():
+        save_audio(fit(synthesize(words, voice, rate), seconds), dst)
+    return dst
+
+
+def _animation(meta: dict, clips: dict, out_dir: Path) -> Path:
+    """The clip the model learns to make for a video request: its digits and direction, in the canonical layout."""
+    digits = load_mnist()
+    frames = render_clip([digits[d][i] for d, i in zip(meta["digits"], meta["source_indices"])], meta["direction"],
+                         None, frames=clips["frames"], size=clips["size"], digit_size=clips["digit_size"])
+    dst = out_dir / "media" / f"clip-{_key(meta['digits'], meta['source_indices'], meta['direction'], clips)}.mp4"
+    if not dst.is_file():
+        save_video(Video(frames, clips["fps"]), dst)
+    return dst
+
+
+def _convert(record: dict, corpus_dir: Path, out_dir: Path, seconds: float, voice: Voice | None,
+             clips: dict | None) -> dict:
+    words = iter(spoken_words(record))
+    for message in record["messages"]:
         if not isinstance(message["content"], list):
             continue
-        for p, part in enumerate(message["content"]):
+        for part in message["content"]:
             if part["type"] == "text" or "path" not in part:
                 continue
             src = corpus_dir / part["path"]
+            said = next(words) if part["type"] == "audio" else None
             if message["role"] == "assistant" and part["type"] == "audio":
-                dst = out_dir / "media" / f"{record['id']}-{m}-{p}.wav"
-                if not dst.is_file():
-                    pad_audio(src, dst, seconds)
-                src = dst
+                src = _reply(src, said, out_dir, seconds, voice)
+            elif part["type"] == "video" and clips and record.get("task") == "video_generation":
+                src = _animation(record["meta"], clips, out_dir)
             part["path"] = str(src.resolve())
     return record
 
@@ -87,9 +145,20 @@ def _modalities(record: dict) -> set[str]:
 
 
 def prepare_corpora(corpora: Path, out: Path, names: list[str], modalities: set[str], seconds: float,
-                    skip: dict[str, set[str]] | None = None) -> Path:
-    """Write `<out>/<corpus>/{train,validation}.jsonl` for each corpus in `names`; returns `out`."""
+                    skip: dict[str, set[str]] | None = None, voice: Voice | None = HOUSE_VOICE,
+                    canonical_clips: bool = True) -> Path:
+    """Write `<out>/<corpus>/{train,validation}.jsonl` for each corpus in `names`; returns `out`.
+
+    `voice`: the voice of every spoken reply whose words are known; None keeps the corpus's recordings.
+    `canonical_clips`: re-render the requested animations of the video corpus in the canonical layout.
+    """
     skip = skip or {}
+    clips = None
+    if canonical_clips and "video" in names:
+        manifest = corpora / "manifest.json"
+        if not manifest.is_file():
+            raise FileNotFoundError(f"{manifest}: the corpora's manifest is missing (rebuild with `mllm data build`)")
+        clips = json.loads(manifest.read_text())["config"]["video"]
     for name in names:
         for split in SPLITS:
             src = corpora / name / f"{split}.jsonl"
@@ -100,7 +169,7 @@ def prepare_corpora(corpora: Path, out: Path, names: list[str], modalities: set[
                 raise FileNotFoundError(f"{src}: the {name} corpus is not built (run `mllm data build`)")
             lines = [line for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
             records = [json.loads(line) for line in lines]
-            records = [restyle(_convert(r, corpora / name, out / name, seconds))
+            records = [restyle(_convert(r, corpora / name, out / name, seconds, voice, clips))
                        for r in tqdm(records, desc=f"corpus {name}/{split}", unit="record")
                        if _modalities(r) <= modalities and r.get("task") not in skip.get(name, ())]
             dst.parent.mkdir(parents=True, exist_ok=True)

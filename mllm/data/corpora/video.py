@@ -18,16 +18,23 @@ from mllm.data.corpora import (
 from mllm.data.corpora.digits import load_mnist, split_pool
 
 
-def render_clip(digits: list[np.ndarray], direction: str, rng: np.random.Generator, *, frames: int = 8,
+def render_clip(digits: list[np.ndarray], direction: str, rng: np.random.Generator | None, *, frames: int = 8,
                 size: int = 32, digit_size: int = 16) -> np.ndarray:
-    """uint8 [frames, size, size, 3]: the gray 28x28 `digits` moving `direction`, in lanes across the motion."""
+    """uint8 [frames, size, size, 3]: the gray 28x28 `digits` moving `direction`, in lanes across the motion.
+
+    `rng` places a single digit's lane and where the motion starts and ends; None gives the canonical layout
+    (the middle lane, from 1/8 to 7/8 of the way): one clip per request, which a model can learn exactly.
+    """
     k = len(digits)
     glyphs = [np.asarray(PIL.Image.fromarray(d).resize((digit_size, digit_size), PIL.Image.Resampling.BILINEAR))
               for d in digits]
     room = size - digit_size
-    lanes = [int(rng.integers(0, room + 1))] if k == 1 else [int(round(x)) for x in np.linspace(0, room, k)]
-    start = rng.uniform(0, 0.25 * room)
-    end = rng.uniform(0.75 * room, room)
+    if k > 1:
+        lanes = [int(round(x)) for x in np.linspace(0, room, k)]
+    else:
+        lanes = [room // 2 if rng is None else int(rng.integers(0, room + 1))]
+    start = 0.125 * room if rng is None else rng.uniform(0, 0.25 * room)
+    end = 0.875 * room if rng is None else rng.uniform(0.75 * room, room)
     if direction in ("left", "up"):
         start, end = room - start, room - end
     out = np.zeros((frames, size, size), dtype=np.uint8)
