@@ -335,3 +335,13 @@ def test_unknown_espeak_variant_is_refused(tmp_path):
     with pytest.raises(ValueError, match="no-such-variant"):
         build_corpora(cfg, tmp_path / "out", only=["speech"], limit=1, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_list_corpora_keeps_build_order_whatever_was_imported_first():
+    import subprocess
+    import sys
+
+    code = ("import mllm.data.corpora.video, mllm.data.corpora.speech; "
+            "from mllm.data.corpora import list_corpora; print(','.join(list_corpora()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out.split(",") == CORPORA

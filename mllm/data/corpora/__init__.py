@@ -44,7 +44,7 @@ DIRECTIONS = ("left", "right", "up", "down")
 # Build order: a later corpus may read an earlier one's output (text reads them all).
 _MODULES = ("digits", "stamps", "speech", "sounds", "video", "interleaved", "text")
 CORPORA: Registry[Callable[["BuildContext"], "CorpusResult"]] = Registry("corpus")
-_ORDER: list[str] = []
+_ORDER: list[tuple[str, str]] = []  # (corpus, the module that registered it), in registration order
 
 
 def register_corpus(name: str):
@@ -52,7 +52,7 @@ def register_corpus(name: str):
 
     def decorator(fn):
         CORPORA.register(name)(fn)
-        _ORDER.append(name)
+        _ORDER.append((name, fn.__module__.rpartition(".")[2]))
         return fn
 
     return decorator
@@ -64,9 +64,11 @@ def _load_all() -> None:
 
 
 def list_corpora() -> list[str]:
-    """Names of all built-in corpora, in build order."""
+    """Names of all registered corpora, in build order: by their module's place in `_MODULES`, whichever module
+    was imported first (others after), then in the order they registered."""
     _load_all()
-    return list(_ORDER)
+    rank = {module: i for i, module in enumerate(_MODULES)}
+    return [name for name, module in sorted(_ORDER, key=lambda entry: rank.get(entry[1], len(rank)))]
 
 
 def get_corpus(name: str) -> Callable[["BuildContext"], "CorpusResult"]:
