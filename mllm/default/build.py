@@ -4,9 +4,10 @@
     audio_tokenizer  tokenizers/audio_mel_diffusion_tiny.yaml        │ modality given a trained directory
     video_tokenizer  tokenizers/video_divot_captioned_tiny.yaml      ┘
     text             finetune/recipes/default_text.yaml: SentencePiece tokenizer, then LM pretraining
-    corpora          the built corpora, spoken replies padded to `audio_seconds` (mllm/default/corpus.py)
+    corpora          the built corpora; spoken replies in one house voice, padded to `audio_seconds`, and
+                     requested animations in one canonical layout (mllm/default/corpus.py)
     multimodal       finetune/recipes/default_multimodal.yaml: every task, GMM heads
-    diffusion        finetune/recipes/default_diffusion_head.yaml: the same model with a diffusion image head
+    diffusion        finetune/recipes/default_diffusion_head.yaml: a diffusion image head, trained with the LM
     ship             float16 copies of both variants in <out>/checkpoint/{gmm,diffusion}; with `ship`,
                      also into the package (mllm/default/checkpoint/), where chat, serve, eval and demo find them
 
