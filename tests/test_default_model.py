@@ -231,3 +231,8 @@ def test_corpora_animate_every_video_request_in_the_canonical_layout(tmp_path):
     assert np.abs(load_video(made[0]).frames.astype(float) - canonical).mean() < 3  # H.264 is lossy
     rows_lit = canonical[..., 0].max(axis=(0, 2)).nonzero()[0]  # moving left: the digit's rows never change
     assert abs((rows_lit.min() + rows_lit.max()) / 2 - 15.5) <= 2  # the middle lane
+
+    rows[0]["meta"] = {"digits": [3]}
+    (corpus / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="'g0'.*source_indices"):
+        prepare_corpora(tmp_path / "in", tmp_path / "bad", ["video"], {"video"}, 2.4)

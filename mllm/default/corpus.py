@@ -11,7 +11,10 @@ pitches. Read out by its mixture mean, a GMM head writes the average of those:
 no voice at all. So every spoken reply whose words are known (the record's
 transcript) is re-spoken in one house `voice`, as a single-speaker TTS corpus
 would be; the user's audio keeps its many voices, which the model must
-understand. Each distinct reply is synthesized once.
+understand. Each distinct reply is synthesized once. For the same reason the
+video corpus's animation requests are re-rendered from their own digits and
+direction in the canonical layout (`render_clip` without an rng): one clip per
+request instead of a digit in any lane; the clips the user shows keep theirs.
 
     prepare_corpora(Path("~/.cache/mllm/corpora"), Path("runs/default/data"), ["digits", "speech"],
                     modalities={"image", "audio"}, seconds=2.4, skip={"stamps": {"image_generation"}},
@@ -110,13 +113,18 @@ def _reply(src: Path, words: str | None, out_dir: Path, seconds: float, voice: V
     return dst
 
 
-def _animation(meta: dict, clips: dict, out_dir: Path) -> Path:
+def _animation(record: dict, clips: dict, out_dir: Path) -> Path:
     """The clip the model learns to make for a video request: its digits and direction, in the canonical layout."""
-    digits = load_mnist()
-    frames = render_clip([digits[d][i] for d, i in zip(meta["digits"], meta["source_indices"])], meta["direction"],
-                         None, frames=clips["frames"], size=clips["size"], digit_size=clips["digit_size"])
+    meta = record.get("meta") or {}
+    if not {"digits", "source_indices", "direction"} <= meta.keys():
+        raise ValueError(f"record {record.get('id')!r}: a video request needs meta.digits, meta.source_indices and "
+                         f"meta.direction to be re-rendered, got {sorted(meta)}")
     dst = out_dir / "media" / f"clip-{_key(meta['digits'], meta['source_indices'], meta['direction'], clips)}.mp4"
     if not dst.is_file():
+        mnist = load_mnist()
+        glyphs = [mnist[d][i] for d, i in zip(meta["digits"], meta["source_indices"])]
+        frames = render_clip(glyphs, meta["direction"], None, frames=clips["frames"], size=clips["size"],
+                             digit_size=clips["digit_size"])
         save_video(Video(frames, clips["fps"]), dst)
     return dst
 
@@ -135,7 +143,7 @@ def _convert(record: dict, corpus_dir: Path, out_dir: Path, seconds: float, voic
             if message["role"] == "assistant" and part["type"] == "audio":
                 src = _reply(src, said, out_dir, seconds, voice)
             elif part["type"] == "video" and clips and record.get("task") == "video_generation":
-                src = _animation(record["meta"], clips, out_dir)
+                src = _animation(record, clips, out_dir)
             part["path"] = str(src.resolve())
     return record
 
