@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +137,7 @@ def test_record_format(built):
                         assert part["type"] in ("text", "image", "audio", "video")
                         if part["type"] == "text":
                             assert set(part) == {"type", "text"} and part["text"]
+                            assert not re.search(r"\ba (8|eight|11|18)\b", part["text"]), part["text"]  # "an 8"
                         else:
                             assert set(part) == {"type", "path"}
                             assert part["path"].startswith(f"media/{split}/")

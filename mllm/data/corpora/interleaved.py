@@ -117,7 +117,7 @@ def _make(template: str, s: _Sample, rng: np.random.Generator, pool: dict[int, l
     if template == "draw_then_animate":
         d, i = pick()
         direction = DIRECTIONS[int(rng.integers(4))]
-        msgs = [user(text(f"Draw a {DIGIT_WORDS[d]}.")),
+        msgs = [user(text(f"Draw {a_digit(d)}.")),
                 assistant(s.image(d, i)),
                 user(text(f"Now make it move {direction}.")),
                 assistant(s.video([mnist[d][i]], direction, rng))]
