@@ -44,6 +44,7 @@ import numpy as np
 import soundfile as sf
 from tqdm.auto import tqdm
 
+from mllm.data.corpora import stable_hash
 from mllm.data.corpora.digits import load_mnist
 from mllm.data.corpora.speech import Voice, synthesize
 from mllm.data.corpora.video import render_clip
@@ -94,18 +95,18 @@ def spoken_words(record: dict) -> list[str | None]:
 
 
 def _key(*parts) -> str:
-    return hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:16]
+    return f"{stable_hash(json.dumps(parts)):016x}"
 
 
 def _reply(src: Path, words: str | None, out_dir: Path, seconds: float, voice: Voice | None) -> Path:
     """The spoken reply the model learns to write: in the house voice where its words are known, padded."""
-    rate = sf.info(src).samplerate
     if voice is None or not words:
         dst = out_dir / "media" / f"{src.parent.name}-{src.stem}-{seconds:g}s.wav"
         if not dst.is_file():
-            samples, _ = sf.read(src, dtype="float32", always_2d=True)  # [N, C]
+            samples, rate = sf.read(src, dtype="float32", always_2d=True)  # [N, C]
             save_audio(fit(Audio(samples.T, rate), seconds), dst)
         return dst
+    rate = sf.info(src).samplerate  # the reply keeps its corpus's rate
     key = _key(voice.name, voice.rate, voice.pitch, voice.gap, voice.gain, words, rate, seconds)
     dst = out_dir / "media" / f"voice-{key}.wav"
     if not dst.is_file():
