@@ -352,16 +352,20 @@ def test_a_trained_model_writes_the_interleaved_output_it_learned(arch):
     targets = {"image": torch.ones(3, dtype=torch.bool), "video": torch.ones(2, dtype=torch.bool)}
     batch = pad_collate([Sample(ids, labels, {"image": image, "video": video}, targets)] * 4, pad_id=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    # decayed to 0: at a constant 3e-3 the GMM head's variance makes the last step's image error swing between
+    # 0.1 and 0.5, and which step lands where depends on the CPU's kernels (AVX2 against AVX-512)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 150)
     model.train()
     for _ in range(150):
         loss = model(**batch.model_inputs()).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        schedule.step()
     model.eval()
     g = generate(model, batch_of([Sample(ids[:2], ids[:2])]), GenerationConfig(max_new_tokens=30, eos_token_id=2))[0]
     assert g.ids == ids[2:-1].tolist() and g.finish_reason == "eos"
     audio_out, image_out, video_out = g.media
     assert audio_out.tokens.tolist() == codes
-    assert (image_out.tokens - image).abs().max() < 0.3 and (video_out.tokens - video).abs().max() < 0.3
+    assert (image_out.tokens - image).abs().max() < 0.15 and (video_out.tokens - video).abs().max() < 0.15
     assert [type(s) for s in g.segments] == [MediaSpan, list, MediaSpan, list, MediaSpan, list]
