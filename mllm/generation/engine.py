@@ -138,7 +138,8 @@ class _Engine:
         self.next_block = int(self.blocks.max()) + 1  # block ids stay unique, prompt's included
         self.embeds = embeds  # the whole input, kept only to recompute without a cache
         self.past = None
-        return self._run_model(embeds, self.positions, 1)
+        self.any_queries = queries is not None
+        return self._run_model(embeds, self.positions, 1, self.any_queries)
 
     def _forward(self, feeds: list[_Feed]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Append each row's feed (to both streams) and run the model on the new positions.
@@ -158,9 +159,10 @@ class _Engine:
             if feed.feature is not None:  # the row's span is open: it names the modality
                 features.setdefault(self.rows[r].span.modality, []).append(feed.feature)
         streams, device = 2 if self.guided else 1, self.mask.device
-        ids, mask, offsets, blocks = (
-            torch.tensor(t, device=device).repeat(streams, 1) for t in (ids, mask, offsets, blocks)
-        )
+        # one host-to-device copy for the four: [4, R, width] -> each [streams * R, width]
+        ids, mask, offsets, blocks = torch.tensor([ids, mask, offsets, blocks], device=device).repeat(1, streams, 1)
+        queries = any(f.queries for f in feeds)
+        self.any_queries |= queries
         positions = self.positions[:, -1:] + 1 + offsets
         feats = {m: torch.stack(f).repeat(streams, 1) for m, f in features.items()}  # reading order: cond, then uncond
         embeds = self.model.embed(ids, feats, blocks > 0)
@@ -168,14 +170,17 @@ class _Engine:
         self.blocks = torch.cat([self.blocks, blocks], dim=1)
         self.positions = torch.cat([self.positions, positions], dim=1)
         if self.config.use_cache:
-            return self._run_model(embeds, positions, width)
+            return self._run_model(embeds, positions, width, queries)
         self.embeds = torch.cat([self.embeds, embeds], dim=1)
-        return self._run_model(self.embeds, self.positions, width)
+        return self._run_model(self.embeds, self.positions, width, self.any_queries)
 
-    def _run_model(self, embeds: torch.Tensor, positions: torch.Tensor, width: int):
-        """Logits [R, V] at the last position and hidden states [R, width, H] of the last `width` positions."""
+    def _run_model(self, embeds: torch.Tensor, positions: torch.Tensor, width: int, queries: bool):
+        """Logits [R, V] at the last position and hidden states [R, width, H] of the last `width` positions.
+
+        `queries`: whether the inputs hold query blocks, kept on the host (reading `blocks` would wait for the
+        device every step)."""
         q = embeds.shape[1]
-        if self.blocks[:, -q:].any():  # queries among the inputs: they see their whole block
+        if queries:  # they see their whole block
             attention = block_causal_mask(self.mask, self.blocks, q, embeds.dtype)
         else:
             attention = self.mask

@@ -210,14 +210,20 @@ class MultimodalLM(PreTrainedModel):
         if unknown:
             raise ValueError(f"features for '{unknown[0]}', which is not a continuous modality of this model")
         embeds = self.get_input_embeddings()(input_ids)
-        for name, projector in self.projectors.items():
-            spec, slots = self.layout[name].spec, input_ids == self.layout[name].placeholder_id  # [B, T]
-            if name in self.queries:
-                embeds = self._add_queries(embeds, None if queries is None else slots & queries, name)
-            if queries is not None:
-                slots = slots & ~queries
-            feats = features.get(name)
-            n_slots, n_feats = int(slots.sum()), 0 if feats is None else feats.shape[0]
+        slots = {m: input_ids == self.layout[m].placeholder_id for m in self.projectors}  # [B, T] each
+        marked = {m: slots[m] & queries for m in self.queries if m in slots} if queries is not None else {}
+        if queries is not None:
+            slots = {m: s & ~queries for m, s in slots.items()}
+        # Every count the checks need, in one device-to-host read: on a GPU each read waits for the device,
+        # and a decoding step would otherwise wait once per modality and check.
+        counts = [s.sum() for s in slots.values()] + [q.sum() for q in marked.values()]
+        counts = torch.stack(counts).tolist() if counts else []
+        n_marked = dict(zip(marked, counts[len(slots):]))
+        for name in self.queries:
+            embeds = self._add_queries(embeds, marked.get(name), n_marked.get(name, 0), name)
+        for (name, projector), n_slots in zip(self.projectors.items(), counts):
+            spec, feats = self.layout[name].spec, features.get(name)
+            n_feats = 0 if feats is None else feats.shape[0]
             if n_slots != n_feats:
                 raise ValueError(f"{name}: input_ids has {n_slots} placeholder slots but {n_feats} feature rows")
             if n_slots == 0 and not self.touch_idle_modules:
@@ -229,13 +235,14 @@ class MultimodalLM(PreTrainedModel):
             if not torch.isfinite(feats).all():
                 raise ValueError(f"{name}: features contain NaN or inf")
             projected = projector(feats.to(embeds.dtype))  # [n, H]
-            embeds = embeds.masked_scatter(slots.unsqueeze(-1), projected)
+            embeds = embeds.masked_scatter(slots[name].unsqueeze(-1), projected)
         return embeds
 
-    def _add_queries(self, embeds: torch.Tensor, marked: torch.Tensor | None, name: str) -> torch.Tensor:
-        """embeds [B, T, H] + queries[name][k] at the k-th slot of each run of `marked` [B, T] (`name`'s spans)."""
+    def _add_queries(self, embeds: torch.Tensor, marked: torch.Tensor | None, n_marked: int, name: str) -> torch.Tensor:
+        """embeds [B, T, H] + queries[name][k] at the k-th slot of each run of `marked` [B, T] (`name`'s spans,
+        n_marked of them)."""
         table = self.queries[name]
-        if marked is None or not marked.any():  # idle: a zero-weighted touch keeps multi-rank reduction in step
+        if n_marked == 0:  # idle: a zero-weighted touch keeps multi-rank reduction in step
             return embeds + 0 * table.sum() if self.touch_idle_modules else embeds
         rank = query_ranks(marked)
         if int(rank.max()) >= len(table):
