@@ -10,6 +10,9 @@ Loaders take a path or the encoded bytes and refuse anything over MediaLimits be
 (file size, pixel count read from the header, duration, frame count); every decoder failure becomes
 one MediaError naming the source. Writers go through a temporary file and os.replace, so a killed
 process never leaves a half-written file behind.
+
+PyAV (FFmpeg, a 36 MB wheel) is imported by the functions that decode or write clips and compressed sound,
+so code that reads only images, WAV or FLAC, or text, runs without it.
 """
 
 from __future__ import annotations
@@ -24,14 +27,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import av
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
 import soundfile as sf
 import torch
 from scipy.signal import resample_poly
+
+if TYPE_CHECKING:
+    import av
 
 Source = str | os.PathLike | bytes  # a path, or the encoded file's bytes (errors then name "<bytes>")
 Size = int | tuple[int, int]  # (height, width), or an int for a square
@@ -317,6 +323,8 @@ def _decode_audio_sf(name: str, file: sf.SoundFile, crop_s: float | None, limits
 
 
 def _decode_audio_av(name: str, data: bytes, crop_s: float | None, limits: MediaLimits):
+    import av
+
     with av.open(io.BytesIO(data)) as container:
         _require(len(container.streams.audio) > 0, name, "no audio stream")
         stream = container.streams.audio[0]
@@ -365,6 +373,8 @@ def load_audio(
 
 
 def _video_stream(container: av.container.InputContainer, name: str) -> av.VideoStream:
+    import av
+
     streams = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
     _require(len(streams) > 0, name, "no video stream")  # cover art in an audio file does not count
     return streams[0]
@@ -372,6 +382,8 @@ def _video_stream(container: av.container.InputContainer, name: str) -> av.Video
 
 def _frame_times(name: str, data: bytes, limits: MediaLimits) -> tuple[np.ndarray, float]:
     """Presentation times (s, from 0, ascending) of every frame and the nominal fps, from packets alone."""
+    import av
+
     with av.open(io.BytesIO(data)) as container:
         stream = _video_stream(container, name)
         _check_pixels(name, stream.codec_context.width, stream.codec_context.height, limits)
@@ -401,6 +413,8 @@ def _pick_frames(times: np.ndarray, fps: float, num_frames: int | None, target_f
 
 def _decode_frames(name: str, data: bytes, indices: np.ndarray, size: Size | None, limits: MediaLimits) -> np.ndarray:
     """Decode in presentation order, keeping the frames at indices -> uint8 [len(indices), H, W, 3]."""
+    import av
+
     wanted, last = set(indices.tolist()), int(indices[-1])
     kept: dict[int, np.ndarray] = {}
     with av.open(io.BytesIO(data)) as container:
@@ -508,6 +522,8 @@ def save_audio(audio: Audio, path: str | os.PathLike) -> Path:
 
 def _encode_av(video: Video, tmp: Path, suffix: str) -> None:
     """H.264 in MP4, or VP9 (VP8 if FFmpeg lacks it) in WebM; yuv420p, so odd sides are edge-padded to even."""
+    import av
+
     if suffix == ".mp4":
         # no-mbtree: with it, libx264 may encode identical tiny clips differently from run to run
         codec, options = "libx264", {"crf": "18", "x264-params": "no-mbtree=1"}
