@@ -155,6 +155,7 @@ def test_deepspeed_configs_fill_every_auto_from_the_recipe(config, corpus, text_
     (["train.eval_every=2"], "train.eval_every"),
     (["data.repeat={image_generation: 0}"], "data"),
     (["data.repeat={image_generation: many}"], "data.repeat.image_generation"),
+    (["data.repeat_default=0"], "data"),
 ])
 def test_recipe_errors_name_the_key(overrides, key, corpus, text_tokenizer, tmp_path):
     with pytest.raises(ConfigError) as e:
@@ -197,6 +198,15 @@ def test_data_repeat_up_and_down_samples_tasks_afresh_each_epoch(corpus, text_to
     finally:
         run.close()
     assert tasks == {"image_caption": 24, "image_generation": 72}
+
+    data = {"repeat": {"image_generation": 1}, "repeat_default": 2}  # every task not named: twice
+    run = Finetune(load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, tmp_path / "rest", data=data))),
+                   DistEnv.from_environ())
+    try:
+        tasks = Counter(run.train_records[int(i)]["task"] for i in run.epoch_rows(0))
+    finally:
+        run.close()
+    assert tasks == {"image_caption": 48, "image_generation": 24}
 
     data = {"repeat": {"image_generation": 2.5, "image_caption": 0.25}}
     run = Finetune(load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, tmp_path / "thin", data=data))),

@@ -188,15 +188,16 @@ class Finetune:
         return train, validation, cache
 
     def _repeat_rates(self) -> np.ndarray | None:
-        """[R] each train record's `data.repeat` rate (1 for a task not named); None without `data.repeat`."""
-        repeat = self.cfg.data.repeat
-        if not repeat:
+        """[R] each train record's `data.repeat` rate (`data.repeat_default` for a task not named); None when
+        every rate is 1."""
+        repeat, default = self.cfg.data.repeat, self.cfg.data.repeat_default
+        if not repeat and default == 1:
             return None
         tasks = self.train_records["task"]
         missing = sorted(set(repeat) - set(tasks))
         if missing:
             raise ConfigError("data.repeat", f"no training record has the task {', '.join(missing)}")
-        return np.array([repeat.get(t, 1.0) for t in tasks])
+        return np.array([repeat.get(t, default) for t in tasks])
 
     def epoch_rows(self, epoch: int) -> np.ndarray:
         """The train record indices epoch `epoch` visits, shuffled: each record once, or at its task's
