@@ -190,23 +190,18 @@ def test_cosine_schedule_warms_up_then_decays_to_the_floor(corpus, text_tokenize
 
 
 def test_data_repeat_up_and_down_samples_tasks_afresh_each_epoch(corpus, text_tokenizer, tmp_path):
-    data = {"repeat": {"image_generation": 3}}
-    run = Finetune(load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, tmp_path / "out", data=data))),
-                   DistEnv.from_environ())
-    try:
-        tasks = Counter(run.train_records[int(i)]["task"] for i in run.epoch_rows(0))
-    finally:
-        run.close()
-    assert tasks == {"image_caption": 24, "image_generation": 72}
+    def first_epoch_tasks(data: dict, out: str) -> Counter:
+        run = Finetune(load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, tmp_path / out, data=data))),
+                       DistEnv.from_environ())
+        try:
+            return Counter(run.train_records[int(i)]["task"] for i in run.epoch_rows(0))
+        finally:
+            run.close()
 
-    data = {"repeat": {"image_generation": 1}, "repeat_default": 2}  # every task not named: twice
-    run = Finetune(load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, tmp_path / "rest", data=data))),
-                   DistEnv.from_environ())
-    try:
-        tasks = Counter(run.train_records[int(i)]["task"] for i in run.epoch_rows(0))
-    finally:
-        run.close()
-    assert tasks == {"image_caption": 48, "image_generation": 24}
+    three_drawings = {"repeat": {"image_generation": 3}}
+    assert first_epoch_tasks(three_drawings, "out") == {"image_caption": 24, "image_generation": 72}
+    every_other_twice = {"repeat": {"image_generation": 1}, "repeat_default": 2}
+    assert first_epoch_tasks(every_other_twice, "rest") == {"image_caption": 48, "image_generation": 24}
 
     data = {"repeat": {"image_generation": 2.5, "image_caption": 0.25}}
     run = Finetune(load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, tmp_path / "thin", data=data))),
