@@ -369,3 +369,21 @@ def test_a_trained_model_writes_the_interleaved_output_it_learned(arch):
     assert audio_out.tokens.tolist() == codes
     assert (image_out.tokens - image).abs().max() < 0.15 and (video_out.tokens - video).abs().max() < 0.15
     assert [type(s) for s in g.segments] == [MediaSpan, list, MediaSpan, list, MediaSpan, list]
+
+
+# ---- host reads ---------------------------------------------------------------------------------------------
+
+
+def test_a_decoding_step_reads_from_the_device_about_once():
+    """On a GPU every read of a tensor's value waits for the device; HF generate reads about once per token.
+    Counted on CPU as the profiler's aten::_local_scalar_dense: a text step of the multimodal model (query
+    and feature checks in embed, the attention mask's choice) read 4 times per token before it read once."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = model_with_spans().eval()
+    batch = batch_of(prompts(model, None))
+    config = GenerationConfig(max_new_tokens=32, eos_token_id=-1)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        [g] = generate(model, batch, config)
+    reads = sum(e.name == "aten::_local_scalar_dense" for e in prof.events())
+    assert len(g.ids) == 32 and reads <= 1.5 * 32, reads
