@@ -216,8 +216,8 @@ class MultimodalLM(PreTrainedModel):
             slots = {m: s & ~queries for m, s in slots.items()}
         # Every count the checks need, in one device-to-host read: on a GPU each read waits for the device,
         # and a decoding step would otherwise wait once per modality and check.
-        counts = [s.sum() for s in slots.values()] + [q.sum() for q in marked.values()]
-        counts = torch.stack(counts).tolist() if counts else []
+        sums = [s.sum() for s in slots.values()] + [q.sum() for q in marked.values()]
+        counts = torch.stack(sums).tolist() if sums else []
         n_marked = dict(zip(marked, counts[len(slots):]))
         for name in self.queries:
             embeds = self._add_queries(embeds, marked.get(name), n_marked.get(name, 0), name)
@@ -239,8 +239,8 @@ class MultimodalLM(PreTrainedModel):
         return embeds
 
     def _add_queries(self, embeds: torch.Tensor, marked: torch.Tensor | None, n_marked: int, name: str) -> torch.Tensor:
-        """embeds [B, T, H] + queries[name][k] at the k-th slot of each run of `marked` [B, T] (`name`'s spans,
-        n_marked of them)."""
+        """embeds [B, T, H] + queries[name][k] at the k-th slot of each run of `marked` [B, T] (`name`'s spans;
+        n_marked: how many slots it marks, counted by the caller)."""
         table = self.queries[name]
         if n_marked == 0:  # idle: a zero-weighted touch keeps multi-rank reduction in step
             return embeds + 0 * table.sum() if self.touch_idle_modules else embeds
