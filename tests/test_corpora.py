@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -340,9 +342,6 @@ def test_unknown_espeak_variant_is_refused(tmp_path):
 
 
 def test_list_corpora_keeps_build_order_whatever_was_imported_first():
-    import subprocess
-    import sys
-
     code = ("import mllm.data.corpora.video, mllm.data.corpora.speech; "
             "from mllm.data.corpora import list_corpora; print(','.join(list_corpora()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from mllm.generation import GenerationConfig, HeadSampling, MediaSpan, TokenSampling, generate, greedy_generate
 from mllm.generation.sampling import guided_logits, repetition_penalty, top_k_filter, top_p_filter
@@ -378,8 +379,6 @@ def test_a_decoding_step_reads_from_the_device_about_once():
     """On a GPU every read of a tensor's value waits for the device; HF generate reads about once per token.
     Counted on CPU as the profiler's aten::_local_scalar_dense: a text step of the multimodal model (query
     and feature checks in embed, the attention mask's choice) read 4 times per token before it read once."""
-    from torch.profiler import ProfilerActivity, profile
-
     model = model_with_spans().eval()
     batch = batch_of(prompts(model, None))
     config = GenerationConfig(max_new_tokens=32, eos_token_id=-1)
