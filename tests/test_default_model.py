@@ -217,10 +217,12 @@ def test_corpora_animate_every_video_request_in_the_canonical_layout(tmp_path):
     for split in ("train", "validation"):
         (corpus / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(FileNotFoundError, match="manifest"):
-        prepare_corpora(tmp_path / "in", tmp_path / "out", ["video"], {"video"}, 2.4)
+        prepare_corpora(tmp_path / "in", tmp_path / "out", ["video"], {"video"}, 2.4, one_hand=False)
     clips = {"frames": 8, "size": 32, "fps": 4.0, "digit_size": 16}
     (tmp_path / "in" / "manifest.json").write_text(json.dumps({"config": {"video": clips}}))
-    prepare_corpora(tmp_path / "in", tmp_path / "out", ["video"], {"video"}, 2.4)
+    with pytest.raises(KeyError, match="no digits config"):
+        prepare_corpora(tmp_path / "in", tmp_path / "out", ["video"], {"video"}, 2.4)
+    prepare_corpora(tmp_path / "in", tmp_path / "out", ["video"], {"video"}, 2.4, one_hand=False)
     out = [json.loads(line) for line in (tmp_path / "out" / "video" / "train.jsonl").read_text().splitlines()]
     made = [Path(r["messages"][1]["content"][0]["path"]) for r in out[:2]]
 
@@ -235,4 +237,69 @@ def test_corpora_animate_every_video_request_in_the_canonical_layout(tmp_path):
     rows[0]["meta"] = {"digits": [3]}
     (corpus / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match="'g0'.*source_indices"):
-        prepare_corpora(tmp_path / "in", tmp_path / "bad", ["video"], {"video"}, 2.4)
+        prepare_corpora(tmp_path / "in", tmp_path / "bad", ["video"], {"video"}, 2.4, one_hand=False)
+
+
+def test_corpora_draw_and_animate_every_digit_in_the_house_hand(tmp_path):
+    import numpy as np
+
+    from mllm.data.corpora.build import Fractions
+    from mllm.data.corpora.digits import digit_rgb, load_mnist, split_indices
+    from mllm.data.corpora.video import render_clip
+    from mllm.default.corpus import house_hand
+    from mllm.media import load_image, load_video
+
+    fractions = Fractions()
+    hand = house_hand(fractions)
+    mnist = load_mnist()
+    assert sorted(hand) == list(range(10))
+    assert all(hand[d] in split_indices(len(mnist[d]), fractions, "train") for d in hand)
+    assert house_hand(fractions, per_class=50)[3] < 50  # a capped train split draws from the images it keeps
+
+    def message(role: str, *parts: dict) -> dict:
+        return {"role": role, "content": list(parts)}
+
+    def say(words: str) -> dict:
+        return {"type": "text", "text": words}
+
+    image = {"type": "image", "path": "media/train/000000.png"}
+    digits = [{"id": f"d{i}", "task": "image_generation", "meta": {"label": 3, "source_index": i},
+               "messages": [message("user", say("Draw the digit 3.")), message("assistant", image)]} for i in range(2)]
+    digits.append({"id": "q", "task": "image_qa", "meta": {"label": 3, "source_index": 0},
+                   "messages": [message("user", image, say("Which digit?")), message("assistant", say("3"))]})
+    interleaved = [{"id": "a", "task": "interleaved", "meta": {"digits": [3], "source_indices": [7], "direction": "up"},
+                    "messages": [message("user", say("Draw a 3.")), message("assistant", image),
+                                 message("user", say("Now make it move up.")),
+                                 message("assistant", {"type": "video", "path": "media/train/000000_1.mp4"})]}]
+    for name, rows in (("digits", digits), ("interleaved", interleaved)):
+        (tmp_path / "in" / name).mkdir(parents=True)
+        for split in ("train", "validation"):
+            (tmp_path / "in" / name / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {"digits": {"fractions": {"train": 0.8, "validation": 0.1, "test": 0.1}, "per_class": None,
+                         "image_size": 32},
+              "video": {"frames": 8, "size": 32, "fps": 4.0, "digit_size": 16}}
+    (tmp_path / "in" / "manifest.json").write_text(json.dumps({"config": config}))
+    prepare_corpora(tmp_path / "in", tmp_path / "out", ["digits", "interleaved"], {"image", "video"}, 2.4)
+
+    def paths(name: str) -> list[list[str]]:
+        rows = (tmp_path / "out" / name / "validation.jsonl").read_text().splitlines()
+        return [[p["path"] for m in json.loads(r)["messages"] if isinstance(m["content"], list)
+                 for p in m["content"] if "path" in p] for r in rows]
+
+    drawn, asked = paths("digits"), paths("interleaved")
+    assert drawn[0] == drawn[1]  # one image of the digit, whatever the record's own
+    assert Path(asked[0][0]).name == Path(drawn[0][0]).name  # the same hand in every corpus
+    assert np.array_equal(load_image(drawn[0][0]).pixels, digit_rgb(3, hand[3], 32))  # PNG: lossless
+    assert drawn[2] == [str((tmp_path / "in" / "digits" / image["path"]).resolve())]  # what the user shows: kept
+    clip = load_video(asked[0][1]).frames.astype(float)
+    assert np.abs(clip - render_clip([mnist[3][hand[3]]], "up", None)).mean() < 3  # house glyph, canonical layout
+    assert np.abs(clip - render_clip([mnist[3][7]], "up", None)).mean() > 3  # not the record's own digit
+
+    prepare_corpora(tmp_path / "in", tmp_path / "own", ["digits"], {"image"}, 2.4, one_hand=False)
+    own = (tmp_path / "own" / "digits" / "train.jsonl").read_text().splitlines()
+    assert json.loads(own[0])["messages"][1]["content"][0]["path"].endswith("000000.png")
+
+    digits[0]["meta"] = {"source_index": 0}
+    (tmp_path / "in" / "digits" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in digits))
+    with pytest.raises(ValueError, match="'d0'.*meta.label"):
+        prepare_corpora(tmp_path / "in", tmp_path / "bad", ["digits"], {"image"}, 2.4)

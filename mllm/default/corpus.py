@@ -1,5 +1,5 @@
 """The default model's training corpora: the built corpora, with every audio the assistant speaks in one voice and
-padded to one length.
+padded to one length, and every digit it draws or animates in one hand.
 
 A continuous output head writes a fixed number of features per item (the
 engine cannot end a feature span early), so text-to-speech targets are
@@ -12,9 +12,13 @@ no voice at all. So every spoken reply whose words are known (the record's
 transcript) is re-spoken in one house `voice`, as a single-speaker TTS corpus
 would be; the user's audio keeps its many voices, which the model must
 understand. Each distinct reply is synthesized once. For the same reason the
-video corpus's animation requests are re-rendered from their own digits and
-direction in the canonical layout (`render_clip` without an rng): one clip per
-request instead of a digit in any lane; the clips the user shows keep theirs.
+assistant's animations are re-rendered in the canonical layout (`render_clip`
+without an rng): one clip per request instead of a digit in any lane. And every
+digit the assistant draws or animates is written in one house hand
+(`house_hand`: for each digit, the train image nearest its class's mean image),
+as a single-writer corpus would: the prompt names the digit and nothing of the
+writer, so a head read out by its mean would otherwise learn the average of a
+thousand hands. What the user shows keeps every hand, lane and layout.
 
     prepare_corpora(Path("~/.cache/mllm/corpora"), Path("runs/default/data"), ["digits", "speech"],
                     modalities={"image", "audio"}, seconds=2.4, skip={"stamps": {"image_generation"}},
@@ -45,15 +49,17 @@ import soundfile as sf
 from tqdm.auto import tqdm
 
 from mllm.data.corpora import stable_hash
-from mllm.data.corpora.digits import load_mnist
+from mllm.data.corpora.build import Fractions
+from mllm.data.corpora.digits import digit_rgb, load_mnist, split_indices
 from mllm.data.corpora.speech import Voice, synthesize
 from mllm.data.corpora.video import render_clip
-from mllm.media import Audio, Video, save_audio, save_video
+from mllm.media import Audio, Image, Video, save_audio, save_image, save_video
 
 SPLITS = ("train", "validation")
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 LETTER = ("Answer with the letter.", "Answer with the option's letter from the given choices directly.")
 CAPTION = {"image_caption": "image", "sound_caption": "sound", "video_caption": "video"}
+HAND_CORPORA = ("digits", "interleaved")  # the corpora whose assistant images are MNIST digits
 # A plain training voice (not one of the held-out test voices), unhurried, no noise.
 HOUSE_VOICE = Voice(accent="en-us", variant="m1", rate=150, pitch=50, gap=0, gain=0.9, snr_db=None, noise_seed=0,
                     held_out=False)
@@ -114,24 +120,55 @@ def _reply(src: Path, words: str | None, out_dir: Path, seconds: float, voice: V
     return dst
 
 
-def _animation(record: dict, clips: dict, out_dir: Path) -> Path:
-    """The clip the model learns to make for a video request: its digits and direction, in the canonical layout."""
+def house_hand(fractions: Fractions, per_class: int | None = None) -> dict[int, int]:
+    """{digit: MNIST index}: for each digit, the train image nearest (in pixels) its class's mean train image."""
+    hand = {}
+    for label, arr in enumerate(load_mnist()):
+        idx = split_indices(len(arr), fractions, "train")[:per_class]
+        x = arr[idx.start:idx.stop].reshape(len(idx), -1).astype(np.float32)  # [n, 784]
+        hand[label] = idx.start + int(np.argmin(((x - x.mean(0)) ** 2).sum(1)))
+    return hand
+
+
+def _digit(record: dict) -> int:
+    """The one digit an assistant image of the digits or interleaved corpus shows."""
     meta = record.get("meta") or {}
-    if not {"digits", "source_indices", "direction"} <= meta.keys():
-        raise ValueError(f"record {record.get('id')!r}: a video request needs meta.digits, meta.source_indices and "
-                         f"meta.direction to be re-rendered, got {sorted(meta)}")
-    dst = out_dir / "media" / f"clip-{_key(meta['digits'], meta['source_indices'], meta['direction'], clips)}.mp4"
+    digits = [meta["label"]] if "label" in meta else meta.get("digits", [])
+    if len(digits) != 1:
+        raise ValueError(f"record {record.get('id')!r}: a drawn digit needs meta.label or one meta.digits entry, "
+                         f"got {({k: meta[k] for k in ('label', 'digits') if k in meta})}")
+    return int(digits[0])
+
+
+def _drawing(digit: int, hand: dict[int, int], size: int, out_dir: Path) -> Path:
+    """The image the model learns to draw for a digit: that digit in the house hand."""
+    dst = out_dir / "media" / f"hand-{digit}-{hand[digit]}-{size}.png"
+    if not dst.is_file():
+        save_image(Image(digit_rgb(digit, hand[digit], size)), dst)
+    return dst
+
+
+def _animation(record: dict, clips: dict, hand: dict[int, int] | None, out_dir: Path) -> Path:
+    """The clip the model learns to make for a video request: its digits (in the house hand, when there is one)
+    and direction, in the canonical layout."""
+    meta = record.get("meta") or {}
+    need = {"digits", "direction"} | ({"source_indices"} if hand is None else set())
+    if not need <= meta.keys():
+        raise ValueError(f"record {record.get('id')!r}: a video request needs meta.{', meta.'.join(sorted(need))} "
+                         f"to be re-rendered, got {sorted(meta)}")
+    indices = [hand[d] for d in meta["digits"]] if hand is not None else meta["source_indices"]
+    dst = out_dir / "media" / f"clip-{_key(meta['digits'], indices, meta['direction'], clips)}.mp4"
     if not dst.is_file():
         mnist = load_mnist()
-        glyphs = [mnist[d][i] for d, i in zip(meta["digits"], meta["source_indices"])]
+        glyphs = [mnist[d][i] for d, i in zip(meta["digits"], indices)]
         frames = render_clip(glyphs, meta["direction"], None, frames=clips["frames"], size=clips["size"],
                              digit_size=clips["digit_size"])
         save_video(Video(frames, clips["fps"]), dst)
     return dst
 
 
-def _convert(record: dict, corpus_dir: Path, out_dir: Path, seconds: float, voice: Voice | None,
-             clips: dict | None) -> dict:
+def _convert(record: dict, corpus: str, corpus_dir: Path, out_dir: Path, seconds: float, voice: Voice | None,
+             clips: dict | None, hand: dict[int, int] | None, image_size: int) -> dict:
     words = iter(spoken_words(record))
     for message in record["messages"]:
         if not isinstance(message["content"], list):
@@ -143,8 +180,10 @@ def _convert(record: dict, corpus_dir: Path, out_dir: Path, seconds: float, voic
             said = next(words) if part["type"] == "audio" else None
             if message["role"] == "assistant" and part["type"] == "audio":
                 src = _reply(src, said, out_dir, seconds, voice)
-            elif part["type"] == "video" and clips and record.get("task") == "video_generation":
-                src = _animation(record, clips, out_dir)
+            elif message["role"] == "assistant" and part["type"] == "video" and clips:
+                src = _animation(record, clips, hand, out_dir)
+            elif message["role"] == "assistant" and part["type"] == "image" and hand and corpus in HAND_CORPORA:
+                src = _drawing(_digit(record), hand, image_size, out_dir)
             part["path"] = str(src.resolve())
     return record
 
@@ -155,19 +194,28 @@ def _modalities(record: dict) -> set[str]:
 
 def prepare_corpora(corpora: Path, out: Path, names: list[str], modalities: set[str], seconds: float,
                     skip: dict[str, set[str]] | None = None, voice: Voice | None = HOUSE_VOICE,
-                    canonical_clips: bool = True) -> Path:
+                    canonical_clips: bool = True, one_hand: bool = True) -> Path:
     """Write `<out>/<corpus>/{train,validation}.jsonl` for each corpus in `names`; returns `out`.
 
     `voice`: the voice of every spoken reply whose words are known; None keeps the corpus's recordings.
-    `canonical_clips`: re-render the requested animations of the video corpus in the canonical layout.
+    `canonical_clips`: re-render the assistant's animations (video and interleaved corpora) in the canonical layout.
+    `one_hand`: write every digit the assistant draws or animates in the house hand.
     """
     skip = skip or {}
-    clips = None
-    if canonical_clips and "video" in names:
+    config = {}
+    if (canonical_clips and {"video", "interleaved"} & set(names)) or (one_hand and set(HAND_CORPORA) & set(names)):
         manifest = corpora / "manifest.json"
         if not manifest.is_file():
             raise FileNotFoundError(f"{manifest}: the corpora's manifest is missing (rebuild with `mllm data build`)")
-        clips = json.loads(manifest.read_text())["config"]["video"]
+        config = json.loads(manifest.read_text())["config"]
+    clips = config["video"] if canonical_clips and {"video", "interleaved"} & set(names) else None
+    hand, image_size = None, 0
+    if one_hand and {"video", *HAND_CORPORA} & set(names):
+        if "digits" not in config:
+            raise KeyError(f"{corpora / 'manifest.json'}: no digits config, which the house hand is drawn from")
+        digits = config["digits"]
+        per_class = (digits.get("per_class") or {}).get("train")
+        hand, image_size = house_hand(Fractions(**digits["fractions"]), per_class), int(digits["image_size"])
     for name in names:
         for split in SPLITS:
             src = corpora / name / f"{split}.jsonl"
@@ -178,7 +226,7 @@ def prepare_corpora(corpora: Path, out: Path, names: list[str], modalities: set[
                 raise FileNotFoundError(f"{src}: the {name} corpus is not built (run `mllm data build`)")
             lines = [line for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
             records = [json.loads(line) for line in lines]
-            records = [restyle(_convert(r, corpora / name, out / name, seconds, voice, clips))
+            records = [restyle(_convert(r, name, corpora / name, out / name, seconds, voice, clips, hand, image_size))
                        for r in tqdm(records, desc=f"corpus {name}/{split}", unit="record")
                        if _modalities(r) <= modalities and r.get("task") not in skip.get(name, ())]
             dst.parent.mkdir(parents=True, exist_ok=True)
