@@ -48,6 +48,23 @@ def gmm_nll(logits: torch.Tensor, means: torch.Tensor, stds: torch.Tensor, targe
     return -gaussian_mixture(logits, means, stds).log_prob(target.float())
 
 
+def mixture_mean(logits: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """The mixtures' means [M, D]: Σ_k π_k μ_k, from logits [M, k] and means [M, k, D]."""
+    return (logits.softmax(-1).unsqueeze(-1) * means).sum(1)
+
+
+def mixture_mean_mse(logits: torch.Tensor, means: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error of each mixture's mean against its target row [M, D], averaged over rows and dimensions, in fp32.
+
+    The NLL alone can be met without the context: k components spread over the
+    modes of all the targets fit them well whatever the hidden state says. The
+    mixture's mean is then the average of every target, and a head read out by
+    its mean writes that average for every prompt. This term asks the mean
+    itself to be the conditional mean.
+    """
+    return F.mse_loss(mixture_mean(logits.float(), means.float()), target.float())
+
+
 def multimodal_loss(
     lm_loss: torch.Tensor | None, head_losses: dict[str, torch.Tensor], weights: dict[str, float]
 ) -> torch.Tensor | None:

@@ -10,7 +10,7 @@ from torch.distributions import Categorical, Independent, MixtureSameFamily, Nor
 
 from mllm.config import ConfigError
 from mllm.heads import build_head, list_heads, load_head
-from mllm.losses import gmm_nll
+from mllm.losses import gmm_nll, mixture_mean, mixture_mean_mse
 
 H, D = 8, 2
 SMALL = {"gmm": {"width": 32, "num_components": 3}, "diffusion": {"width": 32, "depth": 1, "steps": 8},
@@ -151,6 +151,23 @@ def test_gmm_nll_stays_finite_far_from_every_component():
     assert torch.isfinite(loss) and loss > 1e3
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
     assert math.isclose(model.loss(hidden, torch.zeros(4, D)).item() * D, model.nll(hidden, torch.zeros(4, D)).mean().item(), rel_tol=1e-5)
+
+
+def test_gmm_mean_weight_adds_the_error_of_the_mean_it_is_read_out_by():
+    hidden, target = torch.randn(6, H), torch.randn(6, D)
+    plain, weighted = head("gmm"), head("gmm", mean_weight=0.5)
+    weighted.load_state_dict(plain.state_dict())
+    logits, means, stds = plain.mixture(hidden)
+    expected = gmm_nll(logits, means, stds, target).mean() / D + 0.5 * (mixture_mean(logits, means) - target).pow(2).mean()
+    assert math.isclose(weighted.loss(hidden, target).item(), expected.item(), rel_tol=1e-5)
+    assert not math.isclose(plain.loss(hidden, target).item(), expected.item(), rel_tol=1e-3)
+
+    # Two equal components at ±1: the NLL of 0 is poor, yet the mean (what `mode: mean` writes) is exactly 0.
+    logits, means = torch.zeros(1, 2), torch.tensor([[[1.0] * D, [-1.0] * D]])
+    assert mixture_mean_mse(logits, means, torch.zeros(1, D)).item() == 0.0
+    assert mixture_mean_mse(logits, means, torch.ones(1, D)).item() == 1.0
+    with pytest.raises(ValueError, match="mean_weight"):
+        head("gmm", mean_weight=-1.0)
 
 
 @pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 1.0), ("flow", 1.0)])

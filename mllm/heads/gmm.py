@@ -2,12 +2,16 @@
 
     hidden [M, H] ──MLP──▶ k logits, k·D means, k·D variances (softplus, clamped ≥ min_variance)
     loss   = −log p(target) / D             (Divot: the NLL per dimension)
+             + mean_weight · |Σ π μ − target|² / D   (optional: trains the mean that `mode: mean` reads out)
     sample = a component ~ π, then μ + σ' · ε,   σ' = σ · √variance_scale · temperature
 
 Temperature and `variance_scale` both shrink σ (GIVT scales σ by the
 temperature, Divot the variance by 0.1). Besides drawing a sample, `mode`
 can take the mixture's weighted mean, or its mode: the component mean where
-the mixture density is highest.
+the mixture density is highest. A head read out by its mean should train
+with `mean_weight` > 0: the NLL alone is met by components spread over the
+modes of every target, whatever the context, and their mean is then the same
+average for every prompt (`mixture_mean_mse`).
 
 Guidance is density-based, as in GIVT. The target is p_c^cfg · p_u^(1−cfg).
 A sample draws `cfg_candidates` candidates from p_c and keeps one with
@@ -26,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllm.heads.base import Head, both_streams, guide, mlp, register, split_guidance
-from mllm.losses import gaussian_mixture, gmm_nll
+from mllm.losses import gaussian_mixture, gmm_nll, mixture_mean, mixture_mean_mse
 
 Mode = Literal["sample", "mean", "mode"]
 Mixture = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # logits [M, k], means [M, k, D], stds [M, k, D]
@@ -44,12 +48,15 @@ class GMMHeadConfig:
     mode: Mode = "sample"  # sample()'s default readout
     temperature: float = 1.0  # sample()'s default temperature
     cfg_candidates: int = 64  # draws per row for density-based guidance
+    mean_weight: float = 0.0  # weight of the mixture mean's squared error in the loss; > 0 for `mode: mean`
 
     def __post_init__(self):
         if min(self.hidden_size, self.feature_dim, self.num_components, self.width, self.cfg_candidates) <= 0:
             raise ValueError("hidden_size, feature_dim, num_components, width and cfg_candidates must be positive")
         if self.depth < 0 or self.min_variance <= 0 or self.variance_scale <= 0 or self.temperature < 0:
             raise ValueError("depth and temperature must be >= 0, min_variance and variance_scale positive")
+        if not self.mean_weight >= 0:
+            raise ValueError(f"mean_weight must be >= 0, got {self.mean_weight}")
 
 
 @register
@@ -84,7 +91,11 @@ class GMMHead(Head):
         return gmm_nll(*self.mixture(hidden), target)
 
     def loss(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.nll(hidden, target).mean() / self.config.feature_dim
+        mixture = self.mixture(hidden)
+        loss = gmm_nll(*mixture, target).mean() / self.config.feature_dim
+        if self.config.mean_weight:
+            loss = loss + self.config.mean_weight * mixture_mean_mse(*mixture[:2], target)
+        return loss
 
     @torch.no_grad()
     def sample(
@@ -104,7 +115,7 @@ class GMMHead(Head):
         u = None if uncond is None else self._tempered(uncond, scale)
         rows = torch.arange(cond.shape[0], device=hidden.device)
         if mode == "mean":
-            out = guide(_weighted_mean(c), None if u is None else _weighted_mean(u), cfg)
+            out = guide(mixture_mean(*c[:2]), None if u is None else mixture_mean(*u[:2]), cfg)
         elif mode == "mode":
             candidates = c[1].transpose(0, 1)  # [k, M, D]: every component mean
             out = candidates[_guided_log_prob(candidates, c, u, cfg).argmax(0), rows]
@@ -122,11 +133,6 @@ class GMMHead(Head):
         logits, means, stds = self.mixture(hidden)
         # σ keeps its floor at any temperature, so densities stay finite.
         return logits, means, (stds * scale).clamp_min(self.config.min_variance**0.5)
-
-
-def _weighted_mean(mixture: Mixture) -> torch.Tensor:
-    logits, means, _ = mixture
-    return (logits.softmax(-1).unsqueeze(-1) * means).sum(1)  # [M, D]
 
 
 def _guided_log_prob(x: torch.Tensor, cond: Mixture, uncond: Mixture | None, cfg: float) -> torch.Tensor:
