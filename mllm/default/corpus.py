@@ -42,6 +42,7 @@ import hashlib
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,7 @@ SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 LETTER = ("Answer with the letter.", "Answer with the option's letter from the given choices directly.")
 CAPTION = {"image_caption": "image", "sound_caption": "sound", "video_caption": "video"}
 HAND_CORPORA = ("digits", "interleaved")  # the corpora whose assistant images are MNIST digits
+CLIP_CORPORA = ("video", "interleaved")  # the corpora whose assistant clips are moving MNIST digits
 # A plain training voice (not one of the held-out test voices), unhurried, no noise.
 HOUSE_VOICE = Voice(accent="en-us", variant="m1", rate=150, pitch=50, gap=0, gain=0.9, snr_db=None, noise_seed=0,
                     held_out=False)
@@ -167,8 +169,20 @@ def _animation(record: dict, clips: dict, hand: dict[int, int] | None, out_dir: 
     return dst
 
 
-def _convert(record: dict, corpus: str, corpus_dir: Path, out_dir: Path, seconds: float, voice: Voice | None,
-             clips: dict | None, hand: dict[int, int] | None, image_size: int) -> dict:
+@dataclass(frozen=True)
+class Replies:
+    """How the assistant's media are rewritten: spoken replies padded to `seconds` (in `voice`, when set),
+    clips re-rendered in the canonical layout (the corpora's video config, when set) and digits drawn in `hand`
+    (when set) at `image_size`."""
+
+    seconds: float
+    voice: Voice | None
+    clips: dict | None
+    hand: dict[int, int] | None
+    image_size: int
+
+
+def _convert(record: dict, corpus: str, corpus_dir: Path, out_dir: Path, replies: Replies) -> dict:
     words = iter(spoken_words(record))
     for message in record["messages"]:
         if not isinstance(message["content"], list):
@@ -179,11 +193,11 @@ def _convert(record: dict, corpus: str, corpus_dir: Path, out_dir: Path, seconds
             src = corpus_dir / part["path"]
             said = next(words) if part["type"] == "audio" else None
             if message["role"] == "assistant" and part["type"] == "audio":
-                src = _reply(src, said, out_dir, seconds, voice)
-            elif message["role"] == "assistant" and part["type"] == "video" and clips:
-                src = _animation(record, clips, hand, out_dir)
-            elif message["role"] == "assistant" and part["type"] == "image" and hand and corpus in HAND_CORPORA:
-                src = _drawing(_digit(record), hand, image_size, out_dir)
+                src = _reply(src, said, out_dir, replies.seconds, replies.voice)
+            elif message["role"] == "assistant" and part["type"] == "video" and replies.clips:
+                src = _animation(record, replies.clips, replies.hand, out_dir)
+            elif message["role"] == "assistant" and part["type"] == "image" and replies.hand and corpus in HAND_CORPORA:
+                src = _drawing(_digit(record), replies.hand, replies.image_size, out_dir)
             part["path"] = str(src.resolve())
     return record
 
@@ -202,20 +216,22 @@ def prepare_corpora(corpora: Path, out: Path, names: list[str], modalities: set[
     `one_hand`: write every digit the assistant draws or animates in the house hand.
     """
     skip = skip or {}
+    wants_clips = canonical_clips and bool(set(CLIP_CORPORA) & set(names))
+    wants_hand = one_hand and bool({*HAND_CORPORA, *CLIP_CORPORA} & set(names))
     config = {}
-    if (canonical_clips and {"video", "interleaved"} & set(names)) or (one_hand and set(HAND_CORPORA) & set(names)):
+    if wants_clips or wants_hand:
         manifest = corpora / "manifest.json"
         if not manifest.is_file():
             raise FileNotFoundError(f"{manifest}: the corpora's manifest is missing (rebuild with `mllm data build`)")
         config = json.loads(manifest.read_text())["config"]
-    clips = config["video"] if canonical_clips and {"video", "interleaved"} & set(names) else None
     hand, image_size = None, 0
-    if one_hand and {"video", *HAND_CORPORA} & set(names):
+    if wants_hand:
         if "digits" not in config:
             raise KeyError(f"{corpora / 'manifest.json'}: no digits config, which the house hand is drawn from")
         digits = config["digits"]
         per_class = (digits.get("per_class") or {}).get("train")
         hand, image_size = house_hand(Fractions(**digits["fractions"]), per_class), int(digits["image_size"])
+    replies = Replies(seconds, voice, config["video"] if wants_clips else None, hand, image_size)
     for name in names:
         for split in SPLITS:
             src = corpora / name / f"{split}.jsonl"
@@ -226,7 +242,7 @@ def prepare_corpora(corpora: Path, out: Path, names: list[str], modalities: set[
                 raise FileNotFoundError(f"{src}: the {name} corpus is not built (run `mllm data build`)")
             lines = [line for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
             records = [json.loads(line) for line in lines]
-            records = [restyle(_convert(r, name, corpora / name, out / name, seconds, voice, clips, hand, image_size))
+            records = [restyle(_convert(r, name, corpora / name, out / name, replies))
                        for r in tqdm(records, desc=f"corpus {name}/{split}", unit="record")
                        if _modalities(r) <= modalities and r.get("task") not in skip.get(name, ())]
             dst.parent.mkdir(parents=True, exist_ok=True)
