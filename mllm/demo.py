@@ -137,17 +137,17 @@ class Demo:
         return shows
 
     def conversation(self, c: Path) -> Showcase:
-        """Two turns: read a digit and say it; then draw and say another. The model opens every medium itself."""
-        first = _records(c, "interleaved", "interleaved", lambda r: r["meta"]["template"] == "read_and_say")
-        second = _records(c, "interleaved", "interleaved", lambda r: r["meta"]["template"] == "show_then_say")
-        show = Showcase("interleaved conversation", [Turn("user", _user_parts(first, c))],
-                        f"{first['meta']['digits'][0]}, spoken; then a {second['meta']['digits'][0]}, drawn and spoken",
-                        unavailable=self.can("gmm", "image", "audio"))
+        """A two-turn test conversation: read a digit and say it; then draw another. The model opens every medium
+        itself."""
+        record = _records(c, "interleaved", "interleaved", lambda r: r["meta"]["template"] == "read_then_draw")
+        read, drawn = record["meta"]["digits"]
+        show = Showcase("interleaved conversation", [Turn("user", _user_parts(record, c))],
+                        f"{read}, spoken; then a {drawn}, drawn", unavailable=self.can("gmm", "image", "audio"))
         if show.unavailable:
             return show
         started = time.perf_counter()
         show.turns.append(Turn("assistant", self.reply("gmm", show.turns, None, 100)))
-        show.turns.append(Turn("user", _user_parts(second, c)))
+        show.turns.append(Turn("user", _user_parts(record, c, turn=2)))
         show.turns.append(Turn("assistant", self.reply("gmm", show.turns, None, 150)))
         show.seconds = time.perf_counter() - started
         return show

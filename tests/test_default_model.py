@@ -270,7 +270,10 @@ def test_corpora_draw_and_animate_every_digit_in_the_house_hand(tmp_path):
     interleaved = [{"id": "a", "task": "interleaved", "meta": {"digits": [3], "source_indices": [7], "direction": "up"},
                     "messages": [message("user", say("Draw a 3.")), message("assistant", image),
                                  message("user", say("Now make it move up.")),
-                                 message("assistant", {"type": "video", "path": "media/train/000000_1.mp4"})]}]
+                                 message("assistant", {"type": "video", "path": "media/train/000000_1.mp4"})]},
+                   {"id": "b", "task": "interleaved", "meta": {"digits": [5, 3], "source_indices": [1, 2], "drawn": [3]},
+                    "messages": [message("user", image, say("What digit is this?")), message("assistant", say("5")),
+                                 message("user", say("Show me a 3.")), message("assistant", image)]}]
     for name, rows in (("digits", digits), ("interleaved", interleaved)):
         (tmp_path / "in" / name).mkdir(parents=True)
         for split in ("train", "validation"):
@@ -289,6 +292,8 @@ def test_corpora_draw_and_animate_every_digit_in_the_house_hand(tmp_path):
     drawn, asked = paths("digits"), paths("interleaved")
     assert drawn[0] == drawn[1]  # one image of the digit, whatever the record's own
     assert Path(asked[0][0]).name == Path(drawn[0][0]).name  # the same hand in every corpus
+    assert Path(asked[1][1]).name == Path(drawn[0][0]).name  # meta.drawn names the drawing of a reading sample
+    assert asked[1][0] == str((tmp_path / "in" / "interleaved" / image["path"]).resolve())
     assert np.array_equal(load_image(drawn[0][0]).pixels, digit_rgb(3, hand[3], 32))  # PNG: lossless
     assert drawn[2] == [str((tmp_path / "in" / "digits" / image["path"]).resolve())]  # what the user shows: kept
     clip = load_video(asked[0][1]).frames.astype(float)

@@ -133,12 +133,13 @@ def house_hand(fractions: Fractions, per_class: int | None = None) -> dict[int, 
 
 
 def _digit(record: dict) -> int:
-    """The one digit an assistant image of the digits or interleaved corpus shows."""
+    """The one digit an assistant image of the digits or interleaved corpus shows: meta.label, meta.drawn (a sample
+    that also reads other digits) or meta.digits."""
     meta = record.get("meta") or {}
-    digits = [meta["label"]] if "label" in meta else meta.get("digits", [])
+    digits = [meta["label"]] if "label" in meta else meta.get("drawn", meta.get("digits", []))
     if len(digits) != 1:
-        raise ValueError(f"record {record.get('id')!r}: a drawn digit needs meta.label or one meta.digits entry, "
-                         f"got {({k: meta[k] for k in ('label', 'digits') if k in meta})}")
+        raise ValueError(f"record {record.get('id')!r}: a drawn digit needs meta.label or one meta.drawn or "
+                         f"meta.digits entry, got {({k: meta[k] for k in ('label', 'drawn', 'digits') if k in meta})}")
     return int(digits[0])
 
 

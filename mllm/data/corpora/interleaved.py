@@ -27,6 +27,7 @@ TEMPLATES = (
     "add_and_say",  # two images -> text + speech
     "number_then_show",  # speech (digit string) -> text + image
     "draw_then_animate",  # text -> image, then -> video (two turns)
+    "read_then_draw",  # image -> text + speech, then text -> image (two turns)
 )
 
 
@@ -122,6 +123,13 @@ def _make(template: str, s: _Sample, rng: np.random.Generator, pool: dict[int, l
                 user(text(f"Now make it move {direction}.")),
                 assistant(s.video([mnist[d][i]], direction, rng))]
         return msgs, {"digits": [d], "source_indices": [i], "direction": direction}
+    if template == "read_then_draw":  # ~250 tokens: a third medium would not fit the default model's 256
+        (d, i), (e, j) = pick(), pick()
+        msgs = [user(s.image(d, i), text("What digit is this? Say it out loud.")),
+                assistant(text(str(d)), s.speech(DIGIT_WORDS[d], rng)),
+                user(text(f"Now draw {a_digit(e)}.")),
+                assistant(s.image(e, j))]
+        return msgs, {"digits": [d, e], "source_indices": [i, j], "drawn": [e]}
     raise ValueError(f"unknown interleaved template {template!r}")
 
 
