@@ -45,8 +45,8 @@ from mllm.train import finetune, load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: its tokenizers/ and finetune/recipes/
 MODALITIES = ("image", "audio", "video")
-# Side by side, about equally long: image + audio tokenizers ‖ video tokenizer + text LM.
-LANES = (("image_tokenizer", "audio_tokenizer"), ("video_tokenizer", "text"))
+# Side by side, about equally long: image tokenizer + text LM ‖ video + audio tokenizers.
+LANES = (("image_tokenizer", "text"), ("video_tokenizer", "audio_tokenizer"))
 
 
 @dataclass
