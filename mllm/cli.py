@@ -11,7 +11,11 @@ def _data_build(args: argparse.Namespace) -> int:
     from mllm.data.corpora.build import build_corpora, load_build_config
 
     cfg = load_build_config(args.config, args.overrides)
-    manifest = build_corpora(cfg, args.out, overwrite=args.overwrite, limit=args.limit, only=args.only)
+    try:
+        manifest = build_corpora(cfg, args.out, overwrite=args.overwrite, limit=args.limit, only=args.only)
+    except FileExistsError as e:
+        print(f"mllm data build: {e}", file=sys.stderr)
+        return 2
     for name, info in manifest.corpora.items():
         counts = ", ".join(f"{split} {n}" for split, n in info["counts"].items())
         print(f"  {name:<16} {counts}")

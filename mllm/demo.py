@@ -139,7 +139,10 @@ class Demo:
     def conversation(self, c: Path) -> Showcase:
         """A two-turn test conversation: read a digit and say it; then draw another. The model opens every medium
         itself."""
-        record = _records(c, "interleaved", "interleaved", lambda r: r["meta"]["template"] == "read_then_draw")
+        try:
+            record = _records(c, "interleaved", "interleaved", lambda r: r["meta"].get("template") == "read_then_draw")
+        except LookupError as e:  # corpora of an older mllm: `mllm data build --overwrite` remakes them
+            return Showcase("interleaved conversation", unavailable=f"{e}; rebuild the corpora with --overwrite")
         read, drawn = record["meta"]["digits"]
         show = Showcase("interleaved conversation", [Turn("user", _user_parts(record, c))],
                         f"{read}, spoken; then a {drawn}, drawn", unavailable=self.can("gmm", "image", "audio"))

@@ -300,6 +300,11 @@ def test_refuses_to_overwrite(built, tmp_path):
     assert (out / "manifest.json").stat().st_mtime_ns == stamp
     with pytest.raises(FileExistsError, match="complete build of other settings"):
         build_corpora(SMALL, out, limit=1, progress=False)
+    current = (out / "manifest.json").read_text()
+    (out / "manifest.json").write_text(json.dumps(json.loads(current) | {"format_version": 1}))
+    with pytest.raises(FileExistsError, match="format 1, this mllm writes format 2; pass overwrite"):
+        build_corpora(SMALL, out, progress=False)  # an older mllm's corpora are not reused as they are
+    (out / "manifest.json").write_text(current)
     target = tmp_path / "quick"
     m = build_corpora(SMALL, target, limit=2, only=["digits"], progress=False)
     assert m.counts("digits") == {"train": 6, "validation": 6, "test": 6}

@@ -23,7 +23,7 @@ from mllm.config import ConfigError, from_dict, load_config, to_dict
 from mllm.data.corpora import SPLITS, BuildContext, CorpusResult, atomic_write_text, get_corpus, list_corpora
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the interleaved corpus has read_then_draw conversations
 
 
 # ---------------------------------------------------------------- config
@@ -270,10 +270,14 @@ def build_corpora(
         if complete:
             built = Manifest.load(out)
             d, settings = built.data, json.loads(json.dumps(to_dict(cfg)))  # as the manifest stores them
-            if d.get("config") == settings and d.get("limit") == limit and sorted(d["corpora"]) == sorted(selected):
+            same = d.get("config") == settings and d.get("limit") == limit and sorted(d["corpora"]) == sorted(selected)
+            if same and d.get("format_version") == FORMAT_VERSION:
                 if progress:
                     print(f"{out} is already this build; nothing to do (overwrite=True rebuilds it)")
                 return built
+            if same:
+                raise FileExistsError(f"{out} holds corpora of format {d.get('format_version')}, this mllm writes format "
+                                      f"{FORMAT_VERSION}; pass overwrite=True (--overwrite) to rebuild them")
         state = "a complete build of other settings" if complete else "not a complete build (no manifest.json)"
         raise FileExistsError(f"{out} already exists and is {state}; pass overwrite=True to replace it")
     _remove_stale_tmp(out)
