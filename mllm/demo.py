@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mllm.data.corpora.build import is_complete
+from mllm.data.corpora.build import is_complete, is_current
 from mllm.generation import GenerationConfig
 from mllm.media import Audio, Image, Video, save_audio, save_image, save_video
 from mllm.pipeline import Pipeline
@@ -139,10 +139,7 @@ class Demo:
     def conversation(self, c: Path) -> Showcase:
         """A two-turn test conversation: read a digit and say it; then draw another. The model opens every medium
         itself."""
-        try:
-            record = _records(c, "interleaved", "interleaved", lambda r: r["meta"].get("template") == "read_then_draw")
-        except LookupError as e:  # corpora of an older mllm: `mllm data build --overwrite` remakes them
-            return Showcase("interleaved conversation", unavailable=f"{e}; rebuild the corpora with --overwrite")
+        record = _records(c, "interleaved", "interleaved", lambda r: r["meta"]["template"] == "read_then_draw")
         read, drawn = record["meta"]["digits"]
         show = Showcase("interleaved conversation", [Turn("user", _user_parts(record, c))],
                         f"{read}, spoken; then a {drawn}, drawn", unavailable=self.can("gmm", "image", "audio"))
@@ -215,6 +212,9 @@ def write_page(shows: list[Showcase], out: Path, title: str) -> tuple[Path, list
 def run_demo(corpora: Path, out: Path, model: Path, diffusion_model: Path, seed: int = 0) -> int:
     if not is_complete(corpora):
         print(f"no built corpora at {corpora}: run `mllm data build` first (see the README)")
+        return 2
+    if not is_current(corpora):
+        print(f"the corpora at {corpora} were built by an older mllm: rebuild them with `mllm data build --overwrite`")
         return 2
     started = time.perf_counter()
     paths = {"gmm": model, "diffusion": diffusion_model}

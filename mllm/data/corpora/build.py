@@ -234,6 +234,11 @@ def is_complete(out: str | os.PathLike) -> bool:
     return (Path(out) / MANIFEST).is_file()
 
 
+def is_current(out: str | os.PathLike) -> bool:
+    """True when `out` holds a finished build in the format this mllm writes."""
+    return is_complete(out) and Manifest.load(out).data.get("format_version") == FORMAT_VERSION
+
+
 # ---------------------------------------------------------------- build
 
 
@@ -275,11 +280,11 @@ def build_corpora(
                 if progress:
                     print(f"{out} is already this build; nothing to do (overwrite=True rebuilds it)")
                 return built
-            if same:
-                raise FileExistsError(f"{out} holds corpora of format {d.get('format_version')}, this mllm writes format "
-                                      f"{FORMAT_VERSION}; pass overwrite=True (--overwrite) to rebuild them")
-        state = "a complete build of other settings" if complete else "not a complete build (no manifest.json)"
-        raise FileExistsError(f"{out} already exists and is {state}; pass overwrite=True to replace it")
+            state = (f"of format {d.get('format_version')}, this mllm writes format {FORMAT_VERSION}" if same
+                     else "a complete build of other settings")
+        else:
+            state = "not a complete build (no manifest.json)"
+        raise FileExistsError(f"{out} already exists and is {state}; pass overwrite=True (--overwrite) to replace it")
     _remove_stale_tmp(out)
 
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
