@@ -85,8 +85,16 @@ def test_a_fixed_question_gets_the_right_answer(digits, predictor):
     assert sum(answer == str(d) for d, answer in enumerate(answers)) >= 9, answers
 
 
-def test_the_diffusion_variant_still_reads(digits):
-    """Its language model trains on in its own stage (drawing, every other task thinned): it must keep reading."""
+def test_the_diffusion_variant_reads_with_the_gmm_variants_language_model(digits):
+    """Its stage trains only the image head and the image queries: every other weight is the GMM variant's."""
+    from safetensors.torch import load_file
+
+    def shared(weights: dict) -> dict:
+        return {k: v for k, v in weights.items() if not (k.startswith("heads.image.") or k == "queries.image")}
+
+    gmm, diffusion = (shared(load_file(default_checkpoint(v) / "model.safetensors")) for v in ("gmm", "diffusion"))
+    assert gmm.keys() == diffusion.keys()
+    assert [k for k in gmm if not torch.equal(gmm[k], diffusion[k])] == []
     model, processor = load_checkpoint(default_checkpoint("diffusion"))
     answers = ModelPredictor(model, processor).complete(_digit_questions(digits), max_new_tokens=6)
     assert sum(answer == str(d) for d, answer in enumerate(answers)) >= 9, answers

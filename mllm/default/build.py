@@ -7,7 +7,7 @@
     corpora          the built corpora; spoken replies in one house voice, padded to `audio_seconds`, and
                      requested animations in one canonical layout (mllm/default/corpus.py)
     multimodal       finetune/recipes/default_multimodal.yaml: every task, GMM heads
-    diffusion        finetune/recipes/default_diffusion_head.yaml: a diffusion image head, trained with the LM
+    diffusion        finetune/recipes/default_diffusion_head.yaml: a diffusion image head on the frozen LM
     ship             float16 copies of both variants in <out>/checkpoint/{gmm,diffusion}; with `ship`,
                      also into the package (mllm/default/checkpoint/), where chat, serve, eval and demo find them
 
@@ -45,7 +45,7 @@ from mllm.train import finetune, load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: its tokenizers/ and finetune/recipes/
 MODALITIES = ("image", "audio", "video")
-# Side by side, about equally long: image tokenizer + text LM ‖ video + audio tokenizers.
+# Side by side, the most even split of the four: image tokenizer + text LM (~1500 s) ‖ video + audio tokenizers (~1650 s).
 LANES = (("image_tokenizer", "text"), ("video_tokenizer", "audio_tokenizer"))
 
 
