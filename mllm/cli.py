@@ -155,10 +155,10 @@ def _list(args: argparse.Namespace) -> int:
 def _default_model(model: Path | None = None) -> Path:
     """--model as given; without one, or given as `default:<variant>` (gmm, diffusion), the embedded default model."""
     from mllm.default import default_checkpoint
-    from mllm.default.paths import with_shared_media
+    from mllm.default.paths import with_shared_parts
 
     if model is not None and not str(model).startswith("default:"):
-        return with_shared_media(model) if Path(model).is_dir() else model
+        return with_shared_parts(model) if Path(model).is_dir() else model
     try:
         return default_checkpoint(str(model).removeprefix("default:") if model is not None else "gmm")
     except FileNotFoundError as e:

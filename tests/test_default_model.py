@@ -100,6 +100,44 @@ def test_the_diffusion_variant_reads_with_the_gmm_variants_language_model(digits
     assert sum(answer == str(d) for d, answer in enumerate(answers)) >= 9, answers
 
 
+def test_the_diffusion_variant_stores_only_its_own_weights():
+    from safetensors.torch import load_file
+
+    own = load_file(CHECKPOINTS / "diffusion" / "model.safetensors")
+    assert own and all(k.startswith("heads.image.") or k == "queries.image" for k in own), sorted(own)[:5]
+    borrowed = json.loads((CHECKPOINTS / "diffusion" / "shared.json").read_text())["borrowed_tensors"]
+    merged = load_file(default_checkpoint("diffusion") / "model.safetensors")
+    assert merged.keys() == own.keys() | set(borrowed) and not own.keys() & set(borrowed)
+
+
+def test_a_variant_borrows_the_tensors_its_source_holds_bit_for_bit(tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    from mllm.default.paths import with_shared_parts
+    from mllm.default.ship import drop_equal_tensors
+
+    monkeypatch.setenv("MLLM_CACHE", str(tmp_path / "cache"))
+    source, variant = tmp_path / "gmm", tmp_path / "diffusion"
+    source.mkdir(), variant.mkdir()
+    lm, head = torch.randn(4, 3).half(), torch.randn(2).half()
+    save_file({"lm": lm, "heads.image.w": torch.zeros(5).half()}, source / "model.safetensors")
+    save_file({"lm": lm.clone(), "heads.image.v": head}, variant / "model.safetensors")
+    assert drop_equal_tensors(variant / "model.safetensors", source / "model.safetensors") == ["lm"]
+    assert load_file(variant / "model.safetensors").keys() == {"heads.image.v"}
+    (variant / "shared.json").write_text(json.dumps({"media_from": "../gmm", "borrowed_tensors": ["lm"]}))
+    merged = load_file(with_shared_parts(variant) / "model.safetensors")
+    assert merged.keys() == {"lm", "heads.image.v"} and torch.equal(merged["lm"], lm) and torch.equal(merged["heads.image.v"], head)
+
+    (variant / "shared.json").write_text(json.dumps({"media_from": "../gmm", "borrowed_tensors": ["lm", "lm_head"]}))
+    (variant / "model.safetensors").touch()  # a new stamp: completed anew
+    with pytest.raises(ValueError, match="no tensor lm_head"):
+        with_shared_parts(variant)
+    assert not [p for p in (tmp_path / "cache" / "default").iterdir() if p.name.startswith(".")]  # nothing half-written
+    (variant / "shared.json").write_text(json.dumps({"borrowed_tensors": ["lm"]}))
+    with pytest.raises(ValueError, match="media_from"):
+        with_shared_parts(variant)
+
+
 def test_missing_default_model_says_how_to_remake_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="mllm default train"):
         default_checkpoint(root=tmp_path)

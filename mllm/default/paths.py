@@ -2,11 +2,12 @@
 
     default_checkpoint()             # the GMM-head variant: what chat, serve, eval and demo load without --model
     default_checkpoint("diffusion")  # the diffusion-head variant
-    with_shared_media(Path("runs/default/checkpoint/diffusion"))  # any variant directory, e.g. a build's own
+    with_shared_parts(Path("runs/default/checkpoint/diffusion"))  # any variant directory, e.g. a build's own
 
-A variant that shares its media tokenizers and de-tokenizers with another
-(`shared.json`, written by `mllm.default.ship`) is completed once into the mllm
-cache with links to them, so that every loader sees one ordinary checkpoint directory.
+A variant that shares parts with another (`shared.json`, written by `mllm.default.ship`) is completed once
+into the mllm cache, so that every loader sees one ordinary checkpoint directory: its media tokenizers and
+de-tokenizers are linked in, and the weights it borrows (`borrowed_tensors`, e.g. the language model a variant
+did not retrain) are merged with its own into one `model.safetensors`.
 """
 
 from __future__ import annotations
@@ -18,12 +19,16 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from safetensors import safe_open
+from safetensors.torch import save_file
+
 from mllm.checkpoint import DETOKENIZERS_DIR
 from mllm.data.sources import cache_dir
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoint"
 VARIANTS = ("gmm", "diffusion")
-SHARED_FILE = "shared.json"  # {"media_from": "../gmm"}
+SHARED_FILE = "shared.json"  # {"media_from": "../gmm", "borrowed_tensors": ["language_model.lm_head.weight", ...]}
+WEIGHTS_FILE = "model.safetensors"
 SHARED_DIRS = ("media_tokenizers", DETOKENIZERS_DIR)  # what a shared variant borrows
 
 
@@ -34,17 +39,23 @@ def default_checkpoint(variant: str = "gmm", root: Path = CHECKPOINTS) -> Path:
     path = root / variant
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: the embedded default model is not installed (remake it: `mllm default train --ship`)")
-    return with_shared_media(path)
+    return with_shared_parts(path)
 
 
-def with_shared_media(path: Path) -> Path:
-    """A checkpoint directory as loaders expect it: `path` itself, or, when it borrows its media tokenizers and
-    de-tokenizers from another variant (`shared.json`), a completed copy of links in the mllm cache."""
+def with_shared_parts(path: Path) -> Path:
+    """A checkpoint directory as loaders expect it: `path` itself, or, when it borrows parts from another
+    variant (`shared.json`), a completed copy in the mllm cache: links to its own files and the other's media
+    tokenizers and de-tokenizers, and its weights merged with the borrowed ones."""
     if not (Path(path) / SHARED_FILE).is_file():
         return path
     path = Path(path).absolute()
-    source = (path / json.loads((path / SHARED_FILE).read_text())["media_from"]).resolve()
-    key = hashlib.sha256(f"{path}\0{source}\0{(path / 'model.safetensors').stat().st_mtime_ns}".encode()).hexdigest()[:12]
+    shared = json.loads((path / SHARED_FILE).read_text())
+    if not isinstance(shared, dict) or not isinstance(shared.get("media_from"), str):
+        raise ValueError(f"{path / SHARED_FILE}: wants {{\"media_from\": \"<variant dir>\"}}, got {shared!r}")
+    source = (path / shared["media_from"]).resolve()
+    borrowed = shared.get("borrowed_tensors", [])
+    stamps = [(path / WEIGHTS_FILE).stat().st_mtime_ns] + ([(source / WEIGHTS_FILE).stat().st_mtime_ns] if borrowed else [])
+    key = hashlib.sha256(f"{path}\0{source}\0{stamps}".encode()).hexdigest()[:12]
     complete = cache_dir() / "default" / f"{path.name}-{key}"
     if complete.is_dir():
         return complete
@@ -52,14 +63,34 @@ def with_shared_media(path: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=complete.parent, prefix=f".{complete.name}-"))
     try:
         for entry in path.iterdir():
-            if entry.name != SHARED_FILE:
+            if entry.name != SHARED_FILE and not (borrowed and entry.name == WEIGHTS_FILE):
                 os.symlink(entry, tmp / entry.name)
+        if borrowed:
+            merge_weights(path / WEIGHTS_FILE, source / WEIGHTS_FILE, borrowed, tmp / WEIGHTS_FILE)
         for name in SHARED_DIRS:
             if (source / name).is_dir():
                 os.symlink(source / name, tmp / name)
         os.replace(tmp, complete)
-    except OSError:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not complete.is_dir():  # else another process completed it first
+        if not (isinstance(e, OSError) and complete.is_dir()):  # else another process completed it first
             raise
     return complete
+
+
+def merge_weights(own: Path, source: Path, borrowed: list[str], out: Path) -> None:
+    """Write `own`'s tensors and the `borrowed` ones of `source` into one safetensors file `out`."""
+    with safe_open(str(own), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    with safe_open(str(source), framework="pt") as f:
+        missing = sorted(set(borrowed) - set(f.keys()))
+        if missing:
+            raise ValueError(f"{own.parent / SHARED_FILE}: {source} has no tensor {', '.join(missing[:5])}"
+                             f"{' …' if len(missing) > 5 else ''} to borrow ({len(missing)} missing)")
+        clash = sorted(set(borrowed) & set(tensors))
+        if clash:
+            raise ValueError(f"{own.parent / SHARED_FILE}: {own} has its own {', '.join(clash[:5])}; a tensor is "
+                             "either the variant's or borrowed")
+        tensors |= {k: f.get_tensor(k) for k in borrowed}
+    save_file(tensors, out, metadata=metadata)

@@ -5,8 +5,9 @@
 
 Every float32 tensor is stored as float16 (halving the size); loading upcasts to
 the float32 the configs name. A variant `shared` with another keeps only its own
-model and processor files; its media tokenizers and de-tokenizers are those of
-`shared`, linked in when the variant is resolved (see `mllm.default.paths`).
+model and processor files, and of its weights only those that differ from
+`shared`'s; its media tokenizers, de-tokenizers and the equal weights are
+`shared`'s, put back when the variant is resolved (see `mllm.default.paths`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mllm.checkpoint import DETOKENIZERS_DIR
-from mllm.default.paths import SHARED_DIRS, SHARED_FILE
+from mllm.default.paths import SHARED_DIRS, SHARED_FILE, WEIGHTS_FILE
 
 
 def to_float16(path: Path) -> None:
@@ -32,6 +33,18 @@ def to_float16(path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     save_file(tensors, tmp, metadata=metadata)
     os.replace(tmp, path)
+
+
+def drop_equal_tensors(path: Path, source: Path) -> list[str]:
+    """Rewrite safetensors file `path` without the tensors `source` holds bit for bit; their names, sorted."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    own, theirs = load_file(path), load_file(source)
+    equal = {k for k, v in own.items() if k in theirs and theirs[k].dtype == v.dtype and torch.equal(theirs[k], v)}
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v for k, v in own.items() if k not in equal}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+    return sorted(equal)
 
 
 def drop_build_paths(config: dict) -> dict:
@@ -52,9 +65,12 @@ def ship(checkpoint: Path, detokenizers: dict[str, Path], out: Path, shared: Pat
     else:
         for name in SHARED_DIRS:
             shutil.rmtree(tmp / name, ignore_errors=True)
-        (tmp / SHARED_FILE).write_text(json.dumps({"media_from": os.path.relpath(shared, out)}) + "\n")
     for file in tmp.rglob("*.safetensors"):
         to_float16(file)
+    if shared is not None:
+        borrowed = drop_equal_tensors(tmp / WEIGHTS_FILE, shared / WEIGHTS_FILE)
+        (tmp / SHARED_FILE).write_text(json.dumps({"media_from": os.path.relpath(shared, out),
+                                                   "borrowed_tensors": borrowed}, indent=1) + "\n")
     for file in tmp.rglob("config.json"):
         file.write_text(json.dumps(drop_build_paths(json.loads(file.read_text())), indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
