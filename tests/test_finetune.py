@@ -153,9 +153,9 @@ def test_deepspeed_configs_fill_every_auto_from_the_recipe(config, corpus, text_
     (["policy.lora.r=0"], "policy.lora"),
     (["optim.betas=[0.9, 1.5]"], "optim.betas"),
     (["train.eval_every=2"], "train.eval_every"),
-    (["data.repeat={image_generation: 0}"], "data"),
+    (["data.repeat={image_generation: -1}"], "data"),
     (["data.repeat={image_generation: many}"], "data.repeat.image_generation"),
-    (["data.repeat_default=0"], "data"),
+    (["data.repeat_default=-0.5"], "data"),
 ])
 def test_recipe_errors_name_the_key(overrides, key, corpus, text_tokenizer, tmp_path):
     with pytest.raises(ConfigError) as e:
@@ -202,6 +202,8 @@ def test_data_repeat_up_and_down_samples_tasks_afresh_each_epoch(corpus, text_to
     assert first_epoch_tasks(three_drawings, "out") == {"image_caption": 24, "image_generation": 72}
     every_other_twice = {"repeat": {"image_generation": 1}, "repeat_default": 2}
     assert first_epoch_tasks(every_other_twice, "rest") == {"image_caption": 48, "image_generation": 24}
+    only_drawings = {"repeat": {"image_generation": 1}, "repeat_default": 0}
+    assert first_epoch_tasks(only_drawings, "only") == {"image_generation": 24}
 
     data = {"repeat": {"image_generation": 2.5, "image_caption": 0.25}}
     run = Finetune(load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, tmp_path / "thin", data=data))),
@@ -221,6 +223,8 @@ def test_data_repeat_up_and_down_samples_tasks_afresh_each_epoch(corpus, text_to
     with pytest.raises(ConfigError, match="paint") as e:
         finetune(load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, tmp_path / "bad", data={"repeat": {"paint": 2}}))))
     assert e.value.key == "data.repeat"
+    with pytest.raises(ConfigError, match="nothing to train on"):
+        finetune(load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, tmp_path / "none", data={"repeat_default": 0}))))
 
 
 # ---- policies -----------------------------------------------------------------------------------

@@ -176,7 +176,7 @@ class Finetune:
             return ds.filter(lambda task: task in tasks, input_columns="task") if tasks else ds
 
         with main_first(self.env):
-            train, validation = records(self.cfg.data.train), records(self.cfg.data.validation)
+            train, validation = self._leave_out_rate_zero(records(self.cfg.data.train)), records(self.cfg.data.validation)
         tokenizers = self.processor.media_tokenizers
         cache = TokenCache(cache_dir / "tokens", tokenizers) if tokenizers else None
         if cache is not None:
@@ -187,17 +187,26 @@ class Finetune:
             cache.reload()
         return train, validation, cache
 
+    def _leave_out_rate_zero(self, train):
+        """The train records of every task whose `data.repeat` rate is above 0: a rate of 0 leaves its task out
+        before any of its media is encoded."""
+        repeat, default = self.cfg.data.repeat, self.cfg.data.repeat_default
+        tasks = set(train.unique("task"))
+        missing = sorted(set(repeat) - tasks)
+        if missing:
+            raise ConfigError("data.repeat", f"no training record has the task {', '.join(missing)}")
+        left_out = {task for task in tasks if repeat.get(task, default) == 0}
+        if left_out == tasks:
+            raise ConfigError("data.repeat", f"every training task ({', '.join(sorted(tasks))}) has rate 0: nothing to train on")
+        return train.filter(lambda task: task not in left_out, input_columns="task") if left_out else train
+
     def _repeat_rates(self) -> np.ndarray | None:
         """[R] each train record's `data.repeat` rate (`data.repeat_default` for a task not named); None when
         every rate is 1."""
         repeat, default = self.cfg.data.repeat, self.cfg.data.repeat_default
         if not repeat and default == 1:
             return None
-        tasks = self.train_records["task"]
-        missing = sorted(set(repeat) - set(tasks))
-        if missing:
-            raise ConfigError("data.repeat", f"no training record has the task {', '.join(missing)}")
-        return np.array([repeat.get(t, default) for t in tasks])
+        return np.array([repeat.get(t, default) for t in self.train_records["task"]])
 
     def epoch_rows(self, epoch: int) -> np.ndarray:
         """The train record indices epoch `epoch` visits, shuffled: each record once, or at its task's

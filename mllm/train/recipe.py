@@ -49,7 +49,7 @@ class DataConfig:
     train: list[str]  # record files, directories or globs (JSONL/Parquet), relative to `root`
     validation: list[str] = field(default_factory=list)
     tasks: list[str] = field(default_factory=list)  # keep only records of these tasks (the record's "task"); empty: all
-    repeat: dict[str, float] = field(default_factory=dict)  # task -> times each record comes per epoch: 3 up-, 0.5 down-samples
+    repeat: dict[str, float] = field(default_factory=dict)  # task -> times each record comes per epoch: 3 up-, 0.5 down-samples, 0 leaves out
     repeat_default: float = 1.0  # the rate of every task `repeat` does not name
     root: str | None = None  # None: the built corpora, $MLLM_CACHE/corpora
     max_length: int = 1024
@@ -59,11 +59,11 @@ class DataConfig:
     cache_dir: str | None = None  # record tables and encoded media are cached here; None: <output_dir>/cache
 
     def __post_init__(self):
-        bad = {task: r for task, r in self.repeat.items() if isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0}
+        bad = {task: r for task, r in self.repeat.items() if isinstance(r, bool) or not isinstance(r, (int, float)) or not r >= 0}
         if bad:
-            raise ValueError(f"data.repeat: each rate must be a number > 0, got {bad}")
-        if not self.repeat_default > 0:
-            raise ValueError(f"data.repeat_default must be > 0, got {self.repeat_default}")
+            raise ValueError(f"data.repeat: each rate must be a number >= 0, got {bad}")
+        if not self.repeat_default >= 0:
+            raise ValueError(f"data.repeat_default must be >= 0, got {self.repeat_default}")
 
 
 @dataclass
