@@ -99,6 +99,20 @@ def test_tokenizer_save_load_round_trip(name, tmp_path):
         MediaTokenizer.from_pretrained(tmp_path)
 
 
+def test_a_conv_stem_cuts_the_same_patches_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    tok = build_media_tokenizer("resampler_image", TINY["resampler_image"] | {"stem": "conv"})
+    assert [m.stride for m in tok.embed.convs if isinstance(m, torch.nn.Conv2d)] == [(1, 1), (2, 2), (2, 2)]
+    batch = images(2)
+    assert tok.encode_batch(batch).shape == tokenizer("resampler_image").encode_batch(batch).shape == (2, 4, 16)
+    loaded = load_media_tokenizer(tok.save_pretrained(tmp_path / "conv"))
+    assert loaded.config.stem == "conv" and torch.equal(loaded.encode_batch(batch), tok.encode_batch(batch))
+    with pytest.raises(ValueError, match="stem"):
+        build_media_tokenizer("resampler_image", TINY["resampler_image"] | {"stem": "cnn"})
+    with pytest.raises(ValueError, match="power-of-2 patch_size"):
+        build_media_tokenizer("resampler_image", TINY["resampler_image"] | {"stem": "conv", "patch_size": 3, "image_size": 12})
+
+
 def test_query_tokens_are_causal():
     tok = tokenizer("query_image")
     pixels = torch.rand(2, 3, 16, 16)
