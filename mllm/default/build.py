@@ -8,6 +8,7 @@
                      requested animations in one canonical layout (mllm/default/corpus.py)
     multimodal       finetune/recipes/default_multimodal.yaml: every task, GMM heads
     speech           finetune/recipes/default_speech_head.yaml: the audio head alone, on the frozen LM
+    video            finetune/recipes/default_video_head.yaml: the video head alone, on the frozen LM
     diffusion        finetune/recipes/default_diffusion_head.yaml: a diffusion image head on the frozen LM
     ship             float16 copies of both variants in <out>/checkpoint/{gmm,diffusion}; with `ship`,
                      also into the package (mllm/default/checkpoint/), where chat, serve, eval and demo find them
@@ -175,8 +176,10 @@ class Build:
                   common + media + [f"output_dir={o / 'multimodal'}", f"model.base={o / 'text' / 'final'}", f"data.root={data}"])),
             Stage("speech", o / "speech_head" / "final", partial(self.finetune, "speech", "default_speech_head.yaml",
                   common + [f"output_dir={o / 'speech_head'}", f"init_from={o / 'multimodal' / 'final'}", f"data.root={data}"])),
+            Stage("video", o / "video_head" / "final", partial(self.finetune, "video", "default_video_head.yaml",
+                  common + [f"output_dir={o / 'video_head'}", f"init_from={o / 'speech_head' / 'final'}", f"data.root={data}"])),
             Stage("diffusion", o / "diffusion_head" / "final", partial(self.finetune, "diffusion", "default_diffusion_head.yaml",
-                  common + [f"output_dir={o / 'diffusion_head'}", f"init_from={o / 'speech_head' / 'final'}", f"data.root={data}"])),
+                  common + [f"output_dir={o / 'diffusion_head'}", f"init_from={o / 'video_head' / 'final'}", f"data.root={data}"])),
         ]
         return {s.name: s for s in stages}
 
@@ -196,7 +199,7 @@ class Build:
                 self.record({stage.name: seconds})
         detokenizers = {m: self.tokenizer_dir(m) / "detokenizer" for m in MODALITIES}
         shipped = self.out / "checkpoint"
-        ship(self.out / "speech_head" / "final", detokenizers, shipped / "gmm")
+        ship(self.out / "video_head" / "final", detokenizers, shipped / "gmm")
         ship(self.out / "diffusion_head" / "final", detokenizers, shipped / "diffusion", shared=shipped / "gmm")
         print(f"[default] checkpoints: {shipped} ({size_mb(shipped):.1f} MB)")
         if self.cfg.ship:
