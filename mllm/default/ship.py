@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -25,25 +26,29 @@ from mllm.checkpoint import DETOKENIZERS_DIR
 from mllm.default.paths import SHARED_DIRS, SHARED_FILE, WEIGHTS_FILE
 
 
-def to_float16(path: Path) -> None:
-    """Rewrite one safetensors file with its float32 tensors as float16 (metadata kept)."""
+def rewrite_tensors(path: Path, change: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> None:
+    """Rewrite one safetensors file in place, atomically, with the tensors `change` makes of its own (metadata kept)."""
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
-    tensors = {k: v.half() if v.dtype == torch.float32 else v for k, v in load_file(path).items()}
     tmp = path.with_suffix(".tmp")
-    save_file(tensors, tmp, metadata=metadata)
+    save_file(change(load_file(path)), tmp, metadata=metadata)
     os.replace(tmp, path)
+
+
+def to_float16(path: Path) -> None:
+    """Rewrite one safetensors file with its float32 tensors as float16."""
+    rewrite_tensors(path, lambda tensors: {k: v.half() if v.dtype == torch.float32 else v for k, v in tensors.items()})
 
 
 def drop_equal_tensors(path: Path, source: Path) -> list[str]:
     """Rewrite safetensors file `path` without the tensors `source` holds bit for bit; their names, sorted."""
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata()
-    own, theirs = load_file(path), load_file(source)
-    equal = {k for k, v in own.items() if k in theirs and theirs[k].dtype == v.dtype and torch.equal(theirs[k], v)}
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v for k, v in own.items() if k not in equal}, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    theirs, equal = load_file(source), set()
+
+    def drop(own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        equal.update(k for k, v in own.items() if k in theirs and theirs[k].dtype == v.dtype and torch.equal(theirs[k], v))
+        return {k: v for k, v in own.items() if k not in equal}
+
+    rewrite_tensors(path, drop)
     return sorted(equal)
 
 
