@@ -1,17 +1,21 @@
 """DeepSpeed on CPU: two ranks under `deepspeed --num_gpus 2` train like one process, with ZeRO-2 and ZeRO-3.
 
-The first launch on a machine JIT-compiles DeepSpeed's shared-memory communication op (about 90 s on two
-cores, cached in ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR). The shipped configs are used as they
-are, plus `"torch_adam": true`, so no fused-Adam op is compiled.
+The first launch JIT-compiles DeepSpeed's shared-memory communication op (about 30 s on two cores) into
+this run's own TORCH_EXTENSIONS_DIR: a build killed half-way leaves a `lock` file behind, and every later
+load anywhere that directory is shared waits on it forever. The shipped configs are used as they are, plus
+`"torch_adam": true`, so no fused-Adam op is compiled.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +24,7 @@ from safetensors.torch import load_file
 
 from mllm.train import finetune, load_recipe
 from mllm.train.checkpointing import step_dir
+from mllm.train.distributed import STALE_LOCK_S, refuse_stale_build_locks
 from tests.test_finetune import losses, recipe, train_text_tokenizer, write, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +51,7 @@ def setup(tmp_path_factory) -> dict:
                   train={"max_steps": STEPS, "save_every": 5, "grad_accum": 2})
     path = write(tmp, base)
     finetune(load_recipe(path))
-    return {"tmp": tmp, "recipe": path}
+    return {"tmp": tmp, "recipe": path, "extensions": tmp_path_factory.mktemp("torch_extensions")}
 
 
 def launch(setup: dict, stage: int, out: Path) -> None:
@@ -57,8 +62,17 @@ def launch(setup: dict, stage: int, out: Path) -> None:
     command = ["deepspeed", "--no_local_rank", "--num_gpus", "2", "--master_port", str(free_port()),
                "--module", "mllm.cli", "finetune", str(setup["recipe"]), f"output_dir={out}",
                f"deepspeed={config}", "train.grad_accum=1"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    env = os.environ | {"TORCH_EXTENSIONS_DIR": str(setup["extensions"])}
+    # Its own session, so that a timeout kills the ranks too, not only the launcher above them.
+    with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True) as proc:
+        try:
+            output, _ = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            output, _ = proc.communicate()
+            pytest.fail(f"two ranks still running after 300 s, killed:\n{output[-3000:]}")
+    assert proc.returncode == 0, output[-6000:]
 
 
 def trainable_weights(out: Path) -> dict[str, torch.Tensor]:
@@ -92,3 +106,15 @@ def test_two_ranks_resume_exactly(stage, setup):
     assert losses(out) == losses(whole)
     resumed, uninterrupted = trainable_weights(out), trainable_weights(whole)
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_a_lock_left_by_a_killed_build_is_named_not_waited_on(tmp_path):
+    """torch waits for ever on `<op>/lock`; a fresh one is a build in progress, an old one a killed build."""
+    lock = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    refuse_stale_build_locks(tmp_path)
+    old = time.time() - STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    with pytest.raises(RuntimeError, match=r"deepspeed_shm_comm/lock is 3\d min old"):
+        refuse_stale_build_locks(tmp_path)

@@ -24,8 +24,10 @@ import contextlib
 import math
 import os
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -58,12 +60,33 @@ def init_distributed(env: DistEnv, *, use_deepspeed: bool) -> torch.device:
     if use_deepspeed:
         import deepspeed
 
+        refuse_stale_build_locks()
         if "RANK" not in os.environ:  # a lone process: DeepSpeed still wants a process group of one
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         deepspeed.init_distributed()
     elif env.world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+STALE_LOCK_S = 30 * 60  # DeepSpeed's JIT builds take 0.5-3 min on two cores
+
+
+def refuse_stale_build_locks(root: Path | None = None) -> None:
+    """Fail fast, naming the file, where a killed JIT build left its `lock` behind.
+
+    torch's extension loader waits, silently and for ever, while `<op>/lock` exists; DeepSpeed loads its
+    shared-memory op (CPU) or Adam op at start-up, so every rank of every later launch would sleep.
+    """
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = root or Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    # <root>/<op>/lock under $TORCH_EXTENSIONS_DIR, <root>/py311_cpu/<op>/lock under the default root
+    ages = {p: time.time() - p.stat().st_mtime for pattern in ("*/lock", "*/*/lock") for p in root.glob(pattern)}
+    stale = [p for p, age in ages.items() if age > STALE_LOCK_S]
+    if stale:
+        raise RuntimeError(f"{stale[0]} is {ages[stale[0]] / 60:.0f} min old: a JIT build of a DeepSpeed op was killed "
+                          "half-way, and every launch would wait on it for ever. Delete it if no build is running.")
 
 
 def shutdown() -> None:
