@@ -24,6 +24,7 @@ BASE = dict(frames=4, image_size=16, patch_size=4, width=32, heads=2, pool=2, nu
 TINY = {
     "video_divot": BASE,
     "video_divot_free": {**BASE, "num_tokens": 6, "query_grid": None},
+    "video_divot_conv": {**BASE, "stem": "conv"},  # strided 3×3 convolutions cut the frames' patches
     "video_divot_fsq": {**BASE, "levels": [4, 3, 3]},
 }
 
@@ -161,6 +162,8 @@ def test_bad_input_raises_clear_errors():
         detok.decode(torch.zeros(8, 5))
     with pytest.raises(ValueError, match="query_grid"):
         build_media_tokenizer("video_divot", {**BASE, "num_tokens": 9})
+    with pytest.raises(ValueError, match="stem must be 'patch' or 'conv'"):
+        build_media_tokenizer("video_divot", {**BASE, "stem": "cnn"})
     with pytest.raises(ValueError, match="a prior needs x0-prediction"):
         build_detokenizer("diffusion_video", dict(frames=4, image_size=16, num_tokens=8, token_dim=8,
                                                   token_grid=(2, 2), prior=dict(width=32, depth=1, heads=2)))

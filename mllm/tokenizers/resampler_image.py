@@ -35,7 +35,7 @@ from torch import nn
 
 from mllm.media import Image
 from mllm.tokenizers.base import MediaTokenizer, register
-from mllm.tokenizers.fsq_image import PatchEmbed, check_vit, grid_positions, image_batch, vit
+from mllm.tokenizers.fsq_image import check_stem, check_vit, grid_positions, image_batch, patch_stem, vit
 
 
 def locality_bias(query_grid: int, feature_grid: int, extra: int = 0) -> torch.Tensor:
@@ -82,24 +82,6 @@ class Resampler(nn.Module):
         return self.norm_out(self.proj_out(out))
 
 
-class ConvStem(nn.Module):
-    """pixels [B, 3, S, S] in [0, 1] -> patch features [B, (S/p)², width], with learned positions: a 3×3
-    convolution, then log2(p) stride-2 3×3 convolutions that double the channels up to `width`."""
-
-    def __init__(self, image_size: int, patch_size: int, width: int):
-        super().__init__()
-        halvings = int(math.log2(patch_size))
-        channels = [max(width >> (halvings - i), 8) for i in range(halvings)] + [width]  # [w/p, ..., w/2, w]
-        layers: list[nn.Module] = [nn.Conv2d(3, channels[0], 3, padding=1)]
-        for c_in, c_out in zip(channels, channels[1:]):
-            layers += [nn.GELU(), nn.Conv2d(c_in, c_out, 3, stride=2, padding=1)]
-        self.convs = nn.Sequential(*layers)
-        self.pos = nn.Parameter(grid_positions(image_size // patch_size, width))
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.convs(pixels * 2 - 1).flatten(2).transpose(1, 2) + self.pos
-
-
 @dataclass
 class ResamplerImageConfig:
     image_size: int = 32
@@ -115,10 +97,7 @@ class ResamplerImageConfig:
 
     def __post_init__(self):
         check_vit(self.image_size, self.patch_size, self.width, self.heads)
-        if self.stem not in ("patch", "conv"):
-            raise ValueError(f"stem must be 'patch' or 'conv', got {self.stem!r}")
-        if self.stem == "conv" and self.patch_size & (self.patch_size - 1):
-            raise ValueError(f"a conv stem needs a power-of-2 patch_size, got {self.patch_size}")
+        check_stem(self.stem, self.patch_size)
         if self.query_grid and math.isqrt(self.num_tokens) ** 2 != self.num_tokens:
             raise ValueError(f"query_grid needs a square num_tokens, got {self.num_tokens}")
         if self.num_tokens < 1 or self.feature_dim < 1:
@@ -135,7 +114,7 @@ class ResamplerImageTokenizer(MediaTokenizer):
     def __init__(self, config: ResamplerImageConfig):
         super().__init__(config)
         c = config
-        self.embed = (ConvStem if c.stem == "conv" else PatchEmbed)(c.image_size, c.patch_size, c.width)
+        self.embed = patch_stem(c.stem, c.image_size, c.patch_size, c.width)
         self.encoder = vit(c.width, c.depth, c.heads)
         grid = c.image_size // c.patch_size if c.query_grid else None
         self.resampler = Resampler(c.width, c.num_tokens, c.feature_dim, c.width, c.resampler_depth, c.heads, grid)

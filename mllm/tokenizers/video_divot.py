@@ -34,7 +34,7 @@ from torch import nn
 
 from mllm.media import MediaError, Video
 from mllm.tokenizers.base import MediaTokenizer, register
-from mllm.tokenizers.fsq_image import PatchEmbed, check_vit, grid_positions, vit
+from mllm.tokenizers.fsq_image import check_stem, check_vit, grid_positions, patch_stem, vit
 from mllm.tokenizers.hf_vision import FAMILIES, HFVisionConfig, _family, _from_directory
 from mllm.tokenizers.resampler_image import Resampler
 
@@ -92,6 +92,7 @@ class VideoDivotConfig:
     feature_dim: int = 16  # D of each token
     query_grid: tuple[int, int] | None = (4, 4)  # (a, s): N = a·s² queries on a time × space grid; None: free
     resampler_depth: int = 2
+    stem: str = "patch"  # patch encoder: "patch" (one linear projection per patch) or "conv" (strided 3×3 convolutions)
     vision_path: str = ""  # a local CLIP/SigLIP directory: its frozen tower replaces the patch encoder
     vision_layer: int = -2  # which hidden state of the tower
     # filled in from `vision_path` on first build; a saved tokenizer is rebuilt from these alone
@@ -104,6 +105,7 @@ class VideoDivotConfig:
             raise ValueError(f"need frames, pool, num_tokens and feature_dim >= 1, got {self.frames}, {self.pool}, "
                              f"{self.num_tokens}, {self.feature_dim}")
         check_vit(self.image_size, self.patch_size, self.width, self.heads)
+        check_stem(self.stem, self.patch_size)
         if self.query_grid is not None and self.query_grid[0] * self.query_grid[1] ** 2 != self.num_tokens:
             raise ValueError(f"query_grid {list(self.query_grid)} makes {self.query_grid[0] * self.query_grid[1] ** 2} "
                              f"queries, not num_tokens {self.num_tokens}")
@@ -148,7 +150,7 @@ class VideoDivotTokenizer(MediaTokenizer):
             self.register_buffer("std", torch.tensor(c.image_std).view(1, 3, 1, 1), persistent=False)
         else:
             self.frame_size, grid = c.image_size, c.image_size // c.patch_size
-            self.embed = PatchEmbed(c.image_size, c.patch_size, c.width)
+            self.embed = patch_stem(c.stem, c.image_size, c.patch_size, c.width)
             self.spatial = vit(c.width, c.spatial_depth, c.heads)
         if c.pool > grid:
             raise ValueError(f"pool {c.pool} is larger than the {grid}×{grid} patch grid")
