@@ -81,6 +81,29 @@ def test_a_cache_of_another_model_is_refused(tmp_path):
     assert fresh.asked == ["q0", "q1"]
 
 
+class NoisyPredictor(CountingPredictor):
+    """Answers with a random draw, as a sampled medium or a de-tokenizer's noise would come out."""
+
+    def answer(self, items, max_new_tokens):
+        return [f"{torch.rand(()).item():.6f}" for _ in items]
+
+
+def test_a_batch_draws_the_same_numbers_whatever_ran_before_it(tmp_path):
+    a, b = jsonl_task(tmp_path, n=4, name="a"), jsonl_task(tmp_path, n=4, name="b")
+    alone = run_eval([b], NoisyPredictor(), tmp_path / "alone", model="m", batch_size=2, progress=False, report=False)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    after_a = run_eval([a, b], NoisyPredictor(), tmp_path / "after", model="m", batch_size=2, progress=False, report=False)
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's stream is untouched
+
+    def replies(out, task):
+        return [json.loads(x)["text"] for x in (out / "cache" / f"{task}.jsonl").read_text().splitlines()]
+
+    assert replies(tmp_path / "alone", "b") == replies(tmp_path / "after", "b")
+    assert len(set(replies(tmp_path / "after", "a") + replies(tmp_path / "after", "b"))) == 8  # not one fixed draw
+    assert alone["b"] == after_a["b"]
+
+
 def test_an_item_that_fails_to_load_stops_the_run_or_is_skipped(tmp_path):
     task = jsonl_task(tmp_path, n=6)
     with pytest.raises(BadRecordError, match="mine:q4: corrupt_media: q4.png"):

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from tqdm import tqdm
 
 from mllm.data.records import BadRecordError, BadRecords
@@ -154,6 +155,12 @@ def _fingerprint(items: Sequence[Item]) -> str:
     return h.hexdigest()[:16]
 
 
+def _batch_seed(task: Task, batch: Sequence[Item]) -> int:
+    """The seed of a batch's random draws (sampled media, their de-tokenizers' noise), from its task and item ids:
+    the same items give the same media whichever tasks ran before them, and however a run was resumed."""
+    return int.from_bytes(hashlib.sha256("\n".join([task.name, *(i.id for i in batch)]).encode()).digest()[:8], "little")
+
+
 def _write_json(path: Path, data: Any) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -237,7 +244,9 @@ def run_eval(
             pending = [i for i in chosen[task.name] if i.id not in caches[task.name].done]
             for start in range(0, len(pending), batch_size):
                 batch = pending[start:start + batch_size]
-                caches[task.name].add(_predict_batch(task, batch, predictor, out, bads[task.name]))
+                with torch.random.fork_rng():  # the caller's RNG stream is left as it was
+                    torch.manual_seed(_batch_seed(task, batch))
+                    caches[task.name].add(_predict_batch(task, batch, predictor, out, bads[task.name]))
                 bar.update(len(batch))
     results, lines = {}, []
     for task in tasks:
