@@ -174,13 +174,12 @@ class Build:
             Stage("corpora", data / "done", partial(self.corpora, corpora, data)),
             Stage("multimodal", o / "multimodal" / "final", partial(self.finetune, "multimodal", "default_multimodal.yaml",
                   common + media + [f"output_dir={o / 'multimodal'}", f"model.base={o / 'text' / 'final'}", f"data.root={data}"])),
-            Stage("speech", o / "speech_head" / "final", partial(self.finetune, "speech", "default_speech_head.yaml",
-                  common + [f"output_dir={o / 'speech_head'}", f"init_from={o / 'multimodal' / 'final'}", f"data.root={data}"])),
-            Stage("video", o / "video_head" / "final", partial(self.finetune, "video", "default_video_head.yaml",
-                  common + [f"output_dir={o / 'video_head'}", f"init_from={o / 'speech_head' / 'final'}", f"data.root={data}"])),
-            Stage("diffusion", o / "diffusion_head" / "final", partial(self.finetune, "diffusion", "default_diffusion_head.yaml",
-                  common + [f"output_dir={o / 'diffusion_head'}", f"init_from={o / 'video_head' / 'final'}", f"data.root={data}"])),
         ]
+        before = "multimodal"  # each head stage (recipe default_<run>.yaml) starts from the stage before it
+        for name, run in (("speech", "speech_head"), ("video", "video_head"), ("diffusion", "diffusion_head")):
+            stages.append(Stage(name, o / run / "final", partial(self.finetune, name, f"default_{run}.yaml", common + [
+                f"output_dir={o / run}", f"init_from={o / before / 'final'}", f"data.root={data}"])))
+            before = run
         return {s.name: s for s in stages}
 
     def corpora(self, corpora: Path, data: Path) -> None:

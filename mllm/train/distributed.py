@@ -82,11 +82,11 @@ def refuse_stale_build_locks(root: Path | None = None) -> None:
 
     root = root or Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
     # <root>/<op>/lock under $TORCH_EXTENSIONS_DIR, <root>/py311_cpu/<op>/lock under the default root
-    ages = {p: time.time() - p.stat().st_mtime for pattern in ("*/lock", "*/*/lock") for p in root.glob(pattern)}
-    stale = [p for p, age in ages.items() if age > STALE_LOCK_S]
-    if stale:
-        raise RuntimeError(f"{stale[0]} is {ages[stale[0]] / 60:.0f} min old: a JIT build of a DeepSpeed op was killed "
-                          "half-way, and every launch would wait on it for ever. Delete it if no build is running.")
+    for lock in (p for pattern in ("*/lock", "*/*/lock") for p in root.glob(pattern)):
+        age = time.time() - lock.stat().st_mtime
+        if age > STALE_LOCK_S:
+            raise RuntimeError(f"{lock} is {age / 60:.0f} min old: a JIT build of a DeepSpeed op was killed half-way, "
+                               "and every launch would wait on it for ever. Delete it if no build is running.")
 
 
 def shutdown() -> None:
