@@ -1,17 +1,27 @@
-"""Random geometric jitter of image batches, so that encoders trained on a few thousand images read new ones:
-other hands, other framings. One random affine map (rotation, scale, shift) per image, drawn from the global
-torch RNG (seeded runs stay reproducible).
+"""Random perturbations of training media, so that models trained on a few thousand examples read new ones.
+
+Images: other hands, other framings. One random affine map (rotation, scale, shift) per image, drawn from the
+global torch RNG (seeded runs stay reproducible).
 
     jitter(pixels [B, C, H, W], AffineJitter(rotate_degrees=12, translate=0.08, scale=(0.9, 1.1))) -> [B, C, H, W]
+
+Sound: other voices. Speed perturbation (Ko et al., 2015) plays a clip faster or slower, which moves its pitch
+and formants as a shorter or longer vocal tract would, and changes its tempo; a gain changes its loudness; short
+silenced spans, SpecAugment's time masks on the waveform, make a reader use the context around each sound.
+
+    perturb_audio(samples [C, N], AudioPerturb(speed=(0.85, 1.15), gain_db=(-10, 6), time_masks=2), rate, np_rng)
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.signal import resample_poly
 
 
 @dataclass
@@ -45,3 +55,43 @@ def jitter(pixels: torch.Tensor, cfg: AffineJitter) -> torch.Tensor:
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], -1), torch.stack([sin, cos, shift[:, 1]], -1)], 1)
     grid = F.affine_grid(theta.to(pixels), list(pixels.shape), align_corners=False)  # [B, H, W, 2]
     return F.grid_sample(pixels, grid, padding_mode="border", align_corners=False)
+
+
+@dataclass
+class AudioPerturb:
+    speed: tuple[float, float] = (1.0, 1.0)  # uniform playback-rate range: 1.1 is 10 % faster and higher
+    gain_db: tuple[float, float] = (0.0, 0.0)  # uniform loudness change range, in dB
+    time_masks: int = 0  # silenced spans per clip
+    mask_seconds: float = 0.08  # each span's length is uniform in [0, mask_seconds]
+
+    def __post_init__(self):
+        self.speed, self.gain_db = tuple(self.speed), tuple(self.gain_db)
+        if len(self.speed) != 2 or not 0.5 <= self.speed[0] <= self.speed[1] <= 2.0:
+            raise ValueError(f"augment: speed must be a range (low, high) within [0.5, 2], got {self.speed}")
+        if len(self.gain_db) != 2 or not -40 <= self.gain_db[0] <= self.gain_db[1] <= 20:
+            raise ValueError(f"augment: gain_db must be a range (low, high) within [-40, 20], got {self.gain_db}")
+        if self.time_masks < 0 or not 0 <= self.mask_seconds <= 1:
+            raise ValueError(f"augment: need time_masks >= 0 and 0 <= mask_seconds <= 1, got {self.time_masks}, "
+                             f"{self.mask_seconds}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.speed != (1.0, 1.0) or self.gain_db != (0.0, 0.0) or (self.time_masks > 0 and self.mask_seconds > 0)
+
+
+def perturb_audio(samples: np.ndarray, cfg: AudioPerturb, sample_rate: int, rng: np.random.Generator) -> np.ndarray:
+    """float32 samples [C, N] in [-1, 1] -> the clip played at a random speed and gain, with `time_masks` random
+    spans silenced: [C, about N / speed], clipped to [-1, 1]. The sample rate is unchanged."""
+    if not cfg.enabled:
+        return samples
+    speed = Fraction(float(rng.uniform(*cfg.speed))).limit_denominator(100)
+    gain = 10 ** (float(rng.uniform(*cfg.gain_db)) / 20)
+    if speed != 1:  # N samples -> N · q / p: read at p/q of the rate
+        samples = resample_poly(samples, speed.denominator, speed.numerator, axis=-1)
+    samples = np.clip(samples * gain, -1.0, 1.0).astype(np.float32)
+    n = samples.shape[-1]
+    for _ in range(cfg.time_masks):
+        span = min(n, int(rng.uniform(0, cfg.mask_seconds) * sample_rate))
+        start = int(rng.integers(n - span + 1))
+        samples[..., start:start + span] = 0.0
+    return samples

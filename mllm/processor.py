@@ -172,11 +172,12 @@ class Processor:
             return tokens.float() if spec.kind == "continuous" else tokens.long()
         if name not in self.media_tokenizers:
             raise MessageError(f"{where}: no {name} tokenizer is loaded, so {name} must come as 'tokens'")
-        media = self._media(part, name, where, base_dir)
+        media = self.load_medium(part, name, where, base_dir)
         return self.media_tokenizers[name].encode(media)
 
     @staticmethod
-    def _media(part: dict, name: str, where: str, base_dir) -> Image | Audio | Video:
+    def load_medium(part: dict, name: str, where: str, base_dir) -> Image | Audio | Video:
+        """A media part's medium, from its object, embedded bytes or path (relative to base_dir)."""
         value = part.get("media", part.get(name, part.get("path", part.get("bytes"))))
         if isinstance(value, MEDIA_TYPES[name]):
             return value

@@ -7,7 +7,8 @@
         loss = model(**batch.to(device).model_inputs()).loss
 
 Each row is checked (`check_record`), its media swapped for cached tokens when
-a cache is given, and encoded by the processor. A record that fails any step
+a cache is given (the media of user turns perturbed afresh instead, with `augment`:
+`mllm.data.input_augment`), and encoded by the processor. A record that fails any step
 is a bad record: invalid JSON, a malformed message, a missing or corrupt
 medium, or a sample longer than `max_length` (never truncated). Under policy
 "skip" it is logged with its file:line and counted in `loader.bad`; under
@@ -31,6 +32,7 @@ from itertools import islice
 import torch
 
 from mllm.data.cache import TokenCache
+from mllm.data.input_augment import InputAugment
 from mllm.data.packing import collate_rows, pack_stream
 from mllm.data.records import BadRecordError, BadRecordPolicy, BadRecords, iter_records
 from mllm.media import MediaError
@@ -52,13 +54,14 @@ class MultimodalLoader:
         batch_size: int,
         packing: bool = True,
         cache: TokenCache | None = None,
+        augment: InputAugment | None = None,
         policy: BadRecordPolicy = "skip",
         attn_implementation: str = "sdpa",
         dtype: torch.dtype = torch.float32,
         buffer_size: int = 1024,
         seed: int = 0,
     ):
-        self.records, self.processor, self.cache = records, processor, cache
+        self.records, self.processor, self.cache, self.augment = records, processor, cache, augment
         self.max_length, self.batch_size, self.packing, self.buffer_size = max_length, batch_size, packing, buffer_size
         self.seed = seed  # of the packed rows' order within a batch round
         self.collate = partial(collate_rows, max_length=max_length, pad_id=processor.pad_id,
@@ -68,8 +71,12 @@ class MultimodalLoader:
     def samples(self) -> Iterator[Sample]:
         """The encoded samples of every good record; bad ones go to `self.bad`."""
         for record in iter_records(self.records, self.bad):
-            messages = record.messages if self.cache is None else self.cache.tokenize(record.messages, record.base_dir)
             try:
+                messages = record.messages
+                if self.augment is not None:
+                    messages = self.augment(messages, record.base_dir)
+                if self.cache is not None:
+                    messages = self.cache.tokenize(messages, record.base_dir)
                 sample = self.processor.encode(messages, base_dir=record.base_dir)
             except MediaError as e:
                 self.bad(BadRecordError("corrupt_media", record.where, str(e)))

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from mllm.config import ConfigError
 from mllm.data.cache import TokenCache
+from mllm.data.input_augment import InputAugment
 from mllm.data.loader import MultimodalLoader
 from mllm.data.records import BadRecords, iter_records, read_records, record_files
 from mllm.plots import save_loss_curves
@@ -218,12 +219,14 @@ class Finetune:
             rows = np.repeat(rows, np.floor(rate).astype(int) + (rng.random(len(rows)) < rate % 1))
         return rng.permutation(rows)
 
-    def micro_batches(self, records, seed: int) -> Iterator[Callable[[], MultimodalBatch]]:
+    def micro_batches(self, records, seed: int, train: bool = True) -> Iterator[Callable[[], MultimodalBatch]]:
         """One pass over `records` as micro-batches that collate when called. Every rank walks the whole
-        stream but builds (attention masks and all) only the batches it trains on."""
+        stream but builds (attention masks and all) only the batches it trains on. A train pass perturbs
+        the user turns' media (`data.augment`) from `seed`, so a resumed pass replays its draws."""
         d = self.cfg.data
+        augment = InputAugment(d.augment, self.processor, seed) if train and d.augment.enabled else None
         loader = MultimodalLoader(records, self.processor, max_length=d.max_length, batch_size=d.batch_size,
-                                  packing=d.packing, cache=self.cache, policy=d.bad_records,
+                                  packing=d.packing, cache=self.cache, augment=augment, policy=d.bad_records,
                                   attn_implementation=self.attn_implementation, dtype=self.engine.feature_dtype,
                                   seed=seed)
         yield from loader.lazy_batches()
@@ -331,7 +334,7 @@ class Finetune:
         e, world, rank = self.engine, self.env.world_size, self.env.rank
         limit = max(self.cfg.train.eval_batches // world, 1) * world
         mine, seen = [], 0
-        for index, batch in enumerate(self.micro_batches(self.validation_records, seed=0)):
+        for index, batch in enumerate(self.micro_batches(self.validation_records, seed=0, train=False)):
             if index == limit:
                 break
             seen = index + 1

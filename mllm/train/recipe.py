@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from mllm.checkpoint import HeadConfig, ModelConfig
 from mllm.config import ConfigError, load_config
+from mllm.data.input_augment import InputAugmentConfig
 from mllm.data.records import record_files
 from mllm.data.sources import cache_dir
 
@@ -57,6 +58,7 @@ class DataConfig:
     packing: bool = True
     bad_records: Literal["skip", "fail"] = "skip"
     cache_dir: str | None = None  # record tables and encoded media are cached here; None: <output_dir>/cache
+    augment: InputAugmentConfig = field(default_factory=InputAugmentConfig)  # of the train records' user media
 
     def __post_init__(self):
         bad = {task: r for task, r in self.repeat.items() if isinstance(r, bool) or not isinstance(r, (int, float)) or not r >= 0}
