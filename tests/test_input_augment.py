@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -14,9 +13,10 @@ from mllm.augment import AudioPerturb
 from mllm.data.input_augment import InputAugment, InputAugmentConfig
 from mllm.data.loader import MultimodalLoader
 from mllm.data.records import read_records
-from mllm.media import Audio, save_audio
+from mllm.media import save_audio
 from mllm.processor import Processor
 from mllm.tokenizers.mel_latent import MelLatentConfig, MelLatentTokenizer
+from tests.test_audio_tokenizers import tone
 
 VOICES = InputAugmentConfig(audio=AudioPerturb(speed=(0.85, 1.15), gain_db=(-10, 6), time_masks=2))
 
@@ -28,16 +28,11 @@ def processor(mistral_tokenizer_dir) -> Processor:
     return Processor.create(AutoTokenizer.from_pretrained(mistral_tokenizer_dir), "plain", {"audio": audio})
 
 
-def chirp(path: Path, seconds: float = 0.8, rate: int = 16000) -> Path:
-    t = np.arange(round(seconds * rate)) / rate
-    return save_audio(Audio((0.4 * np.sin(2 * np.pi * (300 + 400 * t) * t))[None].astype(np.float32), rate), path)
-
-
 @pytest.fixture
 def corpus(tmp_path) -> Path:
     """Two records: a spoken question (user audio), and a request answered with speech (assistant audio)."""
-    chirp(tmp_path / "media" / "q.wav")
-    chirp(tmp_path / "media" / "a.wav", seconds=0.4)
+    save_audio(tone(0.8), tmp_path / "media" / "q.wav")
+    save_audio(tone(0.4), tmp_path / "media" / "a.wav")
     rows = [
         {"id": "asr", "messages": [{"role": "user", "content": [{"type": "audio", "path": "media/q.wav"},
                                                                 {"type": "text", "text": "What was said?"}]},

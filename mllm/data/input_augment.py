@@ -40,12 +40,14 @@ class InputAugment:
         self.rng = np.random.default_rng([seed, 0x6175])
 
     def __call__(self, messages: list[dict], base_dir: str | os.PathLike | None) -> list[dict]:
+        if not self.cfg.enabled:  # nothing to perturb: the parts keep their sources, so the cache still serves them
+            return messages
         return [{**m, "content": [self._part(p, base_dir, f"messages[{i}].content[{j}]") for j, p in enumerate(m["content"])]}
                 if m.get("role") == "user" and isinstance(m.get("content"), list) else m
                 for i, m in enumerate(messages)]
 
     def _part(self, part: dict, base_dir: str | os.PathLike | None, where: str) -> dict:
-        if part.get("type") != "audio" or "tokens" in part or not self.cfg.audio.enabled:
+        if part.get("type") != "audio" or "tokens" in part:
             return part
         audio = self.processor.load_medium(part, "audio", where, base_dir)
         return {"type": "audio", "media": Audio(perturb_audio(audio.samples, self.cfg.audio, audio.sample_rate, self.rng),

@@ -19,7 +19,8 @@ Shuffle the records before they come here (`Dataset.shuffle(seed)`, or
 With `packing`, a batch is `batch_size` rows of `max_length` tokens (see
 `mllm.data.packing`); without, it is `batch_size` samples padded to the longest.
 The work runs in the calling process: media encoding, the costly part, is done
-once by the token cache.
+once by the token cache, except for the user media `augment` perturbs, which are
+encoded afresh on each pass (short clips: no measurable cost in the default build).
 """
 
 from __future__ import annotations
