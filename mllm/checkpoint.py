@@ -74,7 +74,7 @@ class ModelConfig:
     chat_template: str = "plain"
     media: dict[str, MediaConfig] = field(default_factory=dict)
     heads: dict[str, HeadConfig] = field(default_factory=dict)  # continuous modality -> its output head
-    projector: str = "mlp2x_gelu"
+    projector: str | dict[str, str] = "mlp2x_gelu"  # one for all continuous modalities, or one each
     attn_implementation: str = "auto"  # auto: flash_attention_2 on CUDA when installed, else sdpa
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_length: int | None = None

@@ -3,6 +3,7 @@
 Saved as `config.json` with `model_type: "mllm"`; importing `mllm` registers it
 with `AutoConfig`, so HF Auto classes load mllm checkpoints without remote code.
 
+    projector = "mlp2x_gelu"   or one per continuous modality: {"image": "mlp2x_gelu", "audio": "context_gru"}
     heads = {"image": {"name": "gmm", "options": {"num_components": 16}, "loss_weight": 1.0, "parallel": False}}
     tokens_per_item = {"image": 64, "audio": 0}
 
@@ -37,7 +38,7 @@ class MultimodalConfig(PretrainedConfig):
         self,
         text_config: dict | PretrainedConfig | None = None,
         vocab_layout: dict | None = None,
-        projector: str = "mlp2x_gelu",
+        projector: str | dict[str, str] = "mlp2x_gelu",
         heads: dict[str, dict] | None = None,
         tokens_per_item: dict[str, int] | None = None,
         **kwargs,
@@ -47,7 +48,7 @@ class MultimodalConfig(PretrainedConfig):
             text_config = AutoConfig.for_model(text_config.pop("model_type"), **text_config)
         self.text_config = text_config
         self.vocab_layout = vocab_layout or {"text_vocab_size": 0, "modalities": []}
-        self.projector = projector
+        self.projector = projector if isinstance(projector, str) else dict(projector)
         self.heads = {name: head_entry(name, spec) for name, spec in (heads or {}).items()}
         self.tokens_per_item = {name: int(n) for name, n in (tokens_per_item or {}).items()}
         # Tying follows the base LM: its own config decides, and the wrapper only reports it.

@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from mllm.heads import Head, build_head
 from mllm.losses import causal_lm_loss, multimodal_loss
 from mllm.model.configuration import MultimodalConfig, head_entry
-from mllm.model.projector import PROJECTORS
+from mllm.model.projector import PROJECTORS, sees_items
 from mllm.vocab import VocabLayout
 
 
@@ -62,11 +62,12 @@ class MultimodalLM(PreTrainedModel):
         self.language_model = language_model or AutoModelForCausalLM.from_config(config.text_config)
         self.layout = config.layout
         hidden = config.text_config.hidden_size
+        continuous = [name for name, m in self.layout.modalities.items() if m.spec.kind == "continuous"]
+        names = projector_names(config.projector, continuous)
         self.projectors = nn.ModuleDict(
             {
-                name: PROJECTORS.build(config.projector, in_dim=m.spec.feature_dim, out_dim=hidden)
-                for name, m in self.layout.modalities.items()
-                if m.spec.kind == "continuous"
+                name: PROJECTORS.build(names[name], in_dim=self.layout[name].spec.feature_dim, out_dim=hidden)
+                for name in continuous
             }
         )
         self.heads = nn.ModuleDict({name: self._build_head(name, spec) for name, spec in config.heads.items()})
@@ -97,7 +98,7 @@ class MultimodalLM(PreTrainedModel):
         base: str | PreTrainedModel,
         layout: VocabLayout,
         *,
-        projector: str = "mlp2x_gelu",
+        projector: str | dict[str, str] = "mlp2x_gelu",
         heads: dict[str, dict] | None = None,
         tokens_per_item: dict[str, int] | None = None,
         dtype: torch.dtype | None = None,
@@ -106,7 +107,7 @@ class MultimodalLM(PreTrainedModel):
         """Wrap a pretrained causal LM (a local directory or a model) and grow its vocabulary by `layout`.
 
         Rows for the new tokens start at the mean of the text rows, so they
-        begin as an average word rather than noise. `heads` and
+        begin as an average word rather than noise. `projector`, `heads` and
         `tokens_per_item` are as in MultimodalConfig.
         """
         if isinstance(base, PreTrainedModel):
@@ -144,6 +145,12 @@ class MultimodalLM(PreTrainedModel):
         given = sorted({"hidden_size", "feature_dim"} & set(spec["options"]))
         if given:
             raise ValueError(f"heads.{name}.options: '{given[0]}' comes from the model, do not set it")
+        if not spec["parallel"] and sees_items(self.projectors[name]):
+            raise ValueError(
+                f"heads.{name} is sequential, but {name}'s projector sees whole items: fed back one feature at a time, "
+                f"bidirectional context would show each target to the position predicting it; make the head parallel "
+                f"or give {name} a token-wise projector"
+            )
         dims = {"hidden_size": self.config.text_config.hidden_size, "feature_dim": modality.feature_dim}
         return build_head(spec["name"], {**spec["options"], **dims})
 
@@ -234,7 +241,12 @@ class MultimodalLM(PreTrainedModel):
                 raise ValueError(f"{name}: features must be [n, {spec.feature_dim}], got {tuple(feats.shape)}")
             if not torch.isfinite(feats).all():
                 raise ValueError(f"{name}: features contain NaN or inf")
-            projected = projector(feats.to(embeds.dtype))  # [n, H]
+            feats = feats.to(embeds.dtype)
+            if sees_items(projector):  # each run of adjacent slots is one item
+                lengths = item_lengths(slots[name]) if n_slots else [1]
+                projected = projector(feats, lengths)  # [n, H]
+            else:
+                projected = projector(feats)  # [n, H]
             embeds = embeds.masked_scatter(slots[name].unsqueeze(-1), projected)
         return embeds
 
@@ -346,6 +358,25 @@ class MultimodalLM(PreTrainedModel):
             m: f[~feature_targets[m]] if self.is_parallel(m) and m in feature_targets else f
             for m, f in (features or {}).items()
         }
+
+
+def projector_names(projector: str | dict[str, str], continuous: list[str]) -> dict[str, str]:
+    """Each continuous modality's projector name: one name for all, or one per modality, every one named."""
+    if isinstance(projector, str):
+        return dict.fromkeys(continuous, projector)
+    missing, extra = sorted(set(continuous) - set(projector)), sorted(set(projector) - set(continuous))
+    if missing or extra:
+        raise ValueError(
+            f"projector: name one per continuous modality {sorted(continuous)}; "
+            + (f"missing {missing}" if missing else f"{extra} are not continuous modalities of this model")
+        )
+    return dict(projector)
+
+
+def item_lengths(slots: torch.Tensor) -> list[int]:
+    """[B, T] bool -> the length of every run of adjacent slots (one media item each), in reading order."""
+    item = _run_starts(slots).flatten().long().cumsum(0)[slots.flatten()]  # [n]: 1, 1, ..., 2, ...
+    return torch.bincount(item)[1:].tolist()
 
 
 def _run_starts(queries: torch.Tensor) -> torch.Tensor:
