@@ -379,9 +379,9 @@ def item_lengths(slots: torch.Tensor) -> list[int]:
     return torch.bincount(item)[1:].tolist()
 
 
-def _run_starts(queries: torch.Tensor) -> torch.Tensor:
-    """[B, T] bool: the first query of every run of adjacent queries."""
-    return queries & ~nn.functional.pad(queries, (1, 0))[:, :-1]
+def _run_starts(marked: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: the first position of every run of adjacent marked ones (query slots, or an item's slots)."""
+    return marked & ~nn.functional.pad(marked, (1, 0))[:, :-1]
 
 
 def query_blocks(queries: torch.Tensor) -> torch.Tensor:

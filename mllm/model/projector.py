@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pad_sequence
+from torch.nn.utils.rnn import pack_sequence, pad_packed_sequence, unpad_sequence
 
 from mllm.registry import Registry
 
@@ -42,6 +42,7 @@ def mlp2x_gelu(in_dim: int, out_dim: int) -> nn.Module:
     return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
 
 
+@PROJECTORS.register("context_gru")
 class ContextGRU(nn.Module):
     """Linear -> + bidirectional GRU over the item's tokens (a residual) -> GELU -> Linear.
 
@@ -66,13 +67,7 @@ class ContextGRU(nn.Module):
         if sum(lengths) != features.shape[0] or min(lengths, default=1) < 1:
             raise ValueError(f"item lengths {lengths} do not split {features.shape[0]} feature rows")
         x = self.proj_in(features)  # [n, H]
-        items = pad_sequence(x.split(lengths), batch_first=True)  # [I, L, H]
-        packed = pack_padded_sequence(items, torch.tensor(lengths), batch_first=True, enforce_sorted=False)
-        context, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True)  # [I, L, H], both directions
-        keep = torch.arange(items.shape[1], device=x.device) < torch.tensor(lengths, device=x.device)[:, None]
-        return self.proj_out(x + context[keep])  # boolean indexing walks items in order: back to [n, H]
-
-
-@PROJECTORS.register("context_gru")
-def context_gru(in_dim: int, out_dim: int) -> nn.Module:
-    return ContextGRU(in_dim, out_dim)
+        packed = self.gru(pack_sequence(x.split(lengths), enforce_sorted=False))[0]
+        context, _ = pad_packed_sequence(packed, batch_first=True)  # [I, L, H], both directions
+        context = torch.cat(unpad_sequence(context, torch.tensor(lengths), batch_first=True))  # [n, H]
+        return self.proj_out(x + context)
