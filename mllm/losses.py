@@ -23,6 +23,20 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(flat_logits, shift_labels, ignore_index=IGNORE_INDEX)
 
 
+def ctc_loss(
+    logits: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor, target_lengths: torch.Tensor, blank: int = 0
+) -> torch.Tensor:
+    """Connectionist temporal classification, in fp32: each row's label sequence, spelled by its logits.
+
+    logits [B, T, C]; lengths [B], the row's valid steps (cut to T); targets [ΣS], the rows' labels back to
+    back, target_lengths [B]; `blank`, the class for "no new label here". Each row's NLL is divided by its
+    S_b, then the rows are averaged. A row too short for its labels counts 0 rather than inf.
+    """
+    log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # [T, B, C], as F.ctc_loss wants
+    return F.ctc_loss(log_probs, targets, lengths.clamp(max=logits.shape[1]), target_lengths, blank=blank,
+                      zero_infinity=True)
+
+
 def bag_of_words_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of word logits [B, V] against word distributions [B, V] (each row sums to 1, or is all zero:
     no caption, no loss). Mean over the rows with a caption; 0 when none has one."""

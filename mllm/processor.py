@@ -16,6 +16,11 @@ e.g. from the token cache). Each becomes a span
 
 Only assistant content is labelled: its text, its code spans and its end of
 turn. Continuous slots in assistant turns are flagged as feature targets.
+
+A continuous medium in a user turn may say what is spoken in it,
+`{"type": "audio", "path": "q.wav", "transcript": "three six zero"}`; with
+`encode(..., transcripts=True)` its token ids go into `Sample.transcripts`,
+the targets of the training loop's CTC term (`loss.transcripts`).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ CONFIG_FILE = "mllm_processor.json"
 ROLES = ("system", "user", "assistant")
 MEDIA_TYPES = {"image": Image, "audio": Audio, "video": Video}
 SOURCE_KEYS = ("tokens", "path", "bytes", "media")
+NOTE_KEYS = ("transcript",)  # what a media part says about its medium, kept when its source is swapped
 
 
 class MessageError(ValueError):
@@ -96,11 +102,17 @@ class Processor:
     # ---- messages -> Sample -------------------------------------------------------------
 
     def encode(
-        self, messages: list[dict], *, add_generation_prompt: bool = False, base_dir: str | os.PathLike | None = None
+        self,
+        messages: list[dict],
+        *,
+        add_generation_prompt: bool = False,
+        base_dir: str | os.PathLike | None = None,
+        transcripts: bool = False,
     ) -> Sample:
-        """One conversation -> Sample. `add_generation_prompt` appends the assistant prefix."""
+        """One conversation -> Sample. `add_generation_prompt` appends the assistant prefix; `transcripts`
+        fills `Sample.transcripts` from the media parts' "transcript" (one entry per continuous item)."""
         turns = validate_messages(messages)
-        seq = _SequenceBuilder(self.tokenizer)
+        seq = _SequenceBuilder(self.tokenizer, transcripts)
         if self.template.bos and self.tokenizer.bos_token_id is not None:
             seq.ids([self.tokenizer.bos_token_id], labelled=False)
         system = None
@@ -156,7 +168,8 @@ class Processor:
         if ids.spec.kind == "discrete":
             seq.ids(self.layout.code_ids(name, tokens).tolist(), labelled=labelled)
         else:
-            seq.features(name, ids.placeholder_id, tokens, is_target=labelled)
+            transcript = None if labelled else part.get("transcript")
+            seq.features(name, ids.placeholder_id, tokens, is_target=labelled, transcript=transcript, where=where)
         seq.ids([ids.end_id], labelled=labelled)
 
     def _media_tokens(self, part: dict, name: str, where: str, base_dir) -> torch.Tensor:
@@ -242,13 +255,14 @@ class Processor:
 class _SequenceBuilder:
     """Accumulates ids and labels; adjacent text with the same labelling is tokenized in one piece."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, transcripts: bool = False):
+        self.tokenizer, self.keep_transcripts = tokenizer, transcripts
         self._ids: list[int] = []
         self._labelled: list[bool] = []
         self._text, self._text_labelled = "", False
         self._features: dict[str, list[torch.Tensor]] = {}
         self._targets: dict[str, list[bool]] = {}
+        self._transcripts: dict[str, list[torch.Tensor]] = {}
 
     def text(self, text: str, *, labelled: bool) -> None:
         if not text:
@@ -262,11 +276,22 @@ class _SequenceBuilder:
         self._ids += ids
         self._labelled += [labelled] * len(ids)
 
-    def features(self, name: str, placeholder_id: int, feats: torch.Tensor, *, is_target: bool) -> None:
+    def features(
+        self, name: str, placeholder_id: int, feats: torch.Tensor, *, is_target: bool,
+        transcript: str | None = None, where: str = "",
+    ) -> None:
         # Placeholders never carry a CE label: their content is a feature, predicted by a head.
         self.ids([placeholder_id] * feats.shape[0], labelled=False)
         self._features.setdefault(name, []).append(feats)
         self._targets.setdefault(name, []).extend([is_target] * feats.shape[0])
+        if self.keep_transcripts:
+            ids = self.tokenizer(transcript, add_special_tokens=False)["input_ids"] if transcript else []
+            # CTC emits one token per slot and needs a blank slot between two equal tokens
+            needed = len(ids) + sum(a == b for a, b in zip(ids, ids[1:]))
+            if needed > feats.shape[0]:
+                raise MessageError(f"{where}: its transcript needs {needed} slots (one per token, one between "
+                                   f"repeats) but the {name} has {feats.shape[0]} tokens")
+            self._transcripts.setdefault(name, []).append(torch.tensor(ids, dtype=torch.long))
 
     def _flush(self) -> None:
         if self._text:
@@ -284,7 +309,13 @@ class _SequenceBuilder:
             labels=labels,
             features={m: torch.cat(f).float() for m, f in self._features.items()},
             feature_targets={m: torch.tensor(t, dtype=torch.bool) for m, t in self._targets.items()},
+            transcripts=self._transcripts,
         )
+
+
+def part_notes(part: dict) -> dict:
+    """A media part's notes (e.g. its transcript), to carry over to a part that replaces its source."""
+    return {k: part[k] for k in NOTE_KEYS if k in part}
 
 
 def validate_messages(messages: Any) -> list[tuple[str, list[dict]]]:
@@ -319,6 +350,8 @@ def _validate_part(part: Any, where: str) -> None:
         return
     if kind not in MODALITIES:
         raise MessageError(f"{where}: unknown part type {kind!r} (expected 'text' or one of {MODALITIES})")
+    if "transcript" in part and not (isinstance(part["transcript"], str) and part["transcript"].strip()):
+        raise MessageError(f"{where}: 'transcript' must be non-empty text, got {part['transcript']!r}")
     sources = [k for k in (*SOURCE_KEYS, kind) if k in part]
     if len(sources) != 1:
         found = ", ".join(sources) or "none"

@@ -4,7 +4,9 @@ Continuous features travel beside the ids. For each modality, `features[m]` is
 [n, D]: one row per placeholder token of that modality in `input_ids`, in
 reading order (row-major over the batch), which is the order
 `masked_scatter` fills them in. `feature_targets[m]` [n] marks the rows the
-model must learn to produce (media in assistant turns).
+model must learn to produce (media in assistant turns). `transcripts[m]` holds,
+when asked for, one id tensor per item of m in the same order: the text said
+in that input item (empty when none is known, and for target items).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class Sample:
     labels: torch.Tensor  # [T] long, IGNORE_INDEX outside assistant content
     features: dict[str, torch.Tensor] = field(default_factory=dict)  # m -> [n_m, D_m]
     feature_targets: dict[str, torch.Tensor] = field(default_factory=dict)  # m -> [n_m] bool
+    transcripts: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # m -> [S_i] long per item
 
     def __len__(self) -> int:
         return self.input_ids.numel()
@@ -39,6 +42,7 @@ class MultimodalBatch:
     position_ids: torch.Tensor | None = None  # [B, T]; restarts at 0 per packed document
     features: dict[str, torch.Tensor] = field(default_factory=dict)
     feature_targets: dict[str, torch.Tensor] = field(default_factory=dict)
+    transcripts: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "MultimodalBatch":
         """Move to `device`; `dtype` casts only the floating-point features."""
@@ -53,6 +57,7 @@ class MultimodalBatch:
             position_ids=move(self.position_ids),
             features={m: f.to(device=device, dtype=dtype or f.dtype) for m, f in self.features.items()},
             feature_targets={m: move(t) for m, t in self.feature_targets.items()},
+            transcripts={m: [move(t) for t in ts] for m, ts in self.transcripts.items()},
         )
 
     def model_inputs(self) -> dict:
@@ -66,6 +71,8 @@ class MultimodalBatch:
             inputs["labels"] = self.labels
         if self.position_ids is not None:
             inputs["position_ids"] = self.position_ids
+        if self.transcripts:
+            inputs["transcripts"] = self.transcripts
         return inputs
 
 
@@ -82,16 +89,18 @@ def pad_collate(samples: list[Sample], pad_id: int, padding_side: str = "right")
     for row, s in enumerate(samples):
         span = slice(length - len(s), length) if padding_side == "left" else slice(0, len(s))
         ids[row, span], labels[row, span], mask[row, span] = s.input_ids, s.labels, 1
-    features, targets = concat_features(samples)
-    return MultimodalBatch(ids, mask, labels, None, features, targets)
+    return MultimodalBatch(ids, mask, labels, None, *concat_features(samples))
 
 
-def concat_features(samples: list[Sample]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Per-modality features and target flags of several samples, in sample order."""
+def concat_features(
+    samples: list[Sample],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]:
+    """Per-modality features, target flags and transcripts of several samples, in sample order."""
     names = sorted({m for s in samples for m in s.features})
     features, targets = {}, {}
     for m in names:
         rows = [s for s in samples if m in s.features]
         features[m] = torch.cat([s.features[m] for s in rows])
         targets[m] = torch.cat([s.feature_targets[m] for s in rows])
-    return features, targets
+    transcripts = {m: [t for s in samples for t in s.transcripts.get(m, [])] for m in names}
+    return features, targets, {m: ts for m, ts in transcripts.items() if ts}

@@ -30,11 +30,11 @@ def processor(mistral_tokenizer_dir) -> Processor:
 
 @pytest.fixture
 def corpus(tmp_path) -> Path:
-    """Two records: a spoken question (user audio), and a request answered with speech (assistant audio)."""
+    """Two records: a transcribed spoken question (user audio), and a request answered with speech (assistant audio)."""
     save_audio(tone(0.8), tmp_path / "media" / "q.wav")
     save_audio(tone(0.4), tmp_path / "media" / "a.wav")
     rows = [
-        {"id": "asr", "messages": [{"role": "user", "content": [{"type": "audio", "path": "media/q.wav"},
+        {"id": "asr", "messages": [{"role": "user", "content": [{"type": "audio", "path": "media/q.wav", "transcript": "two"},
                                                                 {"type": "text", "text": "What was said?"}]},
                                    {"role": "assistant", "content": [{"type": "text", "text": "two"}]}]},
         {"id": "tts", "messages": [{"role": "user", "content": [{"type": "text", "text": "Say two."}]},

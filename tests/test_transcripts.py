@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mllm.losses import ctc_loss
 from mllm.tokenize.transcripts import (
     ALPHABET,
     NUM_CLASSES,
     collate,
-    ctc_loss,
     encode_text,
     greedy_ctc,
     linear_ctc_probe_cer,
@@ -62,6 +62,6 @@ def test_linear_probe_reads_latents_that_say_the_words_and_not_noise():
 
 def test_ctc_loss_is_finite_when_a_clip_is_too_short_for_its_transcript():
     batch = collate([(torch.ones(4), "abcdef"), (torch.ones(8), "ab")])
-    loss = ctc_loss(torch.randn(2, 4, NUM_CLASSES, requires_grad=True), batch.frames(2), batch)
+    loss = ctc_loss(torch.randn(2, 4, NUM_CLASSES, requires_grad=True), batch.frames(2), batch.targets, batch.target_lengths)
     loss.backward()
     assert torch.isfinite(loss)

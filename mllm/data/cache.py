@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from mllm.config import to_dict
 from mllm.data.records import BadRecordError, Record, check_record, media_path
 from mllm.media import MediaError, load_media
+from mllm.processor import part_notes
 from mllm.tokenizers import MediaTokenizer
 
 logger = logging.getLogger(__name__)
@@ -269,7 +270,7 @@ class TokenCache:
             tokens = store.get(source_key(source))
         except OSError:  # a missing file: left for the processor to report
             return part
-        return part if tokens is None else {"type": part["type"], "tokens": tokens}
+        return part if tokens is None else {"type": part["type"], "tokens": tokens} | part_notes(part)
 
 
 def _media_parts(messages: list[dict]) -> Iterator[dict]:

@@ -19,7 +19,7 @@ import numpy as np
 
 from mllm.augment import AudioPerturb, perturb_audio
 from mllm.media import Audio
-from mllm.processor import Processor
+from mllm.processor import Processor, part_notes
 
 
 @dataclass
@@ -50,5 +50,5 @@ class InputAugment:
         if part.get("type") != "audio" or "tokens" in part:
             return part
         audio = self.processor.load_medium(part, "audio", where, base_dir)
-        return {"type": "audio", "media": Audio(perturb_audio(audio.samples, self.cfg.audio, audio.sample_rate, self.rng),
-                                                  audio.sample_rate)}
+        perturbed = Audio(perturb_audio(audio.samples, self.cfg.audio, audio.sample_rate, self.rng), audio.sample_rate)
+        return {"type": "audio", "media": perturbed} | part_notes(part)

@@ -61,10 +61,12 @@ class MultimodalLoader:
         dtype: torch.dtype = torch.float32,
         buffer_size: int = 1024,
         seed: int = 0,
+        transcripts: bool = False,
     ):
         self.records, self.processor, self.cache, self.augment = records, processor, cache, augment
         self.max_length, self.batch_size, self.packing, self.buffer_size = max_length, batch_size, packing, buffer_size
         self.seed = seed  # of the packed rows' order within a batch round
+        self.transcripts = transcripts  # fill Sample.transcripts, for a CTC term (`Processor.encode`)
         self.collate = partial(collate_rows, max_length=max_length, pad_id=processor.pad_id,
                                attn_implementation=attn_implementation, dtype=dtype)
         self.bad = BadRecords(policy)
@@ -78,7 +80,7 @@ class MultimodalLoader:
                     messages = self.augment(messages, record.base_dir)
                 if self.cache is not None:
                     messages = self.cache.tokenize(messages, record.base_dir)
-                sample = self.processor.encode(messages, base_dir=record.base_dir)
+                sample = self.processor.encode(messages, base_dir=record.base_dir, transcripts=self.transcripts)
             except MediaError as e:
                 self.bad(BadRecordError("corrupt_media", record.where, str(e)))
                 continue

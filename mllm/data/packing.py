@@ -114,11 +114,11 @@ def collate_rows(
             positions[r, start:end], documents[r, start:end] = torch.arange(len(s)), d
             start = end
         positions[r, start:], documents[r, start:] = torch.arange(T - start), len(row)
-    features, targets = concat_features([s for row in rows for s in row])
+    media = concat_features([s for row in rows for s in row])  # features, targets, transcripts
     if attn_implementation.startswith("flash"):
         flat = (1, B * T)
-        return MultimodalBatch(ids.view(flat), None, labels.view(flat), positions.view(flat), features, targets)
-    return MultimodalBatch(ids, block_causal_mask(documents, attn_implementation, dtype), labels, positions, features, targets)
+        return MultimodalBatch(ids.view(flat), None, labels.view(flat), positions.view(flat), *media)
+    return MultimodalBatch(ids, block_causal_mask(documents, attn_implementation, dtype), labels, positions, *media)
 
 
 def block_causal_mask(documents: torch.Tensor, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32) -> torch.Tensor:

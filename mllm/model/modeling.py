@@ -3,6 +3,7 @@
     input_ids [B, T] ──embed──▶ [B, T, H] ──masked_scatter(projector(features))──▶ inputs_embeds
         ──language_model──▶ logits [B, T, V], hidden [B, T, H]
         ──▶ slot_hidden[m] [M, H] ──heads[m]──▶ loss = CE(text + codes) + Σ_m λ_m · head_m.loss
+        ──▶ logits at each transcribed input item's slots ──▶ transcript_loss = CTC(transcripts)
 
 Discrete codes are ordinary (added) tokens, so they need nothing beyond the
 resized embedding table. Continuous features replace the embedding of their
@@ -15,6 +16,12 @@ of the item (N = tokens_per_item): they attend to each other within their span
 (a 4D mask), and the hidden state at slot p itself predicts the feature at p.
 The queries must differ per slot: with one shared placeholder embedding a
 small LM gives every slot nearly the same hidden state, so the same feature.
+
+With `transcripts`, the logits at an input item's slots also spell out what is
+said in it, by CTC with the modality's placeholder token as the blank. Nothing
+reads those logits otherwise (placeholders carry no CE label), and the words
+they spell sit at the slots where they are said: a short path for the reply
+that writes them down. The training loop weighs the term (`loss.transcripts`).
 """
 
 from __future__ import annotations
@@ -24,10 +31,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from mllm.heads import Head, build_head
-from mllm.losses import causal_lm_loss, multimodal_loss
+from mllm.losses import causal_lm_loss, ctc_loss, multimodal_loss
 from mllm.model.configuration import MultimodalConfig, head_entry
 from mllm.model.projector import PROJECTORS, sees_items
 from mllm.vocab import VocabLayout
@@ -43,6 +51,7 @@ class MultimodalLMOutput:
     last_hidden_state: torch.Tensor | None = None  # [B, T, H], with output_hidden_states
     slot_hidden: dict[str, torch.Tensor] | None = None  # m -> [M, H], predicts each target feature
     slot_targets: dict[str, torch.Tensor] | None = None  # m -> [M, D], the features to predict
+    transcript_loss: torch.Tensor | None = None  # Σ_m CTC of m's transcribed items, with `transcripts`; not in `loss`
 
 
 class MultimodalLM(PreTrainedModel):
@@ -271,6 +280,7 @@ class MultimodalLM(PreTrainedModel):
         labels: torch.Tensor | None = None,
         features: dict[str, torch.Tensor] | None = None,
         feature_targets: dict[str, torch.Tensor] | None = None,
+        transcripts: dict[str, list[torch.Tensor]] | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         output_hidden_states: bool = False,
@@ -327,6 +337,7 @@ class MultimodalLM(PreTrainedModel):
                 zero_target = inputs_embeds.new_zeros(1, self.layout[m].spec.feature_dim)
                 idle[m] = head.loss(out.hidden_states[-1][0, :1], zero_target)
         lm_loss = causal_lm_loss(out.logits, labels) if labels is not None else None
+        transcript_loss = self.transcript_loss(input_ids, out.logits, transcripts) if transcripts else None
         weights = {m: self.config.heads[m]["loss_weight"] for m in head_losses} | dict.fromkeys(idle, 0.0)
         return MultimodalLMOutput(
             loss=multimodal_loss(lm_loss, head_losses | idle, weights),
@@ -337,7 +348,38 @@ class MultimodalLM(PreTrainedModel):
             last_hidden_state=out.hidden_states[-1] if output_hidden_states else None,
             slot_hidden=slot_hidden,
             slot_targets=slot_targets,
+            transcript_loss=transcript_loss,
         )
+
+    def transcript_loss(
+        self, input_ids: torch.Tensor | None, logits: torch.Tensor, transcripts: dict[str, list[torch.Tensor]]
+    ) -> torch.Tensor | None:
+        """Σ over modalities of the CTC of their items' slot logits against the items' transcripts.
+
+        input_ids [B, T], logits [B, T, V]; transcripts[m]: one id tensor [S_i] per item of m (runs of
+        adjacent placeholder slots, reading order), empty for an item without one. None when all are empty.
+        """
+        if input_ids is None or logits.shape[1] != input_ids.shape[1]:
+            raise ValueError("transcripts need input_ids and the logits of every position (logits_to_keep=0)")
+        losses = []
+        for name, texts in transcripts.items():
+            if name not in self.projectors:
+                raise ValueError(f"transcripts for '{name}', which is not a continuous modality of this model")
+            slots = input_ids == self.layout[name].placeholder_id  # [B, T]
+            lengths = item_lengths(slots)
+            if len(texts) != len(lengths):
+                raise ValueError(f"{name}: {len(texts)} transcripts for {len(lengths)} items")
+            said = [(x, t) for x, t in zip(logits[slots].split(lengths), texts) if t.numel()]  # ([L_i, V], [S_i])
+            if said:
+                items, targets = zip(*said)
+                losses.append(ctc_loss(
+                    pad_sequence(items, batch_first=True),  # [N, L_max, V]
+                    torch.tensor([len(x) for x in items]),
+                    torch.cat(targets).to(logits.device),
+                    torch.tensor([len(t) for t in targets]),
+                    blank=self.layout[name].placeholder_id,
+                ))
+        return torch.stack(losses).sum() if losses else None
 
     def query_slots(self, input_ids: torch.Tensor, feature_targets: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """[B, T] bool: the target slots of parallel-mode modalities, or None when there are none."""

@@ -42,12 +42,13 @@ from mllm.detokenizers import DeTokenizer, load_detokenizer
 from mllm.detokenizers.audio_codec import CodecDecoder
 from mllm.detokenizers.diffusion_mel import MelDiffusionConfig, MelDiffusionDecoder
 from mllm.judges.spoken_digits import SpokenDigitJudge, single_digit_clips
+from mllm.losses import ctc_loss
 from mllm.media import Audio, load_audio, save_audio
 from mllm.plots import save_loss_curves, save_spectrograms
 from mllm.tokenize.corpus_media import corpus_media
 from mllm.tokenize.recipes import RECIPE_FILE, Recipe, load_recipe, register_recipe
 from mllm.tokenize.trainer import OptimConfig, fit
-from mllm.tokenize.transcripts import NUM_CLASSES, ctc_loss, linear_ctc_probe_cer, transcribed_clips, transcript_batches
+from mllm.tokenize.transcripts import NUM_CLASSES, linear_ctc_probe_cer, transcribed_clips, transcript_batches
 from mllm.tokenizers import MediaTokenizer, load_media_tokenizer
 from mllm.tokenizers.audio_codec import CodecConfig, CodecTokenizer
 from mllm.tokenizers.mel_latent import LogMel, MelConfig, MelLatentTokenizer
@@ -220,7 +221,7 @@ class MelAutoencoder(nn.Module):
             speech = batch["speech"]
             means, _ = self.tokenizer.posterior(self.tokenizer.mel_frames(speech.inputs))  # [B, D, T]
             frames = speech.frames(self.tokenizer.config.samples_per_token)
-            losses["ctc"] = ctc_loss(self.ctc(means.transpose(1, 2)), frames, speech)
+            losses["ctc"] = ctc_loss(self.ctc(means.transpose(1, 2)), frames, speech.targets, speech.target_lengths)
             losses["loss"] = losses["loss"] + self.ctc_weight * losses["ctc"]
         return losses
 

@@ -8,7 +8,6 @@ each latent (CTC), so the latents the LM sees say what is spoken.
 
     transcribed_clips(corpora, "train", 16000)  -> [(wave [N], "three six zero"), ...]
     transcript_batches(clips, 16, seed=0)       -> endless TranscriptBatch (padded waves or latents + character targets)
-    ctc_loss(logits [B, T, C], frames [B], batch) -> scalar, mean over target characters
     greedy_ctc(logits [T, C])                   -> text
     linear_ctc_probe_cer(train, test)            -> character error rate of a linear CTC probe on frozen latents
 """
@@ -21,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from mllm.losses import ctc_loss
 from mllm.media import load_audio
 from mllm.tokenize.corpus_media import corpus_media
 
@@ -79,13 +78,6 @@ def transcript_batches(clips: list[tuple[torch.Tensor, str]], batch_size: int, s
         yield collate([clips[i] for i in torch.randint(len(clips), (batch_size,), generator=gen).tolist()])
 
 
-def ctc_loss(logits: torch.Tensor, frames: torch.Tensor, batch: TranscriptBatch) -> torch.Tensor:
-    """logits [B, T, C] over NUM_CLASSES -> CTC loss per target character (impossible alignments count 0)."""
-    log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # [T, B, C], as F.ctc_loss wants
-    return F.ctc_loss(log_probs, batch.targets, frames.clamp(max=logits.shape[1]), batch.target_lengths,
-                      zero_infinity=True)
-
-
 def greedy_ctc(logits: torch.Tensor) -> str:
     """Best path [T, C] -> text: repeats merged, blanks dropped."""
     best = logits.argmax(-1).tolist()
@@ -105,7 +97,7 @@ def linear_ctc_probe_cer(train: list[tuple[torch.Tensor, str]], test: list[tuple
     optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2)
     for batch in tqdm(itertools.islice(transcript_batches(train, batch_size, seed), steps), total=steps,
                       desc="linear CTC probe"):
-        loss = ctc_loss(probe((batch.inputs - mean) / std), batch.lengths, batch)
+        loss = ctc_loss(probe((batch.inputs - mean) / std), batch.lengths, batch.targets, batch.target_lengths)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

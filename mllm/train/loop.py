@@ -228,7 +228,7 @@ class Finetune:
         loader = MultimodalLoader(records, self.processor, max_length=d.max_length, batch_size=d.batch_size,
                                   packing=d.packing, cache=self.cache, augment=augment, policy=d.bad_records,
                                   attn_implementation=self.attn_implementation, dtype=self.engine.feature_dtype,
-                                  seed=seed)
+                                  seed=seed, transcripts=train and self.cfg.loss.transcripts > 0)
         yield from loader.lazy_batches()
         if self.env.is_main:
             (logger.warning if loader.bad.skipped else logger.info)("data pass done: %s", loader.bad.summary())
@@ -301,7 +301,7 @@ class Finetune:
         e, world, rank = self.engine, self.env.world_size, self.env.rank
         lr = cosine_lr(self.state.step, self.cfg)
         e.set_lr(lr)
-        names = ["loss", "lm_loss", *(f"{m}_loss" for m in self.heads)]
+        names = ["loss", "lm_loss", *(f"{m}_loss" for m in self.heads), "transcript_loss"]
         sums = torch.zeros(2 * len(names) + 1, dtype=torch.float64)  # (sum, count) per name, then tokens
         bad = torch.zeros(len(batches) * world, dtype=torch.float64)  # the step's micro-batches with a non-finite loss
         for j, batch in enumerate(batches):
@@ -310,11 +310,15 @@ class Finetune:
             lm_loss = getattr(out, "lm_loss", None)
             if self.cfg.loss.lm != 1.0 and lm_loss is not None:
                 loss = loss + (self.cfg.loss.lm - 1.0) * lm_loss  # the model's total counts CE once
+            transcript_loss = getattr(out, "transcript_loss", None)  # only on batches with transcribed media
+            if transcript_loss is not None:
+                loss = loss + self.cfg.loss.transcripts * transcript_loss
             if not torch.isfinite(loss):
                 bad[j * world + rank] = 1
                 loss = loss * math.nan  # a NaN gradient makes every rank skip this update
             e.backward(loss, boundary=j == len(batches) - 1)
-            parts = {"loss": loss, "lm_loss": lm_loss} | {f"{m}_loss": v for m, v in (getattr(out, "head_losses", None) or {}).items()}
+            parts = {"loss": loss, "lm_loss": lm_loss, "transcript_loss": transcript_loss}
+            parts |= {f"{m}_loss": v for m, v in (getattr(out, "head_losses", None) or {}).items()}
             for i, name in enumerate(names):
                 if parts.get(name) is not None:
                     sums[2 * i] += parts[name].item()
@@ -362,8 +366,9 @@ class Finetune:
     def _plot(self) -> None:
         history = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines()]
         series = {"loss": [r["loss"] for r in history]}
-        if any("lm_loss" in r for r in history):
-            series["lm_loss"] = [r.get("lm_loss", math.nan) for r in history]
+        for name in ("lm_loss", "transcript_loss"):
+            if any(name in r for r in history):
+                series[name] = [r.get(name, math.nan) for r in history]
         save_loss_curves(series, self.out / "loss.png", title=f"finetune: {self.out.name}")
 
     def _trim_metrics(self) -> None:

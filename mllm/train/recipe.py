@@ -113,6 +113,7 @@ class ScheduleConfig:
 class LossConfig:
     lm: float = 1.0  # weight of the cross-entropy over text and discrete codes
     heads: dict[str, float] = field(default_factory=dict)  # modality -> λ of its output head (default: the model's)
+    transcripts: float = 0.0  # weight of the CTC of transcribed input media (their parts' "transcript"); 0: off
 
 
 @dataclass
@@ -176,7 +177,7 @@ def validate(cfg: FinetuneConfig) -> None:
     if cfg.train.eval_every and not cfg.data.validation:
         raise ConfigError("train.eval_every", "needs data.validation records")
     for key in ("train.save_every", "train.eval_every", "schedule.warmup_steps", "optim.weight_decay",
-                "optim.max_grad_norm", "loss.lm"):
+                "optim.max_grad_norm", "loss.lm", "loss.transcripts"):
         if _get(cfg, key) < 0:
             raise ConfigError(key, f"must be >= 0, got {_get(cfg, key)}")
     if cfg.schedule.warmup_steps > cfg.train.max_steps:

@@ -318,16 +318,17 @@ TTS_PROMPTS = ('Say "{t}".', "Read this aloud: {t}", "Speak: {t}")
 def records_for(utt: Utterance, rel: str, meta: dict, rng: np.random.Generator, tasks) -> list[tuple[str, list, dict]]:
     """(task, messages, meta) for one utterance written at `rel`."""
     audio = media_part("audio", rel)
+    heard = audio | {"transcript": utt.transcript}  # what the user's clip says: the CTC term's target
     asr_p = ASR_PROMPTS[rng.integers(len(ASR_PROMPTS))]
     num_p = NUMBER_PROMPTS[rng.integers(len(NUMBER_PROMPTS))]
     q_p = QUESTION_PROMPTS[rng.integers(len(QUESTION_PROMPTS))]
     tts_p = TTS_PROMPTS[rng.integers(len(TTS_PROMPTS))].format(t=utt.transcript)
     out = []
     if "asr" in tasks:
-        out.append(("asr", [user(audio, text(asr_p)), assistant(text(utt.transcript))], meta))
+        out.append(("asr", [user(heard, text(asr_p)), assistant(text(utt.transcript))], meta))
     if "speech_qa" in tasks and utt.answer is not None:
         prompt = num_p if utt.kind == "digits" else q_p
-        out.append(("speech_qa", [user(audio, text(prompt)), assistant(text(utt.answer))],
+        out.append(("speech_qa", [user(heard, text(prompt)), assistant(text(utt.answer))],
                     {**meta, "question": prompt}))
     if "tts" in tasks:
         out.append(("tts", [user(text(tts_p)), assistant(audio)], {**meta, "prompt": tts_p}))
