@@ -21,7 +21,7 @@ import pytest
 from mllm.config import ConfigError
 from mllm.data import sources
 from mllm.data.corpora import SPLITS, list_corpora, normalise_caption
-from mllm.data.corpora.build import BuildConfig, Manifest, build_corpora, is_complete, load_build_config
+from mllm.data.corpora.build import FORMAT_VERSION, BuildConfig, Manifest, build_corpora, is_complete, load_build_config
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = REPO / "data" / "build_small.yaml"
@@ -304,8 +304,8 @@ def test_refuses_to_overwrite(built, tmp_path):
     with pytest.raises(FileExistsError, match="complete build of other settings"):
         build_corpora(SMALL, out, limit=1, progress=False)
     current = (out / "manifest.json").read_text()
-    (out / "manifest.json").write_text(json.dumps(json.loads(current) | {"format_version": 1}))
-    with pytest.raises(FileExistsError, match="format 1, this mllm writes format 2; pass overwrite"):
+    (out / "manifest.json").write_text(json.dumps(json.loads(current) | {"format_version": FORMAT_VERSION - 1}))
+    with pytest.raises(FileExistsError, match=f"format {FORMAT_VERSION - 1}, this mllm writes format {FORMAT_VERSION}; pass"):
         build_corpora(SMALL, out, progress=False)  # an older mllm's corpora are not reused as they are
     (out / "manifest.json").write_text(current)
     target = tmp_path / "quick"

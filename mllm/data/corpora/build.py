@@ -23,7 +23,7 @@ from mllm.config import ConfigError, from_dict, load_config, to_dict
 from mllm.data.corpora import SPLITS, BuildContext, CorpusResult, atomic_write_text, get_corpus, list_corpora
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 2  # 2: the interleaved corpus has read_then_draw conversations
+FORMAT_VERSION = 3  # 2: the interleaved corpus has read_then_draw conversations; 3: spoken questions carry their transcript
 
 
 # ---------------------------------------------------------------- config
