@@ -57,7 +57,7 @@ class MultimodalBatch:
             position_ids=move(self.position_ids),
             features={m: f.to(device=device, dtype=dtype or f.dtype) for m, f in self.features.items()},
             feature_targets={m: move(t) for m, t in self.feature_targets.items()},
-            transcripts={m: [move(t) for t in ts] for m, ts in self.transcripts.items()},
+            transcripts=self.transcripts,  # host-side ids: the CTC term joins them and moves them in one copy
         )
 
     def model_inputs(self) -> dict:
