@@ -6,10 +6,14 @@ global torch RNG (seeded runs stay reproducible).
     jitter(pixels [B, C, H, W], AffineJitter(rotate_degrees=12, translate=0.08, scale=(0.9, 1.1))) -> [B, C, H, W]
 
 Sound: other voices. Speed perturbation (Ko et al., 2015) plays a clip faster or slower, which moves its pitch
-and formants as a shorter or longer vocal tract would, and changes its tempo; a gain changes its loudness; short
-silenced spans, SpecAugment's time masks on the waveform, make a reader use the context around each sound.
+and formants as a shorter or longer vocal tract would, and changes its tempo; a time stretch (phase vocoder)
+then changes the tempo alone, so that how fast a voice speaks no longer follows how high it sounds; a gain
+changes its loudness. SpecAugment's masks (Park et al., 2019), done on the waveform: silenced frequency bands
+(a band-stop over the whole clip) take away part of each vowel's formants, silenced spans whole sounds, so a
+reader uses every cue and the context around each sound, not the few that the training voices share.
 
-    perturb_audio(samples [C, N], AudioPerturb(speed=(0.85, 1.15), gain_db=(-10, 6), time_masks=2), rate, np_rng)
+    perturb_audio(samples [C, N], AudioPerturb(speed=(0.85, 1.15), tempo=(0.85, 1.2), gain_db=(-10, 6),
+                                               freq_masks=2, time_masks=2), rate, np_rng)
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 
+import librosa
 import numpy as np
+import scipy.fft
 import torch
 import torch.nn.functional as F
 from scipy.signal import resample_poly
@@ -57,37 +63,63 @@ def jitter(pixels: torch.Tensor, cfg: AffineJitter) -> torch.Tensor:
     return F.grid_sample(pixels, grid, padding_mode="border", align_corners=False)
 
 
+STRETCH_WINDOW = 512  # phase-vocoder STFT size: 32 ms at 16 kHz, a speech frame
+
+
 @dataclass
 class AudioPerturb:
     speed: tuple[float, float] = (1.0, 1.0)  # uniform playback-rate range: 1.1 is 10 % faster and higher
+    tempo: tuple[float, float] = (1.0, 1.0)  # uniform time-stretch range, pitch kept: 1.1 is 10 % faster
     gain_db: tuple[float, float] = (0.0, 0.0)  # uniform loudness change range, in dB
+    freq_masks: int = 0  # silenced frequency bands per clip
+    mask_hz: float = 500.0  # each band's width is uniform in [0, mask_hz]
     time_masks: int = 0  # silenced spans per clip
     mask_seconds: float = 0.08  # each span's length is uniform in [0, mask_seconds]
 
     def __post_init__(self):
-        self.speed, self.gain_db = tuple(self.speed), tuple(self.gain_db)
-        if len(self.speed) != 2 or not 0.5 <= self.speed[0] <= self.speed[1] <= 2.0:
-            raise ValueError(f"augment: speed must be a range (low, high) within [0.5, 2], got {self.speed}")
+        self.speed, self.tempo, self.gain_db = tuple(self.speed), tuple(self.tempo), tuple(self.gain_db)
+        for name in ("speed", "tempo"):
+            low_high = getattr(self, name)
+            if len(low_high) != 2 or not 0.5 <= low_high[0] <= low_high[1] <= 2.0:
+                raise ValueError(f"augment: {name} must be a range (low, high) within [0.5, 2], got {low_high}")
         if len(self.gain_db) != 2 or not -40 <= self.gain_db[0] <= self.gain_db[1] <= 20:
             raise ValueError(f"augment: gain_db must be a range (low, high) within [-40, 20], got {self.gain_db}")
         if self.time_masks < 0 or not 0 <= self.mask_seconds <= 1:
             raise ValueError(f"augment: need time_masks >= 0 and 0 <= mask_seconds <= 1, got {self.time_masks}, "
                              f"{self.mask_seconds}")
+        if self.freq_masks < 0 or not 0 <= self.mask_hz <= 4000:
+            raise ValueError(f"augment: need freq_masks >= 0 and 0 <= mask_hz <= 4000, got {self.freq_masks}, "
+                             f"{self.mask_hz}")
 
     @property
     def enabled(self) -> bool:
-        return self.speed != (1.0, 1.0) or self.gain_db != (0.0, 0.0) or (self.time_masks > 0 and self.mask_seconds > 0)
+        return (self.speed != (1.0, 1.0) or self.tempo != (1.0, 1.0) or self.gain_db != (0.0, 0.0)
+                or (self.freq_masks > 0 and self.mask_hz > 0) or (self.time_masks > 0 and self.mask_seconds > 0))
 
 
 def perturb_audio(samples: np.ndarray, cfg: AudioPerturb, sample_rate: int, rng: np.random.Generator) -> np.ndarray:
-    """float32 samples [C, N] in [-1, 1] -> the clip played at a random speed and gain, with `time_masks` random
-    spans silenced: [C, about N / speed], clipped to [-1, 1]. The sample rate is unchanged."""
+    """float32 samples [C, N] in [-1, 1] -> the clip played at a random speed, stretched to a random tempo, with
+    `freq_masks` random bands and `time_masks` random spans silenced, at a random gain: [C, about N / (speed ·
+    tempo)], clipped to [-1, 1]. The sample rate is unchanged. Draws nothing for a perturbation that is off, so
+    adding one leaves the others' draws as they were."""
     if not cfg.enabled:
         return samples
     speed = Fraction(float(rng.uniform(*cfg.speed))).limit_denominator(100)
     gain = 10 ** (float(rng.uniform(*cfg.gain_db)) / 20)
     if speed != 1:  # N samples -> N · q / p: read at p/q of the rate
         samples = resample_poly(samples, speed.denominator, speed.numerator, axis=-1)
+    if cfg.tempo != (1.0, 1.0) and samples.shape[-1] >= STRETCH_WINDOW:  # shorter than one window: nothing to stretch
+        samples = librosa.effects.time_stretch(samples, rate=float(rng.uniform(*cfg.tempo)), n_fft=STRETCH_WINDOW)
+    if cfg.freq_masks > 0 and cfg.mask_hz > 0:
+        n = samples.shape[-1]
+        size = scipy.fft.next_fast_len(n, real=True)  # zero-padded: an N with a large prime factor is slow
+        spectrum = scipy.fft.rfft(samples, n=size, axis=-1)  # [C, size // 2 + 1] bins of sample_rate / size Hz
+        hz_per_bin = sample_rate / size
+        for _ in range(cfg.freq_masks):
+            width = rng.uniform(0, cfg.mask_hz)
+            low = rng.uniform(0, max(0.0, sample_rate / 2 - width))
+            spectrum[..., int(low / hz_per_bin):int(math.ceil((low + width) / hz_per_bin))] = 0
+        samples = scipy.fft.irfft(spectrum, n=size, axis=-1)[..., :n]
     samples = np.clip(samples * gain, -1.0, 1.0).astype(np.float32)
     n = samples.shape[-1]
     for _ in range(cfg.time_masks):

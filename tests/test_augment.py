@@ -74,8 +74,51 @@ def test_perturbation_is_seeded_and_masks_silence_spans():
     assert np.abs(loud).max() == 1.0  # clipped, not wrapped
 
 
+def tone(hz: float, seconds: float = 1.0, rate: int = 16000) -> np.ndarray:
+    return (0.5 * np.sin(2 * np.pi * hz * np.arange(round(seconds * rate)) / rate))[None].astype(np.float32)
+
+
+def peak_hz(clip: np.ndarray, rate: int = 16000) -> float:
+    return float(np.argmax(np.abs(np.fft.rfft(clip[0]))) * rate / clip.shape[-1])
+
+
+@pytest.mark.parametrize("tempo", [0.85, 1.2])
+def test_tempo_changes_the_length_and_keeps_the_pitch(tempo):
+    out = perturb_audio(tone(440), AudioPerturb(tempo=(tempo, tempo)), 16000, np.random.default_rng(0))
+    assert out.dtype == np.float32 and out.shape[-1] == pytest.approx(16000 / tempo, abs=2)
+    assert peak_hz(out) == pytest.approx(440, abs=5)
+    sped = perturb_audio(tone(440), AudioPerturb(speed=(1.2, 1.2)), 16000, np.random.default_rng(0))
+    assert peak_hz(sped) == pytest.approx(528, abs=5)  # speed moves the pitch, tempo does not
+
+
+def test_frequency_masks_silence_bands_of_the_spectrum():
+    two = 0.2 * noise() + tone(300) + tone(2000)  # noise in every bin: a silenced bin is the mask's
+    cfg = AudioPerturb(freq_masks=1, mask_hz=4000)
+    hits = 0
+    for seed in range(20):
+        out = perturb_audio(two, cfg, 16000, np.random.default_rng(seed))
+        assert out.shape == two.shape and np.abs(out).max() <= 1.0
+        spectrum = np.abs(np.fft.rfft(out[0]))
+        silent = int((spectrum < 1e-5 * spectrum.max()).sum())
+        assert 0 <= silent <= 4000 + 2  # one band of at most 4000 Hz, 1 Hz per bin
+        kept = [spectrum[hz] > 0.1 * np.abs(np.fft.rfft(two[0]))[hz] for hz in (300, 2000)]
+        hits += not all(kept)
+    assert 0 < hits < 20  # a random band: sometimes over a tone, sometimes not
+    a, b = (perturb_audio(two, cfg, 16000, np.random.default_rng(3)) for _ in range(2))
+    assert np.array_equal(a, b)
+
+
+def test_an_added_perturbation_leaves_the_others_draws_unchanged():
+    old = AudioPerturb(speed=(0.85, 1.15), gain_db=(-10, 6), time_masks=2)
+    base = perturb_audio(noise(), old, 16000, np.random.default_rng(5))
+    again = perturb_audio(noise(), AudioPerturb(speed=(0.85, 1.15), gain_db=(-10, 6), time_masks=2, mask_hz=900),
+                          16000, np.random.default_rng(5))  # a band width with no bands: nothing drawn
+    assert np.array_equal(base, again)
+
+
 @pytest.mark.parametrize("bad", [{"speed": (1.2, 0.8)}, {"speed": (0.2, 1.0)}, {"gain_db": (0, 30)}, {"gain_db": (1,)},
-                                 {"time_masks": -1}, {"mask_seconds": 2.0}])
+                                 {"time_masks": -1}, {"mask_seconds": 2.0}, {"tempo": (0.3, 1.0)},
+                                 {"tempo": (1.1, 0.9)}, {"freq_masks": -1}, {"mask_hz": 9000}])
 def test_bad_audio_perturbations_are_refused(bad):
     with pytest.raises(ValueError, match="augment"):
         AudioPerturb(**bad)
