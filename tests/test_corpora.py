@@ -86,6 +86,12 @@ def test_configs_load_strictly(tmp_path):
     bad.write_text("voices:\n  held_out_accents: [en-xx]\n")
     with pytest.raises(ConfigError, match="held_out_accents"):
         load_build_config(bad)
+    bad.write_text("voices:\n  learner_accents: [fr-fr, en-us]\n")
+    with pytest.raises(ConfigError, match="learner_accents .'en-us'. are also in accents"):
+        load_build_config(bad)
+    bad.write_text("voices:\n  learner_accents: [cy]\n  learner_phonemes: en-029\n")
+    with pytest.raises(ConfigError, match="learner_phonemes 'en-029'.*leak"):
+        load_build_config(bad)
 
 
 def test_layout_and_counts(built):
@@ -237,6 +243,23 @@ def test_held_out_voices(built):
             for m in metas:
                 held = m["accent"] in ho_a or m["variant"] in ho_v
                 assert held == m["held_out"] == (split == "test"), (corpus, split, m["voice"])
+                learner = m["accent"] in cfg.voices.learner_accents
+                assert m.get("reads") == (cfg.voices.learner_phonemes if learner else None), m
+                assert not (learner and split == "test"), m["voice"]
+    train_accents = {r["meta"]["accent"] for r in records(out, "speech", "train")}
+    assert set(cfg.voices.learner_accents) <= train_accents  # a quarter of the small build's train voices
+    assert manifest.corpora["speech"]["learner_accents"]["accents"] == cfg.voices.learner_accents
+
+
+def test_a_learners_voice_says_english_phonemes_with_its_own_sounds():
+    from mllm.data.corpora.speech import Voice, espeak, phonemes
+
+    assert phonemes("three", "en-us") == "Tr'i:"
+    native, learner = (Voice(accent, "m1", 170, 50, 1, 0.8, None, 0, False, reads)
+                       for accent, reads in (("en-us", None), ("fr-fr", "en-us")))
+    said = espeak("three", learner)
+    assert len(said) > 2000 and not np.array_equal(said, espeak("three", native))
+    assert not np.array_equal(said, espeak("three", Voice("fr-fr", "m1", 170, 50, 1, 0.8, None, 0, False)))  # not French
 
 
 def test_eval_only_spoken_numbers_stay_out(built):

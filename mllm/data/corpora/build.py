@@ -78,6 +78,11 @@ class VoicesConfig:
     ])
     held_out_accents: list[str] = field(default_factory=lambda: ["en-029", "en-gb-x-gbcwmd"])
     held_out_variants: list[str] = field(default_factory=lambda: ["m7", "f4", "klatt3", "grandma", "steph"])
+    # Learners' accents, for train and validation only: another language's voice (`fr-fr`) says the English
+    # phonemes of `learner_phonemes` with its own sounds for them, as someone who learnt English would. They
+    # widen what the training accents span; the test's voices stay the native held-out ones.
+    learner_accents: list[str] = field(default_factory=list)
+    learner_phonemes: str = "en-us"
     rate: tuple[int, int] = (130, 210)  # words per minute
     pitch: tuple[int, int] = (25, 75)  # espeak 0..99
     word_gap: tuple[int, int] = (0, 4)  # pause between words, in 10 ms units
@@ -97,6 +102,13 @@ class VoicesConfig:
             raise ValueError("every variant is held out: nothing is left for train")
         if not (self.held_out_accents or self.held_out_variants):
             raise ValueError("hold out at least one accent or variant for the test split")
+        if set(self.learner_accents) & set(self.accents):
+            raise ValueError(f"learner_accents {sorted(set(self.learner_accents) & set(self.accents))} are also in "
+                             "accents: a learner's accent reads English phonemes, a native one English text")
+        if self.learner_accents and (self.learner_phonemes not in self.accents
+                                     or self.learner_phonemes in self.held_out_accents):
+            raise ValueError(f"learner_phonemes {self.learner_phonemes!r} must be one of the accents that train "
+                             "uses: a held-out accent's phonemes would leak it into training")
 
 
 @dataclass

@@ -7,7 +7,9 @@ answer to the spoken question) and `tts` (text -> audio).
 Honest splits:
 - Voices. A voice is an accent plus a variant (`en-gb-scotland+f3`). Test uses
   only voices with a held-out accent or variant (`voices.held_out_*`); train
-  and validation never use those.
+  and validation never use those. Train and validation also hear learners'
+  accents (`voices.learner_accents`): another language's voice saying the
+  English phonemes of one training accent, which test never uses.
 - Texts. Digit strings of 2+ digits, words, sentences and questions are each
   assigned to one split by a stable hash, so a test text is never heard in
   training. Single digits (only ten) are shared by all splits.
@@ -141,6 +143,7 @@ class Voice:
     snr_db: float | None  # None: no noise
     noise_seed: int
     held_out: bool
+    reads: str | None = None  # a learner's voice: the English accent whose phonemes it says; None reads the text
 
     @property
     def name(self) -> str:
@@ -149,6 +152,8 @@ class Voice:
     def meta(self) -> dict:
         d = asdict(self)
         d.pop("noise_seed")
+        if self.reads is None:
+            d.pop("reads")
         d["voice"] = self.name
         d["gain"] = round(self.gain, 4)
         d["snr_db"] = None if self.snr_db is None else round(self.snr_db, 2)
@@ -164,8 +169,8 @@ def sample_voice(rng: np.random.Generator, vcfg, split: str) -> Voice:
             variant = vcfg.variants[rng.integers(len(vcfg.variants))]
             if accent in ho_a or variant in ho_v:
                 break
-    else:
-        accents = [a for a in vcfg.accents if a not in ho_a]
+    else:  # learners' accents join the pool: one draw either way, so the texts drawn after it do not move
+        accents = [a for a in vcfg.accents if a not in ho_a] + list(vcfg.learner_accents)
         variants = [v for v in vcfg.variants if v not in ho_v]
         accent = accents[rng.integers(len(accents))]
         variant = variants[rng.integers(len(variants))]
@@ -177,7 +182,7 @@ def sample_voice(rng: np.random.Generator, vcfg, split: str) -> Voice:
     snr = float(rng.uniform(*vcfg.snr_db))
     seed = int(rng.integers(2**31))
     return Voice(accent, variant, rate, pitch, gap, gain, snr if noisy else None, seed,
-                 accent in ho_a or variant in ho_v)
+                 accent in ho_a or variant in ho_v, vcfg.learner_phonemes if accent in vcfg.learner_accents else None)
 
 
 class EspeakError(RuntimeError):
@@ -188,9 +193,21 @@ def espeak(text_: str, voice: Voice, binary: str | None = None) -> np.ndarray:
     """float32 [N] at 22,050 Hz; the same arguments always give the same samples."""
     args = ["-v", voice.name, "-s", str(voice.rate), "-p", str(voice.pitch), "-g", str(voice.gap)]
     try:
-        return _espeak_raw(text_, args, binary)
+        said = text_ if voice.reads is None else f"[[{phonemes(text_, voice.reads, binary)}]]"
+        return _espeak_raw(said, args, binary)
     except EspeakError as e:
         raise EspeakError(f"espeak-ng gave no audio for {text_!r} with voice {voice.name}: {e}") from None
+
+
+@lru_cache(maxsize=65536)
+def phonemes(text_: str, accent: str, binary: str | None = None) -> str:
+    """`accent`'s espeak phoneme mnemonics for `text_` ("three" -> "Tr'i:"), one line: what a learner's voice says."""
+    res = subprocess.run([binary or sources.espeak_binary(), "-v", accent, "-q", "-x", text_],
+                         capture_output=True, timeout=60, check=False)
+    said = " ".join(res.stdout.decode(errors="replace").split())
+    if res.returncode != 0 or not said:
+        raise EspeakError(res.stderr.decode(errors="replace").strip() or f"no phonemes for {text_!r} in {accent}")
+    return said
 
 
 def check_voices(vcfg, binary: str | None = None) -> None:
@@ -199,16 +216,17 @@ def check_voices(vcfg, binary: str | None = None) -> None:
     An unknown accent gives no audio; an unknown variant is silently ignored by
     espeak-ng, so a variant must change the audio of its accent.
     """
-    key = (tuple(vcfg.accents), tuple(vcfg.variants), binary)
+    key = (tuple(vcfg.accents), tuple(vcfg.variants), tuple(vcfg.learner_accents), binary)
     if key in _CHECKED:
         return
     probe = "one two three"
     plain = {}
-    for accent in vcfg.accents:
-        try:
-            plain[accent] = _espeak_raw(probe, ["-v", accent], binary)
-        except EspeakError as e:
-            raise ValueError(f"voices.accents: espeak-ng has no voice {accent!r} ({e})") from None
+    for name in ("accents", "learner_accents"):
+        for accent in getattr(vcfg, name):
+            try:
+                plain[accent] = _espeak_raw(probe, ["-v", accent], binary)
+            except EspeakError as e:
+                raise ValueError(f"voices.{name}: espeak-ng has no voice {accent!r} ({e})") from None
     accent = vcfg.accents[0]
     for variant in vcfg.variants:
         out = _espeak_raw(probe, ["-v", f"{accent}+{variant}"], binary)
@@ -398,6 +416,8 @@ def build(ctx: BuildContext) -> CorpusResult:
             "held_out_voices": {"accents": list(v.held_out_accents), "variants": list(v.held_out_variants),
                                 "rule": "test uses only voices with a held-out accent or variant; "
                                         "train and validation never use them"},
+            "learner_accents": {"accents": list(v.learner_accents), "reading": v.learner_phonemes,
+                                "rule": "train and validation only: these voices say the reading accent's phonemes"},
             "held_out_texts": "digit strings of 2+ digits, words, sentences and questions belong to one split "
                               "each (stable hash); single digits are shared",
         },
