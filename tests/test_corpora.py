@@ -83,15 +83,12 @@ def test_configs_load_strictly(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_build_config(bad)
     assert "speech.utterancez" in str(e.value) and str(bad) in str(e.value)
-    bad.write_text("voices:\n  held_out_accents: [en-xx]\n")
-    with pytest.raises(ConfigError, match="held_out_accents"):
-        load_build_config(bad)
-    bad.write_text("voices:\n  learner_accents: [fr-fr, en-us]\n")
-    with pytest.raises(ConfigError, match="learner_accents .'en-us'. are also in accents"):
-        load_build_config(bad)
-    bad.write_text("voices:\n  learner_accents: [cy]\n  learner_phonemes: en-029\n")
-    with pytest.raises(ConfigError, match="learner_phonemes 'en-029'.*leak"):
-        load_build_config(bad)
+    for voices, error in [("held_out_accents: [en-xx]", "held_out_accents"),
+                          ("learner_accents: [fr-fr, en-us]", "learner_accents .'en-us'. are also in accents"),
+                          ("learner_accents: [cy], learner_phonemes: en-029", "learner_phonemes 'en-029'.*leak")]:
+        bad.write_text(f"voices: {{{voices}}}\n")
+        with pytest.raises(ConfigError, match=error):
+            load_build_config(bad)
 
 
 def test_layout_and_counts(built):
