@@ -111,15 +111,12 @@ def perturb_audio(samples: np.ndarray, cfg: AudioPerturb, sample_rate: int, rng:
     if cfg.tempo != (1.0, 1.0) and samples.shape[-1] >= STRETCH_WINDOW:  # shorter than one window: nothing to stretch
         samples = librosa.effects.time_stretch(samples, rate=float(rng.uniform(*cfg.tempo)), n_fft=STRETCH_WINDOW)
     if cfg.freq_masks > 0 and cfg.mask_hz > 0:
-        n = samples.shape[-1]
-        size = scipy.fft.next_fast_len(n, real=True)  # zero-padded: an N with a large prime factor is slow
-        spectrum = scipy.fft.rfft(samples, n=size, axis=-1)  # [C, size // 2 + 1] bins of sample_rate / size Hz
-        hz_per_bin = sample_rate / size
+        bands = []
         for _ in range(cfg.freq_masks):
             width = rng.uniform(0, cfg.mask_hz)
             low = rng.uniform(0, max(0.0, sample_rate / 2 - width))
-            spectrum[..., int(low / hz_per_bin):int(math.ceil((low + width) / hz_per_bin))] = 0
-        samples = scipy.fft.irfft(spectrum, n=size, axis=-1)[..., :n]
+            bands.append((low, low + width))
+        samples = silence_bands(samples, bands, sample_rate)
     samples = np.clip(samples * gain, -1.0, 1.0).astype(np.float32)
     n = samples.shape[-1]
     for _ in range(cfg.time_masks):
@@ -127,3 +124,14 @@ def perturb_audio(samples: np.ndarray, cfg: AudioPerturb, sample_rate: int, rng:
         start = int(rng.integers(n - span + 1))
         samples[..., start:start + span] = 0.0
     return samples
+
+
+def silence_bands(samples: np.ndarray, bands: list[tuple[float, float]], sample_rate: int) -> np.ndarray:
+    """samples [C, N] -> the same length with each (low, high) Hz band of the whole clip's spectrum set to zero."""
+    n = samples.shape[-1]
+    size = scipy.fft.next_fast_len(n, real=True)  # zero-padded: an N with a large prime factor is slow
+    spectrum = scipy.fft.rfft(samples, n=size, axis=-1)  # [C, size // 2 + 1] bins of sample_rate / size Hz
+    hz_per_bin = sample_rate / size
+    for low, high in bands:
+        spectrum[..., int(low / hz_per_bin):int(math.ceil(high / hz_per_bin))] = 0
+    return scipy.fft.irfft(spectrum, n=size, axis=-1)[..., :n]
