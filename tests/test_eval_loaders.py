@@ -160,7 +160,29 @@ def test_librispeech_layout(tmp_path):
     task = task_of("librispeech", tmp_path / "LibriSpeech")
     assert [i.category for i in task.items] == ["test-clean", "test-clean"]
     scores = task.score(task.items, preds(task, ["he hoped there would be stew", "stuff it in"]))
-    assert scores.metrics["wer"] == pytest.approx(1 / 8) and scores.per_item["1089-134686-0000"] == 1.0
+    assert scores.metrics["wer"] == pytest.approx(1 / 8) and scores.per_item["test-clean/1089-134686-0000"] == 1.0
+
+
+def test_librispeech_subsets_that_reuse_an_utterance_id_stay_apart(tmp_path):
+    for subset, words in (("test-clean", "ONE TWO"), ("test-real", "THREE")):
+        chapter = tmp_path / subset / "1" / "1"
+        wav(chapter / "1-1-0000.flac")
+        (chapter / "1-1.trans.txt").write_text(f"1-1-0000 {words}\n")
+    task = task_of("librispeech", tmp_path)
+    assert [i.id for i in task.items] == ["test-clean/1-1-0000", "test-real/1-1-0000"]
+    scores = task.score(task.items, preds(task, ["one two", "four"]))
+    assert scores.categories["test-clean"]["wer"] == 0.0 and scores.categories["test-real"]["wer"] == 1.0
+
+
+def test_an_item_whose_id_repeats_is_a_bad_item(tmp_path):
+    png(tmp_path / "a.png")
+    rows = [{"id": "q1", "media": [{"type": "image", "path": "a.png"}], "question": "Which digit?", "answer": a}
+            for a in ("1", "2")]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(BadRecordError, match="jsonl:q1: duplicate_id"):
+        task_of("jsonl", tmp_path / "qa.jsonl")
+    task = task_of("jsonl", tmp_path / "qa.jsonl", policy="skip")
+    assert [i.answer for i in task.items] == ["1"] and "duplicate_id" in task.skipped[0]
 
 
 def test_clotho_and_audiocaps_captions(tmp_path, monkeypatch):

@@ -45,7 +45,9 @@ logger = logging.getLogger(__name__)
 
 RECORD_SUFFIXES = (".jsonl", ".parquet")
 BadRecordPolicy = Literal["skip", "fail"]
-REASONS = ("invalid_json", "malformed_message", "missing_media", "corrupt_media", "too_long", "invalid_sample")
+REASONS = (
+    "invalid_json", "malformed_message", "missing_media", "corrupt_media", "too_long", "invalid_sample", "duplicate_id",
+)
 
 # One row per record line; `messages` and `meta` are JSON text, `error` is set when the line did not parse.
 FEATURES = Features(

@@ -21,12 +21,15 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from mllm.config import ConfigError, from_dict, load_config
 from mllm.media import MediaError, Video, load_image, load_video
+
+if TYPE_CHECKING:  # mllm.data.records imports `datasets`, which a task spec should not need
+    from mllm.data.records import BadRecords
 
 Modality = Literal["image", "audio", "video"]
 Mode = Literal["generate", "likelihood", "both", "media"]
@@ -205,6 +208,7 @@ def build_task(spec: TaskSpec, policy: Literal["fail", "skip"] = "fail") -> Task
     options = from_dict(loader.options, spec.options, _key="options")
     bad = BadRecords(policy)
     task = loader.load(spec.name or spec.loader, Path(spec.path), options, bad)
+    task.items = _first_of_each_id(task, bad)
     if spec.mode is not None:
         task.mode = spec.mode
     if spec.max_new_tokens is not None:
@@ -213,3 +217,19 @@ def build_task(spec: TaskSpec, policy: Literal["fail", "skip"] = "fail") -> Task
     task.skipped = [str(e) for e in bad.skipped]
     task.check()
     return task
+
+
+def _first_of_each_id(task: Task, bad: BadRecords) -> list[Item]:
+    """The task's items, each id once: predictions and scores are keyed by id, so a later item with a seen id
+    would be scored by the earlier one's answer. It is a bad item."""
+    from mllm.data.records import BadRecordError
+
+    seen: set[str] = set()
+    kept = []
+    for item in task.items:
+        if item.id in seen:
+            bad(BadRecordError("duplicate_id", f"{task.name}:{item.id}", "an earlier item has this id"))
+        else:
+            seen.add(item.id)
+            kept.append(item)
+    return kept

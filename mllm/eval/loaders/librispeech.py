@@ -42,7 +42,8 @@ def load(name: str, path: Path, options: Options, bad: BadRecords) -> Task:
         if not transcript.strip():
             raise BadRecordError("malformed_message", where, "expected '<utterance id> <TRANSCRIPT>'")
         audio = media("audio", folder / f"{utterance}{options.suffix}", where)
-        return Item(utterance, options.prompt, transcript.strip(), [audio], category=subset)
+        # LibriSpeech's utterance ids are unique across its subsets; other data in its layout may reuse them
+        return Item(f"{subset}/{utterance}", options.prompt, transcript.strip(), [audio], category=subset)
 
     rows = list(_rows(path))
     if not rows:
