@@ -1,4 +1,5 @@
-"""CTC of transcribed input media: the pure loss, the processor's targets, the loader, the model's term, the loop."""
+"""CTC of transcribed input media: the pure loss, the processor's targets, the loader, the model's term, the loop,
+and reading the slots back (prefix beam search, a sequence's likelihood)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from mllm.data.input_augment import InputAugment
 from mllm.data.loader import MultimodalLoader
 from mllm.data.packing import pack_collate
 from mllm.data.records import read_records
+from mllm.generation import ctc_log_likelihood, ctc_prefix_beam_search
 from mllm.losses import ctc_loss
 from mllm.model import MultimodalLM
 from mllm.model.modeling import item_lengths
@@ -106,7 +108,31 @@ def test_the_model_learns_to_spell_each_item_at_its_slots():
     assert loss.item() < 0.1 * first
     with torch.no_grad():
         logits = model(ids, features={"image": feats}).logits[0, 3:8]  # the first image's five slots
-    assert greedy(logits, blank=model.layout["image"].placeholder_id) == [11, 12, 12]
+    blank = model.layout["image"].placeholder_id
+    assert greedy(logits, blank) == [11, 12, 12]
+    assert ctc_prefix_beam_search(logits.log_softmax(-1), blank)[0][0] == [11, 12, 12]
+
+
+def test_an_unpruned_prefix_search_gives_every_sequence_its_exact_likelihood():
+    torch.manual_seed(0)
+    log_probs = torch.randn(5, 4).mul(2).log_softmax(-1)  # [T, V], blank 0
+    every = ctc_prefix_beam_search(log_probs, blank=0, beam=10_000, top_k=4)
+    assert sum(torch.tensor(score).exp() for _, score in every) == pytest.approx(1.0, abs=1e-6)
+    for ids, score in every:
+        assert score == pytest.approx(ctc_log_likelihood(log_probs, ids, blank=0), abs=1e-4)
+    scores = [score for _, score in every]
+    assert scores == sorted(scores, reverse=True)
+    assert ctc_log_likelihood(log_probs, [1, 1, 1], blank=0) > ctc_log_likelihood(log_probs, [1] * 6, blank=0)
+    assert ctc_log_likelihood(log_probs, [1] * 6, blank=0) == float("-inf")  # needs 6 steps, and a blank between each
+
+
+def test_a_pruned_search_keeps_its_beam_and_bad_arguments_are_refused():
+    log_probs = torch.randn(6, 5).log_softmax(-1)
+    assert len(ctc_prefix_beam_search(log_probs, blank=0, beam=3, top_k=2)) == 3
+    with pytest.raises(ValueError, match="blank in"):
+        ctc_prefix_beam_search(log_probs, blank=5)
+    with pytest.raises(ValueError, match="beam and top_k"):
+        ctc_prefix_beam_search(log_probs, blank=0, beam=0)
 
 
 def test_transcript_count_and_missing_logits_are_errors():
@@ -118,6 +144,13 @@ def test_transcript_count_and_missing_logits_are_errors():
         model(ids, features={"image": feats}, transcripts={"image": [torch.tensor([4])] * 2}, logits_to_keep=1)
     with pytest.raises(ValueError, match="'audio', which is not a continuous modality"):
         model(ids, features={"image": feats}, transcripts={"audio": [torch.tensor([4])]})
+
+
+def test_transcribed_names_continuous_modalities_only():
+    config = MultimodalLM.from_base(tiny_lm("llama"), layout_for()).config
+    config.transcribed = ["audio"]
+    with pytest.raises(ValueError, match=r"transcribed: \['audio'\] are not continuous modalities of this model"):
+        MultimodalLM(config)
 
 
 @pytest.fixture(scope="module")
@@ -134,9 +167,12 @@ def test_the_loop_adds_the_weighted_term_and_logs_it(said, text_tokenizer, tmp_p
     for weight in (0.0, 0.5):
         out = tmp_path / f"w{weight}"
         cfg = load_recipe(write(tmp_path, recipe(said, text_tokenizer, out, data={"train": ["said.jsonl"]},
-                                                 loss={"transcripts": weight}, train={"max_steps": 2, "save_every": 0})))
+                                                 loss={"transcripts": weight},
+                                                 train={"max_steps": 2, "save_every": 0, "export": "merged"})))
         finetune(cfg)
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert all(("transcript_loss" in r) == (weight > 0) for r in rows)
+        config = json.loads((out / "final" / "config.json").read_text())
+        assert config["transcribed"] == (["image"] if weight > 0 else [])
         if weight:
             assert all(0 < r["transcript_loss"] < r["loss"] for r in rows)

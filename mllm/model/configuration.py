@@ -6,6 +6,7 @@ with `AutoConfig`, so HF Auto classes load mllm checkpoints without remote code.
     projector = "mlp2x_gelu"   or one per continuous modality: {"image": "mlp2x_gelu", "audio": "context_gru"}
     heads = {"image": {"name": "gmm", "options": {"num_components": 16}, "loss_weight": 1.0, "parallel": False}}
     tokens_per_item = {"image": 64, "audio": 0}
+    transcribed = ["audio"]
 
 `heads` attaches an output head (`mllm.heads`, by registry name) to a
 continuous modality; the head's `hidden_size` and `feature_dim` come from the
@@ -19,6 +20,11 @@ generation forces the end token after N codes or features. It belongs to the
 trained model (it learned to write N), so it travels with the checkpoint. A
 discrete modality with 0 ends its span when the model writes the end token;
 a continuous one needs N > 0 to be generated.
+
+`transcribed` names the continuous modalities whose slots were trained to
+spell the item's transcript (a CTC term on the LM's logits there, the
+placeholder id as the blank; the training loop records it). Transcription
+can then read the slots too (joint CTC/attention decoding, `mllm eval`).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ class MultimodalConfig(PretrainedConfig):
         projector: str | dict[str, str] = "mlp2x_gelu",
         heads: dict[str, dict] | None = None,
         tokens_per_item: dict[str, int] | None = None,
+        transcribed: list[str] | None = None,
         **kwargs,
     ):
         if isinstance(text_config, dict):
@@ -51,6 +58,7 @@ class MultimodalConfig(PretrainedConfig):
         self.projector = projector if isinstance(projector, str) else dict(projector)
         self.heads = {name: head_entry(name, spec) for name, spec in (heads or {}).items()}
         self.tokens_per_item = {name: int(n) for name, n in (tokens_per_item or {}).items()}
+        self.transcribed = sorted(transcribed or [])
         # Tying follows the base LM: its own config decides, and the wrapper only reports it.
         kwargs.setdefault("tie_word_embeddings", getattr(text_config, "tie_word_embeddings", False))
         # Setting the wrapper's attention implementation also sets the LM's; default to what the LM has.

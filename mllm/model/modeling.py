@@ -84,6 +84,9 @@ class MultimodalLM(PreTrainedModel):
             if name not in self.layout.modalities or n < 0:
                 known = sorted(self.layout.modalities)
                 raise ValueError(f"tokens_per_item.{name} must be >= 0 and name a modality of {known}")
+        unknown = sorted(set(config.transcribed) - set(continuous))
+        if unknown:
+            raise ValueError(f"transcribed: {unknown} are not continuous modalities of this model ({sorted(continuous)})")
         self.queries = nn.ParameterDict()  # m -> [N, H]: the output query of each slot of a parallel item
         for name, spec in config.heads.items():
             self._set_queries(name, spec)

@@ -5,7 +5,7 @@
         model.safetensors               every trainable parameter, full and fp32 (gathered under ZeRO-3)
         optimizer/rank-00000.safetensors, .json   optimizer state: tensors, and the structure around them
         rng/rank-00000.json             python, numpy and torch generator states
-        trainer.json                    step, data position (epoch, batch), world size
+        trainer.json                    step, data position (epoch, batch), world size, transcribed modalities
         COMPLETE                        written last: only a directory with it is ever read
 
 A save writes everything into `.step-00000100.tmp`, renames it into place and
@@ -29,7 +29,7 @@ import os
 import random
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,6 +56,7 @@ class TrainerState:
     epoch: int = 0  # data position of the next step: the epoch ...
     batch: int = 0  # ... and the index of its first micro-batch in that epoch's stream
     world_size: int = 1
+    transcribed: list[str] = field(default_factory=list)  # modalities whose slots learned to spell transcripts
 
 
 # ---- the model a recipe describes ---------------------------------------------------------------
@@ -179,6 +180,7 @@ def export_checkpoint(
     if trained is not unwrap(trained) and not merge_lora:
         raise ValueError(f"{ckpt}: holds LoRA or token-row weights; export them merged into the base (--merge)")
     model = merge(trained).requires_grad_(False).eval()
+    model.config.transcribed = sorted(set(model.config.transcribed) | set(read_trainer_state(ckpt).transcribed))
     if what == "merged":
         return save_checkpoint(model, processor, out)
     return _save_language_model(model, processor, Path(out))

@@ -296,6 +296,12 @@ class Finetune:
         if in_a_row >= self.cfg.train.max_bad_steps:
             raise NonFiniteLossError(f"{in_a_row} steps in a row had a non-finite loss or gradient; the last was {where}: {cause}")
 
+    def _record_transcribed(self, batch: MultimodalBatch) -> None:
+        """Note the modalities whose slots learn to spell transcripts; the export names them in config.json."""
+        spelled = {m for m, texts in batch.transcripts.items() if any(t.numel() for t in texts)}
+        if not spelled <= set(self.state.transcribed):
+            self.state.transcribed = sorted(spelled | set(self.state.transcribed))
+
     def step(self, batches: list[MultimodalBatch]) -> dict:
         """One optimizer step over this rank's micro-batches; the returned numbers are over all ranks."""
         e, world, rank = self.engine, self.env.world_size, self.env.rank
@@ -313,6 +319,7 @@ class Finetune:
             transcript_loss = getattr(out, "transcript_loss", None)  # only on batches with transcribed media
             if transcript_loss is not None:
                 loss = loss + self.cfg.loss.transcripts * transcript_loss
+                self._record_transcribed(batch)
             if not torch.isfinite(loss):
                 bad[j * world + rank] = 1
                 loss = loss * math.nan  # a NaN gradient makes every rank skip this update
