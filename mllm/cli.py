@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -63,6 +64,17 @@ def _tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _weight(text: str) -> float:
+    """A weight in [0, 1], for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
+    return value
+
+
 def _eval(args: argparse.Namespace) -> int:
     from mllm.config import ConfigError
     from mllm.data.records import BadRecordError
@@ -73,7 +85,7 @@ def _eval(args: argparse.Namespace) -> int:
     try:
         results = evaluate(_default_model(args.model), args.tasks, args.out, corpora=args.data, limit=args.limit,
                            batch_size=args.batch_size, generate=args.generate, policy=args.on_bad,
-                           overwrite=args.overwrite, device=args.device)
+                           overwrite=args.overwrite, device=args.device, ctc_weight=args.ctc_weight)
     except (BadRecordError, ConfigError, FileNotFoundError, NoMediaGenerator, RunMismatchError, UnknownTaskError) as e:
         hint = " (--on-bad skip skips it)" if isinstance(e, (BadRecordError, UnknownTaskError)) else ""
         print(f"mllm eval: {e}{hint}", file=sys.stderr)
@@ -267,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a bad item or unknown task stops the run, or is skipped")
     ev.add_argument("--overwrite", action="store_true", help="discard the cached predictions in --out")
     ev.add_argument("--device", default=None, help="e.g. cuda; default: where the checkpoint loads (cpu)")
+    ev.add_argument("--ctc-weight", type=_weight, default=None, metavar="W",
+                    help="transcriptions by a model that spells speech at its audio slots: joint CTC/attention "
+                         "decoding at this CTC weight (default 0.3; 0: greedy replies only)")
     ev.set_defaults(func=_eval)
 
     listing = sub.add_parser("list", help="list the registered variants (tokenizers, projectors, templates, corpora)")

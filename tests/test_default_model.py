@@ -85,6 +85,39 @@ def test_a_fixed_question_gets_the_right_answer(digits, predictor):
     assert sum(answer == str(d) for d, answer in enumerate(answers)) >= 9, answers
 
 
+@pytest.fixture(scope="module")
+def spoken_strings(tmp_path_factory) -> list:
+    """Digit strings in four voices of a held-out accent (en-029), at speeds the test split has."""
+    from mllm.data.corpora.speech import Voice, synthesize
+    from mllm.eval.tasks import Item, MediaRef
+    from mllm.media import save_audio
+
+    out = tmp_path_factory.mktemp("spoken")
+    texts = ["five eight", "two one nine", "eight three seven", "six two two", "seven one", "zero nine four three",
+             "eight six zero", "three three seven nine"]
+    voices = [Voice("en-029", variant, rate, 50, 3, 0.6, None, 0, True)
+              for variant, rate in (("m7", 200), ("klatt3", 190), ("f4", 180), ("steph", 205))]
+    items = []
+    for k, text in enumerate(texts):
+        for j, voice in enumerate(voices):
+            path = save_audio(synthesize(text, voice, 16000), out / f"{k}-{j}.wav")
+            items.append(Item(f"{k}-{j}", "Transcribe the audio.", text, [MediaRef("audio", str(path))]))
+    return items
+
+
+def test_transcriptions_read_the_spoken_slots_too(spoken_strings, predictor):
+    """The shipped LM spells speech at its audio slots; joint CTC/attention decoding keeps what both readings hear."""
+    import jiwer
+
+    refs = [item.answer for item in spoken_strings]
+    greedy = predictor.answer(spoken_strings, max_new_tokens=24)
+    joint = predictor.transcribe(spoken_strings, max_new_tokens=24)
+    assert predictor.transcribe(spoken_strings, max_new_tokens=24) == joint  # deterministic
+    assert jiwer.wer(refs, [t or "<empty>" for t in joint]) < jiwer.wer(refs, [t or "<empty>" for t in greedy])
+    plain = ModelPredictor(predictor.model, predictor.processor, ctc_weight=0.0)
+    assert plain.transcribe(spoken_strings, max_new_tokens=24) == greedy
+
+
 def test_the_diffusion_variant_reads_with_the_gmm_variants_language_model(digits):
     """Its stage trains only the image head and the image queries: every other weight is the GMM variant's."""
     from safetensors.torch import load_file

@@ -154,6 +154,30 @@ def test_batched_likelihoods_equal_one_at_a_time(tiny_model):
     assert all(s < 0 for s, _ in together)
 
 
+class TranscribingPredictor(CountingPredictor):
+    """Answers "7"; transcribes every recording as "one two"."""
+
+    def transcribe(self, items, max_new_tokens):
+        return ["one two" for _ in items]
+
+
+def test_a_transcription_task_is_transcribed_and_a_model_that_spells_nothing_transcribes_greedily(tmp_path, tiny_model):
+    from mllm.media import Audio, save_audio
+
+    chapter = tmp_path / "LibriSpeech" / "test-clean" / "1" / "1"
+    save_audio(Audio(np.zeros((1, 1600), np.float32), 16000), chapter / "1-1-0000.flac")
+    (chapter / "1-1.trans.txt").write_text("1-1-0000 ONE TWO\n")
+    task = build_task(TaskSpec("librispeech", str(tmp_path / "LibriSpeech"), name="ls"))
+    assert task.mode == "transcribe"
+    results = run_eval([task], TranscribingPredictor(), tmp_path / "out", model="m", progress=False, report=False)
+    assert results["ls"]["wer"] == 0.0
+    predictor = ModelPredictor(*tiny_model)  # trained to spell nothing: `config.transcribed` is empty
+    items = [type(task.items[0])("q", "Which digit?", "7")]
+    assert predictor.transcribe(items, max_new_tokens=4) == predictor.answer(items, max_new_tokens=4)
+    with pytest.raises(ValueError, match="ctc_weight"):
+        ModelPredictor(*tiny_model, ctc_weight=1.5)
+
+
 def judge_white_is_seven(paths: list[str]) -> list[str]:
     """A stand-in judge: a white picture "shows" a 7."""
     return ["7" if load_image(p).pixels.mean() > 250 else "?" for p in paths]

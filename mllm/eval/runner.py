@@ -187,7 +187,12 @@ def _predict(task: Task, items: list[Item], predictor: Predictor, out: Path) -> 
             SAVERS[task.modality](medium, out / rel)
             predictions.append(Prediction(item.id, files=[rel.as_posix()]))
         return predictions
-    texts = predictor.answer(items, task.max_new_tokens) if task.mode in ("generate", "both") else [None] * len(items)
+    if task.mode == "transcribe":
+        texts = predictor.transcribe(items, task.max_new_tokens)
+    elif task.mode in ("generate", "both"):
+        texts = predictor.answer(items, task.max_new_tokens)
+    else:
+        texts = [None] * len(items)
     logprobs = predictor.choice_logprobs(items) if task.mode in ("likelihood", "both") else [None] * len(items)
     return [
         Prediction(i.id, text=t, choice=None if lp is None else max(range(len(lp)), key=lp.__getitem__), choice_logprobs=lp)
@@ -318,9 +323,11 @@ def evaluate(
     policy: Policy = "fail",
     overwrite: bool = False,
     device: str | None = None,
+    ctc_weight: float | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """`mllm eval`: load the checkpoint, read the tasks, run them (resuming from `out`), write the outputs."""
-    from mllm.eval.predictor import ModelPredictor
+    """`mllm eval`: load the checkpoint, read the tasks, run them (resuming from `out`), write the outputs.
+    `ctc_weight`: of the joint CTC/attention decoding of transcriptions (default `CTC_WEIGHT`; 0: greedy)."""
+    from mllm.eval.predictor import CTC_WEIGHT, ModelPredictor
     from mllm.pipeline import Pipeline
 
     if model is None:
@@ -329,7 +336,9 @@ def evaluate(
     if not tasks:
         raise ValueError("no task to run")
     pipeline = Pipeline.from_pretrained(model, device=device)
+    ctc_weight = CTC_WEIGHT if ctc_weight is None else ctc_weight
     predictor = ModelPredictor(pipeline.model, pipeline.processor, rows_per_forward=batch_size,
-                               media_generator=pipeline.generate_media)
-    return run_eval(tasks, predictor, out, model=str(Path(model).resolve()), batch_size=batch_size, limit=limit,
-                    policy=policy, overwrite=overwrite)
+                               media_generator=pipeline.generate_media, ctc_weight=ctc_weight)
+    # the decoding is part of what made the cached predictions
+    return run_eval(tasks, predictor, out, model=f"{Path(model).resolve()} (ctc weight {ctc_weight})",
+                    batch_size=batch_size, limit=limit, policy=policy, overwrite=overwrite)

@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # mllm.data.records imports `datasets`, which a task spec sho
     from mllm.data.records import BadRecords
 
 Modality = Literal["image", "audio", "video"]
-Mode = Literal["generate", "likelihood", "both", "media"]
+Mode = Literal["generate", "transcribe", "likelihood", "both", "media"]
 ROOT = Path(__file__).resolve().parents[2]
 SPEC_DIR = ROOT / "eval" / "tasks"  # the shipped task specs
 BENCHMARKS_ENV, DEFAULT_BENCHMARKS = "MLLM_BENCHMARKS", "~/benchmarks"  # where the shipped specs look for downloads
@@ -130,7 +130,8 @@ class Task:
     name: str
     items: list[Item]
     score: Scorer
-    mode: Mode = "generate"  # both: generated answers and the likelihood of each option
+    mode: Mode = "generate"  # both: generated answers and the likelihood of each option; transcribe: answers
+    # that say what the item's medium says (the predictor may also read the medium's slots: `transcribe`)
     max_new_tokens: int = 32
     modality: Modality | None = None  # mode "media": what to generate
     proxy: bool = False  # built from the built-in corpora, not the real benchmark

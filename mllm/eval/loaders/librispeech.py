@@ -5,7 +5,9 @@
 
 Point the task at one subset (test-clean) or at the LibriSpeech folder (every
 subset below it, each a category). Scored by corpus WER (jiwer) after
-normalisation: lower case, punctuation removed, spaces collapsed.
+normalisation: lower case, punctuation removed, spaces collapsed. Its items are
+transcriptions (mode "transcribe"), so a model that spells speech at its audio
+slots answers by joint CTC/attention decoding.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def load(name: str, path: Path, options: Options, bad: BadRecords) -> Task:
     rows = list(_rows(path))
     if not rows:
         raise FileNotFoundError(f"{path}: no LibriSpeech transcripts (<speaker>/<chapter>/*.trans.txt) below it")
-    return Task(name, collect(rows, build, bad), score, max_new_tokens=96, source=str(path))
+    return Task(name, collect(rows, build, bad), score, mode="transcribe", max_new_tokens=96, source=str(path))
 
 
 def score(items: Sequence[Item], predictions: Sequence[Prediction]) -> Scores:
