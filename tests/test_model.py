@@ -328,6 +328,26 @@ def test_save_load_with_each_head_is_bit_identical(head, tmp_path, mistral_token
     assert isinstance(auto, MultimodalLM) and auto.heads["image"].name == head
 
 
+def test_the_queries_gradient_is_the_same_every_time():
+    """Many spans read the same query rows; their gradients must add up in a fixed order, or two runs of one
+    seeded recipe drift apart (indexing the table did so on a CPU: its backward adds with parallel atomics)."""
+    model = with_heads("llama", {"image": {"name": "regression", "parallel": True}}, tokens_per_item={"image": 3})
+    ids = image_sequence(model.layout).repeat(2048, 1)  # 4096 spans
+    slots = ids == model.layout["image"].placeholder_id
+    upstream = torch.randn(*ids.shape, model.config.text_config.hidden_size)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(10):
+            model.zero_grad()
+            (model.embed(ids, queries=slots) * upstream).sum().backward()
+            grads.append(model.queries["image"].grad.clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
+
+
 def test_parallel_slots_are_learned_queries_one_per_slot(tmp_path):
     """Each query slot of a parallel span gets its own learned embedding (SEED-X's output queries): the same
     placeholder at slots k and k' enters as different vectors, every span restarts at query 0, the queries

@@ -30,6 +30,7 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoModelForCausalLM, PreTrainedModel
@@ -271,7 +272,9 @@ class MultimodalLM(PreTrainedModel):
         rank = query_ranks(marked)
         if int(rank.max()) >= len(table):
             raise ValueError(f"{name}: a parallel span longer than its {len(table)} query slots (tokens_per_item)")
-        return embeds + torch.where(marked.unsqueeze(-1), table[rank.clamp(max=len(table) - 1)], 0)
+        # F.embedding, not table[rank]: on a CPU the backward of indexing adds repeated rows with parallel atomic
+        # adds, in a varying order, so two runs drift apart; the embedding's backward sums each row in a fixed order
+        return embeds + torch.where(marked.unsqueeze(-1), F.embedding(rank.clamp(max=len(table) - 1), table), 0)
 
     def forward(
         self,
