@@ -299,8 +299,7 @@ class Finetune:
     def _record_transcribed(self, batch: MultimodalBatch) -> None:
         """Note the modalities whose slots learn to spell transcripts; the export names them in config.json."""
         spelled = {m for m, texts in batch.transcripts.items() if any(t.numel() for t in texts)}
-        if not spelled <= set(self.state.transcribed):
-            self.state.transcribed = sorted(spelled | set(self.state.transcribed))
+        self.state.transcribed = sorted(spelled | set(self.state.transcribed))
 
     def step(self, batches: list[MultimodalBatch]) -> dict:
         """One optimizer step over this rank's micro-batches; the returned numbers are over all ranks."""
