@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 from mllm.generation import GenerationConfig, TokenSampling
 from mllm.media import Audio, Image, MediaError, Video, load_media, save_audio, save_image, save_video
-from mllm.pipeline import Media, Pipeline
+from mllm.pipeline import Item, Media, Pipeline
 from mllm.processor import MessageError, SequenceTooLongError
 
 SUFFIXES = {
@@ -32,9 +32,11 @@ SUFFIXES = {
 SAVERS: dict[type, tuple[str, str, Callable]] = {
     Image: ("image", ".png", save_image), Audio: ("audio", ".wav", save_audio), Video: ("video", ".mp4", save_video),
 }
+REPLIES = ("text", *SUFFIXES, "transcript")
 HELP = """commands:
   /attach PATH...     attach images, audio or video to your next message
-  /set KEY=VALUE...   temperature, top_k, top_p, repetition_penalty, max_tokens, seed, reply (text|image|audio|video)
+  /set KEY=VALUE...   temperature, top_k, top_p, repetition_penalty, max_tokens, seed,
+                      reply (text|image|audio|video|transcript: write down the one attached recording)
   /reset              start a new conversation
   /save PATH          write the transcript as JSON (media as file paths)
   /help, /quit"""
@@ -60,13 +62,13 @@ class Settings:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int | None = None
-    reply: str = "text"  # or a medium the reply opens with
+    reply: str = "text"  # a medium the reply opens with, or "transcript" (Pipeline.transcribe)
 
     def set(self, key: str, value: str) -> None:
         if key not in self.__dataclass_fields__:
             raise ChatError(f"unknown setting {key!r} (settings: {', '.join(self.__dataclass_fields__)})")
-        if key == "reply" and value not in ("text", *SUFFIXES):
-            raise ChatError(f"reply: expected text, image, audio or video, got {value!r}")
+        if key == "reply" and value not in REPLIES:
+            raise ChatError(f"reply: expected one of {', '.join(REPLIES)}, got {value!r}")
         try:
             parsed: Any = value if key == "reply" else int(value) if key in ("max_tokens", "top_k", "seed") else float(value)
         except ValueError as e:
@@ -117,7 +119,10 @@ class ChatSession:
 
     def ask(self, text: str) -> list[dict]:
         """Send one user turn, stream the reply to `out`; returns the reply's transcript parts."""
-        force = None if self.settings.reply == "text" else self.settings.reply
+        force = None if self.settings.reply in ("text", "transcript") else self.settings.reply
+        if self.settings.reply == "transcript" and len(self.pending) != 1:
+            raise ChatError(f"reply=transcript writes down one attached recording; this message has {len(self.pending)} "
+                            "attachments (/attach one, or /set reply=text)")
         if force is not None and force not in self.pipeline.detokenizers:
             raise ChatError(f"this model cannot write {force} (it writes text and {sorted(self.pipeline.detokenizers)})")
         parts = [part for _, part in self.pending] + ([{"type": "text", "text": text}] if text else [])
@@ -132,8 +137,13 @@ class ChatSession:
             self.out.write(delta)
             self.out.flush()
 
+        conversation = [*self.messages, user]
         try:
-            [reply] = self.pipeline.chat([[*self.messages, user]], self.settings.config(), force=force, on_text=on_text)
+            if self.settings.reply == "transcript":  # joint CTC/attention decoding picks the reply whole: no stream
+                reply: list[Item] = self.pipeline.transcribe([conversation], max_new_tokens=self.settings.max_tokens)
+                on_text(0, reply[0])
+            else:
+                [reply] = self.pipeline.chat([conversation], self.settings.config(), force=force, on_text=on_text)
         except (MessageError, SequenceTooLongError, MediaError, KeyError) as e:
             self.out.write("\n")
             raise ChatError(str(e)) from e

@@ -297,8 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--message", action="append", default=[], help="send this and exit; repeat for more turns")
     chat.add_argument("--attach", action="append", type=Path, default=[], metavar="PATH",
                       help="image, audio or video file for the first message; repeatable")
-    chat.add_argument("--reply", choices=["text", "image", "audio", "video"], default="text",
-                      help="open each reply with this medium")
+    chat.add_argument("--reply", choices=["text", "image", "audio", "video", "transcript"], default="text",
+                      help="open each reply with this medium; transcript: write down the one attached recording "
+                           "(joint CTC/attention decoding where the model learned to spell it)")
     chat.add_argument("--media-dir", type=Path, default=Path("chat_media"), help="where generated media are saved")
     chat.add_argument("--transcript", type=Path, default=None, help="write the transcript (JSON) here at the end")
     chat.add_argument("--max-tokens", type=int, default=256)

@@ -78,10 +78,14 @@ class Demo:
     def __init__(self, corpora: Path, pipelines: dict[str, Pipeline], seed: int):
         self.corpora, self.pipelines, self.seed = corpora, pipelines, seed
 
-    def reply(self, variant: str, turns: list[Turn], force: str | None, max_new_tokens: int) -> list:
+    def reply(self, variant: str, turns: list[Turn], force: str | None, max_new_tokens: int,
+              transcribe: bool = False) -> list:
         pipe = self.pipelines[variant]
+        conversation = [_message(t.role, t.parts) for t in turns]
+        if transcribe:
+            return [pipe.transcribe([conversation], max_new_tokens=max_new_tokens)[0]]
         config = GenerationConfig(max_new_tokens=max_new_tokens, seed=self.seed)
-        [reply] = pipe.chat([[_message(t.role, t.parts) for t in turns]], config, force=force)
+        [reply] = pipe.chat([conversation], config, force=force)
         return [item.strip() if isinstance(item, str) else item for item in reply if not isinstance(item, str) or item.strip()]
 
     def can(self, variant: str, *modalities: str) -> str:
@@ -91,11 +95,11 @@ class Demo:
         return f"this checkpoint has no {missing[0]} tokenizer" if missing else ""
 
     def run(self, path: str, record: dict, parts: list, truth: str, *, variant: str = "gmm", force: str | None = None,
-            max_new_tokens: int = 24, needs: tuple[str, ...] = ()) -> Showcase:
+            max_new_tokens: int = 24, needs: tuple[str, ...] = (), transcribe: bool = False) -> Showcase:
         show = Showcase(path, [Turn("user", parts)], truth, unavailable=self.can(variant, *needs))
         if not show.unavailable:
             started = time.perf_counter()
-            show.turns.append(Turn("assistant", self.reply(variant, show.turns, force, max_new_tokens)))
+            show.turns.append(Turn("assistant", self.reply(variant, show.turns, force, max_new_tokens, transcribe)))
             show.seconds = time.perf_counter() - started
         return show
 
@@ -114,7 +118,8 @@ class Demo:
                      force="image", max_new_tokens=80, needs=("image",)),
             self.run("text → image (diffusion head)", draw, _user_parts(draw, c), f"a {draw['meta']['label']}",
                      variant="diffusion", force="image", max_new_tokens=80, needs=("image",)),
-            self.run("speech → text", asr, _user_parts(asr, c), asr["meta"]["transcript"], needs=("audio",)),
+            self.run("speech → text", asr, _user_parts(asr, c), asr["meta"]["transcript"], needs=("audio",),
+                     transcribe=True),
             self.run("text → speech", tts, _user_parts(tts, c), f"the word {tts['meta']['transcript']!r}",
                      force="audio", max_new_tokens=80, needs=("audio",)),
             self.run("sound → caption", sound, _user_parts(sound, c), sound["meta"]["caption"], needs=("audio",)),

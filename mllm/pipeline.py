@@ -3,6 +3,9 @@
     pipe = Pipeline.from_pretrained("runs/x/checkpoint")
     [reply] = pipe.chat([messages], GenerationConfig(max_new_tokens=128))
     reply   # ["Here is a 3: ", Image(...), " and it sounds like ", Audio(...)]
+    pipe.transcribe([[{"role": "user", "content": [{"type": "audio", "media": clip}, {"type": "text", "text": "Transcribe."}]}]])
+            # ["zero nine"]: joint CTC/attention decoding where the model learned to spell its slots
+    pipe.reply_logprobs([messages], ["yes"])   # [(log p(yes | messages), whether greedy writes it)]
 
 It joins the layers below: the processor renders the conversation, the
 generation engine continues it, and each generated media span goes to its
@@ -21,14 +24,21 @@ import torch
 
 from mllm.checkpoint import load_checkpoint, load_detokenizers, save_checkpoint
 from mllm.detokenizers import DeTokenizer
-from mllm.generation import GenerationConfig, MediaSpan, generate
+from mllm.generation import (GenerationConfig, MediaSpan, ctc_log_likelihood, ctc_prefix_beam_search, generate,
+                             greedy_generate)
 from mllm.media import Audio, Image, Video
 from mllm.model import MultimodalLM
 from mllm.processor import Processor
-from mllm.sequence import MultimodalBatch
+from mllm.sequence import IGNORE_INDEX, MultimodalBatch
 
 Media = Image | Audio | Video
 Item = str | Media
+CTC_WEIGHT = 0.3  # w of joint CTC/attention transcription, chosen on the embedded default's validation split
+
+
+def check_joint_decoding(ctc_weight: float, ctc_beam: int) -> None:
+    if not 0 <= ctc_weight <= 1 or ctc_beam < 1:
+        raise ValueError(f"need 0 <= ctc_weight <= 1 and ctc_beam >= 1, got {ctc_weight} and {ctc_beam}")
 
 
 class Pipeline:
@@ -105,6 +115,81 @@ class Pipeline:
         if span.modality not in self.detokenizers:
             raise KeyError(f"no {span.modality} de-tokenizer in this pipeline (has: {sorted(self.detokenizers)})")
         return self.detokenizers[span.modality].decode(span.tokens, guidance=guidance, steps=steps)
+
+    @torch.no_grad()
+    def complete(self, conversations: Sequence[list[dict]], max_new_tokens: int) -> list[str]:
+        """The assistant's greedy text reply to each conversation, decoded and stripped."""
+        batch = self.processor(list(conversations), add_generation_prompt=True, padding_side="left").to(self.device)
+        eos = self.processor.tokenizer.eos_token_id
+        ids = greedy_generate(self.model, batch, max_new_tokens=max_new_tokens, eos_token_id=-1 if eos is None else eos)
+        return [self.processor.decode_text(row).strip() for row in ids]
+
+    @torch.no_grad()
+    def transcribe(self, conversations: Sequence[list[dict]], *, max_new_tokens: int = 96,
+                   ctc_weight: float = CTC_WEIGHT, ctc_beam: int = 8) -> list[str]:
+        """What each conversation's last user turn's medium says. Where that turn holds one medium and the model
+        learned to spell its slots (`config.transcribed`), joint CTC/attention decoding (Watanabe et al. 2017;
+        rescoring as in WeNet): the greedy reply and the slots' CTC n-best are the candidates, and the one with
+        the highest (1 - w) log p_LM(reply | conversation) + w log p_CTC(reply | slots) wins, w = `ctc_weight`.
+        Other conversations, and every one at w = 0, get the greedy reply."""
+        check_joint_decoding(ctc_weight, ctc_beam)
+        replies = self.complete(conversations, max_new_tokens)
+        spelled = {k: m for k, c in enumerate(conversations) if (m := self._spelled_medium(c))}
+        if ctc_weight == 0 or not spelled:
+            return replies
+        rows = list(spelled)
+        batch = self.processor([conversations[k] for k in rows], add_generation_prompt=True, padding_side="left")
+        batch = batch.to(self.device)
+        inputs = {k: v for k, v in batch.model_inputs().items() if k not in ("labels", "feature_targets")}
+        logits = self.model(**inputs, logits_to_keep=0).logits  # [B, T, V]
+        w = ctc_weight
+        for row, k in enumerate(rows):
+            slots = self.processor.layout[spelled[k]]
+            ids = batch.input_ids[row]
+            begin = int((ids == slots.begin_id).nonzero()[-1])  # the turn's medium is the prompt's last of its kind
+            at = (ids == slots.placeholder_id) & (torch.arange(len(ids), device=ids.device) > begin)
+            log_probs = logits[row, at].float().log_softmax(-1)  # [L, V]: the medium's slots
+            nbest = ctc_prefix_beam_search(log_probs, slots.placeholder_id, beam=ctc_beam)
+            candidates = [replies[k]] + [self.processor.decode_text(c).strip() for c, _ in nbest]
+            candidates = [c for c in dict.fromkeys(candidates) if c]
+            if not candidates:
+                continue
+            lm = [logprob for logprob, _ in self.reply_logprobs([conversations[k]] * len(candidates), candidates)]
+            ctc = [ctc_log_likelihood(log_probs, self.processor.tokenizer(c, add_special_tokens=False)["input_ids"],
+                                      slots.placeholder_id) for c in candidates]
+            replies[k] = max(zip(candidates, lm, ctc), key=lambda c: (1 - w) * c[1] + w * c[2])[0]
+        return replies
+
+    @torch.no_grad()
+    def reply_logprobs(self, conversations: Sequence[list[dict]], replies: Sequence[str], *,
+                       rows_per_forward: int = 8) -> list[tuple[float, bool]]:
+        """For each conversation, log p(assistant reply | conversation), summed over the reply's labelled
+        tokens (its text and end of turn), and whether greedy decoding would have written exactly them."""
+        if len(conversations) != len(replies):
+            raise ValueError(f"{len(conversations)} conversations but {len(replies)} replies")
+        out: list[tuple[float, bool]] = []
+        for start in range(0, len(conversations), rows_per_forward):
+            chunk = [
+                list(c) + [{"role": "assistant", "content": [{"type": "text", "text": r}]}]
+                for c, r in zip(conversations[start:start + rows_per_forward], replies[start:start + rows_per_forward])
+            ]
+            batch = self.processor(chunk, padding_side="right").to(self.device)
+            inputs = {k: v for k, v in batch.model_inputs().items() if k not in ("labels", "feature_targets")}
+            logits = self.model(**inputs).logits[:, :-1].float()  # position t predicts token t + 1
+            labels = batch.labels[:, 1:]
+            mask = labels.ne(IGNORE_INDEX)
+            picked = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+            greedy = logits.argmax(-1).eq(labels) | ~mask
+            out += [(float(s), bool(g)) for s, g in zip((picked * mask).sum(-1), greedy.all(-1))]
+        return out
+
+    def _spelled_medium(self, conversation: list[dict]) -> str | None:
+        """The modality of the last user turn's only medium, if the model learned to spell it."""
+        users = [m for m in conversation if isinstance(m, dict) and m.get("role") == "user"]
+        content = users[-1].get("content") if users else None
+        parts = [p.get("type") for p in content if isinstance(p, dict)] if isinstance(content, list) else []
+        media = [t for t in parts if t != "text"]
+        return media[0] if len(media) == 1 and media[0] in self.model.config.transcribed else None
 
     def _prompts(self, conversations: Sequence[list[dict]], force: str | None) -> MultimodalBatch:
         batch = self.processor(list(conversations), add_generation_prompt=True, padding_side="left")

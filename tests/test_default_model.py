@@ -387,3 +387,37 @@ def test_corpora_draw_and_animate_every_digit_in_the_house_hand(tmp_path):
     (tmp_path / "in" / "digits" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in digits))
     with pytest.raises(ValueError, match="'d0'.*meta.label"):
         prepare_corpora(tmp_path / "in", tmp_path / "bad", ["digits"], {"image"}, 2.4)
+
+
+def test_a_transcription_spells_the_last_turns_recording(spoken_strings, predictor):
+    """In a conversation about two recordings, the CTC reading (alone, at weight 1) is of the latest one."""
+    import jiwer
+
+    pipe = predictor.pipeline
+    first, second = spoken_strings[0:32:4], spoken_strings[4:32:4] + spoken_strings[0:1]  # voice 0, texts k and k + 1
+    conversations = [a.messages() + [{"role": "assistant", "content": a.answer}] + b.messages()
+                     for a, b in zip(first, second)]
+    read = pipe.transcribe(conversations, max_new_tokens=24, ctc_weight=1.0)
+    to_second = jiwer.wer([b.answer for b in second], [t or "<empty>" for t in read])
+    to_first = jiwer.wer([a.answer for a in first], [t or "<empty>" for t in read])
+    assert to_second < 0.5 < to_first, (read, to_second, to_first)
+
+
+def test_a_turn_with_two_recordings_or_none_is_transcribed_greedily(spoken_strings, predictor):
+    pipe = predictor.pipeline
+    two = [{"role": "user", "content": [{"type": "audio", "path": m.path} for i in spoken_strings[:2] for m in i.media]
+            + [{"type": "text", "text": "Transcribe the audio."}]}]
+    none = [{"role": "user", "content": "Transcribe the audio."}]
+    assert pipe.transcribe([two, none], max_new_tokens=24) == pipe.complete([two, none], max_new_tokens=24)
+
+
+def test_chat_writes_down_an_attached_recording(spoken_strings, predictor, tmp_path, capsys):
+    from mllm.cli import main
+
+    item = spoken_strings[1]
+    [expected] = predictor.pipeline.transcribe([item.messages()], max_new_tokens=24)
+    code = main(["chat", "--attach", item.media[0].path, "--message", item.question, "--reply", "transcript",
+                 "--max-tokens", "24", "--media-dir", str(tmp_path)])
+    assert code == 0 and f"mllm> {expected}\n" in capsys.readouterr().out
+    assert main(["chat", "--message", item.question, "--reply", "transcript", "--media-dir", str(tmp_path)]) == 2
+    assert "reply=transcript writes down one attached recording; this message has 0" in capsys.readouterr().err

@@ -327,8 +327,8 @@ def evaluate(
 ) -> dict[str, dict[str, Any]]:
     """`mllm eval`: load the checkpoint, read the tasks, run them (resuming from `out`), write the outputs.
     `ctc_weight`: of the joint CTC/attention decoding of transcriptions (default `CTC_WEIGHT`; 0: greedy)."""
-    from mllm.eval.predictor import CTC_WEIGHT, ModelPredictor
-    from mllm.pipeline import Pipeline
+    from mllm.eval.predictor import ModelPredictor
+    from mllm.pipeline import CTC_WEIGHT, Pipeline
 
     if model is None:
         raise FileNotFoundError("no --model given, and no embedded default model is installed yet: pass a checkpoint directory")
