@@ -421,3 +421,16 @@ def test_chat_writes_down_an_attached_recording(spoken_strings, predictor, tmp_p
     assert code == 0 and f"mllm> {expected}\n" in capsys.readouterr().out
     assert main(["chat", "--message", item.question, "--reply", "transcript", "--media-dir", str(tmp_path)]) == 2
     assert "reply=transcript writes down one attached recording; this message has 0" in capsys.readouterr().err
+
+
+def test_the_server_transcribes_like_the_pipeline(spoken_strings, predictor):
+    from fastapi.testclient import TestClient
+
+    from mllm.serve.app import create_app
+
+    item = spoken_strings[6]
+    [expected] = predictor.pipeline.transcribe([item.messages()])
+    with TestClient(create_app(predictor.pipeline, model_name="default")) as client:
+        wav = Path(item.media[0].path).read_bytes()
+        r = client.post("/v1/audio/transcriptions", data={"model": "default"}, files={"file": ("a.wav", wav, "audio/wav")})
+    assert r.status_code == 200 and r.json() == {"text": expected} and expected, r.text

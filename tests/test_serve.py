@@ -337,6 +337,69 @@ def test_wrong_methods_and_paths_are_4xx(client):
     assert_alive(client)
 
 
+# ---- audio transcriptions (multipart, as OpenAI's /v1/audio/transcriptions) ------------------------
+
+
+def transcribe(client: TestClient, data: bytes | None = None, **fields):
+    files = {"file": ("clip.wav", wav_bytes() if data is None else data, "audio/wav")}
+    return client.post("/v1/audio/transcriptions", data={"model": MODEL, **fields}, files=files)
+
+
+def test_a_recording_is_transcribed_as_json_or_text(client, pipeline):
+    message = [{"role": "user", "content": [{"type": "audio", "media": load_media(wav_bytes(), "audio")},
+                                            {"type": "text", "text": "Transcribe the audio."}]}]
+    [expected] = pipeline.transcribe([message], max_new_tokens=96)
+    r = transcribe(client)
+    assert r.status_code == 200 and r.json() == {"text": expected}, r.text
+    r = transcribe(client, response_format="text")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain") and r.text == expected
+    assert_alive(client)
+
+
+def test_malformed_transcription_requests_get_4xx_and_the_server_stays_up(client):
+    url = "/v1/audio/transcriptions"
+    cases = {
+        "no file": (400, "'file' is required", client.post(url, files={"model": (None, MODEL)})),
+        "file as a text field": (400, "'file' is required",
+                                 client.post(url, files={"model": (None, MODEL), "file": (None, "clip.wav")})),
+        "a form that is not multipart": (400, "multipart/form-data", client.post(url, data={"model": MODEL})),
+        "JSON body": (400, "multipart/form-data", client.post(url, json={"model": MODEL, "file": b64(wav_bytes())})),
+        "broken multipart": (400, "multipart", client.post(url, content=b"--nope\r\ngarbage",
+                                                           headers={"content-type": "multipart/form-data; boundary=b"})),
+        "corrupt recording": (400, "cannot read the audio", transcribe(client, b"RIFF\x00\x00not a wave")),
+        "empty recording": (400, "cannot read the audio", transcribe(client, b"")),
+        "an image for a recording": (400, "cannot read the audio", transcribe(client, png_bytes())),
+        "unknown model": (404, "does not exist", transcribe(client, model="whisper-9")),
+        "unknown format": (400, "response_format", transcribe(client, response_format="srt")),
+        "another language": (400, "English only", transcribe(client, language="fr")),
+        "a sampling temperature": (400, "only 0", transcribe(client, temperature="0.7")),
+        "temperature not a number": (400, "must be a number", transcribe(client, temperature="warm")),
+        "an unsupported field": (400, "unsupported field(s) ['prompt']", transcribe(client, prompt="Hi.")),
+        "over max_request_bytes": (413, "max_request_bytes", transcribe(client, b"RIFF" + bytes(250_000))),
+    }
+    for name, (status, words, r) in cases.items():
+        assert r.status_code == status and words in r.json()["error"]["message"], f"{name}: {r.status_code} {r.text}"
+    assert_alive(client)
+
+
+def test_a_model_that_does_not_hear_refuses_transcriptions(image_checkpoint):
+    with TestClient(create_app(Pipeline.from_pretrained(image_checkpoint), model_name=MODEL)) as client:
+        r = transcribe(client)
+        assert r.status_code == 400 and "does not read audio" in r.json()["error"]["message"]
+
+
+def test_a_slow_transcription_times_out_with_504_and_frees_its_slot(pipeline):
+    app = create_app(pipeline, ServeLimits(request_timeout_s=0.3, max_concurrent_requests=1), MODEL)
+    server = app.state.server
+    with TestClient(app) as client:
+        with server.generate_lock:
+            r = transcribe(client)
+            assert r.status_code == 504 and "request_timeout_s" in r.json()["error"]["message"]
+            assert transcribe(client).status_code == 429  # the timed-out one holds its slot until its worker stops
+        _wait(lambda: server.active == 0)
+        assert transcribe(client).status_code == 200
+
+
 # ---- concurrency and timeout -----------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""The FastAPI app: OpenAI-compatible chat completions over one Pipeline, with limits.
+"""The FastAPI app: OpenAI-compatible chat completions and audio transcriptions over one Pipeline, with limits.
 
 Generation runs in worker threads, one at a time (the pipeline's lock); at most
 `max_concurrent_requests` requests are admitted (running or waiting) and the
@@ -24,16 +24,20 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from mllm.media import Audio, Image, MediaError, Video, save_audio, save_image, save_video
 from mllm.pipeline import Item, Media, Pipeline
 from mllm.processor import MessageError, SequenceTooLongError
 from mllm.serve.limits import ServeLimits
-from mllm.serve.openai_schema import ChatRequest, RequestError, parse_chat_request, parse_json
+from mllm.serve.openai_schema import (ChatRequest, RequestError, TranscriptionRequest, parse_chat_request, parse_json,
+                                      parse_transcription_request)
 
 Event = tuple[str, Any]  # ("text", str) | ("media", part) | ("done", parts) | ("error", Exception)
+TRANSCRIPT_TOKENS = 96  # at most this many new tokens per transcript
 _FORMATS = {Image: ("image", "png", "image/png", save_image), Audio: ("audio", "wav", "audio/wav", save_audio),
             Video: ("video", "mp4", "video/mp4", save_video)}
 
@@ -105,19 +109,42 @@ class _Server:
     def prepare(self, body: bytes) -> tuple[ChatRequest, int, int]:
         """Parse, load media and count tokens (in a worker thread): (request, prompt tokens, max new tokens)."""
         req = parse_chat_request(parse_json(body), self.model_name, self.reads, self.writes, self.limits)
-        try:
-            prompt = len(self.pipeline.processor.encode(req.messages, add_generation_prompt=True)) + (req.force is not None)
-        except (MessageError, SequenceTooLongError, MediaError) as e:
-            raise RequestError(400, str(e), param="messages") from e
+        prompt = self.prompt_tokens(req.messages, req.force is not None)
         limits = self.limits
-        if prompt > limits.max_input_tokens:
-            raise RequestError(400, f"the prompt is {prompt} tokens, over max_input_tokens ({limits.max_input_tokens})",
-                               param="messages", code="context_length_exceeded")
         new = req.max_tokens if req.max_tokens is not None else limits.max_total_tokens - prompt
         if prompt + new > limits.max_total_tokens:
             raise RequestError(400, f"prompt ({prompt}) + max_tokens ({new}) is over max_total_tokens "
                                     f"({limits.max_total_tokens})", param="max_tokens", code="context_length_exceeded")
         return req, prompt, new
+
+    def prepare_transcription(self, form: dict[str, str | bytes]) -> tuple[TranscriptionRequest, int]:
+        """Parse, load the recording and count tokens (in a worker thread): (request, max new tokens)."""
+        req = parse_transcription_request(form, self.model_name, self.reads, self.limits)
+        room = self.limits.max_total_tokens - self.prompt_tokens(req.messages, False)
+        if room <= 0:
+            raise RequestError(400, f"the recording leaves no room for a transcript under max_total_tokens "
+                                    f"({self.limits.max_total_tokens})", param="file", code="context_length_exceeded")
+        return req, min(room, TRANSCRIPT_TOKENS)
+
+    def prompt_tokens(self, messages: list[dict], forced: bool) -> int:
+        try:
+            prompt = len(self.pipeline.processor.encode(messages, add_generation_prompt=True)) + forced
+        except (MessageError, SequenceTooLongError, MediaError) as e:
+            raise RequestError(400, str(e), param="messages") from e
+        if prompt > self.limits.max_input_tokens:
+            raise RequestError(400, f"the prompt is {prompt} tokens, over max_input_tokens ({self.limits.max_input_tokens})",
+                               param="messages", code="context_length_exceeded")
+        return prompt
+
+    def transcribe(self, req: TranscriptionRequest, max_new: int, cancel: threading.Event, slot: _Slot) -> str:
+        """Worker thread: the recording's transcript (Pipeline.transcribe), unless the request gave up waiting."""
+        try:
+            with self.generate_lock:
+                if cancel.is_set():
+                    raise _Cancelled
+                return self.pipeline.transcribe([req.messages], max_new_tokens=max_new)[0]
+        finally:
+            slot.release()
 
     def generate(self, req: ChatRequest, max_new: int, emit: Callable[[Event], None], cancel: threading.Event,
                  slot: _Slot) -> None:
@@ -227,6 +254,29 @@ def create_app(pipeline: Pipeline, limits: ServeLimits | None = None, model_name
         choice = {"index": 0, "message": {"role": "assistant", "content": reply_content(value)}, "finish_reason": "stop"}
         return JSONResponse({**meta, "object": "chat.completion", "choices": [choice], "usage": {"prompt_tokens": prompt}})
 
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(request: Request) -> Response:
+        try:
+            slot = server.admit()
+        except RequestError as e:
+            return _error(e)
+        loop, cancel = asyncio.get_running_loop(), threading.Event()
+        try:
+            form = await _read_form(request.headers, await server.read_body(request))
+            req, max_new = await loop.run_in_executor(server.executor, server.prepare_transcription, form)
+            work = loop.run_in_executor(server.executor, server.transcribe, req, max_new, cancel, slot)
+        except Exception as e:
+            slot.release()
+            return _error(_failure(e, server.limits.request_timeout_s))
+        try:  # the worker releases the slot once it is done
+            text = await asyncio.wait_for(asyncio.shield(work), server.limits.request_timeout_s)
+        except TimeoutError:
+            cancel.set()
+            return _error(_failure(_Cancelled(), server.limits.request_timeout_s))
+        except Exception as e:
+            return _error(_failure(e, server.limits.request_timeout_s))
+        return PlainTextResponse(text) if req.response_format == "text" else JSONResponse({"text": text})
+
     @app.exception_handler(RequestError)
     async def request_error(request: Request, e: RequestError) -> JSONResponse:
         return _error(e)
@@ -236,6 +286,26 @@ def create_app(pipeline: Pipeline, limits: ServeLimits | None = None, model_name
         return _error(RequestError(e.status_code, f"{request.method} {request.url.path}: {e.detail}"))
 
     return app
+
+
+async def _read_form(headers: Headers, body: bytes) -> dict[str, str | bytes]:
+    """A multipart/form-data body as {field: text, or the bytes of an uploaded file}."""
+    if not headers.get("content-type", "").startswith("multipart/form-data"):
+        raise RequestError(400, "send the recording as multipart/form-data (fields: file, model, ...)",
+                           code="invalid_content_type")
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield body
+
+    try:
+        form = await MultiPartParser(headers, stream(), max_files=1, max_fields=16).parse()
+    except MultiPartException as e:
+        raise RequestError(400, f"malformed multipart body: {e.message}", code="invalid_multipart") from e
+    fields: dict[str, str | bytes] = {}
+    for name, value in form.multi_items():
+        fields[name] = await value.read() if isinstance(value, UploadFile) else value
+    await form.close()
+    return fields
 
 
 def _start(server: _Server, req: ChatRequest, max_new: int, slot: _Slot) -> tuple[asyncio.Queue, threading.Event]:
@@ -296,5 +366,5 @@ def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, limit
 
     pipeline = Pipeline.from_pretrained(model, device=device)
     app = create_app(pipeline, limits, model_name or Path(model).resolve().name)
-    print(f"mllm serve: http://{host}:{port}/ (API: /v1/chat/completions)", flush=True)
+    print(f"mllm serve: http://{host}:{port}/ (API: /v1/chat/completions, /v1/audio/transcriptions)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -10,6 +10,9 @@ Content parts understood (any role):
 
 Remote URLs (http, https, ...) are never fetched; local paths only under `allowed_local_media_path`.
 A request may ask for a medium in the reply with `"modalities": ["text", "image"]`.
+
+Audio transcription requests (`/v1/audio/transcriptions`, multipart form fields) -> TranscriptionRequest:
+`file` (the recording), `model`, `response_format` (json | text), `language` (en), `temperature` (0).
 """
 
 from __future__ import annotations
@@ -53,6 +56,16 @@ class ChatRequest:
     stream: bool
 
 
+@dataclass
+class TranscriptionRequest:
+    messages: list[dict]  # one user turn: the recording, then the instruction
+    response_format: str  # "json" | "text"
+
+
+TRANSCRIBE_INSTRUCTION = "Transcribe the audio."  # the eval's LibriSpeech prompt, one of the speech corpus' three
+TRANSCRIPT_FORMATS = ("json", "text")
+
+
 def parse_json(body: bytes) -> dict[str, Any]:
     try:
         value = json.loads(body)
@@ -85,6 +98,42 @@ def parse_chat_request(body: dict[str, Any], model_name: str, reads: set[str], w
             raise RequestError(400, f"too many {modality} items: {count}, the limit is {limits.items_allowed(modality)} "
                                     "per request (limit_mm_per_prompt)", param="messages", code="too_many_media")
     return ChatRequest(messages, _config(body), _max_tokens(body), _force(body, writes), stream)
+
+
+def parse_transcription_request(form: dict[str, str | bytes], model_name: str, reads: set[str],
+                                limits: ServeLimits) -> TranscriptionRequest:
+    """Validate an OpenAI transcription form (`file` holds the uploaded bytes; every other field is text)."""
+    model = form.get("model", model_name)
+    if model != model_name:
+        raise RequestError(404, f"the model {model!r} does not exist; this server has {model_name!r}", param="model",
+                           code="model_not_found")
+    if "audio" not in reads:
+        raise RequestError(400, "this model does not read audio, so it cannot transcribe", param="file")
+    unknown = sorted(set(form) - {"file", "model", "response_format", "language", "temperature"})
+    if unknown:
+        raise RequestError(400, f"unsupported field(s) {unknown}: this server reads file, model, response_format, "
+                                "language and temperature", param=unknown[0])
+    data = form.get("file")
+    if not isinstance(data, bytes):
+        raise RequestError(400, "'file' is required: the recording, sent as a multipart file field", param="file")
+    response_format = form.get("response_format", "json")
+    if response_format not in TRANSCRIPT_FORMATS:
+        raise RequestError(400, f"'response_format' must be one of {list(TRANSCRIPT_FORMATS)}, got {response_format!r}",
+                           param="response_format")
+    if form.get("language", "en") != "en":
+        raise RequestError(400, f"this model transcribes English only ('language': en), got {form['language']!r}",
+                           param="language")
+    try:
+        temperature = float(form.get("temperature", 0))
+    except (TypeError, ValueError) as e:
+        raise RequestError(400, f"'temperature' must be a number, got {form['temperature']!r}", param="temperature") from e
+    if temperature != 0:
+        raise RequestError(400, "'temperature': transcripts are decoded deterministically (the greedy reply, rescored "
+                                "by the recording's CTC reading where the model learned one); only 0 is supported",
+                           param="temperature")
+    audio = _load(data, "audio", "file", MediaLimits(max_bytes=limits.max_request_bytes))
+    content = [{"type": "audio", "media": audio}, {"type": "text", "text": TRANSCRIBE_INSTRUCTION}]
+    return TranscriptionRequest([{"role": "user", "content": content}], response_format)
 
 
 def _typed(body: dict, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
