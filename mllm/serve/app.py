@@ -223,16 +223,10 @@ def create_app(pipeline: Pipeline, limits: ServeLimits | None = None, model_name
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        try:
-            slot = server.admit()
-        except RequestError as e:
-            return _error(e)
+        slot = server.admit()  # a RequestError (429) goes to the handler below
         try:
             body = await server.read_body(request)
             req, prompt, max_new = await asyncio.get_running_loop().run_in_executor(server.executor, server.prepare, body)
-        except RequestError as e:
-            slot.release()
-            return _error(e)
         except Exception as e:
             slot.release()
             return _error(_failure(e, server.limits.request_timeout_s))
@@ -256,10 +250,7 @@ def create_app(pipeline: Pipeline, limits: ServeLimits | None = None, model_name
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request) -> Response:
-        try:
-            slot = server.admit()
-        except RequestError as e:
-            return _error(e)
+        slot = server.admit()  # a RequestError (429) goes to the handler below
         loop, cancel = asyncio.get_running_loop(), threading.Event()
         try:
             form = await _read_form(request.headers, await server.read_body(request))
