@@ -90,7 +90,7 @@ class Settings:
 class ChatSession:
     pipeline: Pipeline
     media_dir: Path
-    out: TextIO = sys.stdout
+    out: TextIO = field(default_factory=lambda: sys.stdout)  # looked up per session: tests and callers swap it
     settings: Settings = field(default_factory=Settings)
     messages: list[dict] = field(default_factory=list)  # the conversation, media as loaded objects
     transcript: list[dict] = field(default_factory=list)  # the same, media as file paths
