@@ -116,13 +116,9 @@ class Pipeline:
             raise KeyError(f"no {span.modality} de-tokenizer in this pipeline (has: {sorted(self.detokenizers)})")
         return self.detokenizers[span.modality].decode(span.tokens, guidance=guidance, steps=steps)
 
-    @torch.no_grad()
     def complete(self, conversations: Sequence[list[dict]], max_new_tokens: int) -> list[str]:
         """The assistant's greedy text reply to each conversation, decoded and stripped."""
-        batch = self.processor(list(conversations), add_generation_prompt=True, padding_side="left").to(self.device)
-        eos = self.processor.tokenizer.eos_token_id
-        ids = greedy_generate(self.model, batch, max_new_tokens=max_new_tokens, eos_token_id=-1 if eos is None else eos)
-        return [self.processor.decode_text(row).strip() for row in ids]
+        return self._greedy(self._prompts(conversations, None), max_new_tokens)
 
     @torch.no_grad()
     def transcribe(self, conversations: Sequence[list[dict]], *, max_new_tokens: int = 96,
@@ -133,22 +129,20 @@ class Pipeline:
         the highest (1 - w) log p_LM(reply | conversation) + w log p_CTC(reply | slots) wins, w = `ctc_weight`.
         Other conversations, and every one at w = 0, get the greedy reply."""
         check_joint_decoding(ctc_weight, ctc_beam)
-        replies = self.complete(conversations, max_new_tokens)
+        batch = self._prompts(conversations, None)  # validates the messages; read once for both readings
+        replies = self._greedy(batch, max_new_tokens)
         spelled = {k: m for k, c in enumerate(conversations) if (m := self._spelled_medium(c))}
         if ctc_weight == 0 or not spelled:
             return replies
-        rows = list(spelled)
-        batch = self.processor([conversations[k] for k in rows], add_generation_prompt=True, padding_side="left")
-        batch = batch.to(self.device)
         inputs = {k: v for k, v in batch.model_inputs().items() if k not in ("labels", "feature_targets")}
         logits = self.model(**inputs, logits_to_keep=0).logits  # [B, T, V]
         w = ctc_weight
-        for row, k in enumerate(rows):
-            slots = self.processor.layout[spelled[k]]
-            ids = batch.input_ids[row]
+        for k, modality in spelled.items():
+            slots = self.processor.layout[modality]
+            ids = batch.input_ids[k]
             begin = int((ids == slots.begin_id).nonzero()[-1])  # the turn's medium is the prompt's last of its kind
             at = (ids == slots.placeholder_id) & (torch.arange(len(ids), device=ids.device) > begin)
-            log_probs = logits[row, at].float().log_softmax(-1)  # [L, V]: the medium's slots
+            log_probs = logits[k, at].float().log_softmax(-1)  # [L, V]: the medium's slots
             nbest = ctc_prefix_beam_search(log_probs, slots.placeholder_id, beam=ctc_beam)
             candidates = [replies[k]] + [self.processor.decode_text(c).strip() for c, _ in nbest]
             candidates = [c for c in dict.fromkeys(candidates) if c]
@@ -183,12 +177,18 @@ class Pipeline:
             out += [(float(s), bool(g)) for s, g in zip((picked * mask).sum(-1), greedy.all(-1))]
         return out
 
+    @torch.no_grad()
+    def _greedy(self, batch: MultimodalBatch, max_new_tokens: int) -> list[str]:
+        eos = self.processor.tokenizer.eos_token_id
+        ids = greedy_generate(self.model, batch, max_new_tokens=max_new_tokens, eos_token_id=-1 if eos is None else eos)
+        return [self.processor.decode_text(row).strip() for row in ids]
+
     def _spelled_medium(self, conversation: list[dict]) -> str | None:
-        """The modality of the last user turn's only medium, if the model learned to spell it."""
-        users = [m for m in conversation if isinstance(m, dict) and m.get("role") == "user"]
-        content = users[-1].get("content") if users else None
-        parts = [p.get("type") for p in content if isinstance(p, dict)] if isinstance(content, list) else []
-        media = [t for t in parts if t != "text"]
+        """The modality of the last user turn's only medium (messages already validated), if the model learned to
+        spell it."""
+        users = [m for m in conversation if m["role"] == "user"]
+        content = users[-1]["content"] if users else ""
+        media = [p["type"] for p in content if p["type"] != "text"] if isinstance(content, list) else []
         return media[0] if len(media) == 1 and media[0] in self.model.config.transcribed else None
 
     def _prompts(self, conversations: Sequence[list[dict]], force: str | None) -> MultimodalBatch:

@@ -6,7 +6,7 @@ spell its transcript, with the item's placeholder id as the blank) can be read t
     nbest = ctc_prefix_beam_search(log_probs, blank)     # [(ids, log p(ids)), ...], most likely first
     ctc_log_likelihood(log_probs, ids, blank)            # log p(ids), summed over every alignment
 
-Joint CTC/attention decoding (`mllm.eval.predictor`) rescores these with the LM's own reply likelihood.
+Joint CTC/attention decoding (`Pipeline.transcribe`) rescores these with the LM's own reply likelihood.
 """
 
 from __future__ import annotations

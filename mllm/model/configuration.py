@@ -24,7 +24,7 @@ a continuous one needs N > 0 to be generated.
 `transcribed` names the continuous modalities whose slots were trained to
 spell the item's transcript (a CTC term on the LM's logits there, the
 placeholder id as the blank; the training loop records it). Transcription
-can then read the slots too (joint CTC/attention decoding, `mllm eval`).
+can then read the slots too (joint CTC/attention decoding, `Pipeline.transcribe`).
 """
 
 from __future__ import annotations
