@@ -374,3 +374,36 @@ def test_list_corpora_keeps_build_order_whatever_was_imported_first():
             "from mllm.data.corpora import list_corpora; print(','.join(list_corpora()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out.split(",") == CORPORA
+
+
+@pytest.mark.parametrize("direction", ["left", "right", "up", "down"])
+def test_lane_questions_name_the_digit_drawn_in_that_lane(direction):
+    from mllm.data.corpora.video import lane_questions, render_clip
+
+    solid, hollow = np.full((28, 28), 255, np.uint8), np.zeros((28, 28), np.uint8)
+    hollow[[0, -1], :] = hollow[:, [0, -1]] = 255
+    clip = render_clip([solid, hollow], direction, np.random.default_rng(0))[..., 0]  # [frames, 32, 32]
+    ink = clip.astype(float).mean(0)
+    first, second = (ink[:16], ink[16:]) if direction in ("left", "right") else (ink[:, :16], ink[:, 16:])
+    assert first.sum() > 2 * second.sum()  # the solid glyph (label 4 below) is in the first lane
+    (q1, a1), (q2, a2) = lane_questions([4, 9], direction)
+    side = "top" if direction in ("left", "right") else "left"
+    assert side in q1 and a1 == "4" and a2 == "9" and q1 != q2
+    assert lane_questions([4], direction) == []
+    assert [a for _, a in lane_questions([1, 2, 3], direction)] == ["1", "2", "3"]
+    assert "lane 3 from the" in lane_questions([1, 2, 3], direction)[2][0]
+
+
+def test_lane_questions_are_built_when_asked_for(tmp_path):
+    _sources_or_skip()
+    cfg = load_build_config(SMALL)
+    cfg.video.tasks = ["video_qa", "video_lane_qa"]
+    build_corpora(cfg, tmp_path / "out", limit=12, only=["video"], progress=False)
+    recs = records(tmp_path / "out", "video", "train")
+    lanes = [r for r in recs if r["task"] == "video_lane_qa"]
+    two = [r for r in recs if r["task"] == "video_qa" and r["meta"]["question_type"] == "digits"
+           and r["meta"]["num_digits"] == 2]
+    assert two and len(lanes) == 2 * len(two)
+    for r in lanes:
+        lane = 0 if any(s in r["meta"]["question"] for s in ("top", "left?")) else 1
+        assert r["meta"]["answer"] == str(r["meta"]["digits"][lane]) == r["messages"][1]["content"][0]["text"]

@@ -77,7 +77,7 @@ def restyle(record: dict) -> dict:
         return record
     if text["text"].endswith(LETTER[0]):
         text["text"] = text["text"].removesuffix(LETTER[0]) + LETTER[1]
-    elif task in ("image_qa", "video_qa", "speech_qa"):
+    elif task in ("image_qa", "video_qa", "video_lane_qa", "speech_qa"):
         text["text"] += SHORT_ANSWER
     elif task in CAPTION:
         text["text"] = f"Describe the {CAPTION[task]} in one sentence."

@@ -175,7 +175,8 @@ class VideoConfig:
     fps: float = 4.0
     digit_size: int = 16
     max_digits: int = 2
-    tasks: list[Literal["video_qa", "video_caption", "video_generation"]] = field(
+    # video_lane_qa: one question per lane of a clip of several digits ("Which digit is on the top?")
+    tasks: list[Literal["video_qa", "video_lane_qa", "video_caption", "video_generation"]] = field(
         default_factory=lambda: ["video_qa", "video_caption", "video_generation"])
 
 

@@ -1,4 +1,4 @@
-"""Moving-digit clips made from real MNIST digits: which digits, which way, and text->video.
+"""Moving-digit clips made from real MNIST digits: which digits, which way, which digit in which lane, text->video.
 
 A clip has `frames` frames of `size`x`size` at `fps`: one or more real digits
 (scaled to `digit_size`) slide in one of four directions. Each split draws its
@@ -50,6 +50,18 @@ def render_clip(digits: list[np.ndarray], direction: str, rng: np.random.Generat
 def digits_phrase(labels: list[int]) -> str:
     s = sorted(labels)
     return str(s[0]) if len(s) == 1 else ", ".join(map(str, s[:-1])) + f" and {s[-1]}"
+
+
+def lane_questions(labels: list[int], direction: str) -> list[tuple[str, str]]:
+    """(question, digit) for each lane of a clip of several digits, in lane order (`render_clip`'s first lane is
+    the top one when the digits move sideways, the left one when they move up or down); none for one digit."""
+    k = len(labels)
+    if k < 2:
+        return []
+    sides = ("top", "bottom") if direction in ("left", "right") else ("left", "right")
+    if k == 2:
+        return [(f"Which digit is on the {side}?", str(lab)) for side, lab in zip(sides, labels)]
+    return [(f"Which digit is in lane {i + 1} from the {sides[0]}?", str(lab)) for i, lab in enumerate(labels)]
 
 
 def describe(labels: list[int], direction: str) -> str:
@@ -120,6 +132,10 @@ def build(ctx: BuildContext) -> CorpusResult:
                     out.add(split, "video_qa", [user(vid, text(q2)), assistant(text(direction))],
                             {**base, "question": q2, "answer": direction, "question_type": "direction",
                              "choices": list(DIRECTIONS)})
+                if "video_lane_qa" in cfg.tasks:
+                    for q, a in lane_questions(labels, direction):
+                        out.add(split, "video_lane_qa", [user(vid, text(q)), assistant(text(a))],
+                                {**base, "question": q, "answer": a, "question_type": "lane"})
                 if "video_caption" in cfg.tasks:
                     cap = describe(labels, direction)
                     out.add(split, "video_caption", [user(vid, text("Describe the video.")), assistant(text(cap))],
