@@ -17,6 +17,8 @@ from mllm.data.corpora import (
 )
 from mllm.data.corpora.digits import load_mnist, split_pool
 
+SIDEWAYS = ("left", "right")  # digits moving sideways sit in lanes one above the other; otherwise side by side
+
 
 def render_clip(digits: list[np.ndarray], direction: str, rng: np.random.Generator | None, *, frames: int = 8,
                 size: int = 32, digit_size: int = 16) -> np.ndarray:
@@ -41,7 +43,7 @@ def render_clip(digits: list[np.ndarray], direction: str, rng: np.random.Generat
     for t in range(frames):
         pos = int(round(start + (end - start) * t / max(1, frames - 1)))
         for glyph, lane in zip(glyphs, lanes):
-            y, x = (lane, pos) if direction in ("left", "right") else (pos, lane)
+            y, x = (lane, pos) if direction in SIDEWAYS else (pos, lane)
             region = out[t, y:y + digit_size, x:x + digit_size]
             np.maximum(region, glyph, out=region)
     return np.repeat(out[..., None], 3, axis=3)
@@ -58,7 +60,7 @@ def lane_questions(labels: list[int], direction: str) -> list[tuple[str, str]]:
     k = len(labels)
     if k < 2:
         return []
-    sides = ("top", "bottom") if direction in ("left", "right") else ("left", "right")
+    sides = ("top", "bottom") if direction in SIDEWAYS else ("left", "right")
     if k == 2:
         return [(f"Which digit is on the {side}?", str(lab)) for side, lab in zip(sides, labels)]
     return [(f"Which digit is in lane {i + 1} from the {sides[0]}?", str(lab)) for i, lab in enumerate(labels)]
