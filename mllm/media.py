@@ -119,7 +119,8 @@ class Image:
 
     def to_tensor(self) -> torch.FloatTensor:
         """[3, H, W] float32 in [0, 1]."""
-        return torch.from_numpy(self.pixels).permute(2, 0, 1).float().div_(255)
+        pixels = self.pixels if self.pixels.flags.writeable else self.pixels.copy()  # e.g. np.asarray(PIL image)
+        return torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255)
 
     @classmethod
     def from_tensor(cls, t: torch.Tensor) -> Image:
