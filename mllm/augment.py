@@ -1,9 +1,12 @@
 """Random perturbations of training media, so that models trained on a few thousand examples read new ones.
 
-Images: other hands, other framings. One random affine map (rotation, scale, shift) per image, drawn from the
-global torch RNG (seeded runs stay reproducible).
+Images: other hands, other framings, other pens and paper. One random affine map (rotation, scale, shift) per
+image; and a grayscale picture redrawn in a random ink on a random paper, since its colours carry nothing it
+shows: MNIST writes white on black, a user's scan is dark ink on light paper. Drawn from the global torch RNG
+unless a generator is given (seeded runs stay reproducible).
 
     jitter(pixels [B, C, H, W], AffineJitter(rotate_degrees=12, translate=0.08, scale=(0.9, 1.1))) -> [B, C, H, W]
+    recolour(pixels [B, 3, H, W], Recolour(prob=0.5, min_contrast=0.4)) -> [B, 3, H, W]
 
 Sound: other voices. Speed perturbation (Ko et al., 2015) plays a clip faster or slower, which moves its pitch
 and formants as a shorter or longer vocal tract would, and changes its tempo; a time stretch (phase vocoder)
@@ -61,6 +64,61 @@ def jitter(pixels: torch.Tensor, cfg: AffineJitter) -> torch.Tensor:
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], -1), torch.stack([sin, cos, shift[:, 1]], -1)], 1)
     grid = F.affine_grid(theta.to(pixels), list(pixels.shape), align_corners=False)  # [B, H, W, 2]
     return F.grid_sample(pixels, grid, padding_mode="border", align_corners=False)
+
+
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of R, G, B in perceived brightness
+
+
+@dataclass
+class Recolour:
+    prob: float = 0.0  # chance that a grayscale image is redrawn in a random ink on a random paper
+    min_contrast: float = 0.4  # least luminance gap between ink and paper (of 1), so the strokes stay legible
+
+    def __post_init__(self):
+        if not (0 <= self.prob <= 1 and 0 < self.min_contrast <= 0.8):
+            raise ValueError(f"augment: need 0 <= prob <= 1 and 0 < min_contrast <= 0.8, got {self.prob}, "
+                             f"{self.min_contrast}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.prob > 0
+
+
+def is_grayscale(pixels: torch.Tensor) -> torch.Tensor:
+    """pixels [B, 3, H, W] in [0, 1] -> [B] bool: its three channels agree to within a uint8 step everywhere."""
+    return (pixels.amax(1) - pixels.amin(1)).flatten(1).amax(1) <= 1 / 255
+
+
+def ink_on_paper(gray: torch.Tensor, min_contrast: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """gray [B, H, W] in [0, 1] (1: the strokes, 0: the ground) -> [B, 3, H, W]: paper + (ink - paper) · gray.
+    Ink and paper are two grays for half the images (pencil, a scan) and two RGB colours for the rest (pens,
+    coloured paper), each level arcsine-distributed, so near black, near white and saturated colours are
+    common (black on white, a red pen); redrawn until their luminances differ by at least `min_contrast`.
+    About half come out dark on light."""
+    luma = torch.tensor(LUMA)
+
+    def draw(n: int) -> torch.Tensor:  # [n, 2, 3]: ink, paper
+        colours = (1 - torch.cos(math.pi * torch.rand(n, 2, 3, generator=generator))) / 2  # arcsine on [0, 1]
+        grays = torch.rand(n, generator=generator) < 0.5
+        colours[grays] = colours[grays][:, :, :1].expand(-1, -1, 3)
+        return colours
+
+    pairs = draw(len(gray))
+    while (low := ((pairs[:, 0] - pairs[:, 1]) @ luma).abs() < min_contrast).any():
+        pairs[low] = draw(int(low.sum()))
+    ink, paper = pairs.to(gray)[:, :, :, None, None].unbind(1)  # [B, 3, 1, 1] each
+    return paper + (ink - paper) * gray[:, None]
+
+
+def recolour(pixels: torch.Tensor, cfg: Recolour, generator: torch.Generator | None = None) -> torch.Tensor:
+    """pixels [B, 3, H, W] in [0, 1] -> the same batch, each grayscale image with probability `cfg.prob` in a
+    random ink on a random paper (`ink_on_paper`). Colour images pass unchanged: their colours may be what
+    they show. Draws the same numbers whichever images are chosen, so a batch's draws do not depend on it."""
+    if not cfg.enabled:
+        return pixels
+    chosen = (torch.rand(len(pixels), generator=generator) < cfg.prob) & is_grayscale(pixels)
+    redrawn = ink_on_paper(pixels.mean(1), cfg.min_contrast, generator)
+    return torch.where(chosen[:, None, None, None], redrawn, pixels)
 
 
 STRETCH_WINDOW = 512  # phase-vocoder STFT size: 32 ms at 16 kHz, a speech frame

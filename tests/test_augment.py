@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from mllm.augment import AffineJitter, AudioPerturb, jitter, perturb_audio
+from mllm.augment import LUMA, AffineJitter, AudioPerturb, Recolour, is_grayscale, jitter, perturb_audio, recolour
 
 
 def digit_batch() -> torch.Tensor:
@@ -39,6 +39,36 @@ def test_pure_shift_keeps_the_ink():
 def test_bad_jitter_configs_are_refused(bad):
     with pytest.raises(ValueError, match="augment"):
         AffineJitter(**bad)
+
+
+def test_recolour_redraws_grayscale_strokes_in_a_legible_ink_on_a_paper_and_leaves_colour_alone():
+    gray = digit_batch().repeat(8, 1, 1, 1)  # [32, 3, 16, 16]: white strokes on black
+    colour = gray.clone()
+    colour[:, 0] *= 0.5  # red at half: a colour picture
+    generator = torch.Generator().manual_seed(0)
+    out = recolour(torch.cat([gray, colour]), Recolour(prob=1.0, min_contrast=0.4), generator)
+    assert torch.equal(out[32:], colour)
+    ink, paper = out[:32, :, 8, 8], out[:32, :, 0, 0]  # [32, 3] each: a stroke pixel and a ground pixel
+    assert (((ink - paper) @ torch.tensor(LUMA)).abs() >= 0.4 - 1e-6).all()
+    assert ((ink @ torch.tensor(LUMA)) < (paper @ torch.tensor(LUMA))).any()  # some dark on light
+    ground = gray[:, :1] == 0  # [32, 1, 16, 16]: every pixel off the strokes is the paper
+    assert torch.equal(out[:32] * ground, paper[:, :, None, None] * ground)
+    assert not is_grayscale(out[:32]).all() and is_grayscale(gray).all() and not is_grayscale(colour).any()
+
+
+def test_recolour_follows_its_probability_and_its_seed():
+    gray = digit_batch().repeat(50, 1, 1, 1)
+    assert recolour(gray, Recolour()) is gray
+    a = recolour(gray, Recolour(prob=0.5), torch.Generator().manual_seed(1))
+    b = recolour(gray, Recolour(prob=0.5), torch.Generator().manual_seed(1))
+    kept = (a == gray).flatten(1).all(1)
+    assert torch.equal(a, b) and 50 < int(kept.sum()) < 150
+
+
+@pytest.mark.parametrize("bad", [{"prob": 1.5}, {"prob": -0.1}, {"min_contrast": 0.0}, {"min_contrast": 0.9}])
+def test_bad_recolour_configs_are_refused(bad):
+    with pytest.raises(ValueError, match="augment"):
+        Recolour(**bad)
 
 
 # ---------------------------------------------------------------- audio
