@@ -309,3 +309,22 @@ def test_lmms_eval_runs_a_stub_task_against_an_mllm_checkpoint(tmp_path, tiny_mo
     nll = [v for v, _ in lm.loglikelihood(requests)]
     logprobs = lm.predictor.reply_logprobs([[{"role": "user", "content": "Which digit?"}]] * 3, ["0", "1", "2"])
     assert nll == pytest.approx([-lp for lp, _ in logprobs], abs=1e-4) and all(v > 0 for v in nll)
+
+
+def test_the_paper_proxy_asks_the_digit_questions_of_each_digit_redrawn_in_a_real_pen(tmp_path):
+    from mllm.eval.proxies import PENS_ON_PAPER, build_proxy, write_vqav2
+
+    corpora = tiny_corpora(tmp_path / "corpora", n=6)
+    strokes = np.zeros((28, 28, 3), dtype=np.uint8)
+    strokes[6:22, 12:16] = 255  # a white "1" on black, as the corpus writes digits
+    for k in range(6):
+        save_image(Image(strokes), corpora / "digits" / "media" / f"{k}.png")
+    spec = build_proxy("vqav2_paper_proxy", corpora, tmp_path / "proxies")
+    root = Path(spec.path)
+    write_vqav2(corpora, tmp_path / "plain", ("digits",))  # vqav2_proxy's digit half
+    for name in ("questions.json", "annotations.json"):
+        assert (root / name).read_text() == (tmp_path / "plain" / name).read_text()
+    for k in range(6):
+        pixels = load_image(root / "images" / f"{k:06d}.png").pixels / 255
+        ink, paper = (np.array(c) for c in PENS_ON_PAPER[k % len(PENS_ON_PAPER)])
+        assert np.abs(pixels[10, 13] - ink).max() < 0.01 and np.abs(pixels[0, 0] - paper).max() < 0.01

@@ -10,6 +10,8 @@ same kind of skill on far easier data: every result is labelled "proxy".
     mmbench_proxy        stamps        MMBench TSV: which caption matches the picture (CircularEval)
     seed_proxy           stamps/digits/video  SEED-Bench JSON: four-option questions on images and clips
     vqav2_proxy          digits/stamps VQAv2 questions + annotations (one answer, given ten times)
+    vqav2_paper_proxy    digits        the same digit questions, each digit redrawn in a pen on a paper of real
+                                       handwriting (black ink or pencil on white, blue and red pens, chalk)
     videoqa_proxy        video         MSRVTT-QA: which digits appear, which way they move
     asr_proxy            speech/spoken_numbers  LibriSpeech layout (FLAC + trans.txt), WER
     sound_caption_proxy  sounds        Clotho CSV captions, BLEU/METEOR/ROUGE-L/CIDEr
@@ -34,13 +36,16 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import soundfile as sf
 
 from mllm.data.sources import cache_dir
 from mllm.eval.tasks import TaskSpec
+from mllm.media import Image, load_image, save_image
 
 VERSION = 2  # bump when a proxy's files change (2: t2v targets say the direction too)
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -178,16 +183,38 @@ def write_seed(corpora: Path, out: Path) -> None:
     _write_json(out / "SEED-Bench.json", {"question_type": dimensions, "questions": questions})
 
 
-def write_vqav2(corpora: Path, out: Path) -> None:
+# (ink, paper) RGB in [0, 1] of real handwriting, taken in turn by the test digits of vqav2_paper_proxy
+PENS_ON_PAPER = (
+    ((0.05, 0.05, 0.05), (0.97, 0.97, 0.95)),  # black ink on white paper
+    ((0.10, 0.20, 0.60), (0.98, 0.98, 0.98)),  # a blue ballpoint
+    ((0.35, 0.35, 0.35), (0.96, 0.94, 0.86)),  # pencil on cream paper
+    ((0.70, 0.10, 0.10), (1.00, 1.00, 1.00)),  # a red pen
+    ((0.92, 0.92, 0.90), (0.18, 0.30, 0.22)),  # chalk on a green board
+)
+
+
+def _on_paper(k: int) -> Callable[[Path, Path], None]:
+    """Writes a white-on-black digit image as the same strokes in the k-th pen on its paper (cycling)."""
+    ink, paper = (np.array(c, dtype=np.float32) for c in PENS_ON_PAPER[k % len(PENS_ON_PAPER)])
+
+    def write(src: Path, dst: Path) -> None:
+        strokes = load_image(src).pixels.mean(2, keepdims=True) / 255  # [H, W, 1]: 1 on the strokes
+        save_image(Image(np.round(255 * (paper + (ink - paper) * strokes)).astype(np.uint8)), dst)
+    return write
+
+
+def write_vqav2(corpora: Path, out: Path, corpus_names: tuple[str, ...] = ("digits", "stamps"),
+                on_paper: bool = False) -> None:
     answer_types = {"yes_no": "yes/no", "digit": "number", "parity": "other", "category": "other"}
     image_ids: dict[Path, int] = {}
     questions, annotations = [], []
-    records = [*_records(corpora, "digits", "image_qa"), *_records(corpora, "stamps", "image_qa")]
+    records = [r for corpus in corpus_names for r in _records(corpora, corpus, "image_qa")]
     for record in records:
         image = _media(record, corpora, "image")
         if image not in image_ids:
             image_ids[image] = len(image_ids)
-            _place(image, out / "images" / f"{image_ids[image]:06d}.png")
+            place = _on_paper(image_ids[image]) if on_paper else _place
+            place(image, out / "images" / f"{image_ids[image]:06d}.png")
         meta, qid = record["meta"], len(questions)
         questions.append({"question_id": qid, "image_id": image_ids[image], "question": meta["question"]})
         annotations.append({"question_id": qid, "image_id": image_ids[image], "question_type": meta["question_type"],
@@ -274,6 +301,9 @@ PROXIES: dict[str, Proxy] = {
     "vqav2_proxy": Proxy(("digits", "stamps"), write_vqav2, "vqav2",
                          lambda c: {"questions": "questions.json", "annotations": "annotations.json",
                                     "images": "images/{image_id:06d}.png"}),
+    "vqav2_paper_proxy": Proxy(("digits",), partial(write_vqav2, corpus_names=("digits",), on_paper=True), "vqav2",
+                               lambda c: {"questions": "questions.json", "annotations": "annotations.json",
+                                          "images": "images/{image_id:06d}.png"}),
     "videoqa_proxy": Proxy(("video",), write_videoqa, "videoqa", lambda c: {}),
     "asr_proxy": Proxy(("speech", "spoken_numbers"), write_asr, "librispeech", lambda c: {}),
     "sound_caption_proxy": Proxy(("sounds",), write_sound_captions, "captioning", lambda c: {}),
