@@ -345,3 +345,23 @@ def test_image_diffusion_recipe_with_caption_words(corpora, cache, tmp_path):
     assert metrics["final_tokens_caption_words"] > 0 and metrics["final_tokens_mse"] > 0
     assert load_media_tokenizer(tmp_path / "t" / "media_tokenizer").encode(load_image(
         digit_images(corpora, "test")[0][0])).shape == (64, 64)
+
+
+def test_ink_invariance_teaches_a_copy_the_teachers_tokens_for_recoloured_digits(corpora, cache, tmp_path):
+    teacher, out = tmp_path / "teacher", tmp_path / "ink"
+    commands.train("tokenizers/image_diffusion_tiny.yaml", corpora, teacher, RECIPES["image_diffusion_tiny"])
+    with pytest.raises(ValueError, match="teacher must be a trained image tokenizer directory"):
+        commands.train("tokenizers/image_ink_invariance_tiny.yaml", corpora, out, [f"teacher={tmp_path / 'none'}"])
+    metrics = commands.train("tokenizers/image_ink_invariance_tiny.yaml", corpora, out, [
+        f"teacher={teacher}", "data.corpora=[digits]", "optim.steps=40", "optim.batch_size=16", "optim.warmup_steps=5"])
+    assert metrics["steps"] == 40 and (out / "loss.png").is_file()
+    report = commands.evaluate(out, corpora, out / "report", limit=40)
+    assert (out / "report" / "ink_invariance.png").is_file() and report["grayscale_images"] == report["images"] > 0
+    # the student writes the teacher's tokens of the original for a recoloured digit better than the teacher does
+    assert report["token_mse_student_recoloured_grayscale"] < 0.7 * report["token_mse_teacher_recoloured_grayscale"]
+    assert 0 <= report["judge_drawn_from_student_recoloured"] <= 1
+    assert 0 <= report["digit_probe_student_recoloured"] <= 1
+    student, detok = load_media_tokenizer(out / "media_tokenizer"), load_detokenizer(out / "detokenizer")
+    assert student.spec == load_media_tokenizer(teacher / "media_tokenizer").spec
+    image = load_image(digit_images(corpora, "test")[0][0])
+    assert detok.decode(student.encode(image), steps=1).pixels.shape[:2] == (32, 32)

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
 import torch
@@ -356,9 +356,23 @@ def evaluate_discrete(trained: Path, corpora: Path, report: Path, limit: int | N
     }
 
 
+def digit_probe(train: torch.Tensor, labels: torch.Tensor, steps: int = 300) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A linear reader of the digit, fit on standardised mean tokens [B, D] with their digits [B] (full-batch
+    Adam, seeded): mean tokens [M, D] -> digits [M]."""
+    torch.manual_seed(0)
+    mean, std = train.mean(0), train.std(0) + 1e-6
+    linear = nn.Linear(train.shape[1], 10)
+    optimizer = torch.optim.Adam(linear.parameters(), lr=1e-2, weight_decay=1e-4)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        F.cross_entropy(linear((train - mean) / std), labels).backward()
+        optimizer.step()
+    return lambda x: linear((x - mean) / std).argmax(1)
+
+
 def mean_token_probe(tokenizer: MediaTokenizer, corpora: Path, test: EvalSet, batch_size: int, steps: int = 300) -> float:
-    """How plainly the tokens say which digit: a linear classifier on the standardised mean token, fit on every
-    train digit (full-batch Adam, seeded), its accuracy on the test digits of `test`."""
+    """How plainly the tokens say which digit: `digit_probe` fit on every train digit, its accuracy on the test
+    digits of `test`."""
 
     @torch.no_grad()
     def mean_tokens(images: list[Image]) -> torch.Tensor:  # [B, D]
@@ -366,19 +380,11 @@ def mean_token_probe(tokenizer: MediaTokenizer, corpora: Path, test: EvalSet, ba
                           for i in range(0, len(images), batch_size)])
 
     paths, labels = digit_images(corpora, "train")
-    x = mean_tokens([load_image(p) for p in tqdm(paths, desc="probe: train digits")])
-    y = torch.tensor(labels)
+    read = digit_probe(mean_tokens([load_image(p) for p in tqdm(paths, desc="probe: train digits")]),
+                       torch.tensor(labels), steps)
     digits = [i for i, label in enumerate(test.labels) if label is not None]
     x_test, y_test = mean_tokens([test.images[i] for i in digits]), torch.tensor([test.labels[i] for i in digits])
-    mean, std = x.mean(0), x.std(0) + 1e-6
-    torch.manual_seed(0)
-    probe = nn.Linear(x.shape[1], 10)
-    optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2, weight_decay=1e-4)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        F.cross_entropy(probe((x - mean) / std), y).backward()
-        optimizer.step()
-    return float((probe((x_test - mean) / std).argmax(1) == y_test).float().mean())
+    return float((read(x_test) == y_test).float().mean())
 
 
 def evaluate_diffusion(trained: Path, corpora: Path, report: Path, limit: int | None, split: str) -> dict:
