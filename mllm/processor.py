@@ -43,6 +43,7 @@ from mllm.tokenizers import MediaTokenizer, load_media_tokenizer
 from mllm.vocab import MODALITIES, ModalitySpec, VocabLayout
 
 CONFIG_FILE = "mllm_processor.json"
+MEDIA_TOKENIZERS_DIR = "media_tokenizers"  # beside CONFIG_FILE: one saved media tokenizer per modality
 ROLES = ("system", "user", "assistant")
 MEDIA_TYPES = {"image": Image, "audio": Audio, "video": Video}
 SOURCE_KEYS = ("tokens", "path", "bytes", "media")
@@ -224,8 +225,8 @@ class Processor:
         self.tokenizer.save_pretrained(path)
         media = {}
         for name, tok in self.media_tokenizers.items():
-            tok.save_pretrained(path / "media_tokenizers" / name)
-            media[name] = f"media_tokenizers/{name}"
+            tok.save_pretrained(path / MEDIA_TOKENIZERS_DIR / name)
+            media[name] = f"{MEDIA_TOKENIZERS_DIR}/{name}"
         config = {
             "vocab_layout": self.layout.to_dict(),
             "chat_template": asdict(self.template),

@@ -45,11 +45,16 @@ def test_stages_in_order_and_given_tokenizers_are_not_trained(tmp_path):
     build = Build(DefaultBuildConfig(corpora=tmp_path / "corpora", out=tmp_path / "out",
                                      tokenizers={"image": tmp_path / "image_tok"}))
     stages = build.stages()
-    assert list(stages) == ["audio_tokenizer", "video_tokenizer", "text", "corpora", "multimodal", "speech", "video", "diffusion"]
-    assert {n for lane in LANES for n in lane} == set(stages) - {"corpora", "multimodal", "speech", "video", "diffusion"} | {"image_tokenizer"}
+    assert list(stages) == ["audio_tokenizer", "video_tokenizer", "text", "corpora", "multimodal", "speech", "video",
+                            "diffusion", "image_ink"]
+    after = {"corpora", "multimodal", "speech", "video", "diffusion", "image_ink"}
+    assert {n for lane in LANES for n in lane} == set(stages) - after | {"image_tokenizer"}
     multimodal = stages["multimodal"].work
     assert f"model.media.image.path={tmp_path / 'image_tok' / 'media_tokenizer'}" in multimodal.args[2]
     assert f"model.media.video.path={tmp_path / 'out' / 'tokenizers' / 'video' / 'media_tokenizer'}" in multimodal.args[2]
     assert f"init_from={tmp_path / 'out' / 'multimodal' / 'final'}" in stages["speech"].work.args[2]
     assert f"init_from={tmp_path / 'out' / 'speech_head' / 'final'}" in stages["video"].work.args[2]
     assert f"init_from={tmp_path / 'out' / 'video_head' / 'final'}" in stages["diffusion"].work.args[2]
+    # the ink stage teaches a copy of the tokenizer the LM trained on (the given one): its tokens are the targets
+    assert stages["image_ink"].work.args[2] == tmp_path / "out" / "tokenizers" / "image_ink"
+    assert stages["image_ink"].work.args[3] == [f"teacher={tmp_path / 'image_tok'}"]

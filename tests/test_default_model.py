@@ -171,6 +171,29 @@ def test_a_variant_borrows_the_tensors_its_source_holds_bit_for_bit(tmp_path, mo
         with_shared_parts(variant)
 
 
+def test_ship_can_replace_a_media_tokenizer_of_the_checkpoint(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from mllm.default.ship import ship
+
+    def weights(directory: Path, value: float) -> Path:
+        directory.mkdir(parents=True)
+        save_file({"w": torch.full((2,), value)}, directory / "model.safetensors")
+        return directory
+
+    checkpoint = tmp_path / "final"
+    weights(checkpoint / "media_tokenizers" / "image", 1.0)
+    (checkpoint / "config.json").write_text(json.dumps({"_name_or_path": "/build/dir", "x": 1}))
+    detokenizers = {"image": weights(tmp_path / "detok", 2.0)}
+    out = ship(checkpoint, detokenizers, tmp_path / "gmm", media_tokenizers={"image": weights(tmp_path / "ink", 3.0)})
+    assert torch.equal(load_file(out / "media_tokenizers" / "image" / "model.safetensors")["w"], torch.full((2,), 3.0).half())
+    assert torch.equal(load_file(out / "detokenizers" / "image" / "model.safetensors")["w"], torch.full((2,), 2.0).half())
+    assert json.loads((out / "config.json").read_text()) == {"x": 1}
+    with pytest.raises(ValueError, match="no audio media tokenizer to replace"):
+        ship(checkpoint, detokenizers, tmp_path / "bad", media_tokenizers={"audio": tmp_path / "ink"})
+    assert not (tmp_path / "bad").exists() and not (tmp_path / ".bad.tmp").exists()
+
+
 def test_missing_default_model_says_how_to_remake_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="mllm default train"):
         default_checkpoint(root=tmp_path)

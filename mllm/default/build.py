@@ -10,6 +10,8 @@
     speech           finetune/recipes/default_speech_head.yaml: the audio head alone, on the frozen LM
     video            finetune/recipes/default_video_head.yaml: the video head alone, on the frozen LM
     diffusion        finetune/recipes/default_diffusion_head.yaml: a diffusion image head on the frozen LM
+    image_ink        tokenizers/image_ink_invariance_tiny.yaml: a copy of the image tokenizer that writes the
+                     tokens the LM learnt to read for a digit in any ink on any paper; the shipped image tokenizer
     ship             float16 copies of both variants in <out>/checkpoint/{gmm,diffusion}; with `ship`,
                      also into the package (mllm/default/checkpoint/), where chat, serve, eval and demo find them
 
@@ -61,6 +63,7 @@ class DefaultBuildConfig:
         "audio": ROOT / "tokenizers" / "audio_mel_diffusion_tiny.yaml",
         "video": ROOT / "tokenizers" / "video_divot_captioned_tiny.yaml",
     })
+    ink_recipe: Path = ROOT / "tokenizers" / "image_ink_invariance_tiny.yaml"
     recipes: Path = ROOT / "finetune" / "recipes"
     corpora_used: list[str] = field(default_factory=lambda: ["digits", "stamps", "speech", "sounds", "video", "interleaved"])
     audio_seconds: float = 2.4  # 60 tokens of the mel tokenizer: every spoken reply
@@ -180,6 +183,9 @@ class Build:
             stages.append(Stage(name, o / run / "final", partial(self.finetune, name, f"default_{run}.yaml", common + [
                 f"output_dir={o / run}", f"init_from={o / before / 'final'}", f"data.root={data}"])))
             before = run
+        stages.append(Stage("image_ink", o / "tokenizers" / "image_ink" / "metrics.json", partial(
+            tokenize.train, self.cfg.ink_recipe, corpora, o / "tokenizers" / "image_ink",
+            [f"teacher={self.tokenizer_dir('image')}"] + self.cfg.overrides.get("image_ink", []))))
         return {s.name: s for s in stages}
 
     def corpora(self, corpora: Path, data: Path) -> None:
@@ -198,7 +204,8 @@ class Build:
                 self.record({stage.name: seconds})
         detokenizers = {m: self.tokenizer_dir(m) / "detokenizer" for m in MODALITIES}
         shipped = self.out / "checkpoint"
-        ship(self.out / "video_head" / "final", detokenizers, shipped / "gmm")
+        ship(self.out / "video_head" / "final", detokenizers, shipped / "gmm",
+             media_tokenizers={"image": self.out / "tokenizers" / "image_ink" / "media_tokenizer"})
         ship(self.out / "diffusion_head" / "final", detokenizers, shipped / "diffusion", shared=shipped / "gmm")
         print(f"[default] checkpoints: {shipped} ({size_mb(shipped):.1f} MB)")
         if self.cfg.ship:

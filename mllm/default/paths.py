@@ -23,13 +23,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mllm.checkpoint import DETOKENIZERS_DIR
+from mllm.processor import MEDIA_TOKENIZERS_DIR
 from mllm.data.sources import cache_dir
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoint"
 VARIANTS = ("gmm", "diffusion")
 SHARED_FILE = "shared.json"  # {"media_from": "../gmm", "borrowed_tensors": ["language_model.lm_head.weight", ...]}
 WEIGHTS_FILE = "model.safetensors"
-SHARED_DIRS = ("media_tokenizers", DETOKENIZERS_DIR)  # what a shared variant borrows
+SHARED_DIRS = (MEDIA_TOKENIZERS_DIR, DETOKENIZERS_DIR)  # what a shared variant borrows
 
 
 def default_checkpoint(variant: str = "gmm", root: Path = CHECKPOINTS) -> Path:

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mllm.checkpoint import DETOKENIZERS_DIR
-from mllm.default.paths import SHARED_DIRS, SHARED_FILE, WEIGHTS_FILE
+from mllm.default.paths import MEDIA_TOKENIZERS_DIR, SHARED_DIRS, SHARED_FILE, WEIGHTS_FILE
 
 
 def rewrite_tensors(path: Path, change: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> None:
@@ -58,15 +58,23 @@ def drop_build_paths(config: dict) -> dict:
     return {k: drop_build_paths(v) if isinstance(v, dict) else v for k, v in config.items() if k != "_name_or_path"}
 
 
-def ship(checkpoint: Path, detokenizers: dict[str, Path], out: Path, shared: Path | None = None) -> Path:
+def ship(checkpoint: Path, detokenizers: dict[str, Path], out: Path, shared: Path | None = None,
+         media_tokenizers: dict[str, Path] | None = None) -> Path:
     """Copy `checkpoint` (+ each modality's de-tokenizer dir) into `out` with float16 weights and configs
-    that name no build directory."""
+    that name no build directory. `media_tokenizers` (modality -> a saved media tokenizer) replace the
+    checkpoint's own: one that writes the same tokens for more kinds of input (`image_ink_invariance`)."""
+    for modality, src in (media_tokenizers or {}).items():
+        if not (checkpoint / MEDIA_TOKENIZERS_DIR / modality).is_dir():
+            raise ValueError(f"ship: {checkpoint} has no {modality} media tokenizer to replace with {src}")
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(checkpoint, tmp)
     if shared is None:
         for modality, src in detokenizers.items():
             shutil.copytree(src, tmp / DETOKENIZERS_DIR / modality)
+        for modality, src in (media_tokenizers or {}).items():
+            shutil.rmtree(tmp / MEDIA_TOKENIZERS_DIR / modality)
+            shutil.copytree(src, tmp / MEDIA_TOKENIZERS_DIR / modality)
     else:
         for name in SHARED_DIRS:
             shutil.rmtree(tmp / name, ignore_errors=True)
