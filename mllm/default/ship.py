@@ -23,7 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mllm.checkpoint import DETOKENIZERS_DIR
-from mllm.default.paths import MEDIA_TOKENIZERS_DIR, SHARED_DIRS, SHARED_FILE, WEIGHTS_FILE
+from mllm.default.paths import SHARED_DIRS, SHARED_FILE, WEIGHTS_FILE
+from mllm.processor import MEDIA_TOKENIZERS_DIR
 
 
 def rewrite_tensors(path: Path, change: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> None:

@@ -293,17 +293,18 @@ def _generation(modality: str, judge: str) -> Callable[[Path], dict[str, Any]]:
     return lambda corpora: {"generate": modality, "judge": judge, "judge_data": str(corpora)}
 
 
+def _vqav2_files(corpora: Path) -> dict[str, str]:  # the loader's options for what write_vqav2 writes
+    return {"questions": "questions.json", "annotations": "annotations.json", "images": "images/{image_id:06d}.png"}
+
+
 PROXIES: dict[str, Proxy] = {
     "pope_proxy": Proxy(("digits",), write_pope, "pope", lambda c: {"files": "digits_pope_*.json", "images": "images"}),
     "mme_proxy": Proxy(("digits", "stamps"), write_mme, "mme", lambda c: {}),
     "mmbench_proxy": Proxy(("stamps",), write_mmbench, "mmbench", lambda c: {}),
     "seed_proxy": Proxy(("stamps", "digits", "video"), write_seed, "seed", lambda c: {}),
-    "vqav2_proxy": Proxy(("digits", "stamps"), write_vqav2, "vqav2",
-                         lambda c: {"questions": "questions.json", "annotations": "annotations.json",
-                                    "images": "images/{image_id:06d}.png"}),
+    "vqav2_proxy": Proxy(("digits", "stamps"), write_vqav2, "vqav2", _vqav2_files),
     "vqav2_paper_proxy": Proxy(("digits",), partial(write_vqav2, corpus_names=("digits",), on_paper=True), "vqav2",
-                               lambda c: {"questions": "questions.json", "annotations": "annotations.json",
-                                          "images": "images/{image_id:06d}.png"}),
+                               _vqav2_files),
     "videoqa_proxy": Proxy(("video",), write_videoqa, "videoqa", lambda c: {}),
     "asr_proxy": Proxy(("speech", "spoken_numbers"), write_asr, "librispeech", lambda c: {}),
     "sound_caption_proxy": Proxy(("sounds",), write_sound_captions, "captioning", lambda c: {}),

@@ -356,34 +356,33 @@ def evaluate_discrete(trained: Path, corpora: Path, report: Path, limit: int | N
     }
 
 
-def digit_probe(train: torch.Tensor, labels: torch.Tensor, steps: int = 300) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A linear reader of the digit, fit on standardised mean tokens [B, D] with their digits [B] (full-batch
-    Adam, seeded): mean tokens [M, D] -> digits [M]."""
+@torch.no_grad()
+def mean_tokens(tokenizer: MediaTokenizer, images: list[Image], batch_size: int) -> torch.Tensor:
+    """images -> their mean tokens [B, D], encoded in batches."""
+    return torch.cat([tokenizer.encode_batch(images[i:i + batch_size]).mean(1) for i in range(0, len(images), batch_size)])
+
+
+def digit_reader(tokenizer: MediaTokenizer, corpora: Path, batch_size: int, steps: int = 300) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A linear reader of the digit, fit on the standardised mean tokens of every train digit (full-batch Adam,
+    seeded): mean tokens [M, D] of this tokenizer -> digits [M]."""
+    paths, labels = digit_images(corpora, "train")
+    x, y = mean_tokens(tokenizer, [load_image(p) for p in tqdm(paths, desc="probe: train digits")], batch_size), torch.tensor(labels)
     torch.manual_seed(0)
-    mean, std = train.mean(0), train.std(0) + 1e-6
-    linear = nn.Linear(train.shape[1], 10)
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    linear = nn.Linear(x.shape[1], 10)
     optimizer = torch.optim.Adam(linear.parameters(), lr=1e-2, weight_decay=1e-4)
     for _ in range(steps):
         optimizer.zero_grad()
-        F.cross_entropy(linear((train - mean) / std), labels).backward()
+        F.cross_entropy(linear((x - mean) / std), y).backward()
         optimizer.step()
-    return lambda x: linear((x - mean) / std).argmax(1)
+    return lambda tokens: linear((tokens - mean) / std).argmax(1)
 
 
 def mean_token_probe(tokenizer: MediaTokenizer, corpora: Path, test: EvalSet, batch_size: int, steps: int = 300) -> float:
-    """How plainly the tokens say which digit: `digit_probe` fit on every train digit, its accuracy on the test
-    digits of `test`."""
-
-    @torch.no_grad()
-    def mean_tokens(images: list[Image]) -> torch.Tensor:  # [B, D]
-        return torch.cat([tokenizer.encode_batch(images[i:i + batch_size]).mean(1)
-                          for i in range(0, len(images), batch_size)])
-
-    paths, labels = digit_images(corpora, "train")
-    read = digit_probe(mean_tokens([load_image(p) for p in tqdm(paths, desc="probe: train digits")]),
-                       torch.tensor(labels), steps)
+    """How plainly the tokens say which digit: `digit_reader`'s accuracy on the test digits of `test`."""
+    read = digit_reader(tokenizer, corpora, batch_size, steps)
     digits = [i for i, label in enumerate(test.labels) if label is not None]
-    x_test, y_test = mean_tokens([test.images[i] for i in digits]), torch.tensor([test.labels[i] for i in digits])
+    x_test, y_test = mean_tokens(tokenizer, [test.images[i] for i in digits], batch_size), torch.tensor([test.labels[i] for i in digits])
     return float((read(x_test) == y_test).float().mean())
 
 

@@ -26,14 +26,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from mllm.augment import Recolour, is_grayscale, recolour
 from mllm.detokenizers.base import load_detokenizer
-from mllm.judges import DigitJudge, digit_images
-from mllm.media import Image, load_image
+from mllm.judges import DigitJudge
+from mllm.media import Image
 from mllm.plots import save_image_grid
-from mllm.tokenize.image_recipes import GRID_COLUMNS, ImageData, digit_probe, eval_set, image_batches, train_images
+from mllm.tokenize.image_recipes import GRID_COLUMNS, ImageData, digit_reader, eval_set, image_batches, train_images
 from mllm.tokenize.recipes import RECIPE_FILE, Recipe, load_recipe, register_recipe
 from mllm.tokenize.trainer import EvalConfig, OptimConfig, fit, training_metrics
 from mllm.tokenizers.base import MediaTokenizer, load_media_tokenizer
@@ -117,8 +116,7 @@ def evaluate_ink_invariance(trained: Path, corpora: Path, report: Path, limit: i
     student, teacher = load_media_tokenizer(trained / "media_tokenizer"), load_media_tokenizer(teacher_dir(cfg) / "media_tokenizer")
     detokenizer = load_detokenizer(trained / "detokenizer")
     test, e = eval_set(corpora, cfg.data, limit, split), cfg.evaluation
-    size = student.image_size
-    pixels = image_batch(test.images, size, "eval")
+    pixels = image_batch(test.images, student.image_size, "eval")
     generator = torch.Generator().manual_seed(e.seed)
     recoloured = recolour(pixels, Recolour(prob=1.0, min_contrast=cfg.recolour.min_contrast), generator)
     target = tokens(teacher, pixels, e.batch_size)
@@ -134,10 +132,7 @@ def evaluate_ink_invariance(trained: Path, corpora: Path, report: Path, limit: i
                 metrics[f"token_mse_{name}_{part}"] = round(F.mse_loss(got[rows], target[rows]).item(), 5)
     digits = [i for i, label in enumerate(test.labels) if label is not None]
     if digits:
-        paths, labels = digit_images(corpora, "train")
-        train = torch.cat([tokens(teacher, image_batch([load_image(p) for p in paths[i:i + e.batch_size]], size, "probe"),
-                                  e.batch_size).mean(1) for i in tqdm(range(0, len(paths), e.batch_size), desc="probe")])
-        read = digit_probe(train, torch.tensor(labels))
+        read = digit_reader(teacher, corpora, e.batch_size)
         y = torch.tensor([test.labels[i] for i in digits])
         for name, got in {"teacher_originals": target, **readings}.items():
             metrics[f"digit_probe_{name}"] = round(float((read(got[digits].mean(1)) == y).float().mean()), 4)
