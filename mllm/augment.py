@@ -38,9 +38,12 @@ class AffineJitter:
     rotate_degrees: float = 0.0  # uniform in ±this
     translate: float = 0.0  # uniform shift in ±this fraction of the side, per axis
     scale: tuple[float, float] = (1.0, 1.0)  # uniform zoom range (> 1 enlarges the content)
+    prob: float = 1.0  # of each image being moved; the others pass unchanged
 
     def __post_init__(self):
         self.scale = tuple(self.scale)
+        if not 0 <= self.prob <= 1:
+            raise ValueError(f"augment: jitter prob must be in [0, 1], got {self.prob}")
         if not (0 <= self.rotate_degrees <= 180 and 0 <= self.translate < 0.5):
             raise ValueError(f"augment: need 0 <= rotate_degrees <= 180 and 0 <= translate < 0.5, got "
                              f"{self.rotate_degrees}, {self.translate}")
@@ -49,21 +52,26 @@ class AffineJitter:
 
     @property
     def enabled(self) -> bool:
-        return self.rotate_degrees > 0 or self.translate > 0 or self.scale != (1.0, 1.0)
+        return self.prob > 0 and (self.rotate_degrees > 0 or self.translate > 0 or self.scale != (1.0, 1.0))
 
 
-def jitter(pixels: torch.Tensor, cfg: AffineJitter) -> torch.Tensor:
+def jitter(pixels: torch.Tensor, cfg: AffineJitter, generator: torch.Generator | None = None) -> torch.Tensor:
     """pixels [B, C, H, W] -> the same batch, each image under its own random affine map (edges repeat outward)."""
     if not cfg.enabled:
         return pixels
     b = len(pixels)
-    angle = (torch.rand(b) * 2 - 1) * math.radians(cfg.rotate_degrees)
-    zoom = cfg.scale[0] + torch.rand(b) * (cfg.scale[1] - cfg.scale[0])
-    shift = (torch.rand(b, 2) * 2 - 1) * cfg.translate * 2  # affine_grid's frame spans [-1, 1]: a side is 2
+    angle = (torch.rand(b, generator=generator) * 2 - 1) * math.radians(cfg.rotate_degrees)
+    zoom = cfg.scale[0] + torch.rand(b, generator=generator) * (cfg.scale[1] - cfg.scale[0])
+    # affine_grid's frame spans [-1, 1]: a side is 2
+    shift = (torch.rand(b, 2, generator=generator) * 2 - 1) * cfg.translate * 2
     cos, sin = angle.cos() / zoom, angle.sin() / zoom  # the grid samples the input: the inverse map
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], -1), torch.stack([sin, cos, shift[:, 1]], -1)], 1)
     grid = F.affine_grid(theta.to(pixels), list(pixels.shape), align_corners=False)  # [B, H, W, 2]
-    return F.grid_sample(pixels, grid, padding_mode="border", align_corners=False)
+    moved = F.grid_sample(pixels, grid, padding_mode="border", align_corners=False)
+    if cfg.prob == 1:
+        return moved
+    chosen = torch.rand(b, generator=generator) < cfg.prob  # [B]
+    return torch.where(chosen[:, None, None, None].to(pixels.device), moved, pixels)
 
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of R, G, B in perceived brightness

@@ -26,6 +26,17 @@ def test_jitter_moves_each_image_its_own_way_and_is_seeded():
     assert not torch.allclose(a, digit_batch(), atol=0.05)
     assert len({tuple(x.flatten().tolist()) for x in a}) == 4  # one random map per image
     assert 0.0 <= a.min() and a.max() <= 1.0
+    c = jitter(digit_batch(), cfg, torch.Generator().manual_seed(3))
+    assert torch.equal(c, jitter(digit_batch(), cfg, torch.Generator().manual_seed(3))) and not torch.equal(a, c)
+
+
+def test_jitter_moves_each_image_with_its_probability():
+    cfg = AffineJitter(translate=0.2, prob=0.5)
+    pixels = digit_batch().repeat(25, 1, 1, 1)  # [100, 3, 16, 16]
+    out = jitter(pixels, cfg, torch.Generator().manual_seed(0))
+    kept = (out == pixels).flatten(1).all(1)
+    assert 25 < int(kept.sum()) < 75 and torch.equal(out, jitter(pixels, cfg, torch.Generator().manual_seed(0)))
+    assert not AffineJitter(translate=0.2, prob=0.0).enabled
 
 
 def test_pure_shift_keeps_the_ink():
@@ -34,7 +45,7 @@ def test_pure_shift_keeps_the_ink():
     assert shifted.sum(dim=(1, 2, 3)).allclose(digit_batch().sum(dim=(1, 2, 3)), rtol=0.15)
 
 
-@pytest.mark.parametrize("bad", [{"rotate_degrees": -1}, {"translate": 0.5}, {"scale": (1.2, 0.8)}, {"scale": (0, 1)},
+@pytest.mark.parametrize("bad", [{"rotate_degrees": -1}, {"translate": 0.5}, {"prob": 1.5}, {"scale": (1.2, 0.8)}, {"scale": (0, 1)},
                                  {"scale": (1.0,)}])
 def test_bad_jitter_configs_are_refused(bad):
     with pytest.raises(ValueError, match="augment"):

@@ -328,3 +328,27 @@ def test_the_paper_proxy_asks_the_digit_questions_of_each_digit_redrawn_in_a_rea
         pixels = load_image(root / "images" / f"{k:06d}.png").pixels / 255
         ink, paper = (np.array(c) for c in PENS_ON_PAPER[k % len(PENS_ON_PAPER)])
         assert np.abs(pixels[10, 13] - ink).max() < 0.01 and np.abs(pixels[0, 0] - paper).max() < 0.01
+
+
+def test_the_off_centre_proxy_shrinks_each_penned_digit_and_moves_it_somewhere_of_its_own(tmp_path):
+    from mllm.eval.proxies import OFF_CENTRE, PENS_ON_PAPER, build_proxy, write_vqav2
+
+    corpora = tiny_corpora(tmp_path / "corpora", n=6)
+    square = np.zeros((28, 28, 3), dtype=np.uint8)
+    square[4:24, 4:24] = 255  # a white 20-pixel square on black, centred
+    for k in range(6):
+        save_image(Image(square), corpora / "digits" / "media" / f"{k}.png")
+    root = Path(build_proxy("vqav2_offcentre_proxy", corpora, tmp_path / "proxies").path)
+    write_vqav2(corpora, tmp_path / "plain", ("digits",))
+    for name in ("questions.json", "annotations.json"):
+        assert (root / name).read_text() == (tmp_path / "plain" / name).read_text()
+    corners = set()
+    for k in range(6):
+        pixels = load_image(root / "images" / f"{k:06d}.png").pixels / 255  # [28, 28, 3]
+        ink, paper = (np.array(c) for c in PENS_ON_PAPER[k % len(PENS_ON_PAPER)])
+        inked = np.argwhere(np.abs(pixels - ink).max(2) < 0.05)  # [n, 2]: the square's pixels
+        side = inked.max(0) - inked.min(0) + 1
+        on_paper = (np.abs(pixels - paper).max(2) < 0.01).sum()
+        assert (np.abs(side - OFF_CENTRE * 20) <= 2).all() and on_paper >= 28 ** 2 - (OFF_CENTRE * 20 + 4) ** 2
+        corners.add(tuple(inked.min(0)))
+    assert len(corners) >= 4  # each image at a place of its own

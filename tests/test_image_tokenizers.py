@@ -365,3 +365,13 @@ def test_ink_invariance_teaches_a_copy_the_teachers_tokens_for_recoloured_digits
     assert student.spec == load_media_tokenizer(teacher / "media_tokenizer").spec
     image = load_image(digit_images(corpora, "test")[0][0])
     assert detok.decode(student.encode(image), steps=1).pixels.shape[:2] == (32, 32)
+
+    # `frame` moves the student's inputs too; the report then reads the moved recolourings as well
+    moved = tmp_path / "moved"
+    with pytest.raises(ValueError, match="augment"):
+        commands.train("tokenizers/image_ink_invariance_tiny.yaml", corpora, moved, [f"teacher={teacher}", "frame.translate=0.6"])
+    commands.train("tokenizers/image_ink_invariance_tiny.yaml", corpora, moved, [
+        f"teacher={teacher}", "data.corpora=[digits]", "optim.steps=5", "optim.batch_size=8", "frame.rotate_degrees=10",
+        "frame.translate=0.1"])
+    report = commands.evaluate(moved, corpora, moved / "report", limit=20)
+    assert report["token_mse_teacher_moved_grayscale"] > 0 and 0 <= report["digit_probe_student_moved"] <= 1

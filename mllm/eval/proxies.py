@@ -12,6 +12,8 @@ same kind of skill on far easier data: every result is labelled "proxy".
     vqav2_proxy          digits/stamps VQAv2 questions + annotations (one answer, given ten times)
     vqav2_paper_proxy    digits        the same digit questions, each digit redrawn in a pen on a paper of real
                                        handwriting (black ink or pencil on white, blue and red pens, chalk)
+    vqav2_offcentre_proxy digits       the paper proxy's, each digit also shrunk to 0.7 of its side and put at
+                                       a random place in the frame, as in a box of a scanned form
     videoqa_proxy        video         MSRVTT-QA: which digits appear, which way they move
     asr_proxy            speech/spoken_numbers  LibriSpeech layout (FLAC + trans.txt), WER
     sound_caption_proxy  sounds        Clotho CSV captions, BLEU/METEOR/ROUGE-L/CIDEr
@@ -193,18 +195,31 @@ PENS_ON_PAPER = (
 )
 
 
-def _on_paper(k: int) -> Callable[[Path, Path], None]:
-    """Writes a white-on-black digit image as the same strokes in the k-th pen on its paper (cycling)."""
+OFF_CENTRE = 0.7  # vqav2_offcentre_proxy's digit images shrink to this fraction of their side
+
+
+def _on_paper(k: int, off_centre: bool = False) -> Callable[[Path, Path], None]:
+    """Writes a white-on-black digit image as the same strokes in the k-th pen on its paper (cycling); with
+    `off_centre`, shrunk to OFF_CENTRE of its side and put at a random place in the frame (seeded by k), as a digit
+    sits in a box of a scanned form."""
     ink, paper = (np.array(c, dtype=np.float32) for c in PENS_ON_PAPER[k % len(PENS_ON_PAPER)])
 
     def write(src: Path, dst: Path) -> None:
-        strokes = load_image(src).pixels.mean(2, keepdims=True) / 255  # [H, W, 1]: 1 on the strokes
+        image = load_image(src)
+        if off_centre:
+            h, w = image.height, image.width
+            small = image.resize((round(OFF_CENTRE * h), round(OFF_CENTRE * w))).pixels
+            y, x = np.random.default_rng(k).integers(0, (h - len(small) + 1, w - small.shape[1] + 1))
+            image = Image(np.zeros_like(image.pixels))
+            image.pixels[y:y + len(small), x:x + small.shape[1]] = small
+        strokes = image.pixels.mean(2, keepdims=True) / 255  # [H, W, 1]: 1 on the strokes
         save_image(Image(np.round(255 * (paper + (ink - paper) * strokes)).astype(np.uint8)), dst)
     return write
 
 
 def write_vqav2(corpora: Path, out: Path, corpus_names: tuple[str, ...] = ("digits", "stamps"),
-                on_paper: bool = False) -> None:
+                redraw: Callable[[int], Callable[[Path, Path], None]] | None = None) -> None:
+    """VQAv2's files; `redraw(image_id)` writes each image in place of a copy (e.g. `_on_paper`)."""
     answer_types = {"yes_no": "yes/no", "digit": "number", "parity": "other", "category": "other"}
     image_ids: dict[Path, int] = {}
     questions, annotations = [], []
@@ -213,7 +228,7 @@ def write_vqav2(corpora: Path, out: Path, corpus_names: tuple[str, ...] = ("digi
         image = _media(record, corpora, "image")
         if image not in image_ids:
             image_ids[image] = len(image_ids)
-            place = _on_paper(image_ids[image]) if on_paper else _place
+            place = redraw(image_ids[image]) if redraw else _place
             place(image, out / "images" / f"{image_ids[image]:06d}.png")
         meta, qid = record["meta"], len(questions)
         questions.append({"question_id": qid, "image_id": image_ids[image], "question": meta["question"]})
@@ -303,8 +318,10 @@ PROXIES: dict[str, Proxy] = {
     "mmbench_proxy": Proxy(("stamps",), write_mmbench, "mmbench", lambda c: {}),
     "seed_proxy": Proxy(("stamps", "digits", "video"), write_seed, "seed", lambda c: {}),
     "vqav2_proxy": Proxy(("digits", "stamps"), write_vqav2, "vqav2", _vqav2_files),
-    "vqav2_paper_proxy": Proxy(("digits",), partial(write_vqav2, corpus_names=("digits",), on_paper=True), "vqav2",
+    "vqav2_paper_proxy": Proxy(("digits",), partial(write_vqav2, corpus_names=("digits",), redraw=_on_paper), "vqav2",
                                _vqav2_files),
+    "vqav2_offcentre_proxy": Proxy(("digits",), partial(write_vqav2, corpus_names=("digits",),
+                                                        redraw=partial(_on_paper, off_centre=True)), "vqav2", _vqav2_files),
     "videoqa_proxy": Proxy(("video",), write_videoqa, "videoqa", lambda c: {}),
     "asr_proxy": Proxy(("speech", "spoken_numbers"), write_asr, "librispeech", lambda c: {}),
     "sound_caption_proxy": Proxy(("sounds",), write_sound_captions, "captioning", lambda c: {}),

@@ -4,8 +4,9 @@ An LM learns to read the tokens its image tokenizer writes for the training imag
 black. A user's scan is dark ink on light paper, and the same tokenizer writes other tokens for it, which the LM
 has never seen (the embedded default answered 12 % of inverted test digits, against 99 %). Retraining the LM on
 recoloured images would cost a whole build; instead a copy of the tokenizer (the student) learns to write, for
-each training image redrawn in a random ink on a random paper (`mllm.augment.recolour`), the original tokenizer's
-(the teacher's) tokens of the image as it was. The originals and the colour pictures (which `recolour` leaves
+each training image redrawn in a random ink on a random paper (`mllm.augment.recolour`) and, with `frame`, moved
+as a digit sits in a box of a form (`mllm.augment.jitter`: smaller, off centre), the original tokenizer's (the
+teacher's) tokens of the image as it was. The originals and the colour pictures (which `recolour` leaves
 alone) keep their teacher's tokens, so every LM trained on the teacher reads the student's tokens as before, and
 the teacher's de-tokenizer still decodes them.
 
@@ -20,14 +21,14 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mllm.augment import Recolour, is_grayscale, recolour
+from mllm.augment import AffineJitter, Recolour, is_grayscale, jitter, recolour
 from mllm.detokenizers.base import load_detokenizer
 from mllm.judges import DigitJudge
 from mllm.media import Image
@@ -46,17 +47,19 @@ JUDGED = 200  # test digits (at most) drawn back by the de-tokenizer for the jud
 class InkInvarianceConfig:
     teacher: str = ""  # a trained continuous image tokenizer's directory (`mllm tokenize train --out`)
     recolour: Recolour = field(default_factory=lambda: Recolour(prob=0.9))  # of the student's inputs
+    frame: AffineJitter = field(default_factory=AffineJitter)  # of the student's inputs, after recolouring
     data: ImageData = field(default_factory=lambda: ImageData(corpora=["digits", "stamps"]))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=1000, batch_size=32, lr=1e-3, warmup_steps=20))
     evaluation: EvalConfig = field(default_factory=EvalConfig)
 
 
 class InkInvariance(nn.Module):
-    """The student's tokens of a (maybe recoloured) image regress onto the frozen teacher's of the original (MSE)."""
+    """The student's tokens of a (maybe recoloured, maybe moved) image regress onto the frozen teacher's of the
+    original (MSE)."""
 
-    def __init__(self, student: MediaTokenizer, teacher: MediaTokenizer, colours: Recolour):
+    def __init__(self, student: MediaTokenizer, teacher: MediaTokenizer, colours: Recolour, frame: AffineJitter):
         super().__init__()
-        self.student, self.teacher, self.colours = student, teacher.requires_grad_(False), colours
+        self.student, self.teacher, self.colours, self.frame = student, teacher.requires_grad_(False), colours, frame
 
     def train(self, mode: bool = True) -> "InkInvariance":
         super().train(mode)
@@ -67,7 +70,8 @@ class InkInvariance(nn.Module):
         pixels = image_batch(images, self.student.image_size, "train")  # [B, 3, S, S]
         with torch.no_grad():
             target = self.teacher.features(pixels)  # [B, N, D]
-        return {"loss": F.mse_loss(self.student.features(recolour(pixels, self.colours)), target)}
+        seen = jitter(recolour(pixels, self.colours), self.frame)  # as a user's scan comes: any ink, anywhere
+        return {"loss": F.mse_loss(self.student.features(seen), target)}
 
 
 def teacher_dir(cfg: InkInvarianceConfig) -> Path:
@@ -88,8 +92,8 @@ def train_ink_invariance(cfg: InkInvarianceConfig, corpora: Path, out: Path) -> 
     student = load_media_tokenizer(source / "media_tokenizer")
     clock = (time.perf_counter(), time.process_time())
     batches = image_batches(train_images(corpora, cfg.data), cfg.optim.batch_size, cfg.optim.seed, cfg.data.cache_images)
-    history = fit(InkInvariance(student, teacher, cfg.recolour), batches, cfg.optim, desc="image_ink_invariance",
-                  parameters=list(student.parameters()))
+    history = fit(InkInvariance(student, teacher, cfg.recolour, cfg.frame), batches, cfg.optim,
+                  desc="image_ink_invariance", parameters=list(student.parameters()))
     student.eval().save_pretrained(out / "media_tokenizer")
     shutil.rmtree(out / "detokenizer", ignore_errors=True)
     shutil.copytree(source / "detokenizer", out / "detokenizer")
@@ -107,11 +111,12 @@ def tokens(tokenizer: MediaTokenizer, pixels: torch.Tensor, batch_size: int) -> 
 
 
 def evaluate_ink_invariance(trained: Path, corpora: Path, report: Path, limit: int | None, split: str) -> dict:
-    """On the split's images and the same images recoloured (every grayscale one, seeded): how far the student's
-    tokens are from the teacher's of the originals, before (the teacher's own) and after; a linear digit reader
-    fit on the teacher's mean tokens of the train digits, read on each; the judge on what the de-tokenizer
-    draws back from the teacher's tokens of the originals (what it can do at best) and from both readings of the
-    recolourings, for `JUDGED` digits evenly spaced; and a grid of originals, recolourings and the three drawings."""
+    """On the split's images and the same images recoloured (every grayscale one, seeded), and recoloured and moved
+    when the recipe moves them (`frame`): how far the student's tokens are from the teacher's of the originals,
+    before (the teacher's own) and after; a linear digit reader fit on the teacher's mean tokens of the train
+    digits, read on each; the judge on what the de-tokenizer draws back from the teacher's tokens of the originals
+    (what it can do at best) and from both readings of the recolourings, for `JUDGED` digits evenly spaced; and a
+    grid of originals, recolourings and the three drawings."""
     _, cfg = load_recipe(trained / RECIPE_FILE)
     student, teacher = load_media_tokenizer(trained / "media_tokenizer"), load_media_tokenizer(teacher_dir(cfg) / "media_tokenizer")
     detokenizer = load_detokenizer(trained / "detokenizer")
@@ -123,6 +128,10 @@ def evaluate_ink_invariance(trained: Path, corpora: Path, report: Path, limit: i
     readings = {"teacher_recoloured": tokens(teacher, recoloured, e.batch_size),
                 "student_recoloured": tokens(student, recoloured, e.batch_size),
                 "student_originals": tokens(student, pixels, e.batch_size)}
+    if cfg.frame.enabled:  # every recolouring moved too, as the student learnt to read them
+        moved = jitter(recoloured, replace(cfg.frame, prob=1.0), generator)
+        readings |= {"teacher_moved": tokens(teacher, moved, e.batch_size),
+                     "student_moved": tokens(student, moved, e.batch_size)}
     grayscale = is_grayscale(pixels)
     gray, colour = grayscale.nonzero()[:, 0].tolist(), (~grayscale).nonzero()[:, 0].tolist()
     metrics: dict = {"images": len(pixels), "grayscale_images": len(gray)}
