@@ -115,8 +115,8 @@ def evaluate_ink_invariance(trained: Path, corpora: Path, report: Path, limit: i
     when the recipe moves them (`frame`): how far the student's tokens are from the teacher's of the originals,
     before (the teacher's own) and after; a linear digit reader fit on the teacher's mean tokens of the train
     digits, read on each; the judge on what the de-tokenizer draws back from the teacher's tokens of the originals
-    (what it can do at best) and from both readings of the recolourings, for `JUDGED` digits evenly spaced; and a
-    grid of originals, recolourings and the three drawings."""
+    (what it can do at best), from both readings of the recolourings and from the student's of the moved ones, for
+    `JUDGED` digits evenly spaced; and a grid of what went in and what was drawn back."""
     _, cfg = load_recipe(trained / RECIPE_FILE)
     student, teacher = load_media_tokenizer(trained / "media_tokenizer"), load_media_tokenizer(teacher_dir(cfg) / "media_tokenizer")
     detokenizer = load_detokenizer(trained / "detokenizer")
@@ -146,16 +146,20 @@ def evaluate_ink_invariance(trained: Path, corpora: Path, report: Path, limit: i
         for name, got in {"teacher_originals": target, **readings}.items():
             metrics[f"digit_probe_{name}"] = round(float((read(got[digits].mean(1)) == y).float().mean()), 4)
         judge, judged = DigitJudge.load_or_train(corpora), digits[::-(-len(digits) // JUDGED)]  # evenly spaced
-        drawn = {name: detokenizer.decode_batch(got[judged], generator=generator) for name, got in
-                 (("teacher_originals", target), ("teacher_recoloured", readings["teacher_recoloured"]),
-                  ("student_recoloured", readings["student_recoloured"]))}
+        decoded = {"teacher_originals": target} | {name: readings[name] for name in
+                                                   ("teacher_recoloured", "student_recoloured", "student_moved")
+                                                   if name in readings}
+        drawn = {name: detokenizer.decode_batch(got[judged], generator=generator) for name, got in decoded.items()}
         for name, images in drawn.items():
             metrics[f"judge_drawn_from_{name}"] = round(judge.accuracy(images, [test.labels[i] for i in judged]), 4)
         shown = range(0, len(judged), -(-len(judged) // (2 * GRID_COLUMNS)))  # of `judged`: every digit shows
-        rows = [[Image.from_tensor(pixels[judged[i]]) for i in shown], [Image.from_tensor(recoloured[judged[i]]) for i in shown],
+        inputs = {"original": pixels, "recoloured": recoloured}
+        if cfg.frame.enabled:
+            inputs["recoloured, moved"] = moved
+        rows = [*([Image.from_tensor(x[judged[i]]) for i in shown] for x in inputs.values()),
                 *([drawn[name][i] for i in shown] for name in drawn)]
         save_image_grid(rows, report / "ink_invariance.png", row_titles=[
-            "original", "recoloured", "drawn: teacher, original", "drawn: teacher, recoloured", "drawn: student, recoloured"])
+            *inputs, *(f"drawn: {name.replace('_', ', ')}" for name in drawn)])
     return metrics
 
 
