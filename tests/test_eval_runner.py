@@ -16,7 +16,7 @@ from mllm.data.records import BadRecordError
 from mllm.eval.predictor import ModelPredictor
 from mllm.eval.runner import RunMismatchError, UnknownTaskError, resolve_tasks, run_eval
 from mllm.eval.tasks import TaskSpec, build_task
-from mllm.media import Image, MediaError, load_image, save_image
+from mllm.media import Image, MediaError, Video, load_image, load_video, save_image, save_video
 from tests.conftest import TINY_LMS
 
 
@@ -352,3 +352,30 @@ def test_the_off_centre_proxy_shrinks_each_penned_digit_and_moves_it_somewhere_o
         assert (np.abs(side - OFF_CENTRE * 20) <= 2).all() and on_paper >= 28 ** 2 - (OFF_CENTRE * 20 + 4) ** 2
         corners.add(tuple(inked.min(0)))
     assert len(corners) >= 4  # each image at a place of its own
+
+
+def test_the_video_paper_proxy_redraws_every_frame_of_each_clip_in_a_real_pen(tmp_path):
+    from mllm.eval.proxies import PENS_ON_PAPER, build_proxy
+
+    corpora, question = tmp_path / "corpora", "Which way does the digit move? Answer left, right, up or down."
+    frames = np.zeros((4, 32, 32, 3), dtype=np.uint8)
+    for t in range(4):
+        frames[t, 8:24, 4 + 4 * t:12 + 4 * t] = 255  # a white block moving right on black
+    records = []
+    for k in range(3):
+        save_video(Video(frames, 8.0), corpora / "video" / "media" / f"{k}.mp4")
+        records.append({"id": f"video-test-{k}", "corpus": "video", "task": "video_qa",
+                        "messages": [{"role": "user", "content": [{"type": "video", "path": f"media/{k}.mp4"},
+                                                                  {"type": "text", "text": question}]},
+                                     {"role": "assistant", "content": [{"type": "text", "text": "right"}]}],
+                        "meta": {"question": question, "answer": "right", "question_type": "direction"}})
+    (corpora / "video" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    root = Path(build_proxy("videoqa_paper_proxy", corpora, tmp_path / "proxies").path)
+    plain = Path(build_proxy("videoqa_proxy", corpora, tmp_path / "proxies").path)
+    assert (root / "test_qa.json").read_text() == (plain / "test_qa.json").read_text()
+    for k in range(3):
+        clip = load_video(root / "video" / f"video{k}.mp4").frames / 255  # [4, 32, 32, 3]
+        ink, paper = (np.array(c) for c in PENS_ON_PAPER[k % len(PENS_ON_PAPER)])
+        assert clip.shape == (4, 32, 32, 3)
+        assert np.abs(clip[:, 0, 0] - paper).max() < 0.05  # H.264 keeps flat colours nearly exact
+        assert all(np.abs(clip[t, 16, 8 + 4 * t] - ink).max() < 0.15 for t in range(4))  # the ink moves with the block

@@ -15,6 +15,7 @@ same kind of skill on far easier data: every result is labelled "proxy".
     vqav2_offcentre_proxy digits       the paper proxy's, each digit also shrunk to 0.7 of its side and put at
                                        a random place in the frame, as in a box of a scanned form
     videoqa_proxy        video         MSRVTT-QA: which digits appear, which way they move
+    videoqa_paper_proxy  video         the same questions, each clip's strokes in one of the paper proxy's pens
     asr_proxy            speech/spoken_numbers  LibriSpeech layout (FLAC + trans.txt), WER
     sound_caption_proxy  sounds        Clotho CSV captions, BLEU/METEOR/ROUGE-L/CIDEr
     t2i_proxy            digits        text -> image; the digit judge reads the drawn digit
@@ -47,7 +48,7 @@ import soundfile as sf
 
 from mllm.data.sources import cache_dir
 from mllm.eval.tasks import TaskSpec
-from mllm.media import Image, load_image, save_image
+from mllm.media import Image, Video, load_image, load_video, save_image, save_video
 
 VERSION = 2  # bump when a proxy's files change (2: t2v targets say the direction too)
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -198,11 +199,17 @@ PENS_ON_PAPER = (
 OFF_CENTRE = 0.7  # vqav2_offcentre_proxy's digit images shrink to this fraction of their side
 
 
+def _in_pen(pixels: np.ndarray, k: int) -> np.ndarray:
+    """uint8 [..., H, W, 3] white strokes on black -> the same strokes in the k-th pen on its paper (cycling)."""
+    ink, paper = (np.array(c, dtype=np.float32) for c in PENS_ON_PAPER[k % len(PENS_ON_PAPER)])
+    strokes = pixels.mean(-1, keepdims=True) / 255  # [..., H, W, 1]: 1 on the strokes
+    return np.round(255 * (paper + (ink - paper) * strokes)).astype(np.uint8)
+
+
 def _on_paper(k: int, off_centre: bool = False) -> Callable[[Path, Path], None]:
     """Writes a white-on-black digit image as the same strokes in the k-th pen on its paper (cycling); with
     `off_centre`, shrunk to OFF_CENTRE of its side and put at a random place in the frame (seeded by k), as a digit
     sits in a box of a scanned form."""
-    ink, paper = (np.array(c, dtype=np.float32) for c in PENS_ON_PAPER[k % len(PENS_ON_PAPER)])
 
     def write(src: Path, dst: Path) -> None:
         image = load_image(src)
@@ -212,8 +219,16 @@ def _on_paper(k: int, off_centre: bool = False) -> Callable[[Path, Path], None]:
             y, x = np.random.default_rng(k).integers(0, (h - len(small) + 1, w - small.shape[1] + 1))
             image = Image(np.zeros_like(image.pixels))
             image.pixels[y:y + len(small), x:x + small.shape[1]] = small
-        strokes = image.pixels.mean(2, keepdims=True) / 255  # [H, W, 1]: 1 on the strokes
-        save_image(Image(np.round(255 * (paper + (ink - paper) * strokes)).astype(np.uint8)), dst)
+        save_image(Image(_in_pen(image.pixels, k)), dst)
+    return write
+
+
+def _clip_on_paper(k: int) -> Callable[[Path, Path], None]:
+    """Writes a white-on-black clip as the same strokes in the k-th pen on its paper, every frame."""
+
+    def write(src: Path, dst: Path) -> None:
+        video = load_video(src)
+        save_video(Video(_in_pen(video.frames, k), video.fps), dst)
     return write
 
 
@@ -239,14 +254,16 @@ def write_vqav2(corpora: Path, out: Path, corpus_names: tuple[str, ...] = ("digi
     _write_json(out / "annotations.json", {"annotations": annotations})
 
 
-def write_videoqa(corpora: Path, out: Path) -> None:
+def write_videoqa(corpora: Path, out: Path,
+                  redraw: Callable[[int], Callable[[Path, Path], None]] | None = None) -> None:
+    """MSRVTT-QA's files; `redraw(video_id)` writes each clip in place of a copy (e.g. `_clip_on_paper`)."""
     video_ids: dict[Path, int] = {}
     rows = []
     for record in _records(corpora, "video", "video_qa"):
         video = _media(record, corpora, "video")
         if video not in video_ids:
             video_ids[video] = len(video_ids)
-            _place(video, out / "video" / f"video{video_ids[video]}.mp4")
+            (redraw(video_ids[video]) if redraw else _place)(video, out / "video" / f"video{video_ids[video]}.mp4")
         rows.append({"id": len(rows), "video_id": video_ids[video], "question": record["meta"]["question"],
                      "answer": record["meta"]["answer"]})
     _write_json(out / "test_qa.json", rows)
@@ -323,6 +340,7 @@ PROXIES: dict[str, Proxy] = {
     "vqav2_offcentre_proxy": Proxy(("digits",), partial(write_vqav2, corpus_names=("digits",),
                                                         redraw=partial(_on_paper, off_centre=True)), "vqav2", _vqav2_files),
     "videoqa_proxy": Proxy(("video",), write_videoqa, "videoqa", lambda c: {}),
+    "videoqa_paper_proxy": Proxy(("video",), partial(write_videoqa, redraw=_clip_on_paper), "videoqa", lambda c: {}),
     "asr_proxy": Proxy(("speech", "spoken_numbers"), write_asr, "librispeech", lambda c: {}),
     "sound_caption_proxy": Proxy(("sounds",), write_sound_captions, "captioning", lambda c: {}),
     "t2i_proxy": Proxy(("digits",), write_t2i, "jsonl", _generation("image", "digits")),
