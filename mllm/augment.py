@@ -7,6 +7,7 @@ unless a generator is given (seeded runs stay reproducible).
 
     jitter(pixels [B, C, H, W], AffineJitter(rotate_degrees=12, translate=0.08, scale=(0.9, 1.1))) -> [B, C, H, W]
     recolour(pixels [B, 3, H, W], Recolour(prob=0.5, min_contrast=0.4)) -> [B, 3, H, W]
+    recolour_clips(clips [B, T, 3, H, W], Recolour(prob=0.5)) -> [B, T, 3, H, W]   (one ink and paper per clip)
 
 Sound: other voices. Speed perturbation (Ko et al., 2015) plays a clip faster or slower, which moves its pitch
 and formants as a shorter or longer vocal tract would, and changes its tempo; a time stretch (phase vocoder)
@@ -127,6 +128,14 @@ def recolour(pixels: torch.Tensor, cfg: Recolour, generator: torch.Generator | N
     chosen = (torch.rand(len(pixels), generator=generator) < cfg.prob) & is_grayscale(pixels)
     redrawn = ink_on_paper(pixels.mean(1), cfg.min_contrast, generator)
     return torch.where(chosen[:, None, None, None], redrawn, pixels)
+
+
+def recolour_clips(clips: torch.Tensor, cfg: Recolour, generator: torch.Generator | None = None) -> torch.Tensor:
+    """clips [B, T, 3, H, W] in [0, 1] -> the same, each grayscale clip as `recolour` redraws an image: every frame
+    in one ink on one paper."""
+    b, t, c, h, w = clips.shape
+    tall = clips.transpose(1, 2).reshape(b, c, t * h, w)  # [B, 3, T*H, W]: a clip's frames as one image
+    return recolour(tall, cfg, generator).reshape(b, c, t, h, w).transpose(1, 2).contiguous()
 
 
 STRETCH_WINDOW = 512  # phase-vocoder STFT size: 32 ms at 16 kHz, a speech frame

@@ -2,7 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from mllm.augment import LUMA, AffineJitter, AudioPerturb, Recolour, is_grayscale, jitter, perturb_audio, recolour
+from mllm.augment import (
+    LUMA, AffineJitter, AudioPerturb, Recolour, is_grayscale, jitter, perturb_audio, recolour, recolour_clips,
+)
 
 
 def digit_batch() -> torch.Tensor:
@@ -163,3 +165,11 @@ def test_an_added_perturbation_leaves_the_others_draws_unchanged():
 def test_bad_audio_perturbations_are_refused(bad):
     with pytest.raises(ValueError, match="augment"):
         AudioPerturb(**bad)
+
+
+def test_recolour_clips_draws_one_ink_and_paper_per_clip_for_every_frame():
+    clips = digit_batch()[:, None].repeat(1, 3, 1, 1, 1)  # [4, 3, 3, 16, 16]: three frames of a white stroke
+    out = recolour_clips(clips, Recolour(prob=1.0), torch.Generator().manual_seed(0))
+    assert out.shape == clips.shape and out.is_contiguous()
+    assert torch.equal(out[:, 0], out[:, 1]) and torch.equal(out[:, 1], out[:, 2])  # the same pen in every frame
+    assert not torch.equal(out[0, 0], out[1, 0]) and not is_grayscale(out[:, 0]).all()

@@ -45,9 +45,9 @@ def test_stages_in_order_and_given_tokenizers_are_not_trained(tmp_path):
     build = Build(DefaultBuildConfig(corpora=tmp_path / "corpora", out=tmp_path / "out",
                                      tokenizers={"image": tmp_path / "image_tok"}))
     stages = build.stages()
-    assert list(stages) == ["audio_tokenizer", "video_tokenizer", "text", "corpora", "multimodal", "speech", "video",
-                            "diffusion", "image_ink"]
-    after = {"corpora", "multimodal", "speech", "video", "diffusion", "image_ink"}
+    assert list(stages) == ["audio_tokenizer", "video_tokenizer", "image_ink", "video_ink", "text", "corpora",
+                            "multimodal", "speech", "video", "diffusion"]
+    after = {"corpora", "multimodal", "speech", "video", "diffusion"}
     assert {n for lane in LANES for n in lane} == set(stages) - after | {"image_tokenizer"}
     multimodal = stages["multimodal"].work
     assert f"model.media.image.path={tmp_path / 'image_tok' / 'media_tokenizer'}" in multimodal.args[2]
@@ -58,3 +58,9 @@ def test_stages_in_order_and_given_tokenizers_are_not_trained(tmp_path):
     # the ink stage teaches a copy of the tokenizer the LM trained on (the given one): its tokens are the targets
     assert stages["image_ink"].work.args[2] == tmp_path / "out" / "tokenizers" / "image_ink"
     assert stages["image_ink"].work.args[3] == [f"teacher={tmp_path / 'image_tok'}"]
+    assert stages["video_ink"].work.args[3] == [f"teacher={tmp_path / 'out' / 'tokenizers' / 'video'}"]
+    # in a lane, each ink stage comes after its teacher
+    for lane in LANES:
+        for m in ("image", "video"):
+            if f"{m}_ink" in lane:
+                assert lane.index(f"{m}_tokenizer") < lane.index(f"{m}_ink")

@@ -279,3 +279,19 @@ def test_recipe_trains_evaluates_and_reloads(recipe, corpora, cache, tmp_path):
     written = commands.decode(out / "detokenizer", tokens_file, tmp_path / "decoded", guidance=2.0, steps=1, seed=0)
     assert len(written) == 2 and all(p.suffix == ".mp4" and p.is_file() for p in written)
     assert tok.modality == detok.modality == "video"
+
+
+def test_video_ink_invariance_teaches_a_copy_the_teachers_tokens_for_recoloured_clips(corpora, cache, tmp_path):
+    teacher, out = tmp_path / "teacher", tmp_path / "ink"
+    commands.train("tokenizers/video_divot_tiny.yaml", corpora, teacher, DIVOT)
+    with pytest.raises(ValueError, match="video_ink_invariance: teacher must be a trained video tokenizer directory"):
+        commands.train("tokenizers/video_ink_invariance_tiny.yaml", corpora, out, [f"teacher={tmp_path / 'none'}"])
+    metrics = commands.train("tokenizers/video_ink_invariance_tiny.yaml", corpora, out, [
+        f"teacher={teacher}", "optim.steps=30", "optim.batch_size=8", "optim.warmup_steps=2"])
+    assert metrics["steps"] == 30 and (out / "loss.png").is_file()
+    report = commands.evaluate(out, corpora, out / "report", limit=4)
+    assert report["clips"] == 4
+    # the student writes the teacher's tokens of the original for a recoloured clip better than the teacher does
+    assert report["token_mse_student_recoloured"] < report["token_mse_teacher_recoloured"]
+    assert load_media_tokenizer(out / "media_tokenizer").spec == load_media_tokenizer(teacher / "media_tokenizer").spec
+    assert load_detokenizer(out / "detokenizer").modality == "video"

@@ -3,6 +3,10 @@
     image_tokenizer  tokenizers/image_diffusion_captioned_tiny.yaml  ┐ `mllm tokenize train`; skipped for a
     audio_tokenizer  tokenizers/audio_mel_diffusion_tiny.yaml        │ modality given a trained directory
     video_tokenizer  tokenizers/video_divot_captioned_tiny.yaml      ┘
+    image_ink        tokenizers/image_ink_invariance_tiny.yaml: a copy of the image tokenizer that writes the
+                     tokens the LM learns to read for a digit in any ink on any paper, anywhere in its frame
+    video_ink        tokenizers/video_ink_invariance_tiny.yaml: the same for the video tokenizer, a clip in any
+                     ink on any paper; the ink stages' tokenizers are the ones shipped
     text             finetune/recipes/default_text.yaml: SentencePiece tokenizer, then LM pretraining
     corpora          the built corpora; spoken replies in one house voice, padded to `audio_seconds`, and
                      requested animations in one canonical layout (mllm/default/corpus.py)
@@ -10,13 +14,11 @@
     speech           finetune/recipes/default_speech_head.yaml: the audio head alone, on the frozen LM
     video            finetune/recipes/default_video_head.yaml: the video head alone, on the frozen LM
     diffusion        finetune/recipes/default_diffusion_head.yaml: a diffusion image head on the frozen LM
-    image_ink        tokenizers/image_ink_invariance_tiny.yaml: a copy of the image tokenizer that writes the
-                     tokens the LM learnt to read for a digit in any ink on any paper; the shipped image tokenizer
     ship             float16 copies of both variants in <out>/checkpoint/{gmm,diffusion}; with `ship`,
                      also into the package (mllm/default/checkpoint/), where chat, serve, eval and demo find them
 
-The tokenizers and the text stage need only the corpora, so they run side by
-side in two processes of one thread each (`LANES`), their output in
+The tokenizers, their ink stages and the text stage need only the corpora, so they run
+side by side in two processes of one thread each (`LANES`), their output in
 `<out>/logs/`: on two cores, two one-thread trainings finish in ~0.8 of the
 time they take one after another on both threads (the video tokenizer: 1368 s
 beside another job, 863 s alone). Each stage writes its loss curve (`loss.png`) and is skipped
@@ -49,8 +51,9 @@ from mllm.train import finetune, load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: its tokenizers/ and finetune/recipes/
 MODALITIES = ("image", "audio", "video")
-# Side by side, the most even split of the four: image tokenizer + text LM (~1500 s) ‖ video + audio tokenizers (~1650 s).
-LANES = (("image_tokenizer", "text"), ("video_tokenizer", "audio_tokenizer"))
+# Side by side, the most even split: image tokenizer, its ink stage and the text LM (~1900 s) ‖ video tokenizer, its
+# ink stage and the audio tokenizer (~1900 s; at the fifteenth build's speed, docs/default_model.md).
+LANES = (("image_tokenizer", "image_ink", "text"), ("video_tokenizer", "video_ink", "audio_tokenizer"))
 
 
 @dataclass
@@ -63,7 +66,10 @@ class DefaultBuildConfig:
         "audio": ROOT / "tokenizers" / "audio_mel_diffusion_tiny.yaml",
         "video": ROOT / "tokenizers" / "video_divot_captioned_tiny.yaml",
     })
-    ink_recipe: Path = ROOT / "tokenizers" / "image_ink_invariance_tiny.yaml"
+    ink_recipes: dict[str, Path] = field(default_factory=lambda: {  # modality -> its ink stage's recipe
+        "image": ROOT / "tokenizers" / "image_ink_invariance_tiny.yaml",
+        "video": ROOT / "tokenizers" / "video_ink_invariance_tiny.yaml",
+    })
     recipes: Path = ROOT / "finetune" / "recipes"
     corpora_used: list[str] = field(default_factory=lambda: ["digits", "stamps", "speech", "sounds", "video", "interleaved"])
     audio_seconds: float = 2.4  # 60 tokens of the mel tokenizer: every spoken reply
@@ -169,6 +175,11 @@ class Build:
         stages = [Stage(f"{m}_tokenizer", o / "tokenizers" / m / "metrics.json", partial(
             tokenize.train, self.cfg.tokenizer_recipes[m], corpora, o / "tokenizers" / m,
             self.cfg.overrides.get(f"{m}_tokenizer", []))) for m in MODALITIES if m not in self.cfg.tokenizers]
+        # each ink stage teaches a copy of the tokenizer the LM trains on: that tokenizer's tokens are its targets
+        stages += [Stage(f"{m}_ink", o / "tokenizers" / f"{m}_ink" / "metrics.json", partial(
+            tokenize.train, recipe, corpora, o / "tokenizers" / f"{m}_ink",
+            [f"teacher={self.tokenizer_dir(m)}"] + self.cfg.overrides.get(f"{m}_ink", [])))
+            for m, recipe in self.cfg.ink_recipes.items()]
         common = [f"data.cache_dir={o / 'cache'}"]
         media = [f"model.media.{m}.path={self.tokenizer_dir(m) / 'media_tokenizer'}" for m in MODALITIES]
         stages += [
@@ -183,9 +194,6 @@ class Build:
             stages.append(Stage(name, o / run / "final", partial(self.finetune, name, f"default_{run}.yaml", common + [
                 f"output_dir={o / run}", f"init_from={o / before / 'final'}", f"data.root={data}"])))
             before = run
-        stages.append(Stage("image_ink", o / "tokenizers" / "image_ink" / "metrics.json", partial(
-            tokenize.train, self.cfg.ink_recipe, corpora, o / "tokenizers" / "image_ink",
-            [f"teacher={self.tokenizer_dir('image')}"] + self.cfg.overrides.get("image_ink", []))))
         return {s.name: s for s in stages}
 
     def corpora(self, corpora: Path, data: Path) -> None:
@@ -204,8 +212,8 @@ class Build:
                 self.record({stage.name: seconds})
         detokenizers = {m: self.tokenizer_dir(m) / "detokenizer" for m in MODALITIES}
         shipped = self.out / "checkpoint"
-        ship(self.out / "video_head" / "final", detokenizers, shipped / "gmm",
-             media_tokenizers={"image": self.out / "tokenizers" / "image_ink" / "media_tokenizer"})
+        inked = {m: self.out / "tokenizers" / f"{m}_ink" / "media_tokenizer" for m in self.cfg.ink_recipes}
+        ship(self.out / "video_head" / "final", detokenizers, shipped / "gmm", media_tokenizers=inked)
         ship(self.out / "diffusion_head" / "final", detokenizers, shipped / "diffusion", shared=shipped / "gmm")
         print(f"[default] checkpoints: {shipped} ({size_mb(shipped):.1f} MB)")
         if self.cfg.ship:

@@ -13,6 +13,11 @@ the teacher's de-tokenizer still decodes them.
     mllm tokenize train tokenizers/image_ink_invariance_tiny.yaml --out runs/image_ink teacher=runs/image_captioned
     mllm tokenize eval runs/image_ink --report runs/image_ink/report
 
+Recipe `video_ink_invariance` does the same for a video tokenizer: every frame of a clip in one ink on one paper
+(`mllm.augment.recolour_clips`), as clips from another renderer may come.
+
+    mllm tokenize train tokenizers/video_ink_invariance_tiny.yaml --out runs/video_ink teacher=runs/video_captioned
+
 The output directory is a trained image tokenizer like any other: `media_tokenizer/` (the student) and
 `detokenizer/` (the teacher's, copied).
 """
@@ -21,14 +26,16 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mllm.augment import AffineJitter, Recolour, is_grayscale, jitter, recolour
+from mllm.augment import AffineJitter, Recolour, is_grayscale, jitter, recolour, recolour_clips
 from mllm.detokenizers.base import load_detokenizer
 from mllm.judges import DigitJudge
 from mllm.media import Image
@@ -36,8 +43,11 @@ from mllm.plots import save_image_grid
 from mllm.tokenize.image_recipes import GRID_COLUMNS, ImageData, digit_reader, eval_set, image_batches, train_images
 from mllm.tokenize.recipes import RECIPE_FILE, Recipe, load_recipe, register_recipe
 from mllm.tokenize.trainer import EvalConfig, OptimConfig, fit, training_metrics
+from mllm.tokenize.video_recipes import VideoData, clip_batches, train_clips, video_eval
+from mllm.tokenize.video_recipes import eval_set as clip_eval_set
 from mllm.tokenizers.base import MediaTokenizer, load_media_tokenizer
 from mllm.tokenizers.fsq_image import image_batch
+from mllm.tokenizers.video_divot import clip_batch
 
 
 JUDGED = 200  # test digits (at most) drawn back by the de-tokenizer for the judge
@@ -53,52 +63,75 @@ class InkInvarianceConfig:
     evaluation: EvalConfig = field(default_factory=EvalConfig)
 
 
-class InkInvariance(nn.Module):
-    """The student's tokens of a (maybe recoloured, maybe moved) image regress onto the frozen teacher's of the
-    original (MSE)."""
+@dataclass
+class VideoInkInvarianceConfig:
+    teacher: str = ""  # a trained continuous video tokenizer's directory (`mllm tokenize train --out`)
+    recolour: Recolour = field(default_factory=lambda: Recolour(prob=0.9))  # one ink and paper per clip
+    data: VideoData = field(default_factory=VideoData)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=1000, batch_size=32, lr=1e-3, warmup_steps=20))
+    evaluation: EvalConfig = field(default_factory=video_eval)
 
-    def __init__(self, student: MediaTokenizer, teacher: MediaTokenizer, colours: Recolour, frame: AffineJitter):
+
+class InkInvariance(nn.Module):
+    """The student's tokens of a perturbed medium (`perturb`: recoloured, maybe moved) regress onto the frozen
+    teacher's of the original (MSE). `pixels` turns a batch of media into the tokenizers' input tensor."""
+
+    def __init__(self, student: MediaTokenizer, teacher: MediaTokenizer, pixels: Callable[[list], torch.Tensor],
+                 perturb: Callable[[torch.Tensor], torch.Tensor]):
         super().__init__()
-        self.student, self.teacher, self.colours, self.frame = student, teacher.requires_grad_(False), colours, frame
+        self.student, self.teacher = student, teacher.requires_grad_(False)
+        self.pixels, self.perturb = pixels, perturb
 
     def train(self, mode: bool = True) -> "InkInvariance":
         super().train(mode)
         self.teacher.eval()  # the targets stay the tokens the LM learnt to read
         return self
 
-    def training_losses(self, images: list[Image]) -> dict[str, torch.Tensor]:
-        pixels = image_batch(images, self.student.image_size, "train")  # [B, 3, S, S]
+    def training_losses(self, media: list) -> dict[str, torch.Tensor]:
+        pixels = self.pixels(media)  # [B, 3, S, S] or [B, T, 3, S, S]
         with torch.no_grad():
             target = self.teacher.features(pixels)  # [B, N, D]
-        seen = jitter(recolour(pixels, self.colours), self.frame)  # as a user's scan comes: any ink, anywhere
-        return {"loss": F.mse_loss(self.student.features(seen), target)}
+        return {"loss": F.mse_loss(self.student.features(self.perturb(pixels)), target)}
 
 
-def teacher_dir(cfg: InkInvarianceConfig) -> Path:
-    path = Path(cfg.teacher)
+def teacher_dir(cfg: InkInvarianceConfig | VideoInkInvarianceConfig) -> Path:
+    path, modality = Path(cfg.teacher), "video" if isinstance(cfg, VideoInkInvarianceConfig) else "image"
     if not cfg.teacher or not (path / "media_tokenizer").is_dir() or not (path / "detokenizer").is_dir():
-        raise ValueError(f"image_ink_invariance: teacher must be a trained image tokenizer directory (with "
+        raise ValueError(f"{modality}_ink_invariance: teacher must be a trained {modality} tokenizer directory (with "
                          f"media_tokenizer/ and detokenizer/), got {cfg.teacher!r}; set it with teacher=DIR")
     return path
 
 
-def train_ink_invariance(cfg: InkInvarianceConfig, corpora: Path, out: Path) -> dict:
+def load_teacher(cfg: InkInvarianceConfig | VideoInkInvarianceConfig, modality: str) -> MediaTokenizer:
     source = teacher_dir(cfg)
-    torch.manual_seed(cfg.optim.seed)
     teacher = load_media_tokenizer(source / "media_tokenizer")
-    if teacher.modality != "image" or teacher.kind != "continuous":
-        raise ValueError(f"image_ink_invariance: the teacher in {source} is a {teacher.kind} {teacher.modality} "
-                         f"tokenizer; need a continuous image one")
+    if teacher.modality != modality or teacher.kind != "continuous":
+        raise ValueError(f"{modality}_ink_invariance: the teacher in {source} is a {teacher.kind} {teacher.modality} "
+                         f"tokenizer; need a continuous {modality} one")
+    return teacher
+
+
+def train_ink_invariance(cfg: InkInvarianceConfig | VideoInkInvarianceConfig, corpora: Path, out: Path) -> dict:
+    modality = "video" if isinstance(cfg, VideoInkInvarianceConfig) else "image"
+    torch.manual_seed(cfg.optim.seed)
+    teacher, source = load_teacher(cfg, modality), teacher_dir(cfg)
     student = load_media_tokenizer(source / "media_tokenizer")
-    clock = (time.perf_counter(), time.process_time())
-    batches = image_batches(train_images(corpora, cfg.data), cfg.optim.batch_size, cfg.optim.seed, cfg.data.cache_images)
-    history = fit(InkInvariance(student, teacher, cfg.recolour, cfg.frame), batches, cfg.optim,
-                  desc="image_ink_invariance", parameters=list(student.parameters()))
+    clock, o = (time.perf_counter(), time.process_time()), cfg.optim
+    if modality == "video":
+        module = InkInvariance(student, teacher, partial(clip_batch, frames=teacher.config.frames,
+                                                         size=teacher.frame_size, who="train"),
+                               partial(recolour_clips, cfg=cfg.recolour))
+        batches = clip_batches(train_clips(corpora, cfg.data), o.batch_size, o.seed, cfg.data.cache_clips)
+    else:  # as a user's scan comes: any ink, anywhere in the frame
+        module = InkInvariance(student, teacher, partial(image_batch, size=teacher.image_size, who="train"),
+                               lambda pixels: jitter(recolour(pixels, cfg.recolour), cfg.frame))
+        batches = image_batches(train_images(corpora, cfg.data), o.batch_size, o.seed, cfg.data.cache_images)
+    history = fit(module, batches, o, desc=f"{modality}_ink_invariance", parameters=list(student.parameters()))
     student.eval().save_pretrained(out / "media_tokenizer")
     shutil.rmtree(out / "detokenizer", ignore_errors=True)
     shutil.copytree(source / "detokenizer", out / "detokenizer")
     return training_metrics(out, {"token_mse": history["loss"]}, len(history["loss"]), clock,
-                            {"tokenizer": student}, "image_ink_invariance")
+                            {"tokenizer": student}, f"{modality}_ink_invariance")
 
 
 # ---------------------------------------------------------------- evaluate
@@ -106,7 +139,7 @@ def train_ink_invariance(cfg: InkInvarianceConfig, corpora: Path, out: Path) -> 
 
 @torch.no_grad()
 def tokens(tokenizer: MediaTokenizer, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """pixels [B, 3, S, S] -> tokens [B, N, D], in batches."""
+    """pixels [B, 3, S, S] (or clips [B, T, 3, S, S]) -> tokens [B, N, D], in batches."""
     return torch.cat([tokenizer.features(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)])
 
 
@@ -163,4 +196,26 @@ def evaluate_ink_invariance(trained: Path, corpora: Path, report: Path, limit: i
     return metrics
 
 
+@torch.no_grad()
+def evaluate_video_ink_invariance(trained: Path, corpora: Path, report: Path, limit: int | None, split: str) -> dict:
+    """On the split's clips and the same clips recoloured (every grayscale one, seeded): how far the student's and
+    the teacher's tokens of the recolourings are from the teacher's tokens of the originals, and the student's
+    of the originals."""
+    _, cfg = load_recipe(trained / RECIPE_FILE)
+    student, teacher = load_media_tokenizer(trained / "media_tokenizer"), load_teacher(cfg, "video")
+    clips, e = clip_eval_set(corpora, cfg.data, limit, split).videos, cfg.evaluation
+    pixels = clip_batch(clips, teacher.config.frames, teacher.frame_size, "eval")  # [B, T, 3, S, S]
+    recoloured = recolour_clips(pixels, Recolour(prob=1.0, min_contrast=cfg.recolour.min_contrast),
+                                torch.Generator().manual_seed(e.seed))
+    target = tokens(teacher, pixels, e.batch_size)
+    readings = {"teacher_recoloured": (teacher, recoloured), "student_recoloured": (student, recoloured),
+                "student_originals": (student, pixels)}
+    metrics: dict = {"clips": len(pixels)}
+    for name, (tokenizer, x) in readings.items():
+        metrics[f"token_mse_{name}"] = round(F.mse_loss(tokens(tokenizer, x, e.batch_size), target).item(), 5)
+    return metrics
+
+
 register_recipe(Recipe("image_ink_invariance", InkInvarianceConfig, train_ink_invariance, evaluate_ink_invariance))
+register_recipe(Recipe("video_ink_invariance", VideoInkInvarianceConfig, train_ink_invariance,
+                       evaluate_video_ink_invariance))
