@@ -1,4 +1,4 @@
-"""Recipe `image_ink_invariance`: teach a trained image tokenizer to read a digit in any ink on any paper.
+"""Recipes `image_ink_invariance` and `video_ink_invariance`: teach a trained tokenizer to read any ink on any paper.
 
 An LM learns to read the tokens its image tokenizer writes for the training images: MNIST's white strokes on
 black. A user's scan is dark ink on light paper, and the same tokenizer writes other tokens for it, which the LM
@@ -18,8 +18,8 @@ Recipe `video_ink_invariance` does the same for a video tokenizer: every frame o
 
     mllm tokenize train tokenizers/video_ink_invariance_tiny.yaml --out runs/video_ink teacher=runs/video_captioned
 
-The output directory is a trained image tokenizer like any other: `media_tokenizer/` (the student) and
-`detokenizer/` (the teacher's, copied).
+The output directory is a trained tokenizer like any other: `media_tokenizer/` (the student) and `detokenizer/`
+(the teacher's, copied).
 """
 
 from __future__ import annotations
@@ -94,16 +94,20 @@ class InkInvariance(nn.Module):
         return {"loss": F.mse_loss(self.student.features(self.perturb(pixels)), target)}
 
 
+def modality_of(cfg: InkInvarianceConfig | VideoInkInvarianceConfig) -> str:
+    return "video" if isinstance(cfg, VideoInkInvarianceConfig) else "image"
+
+
 def teacher_dir(cfg: InkInvarianceConfig | VideoInkInvarianceConfig) -> Path:
-    path, modality = Path(cfg.teacher), "video" if isinstance(cfg, VideoInkInvarianceConfig) else "image"
+    path, modality = Path(cfg.teacher), modality_of(cfg)
     if not cfg.teacher or not (path / "media_tokenizer").is_dir() or not (path / "detokenizer").is_dir():
         raise ValueError(f"{modality}_ink_invariance: teacher must be a trained {modality} tokenizer directory (with "
                          f"media_tokenizer/ and detokenizer/), got {cfg.teacher!r}; set it with teacher=DIR")
     return path
 
 
-def load_teacher(cfg: InkInvarianceConfig | VideoInkInvarianceConfig, modality: str) -> MediaTokenizer:
-    source = teacher_dir(cfg)
+def load_teacher(cfg: InkInvarianceConfig | VideoInkInvarianceConfig) -> MediaTokenizer:
+    source, modality = teacher_dir(cfg), modality_of(cfg)
     teacher = load_media_tokenizer(source / "media_tokenizer")
     if teacher.modality != modality or teacher.kind != "continuous":
         raise ValueError(f"{modality}_ink_invariance: the teacher in {source} is a {teacher.kind} {teacher.modality} "
@@ -112,9 +116,9 @@ def load_teacher(cfg: InkInvarianceConfig | VideoInkInvarianceConfig, modality: 
 
 
 def train_ink_invariance(cfg: InkInvarianceConfig | VideoInkInvarianceConfig, corpora: Path, out: Path) -> dict:
-    modality = "video" if isinstance(cfg, VideoInkInvarianceConfig) else "image"
+    modality = modality_of(cfg)
     torch.manual_seed(cfg.optim.seed)
-    teacher, source = load_teacher(cfg, modality), teacher_dir(cfg)
+    teacher, source = load_teacher(cfg), teacher_dir(cfg)
     student = load_media_tokenizer(source / "media_tokenizer")
     clock, o = (time.perf_counter(), time.process_time()), cfg.optim
     if modality == "video":
@@ -202,7 +206,7 @@ def evaluate_video_ink_invariance(trained: Path, corpora: Path, report: Path, li
     the teacher's tokens of the recolourings are from the teacher's tokens of the originals, and the student's
     of the originals."""
     _, cfg = load_recipe(trained / RECIPE_FILE)
-    student, teacher = load_media_tokenizer(trained / "media_tokenizer"), load_teacher(cfg, "video")
+    student, teacher = load_media_tokenizer(trained / "media_tokenizer"), load_teacher(cfg)
     clips, e = clip_eval_set(corpora, cfg.data, limit, split).videos, cfg.evaluation
     pixels = clip_batch(clips, teacher.config.frames, teacher.frame_size, "eval")  # [B, T, 3, S, S]
     recoloured = recolour_clips(pixels, Recolour(prob=1.0, min_contrast=cfg.recolour.min_contrast),
