@@ -63,7 +63,7 @@ def ship(checkpoint: Path, detokenizers: dict[str, Path], out: Path, shared: Pat
          media_tokenizers: dict[str, Path] | None = None) -> Path:
     """Copy `checkpoint` (+ each modality's de-tokenizer dir) into `out` with float16 weights and configs
     that name no build directory. `media_tokenizers` (modality -> a saved media tokenizer) replace the
-    checkpoint's own: one that writes the same tokens for more kinds of input (`image_ink_invariance`)."""
+    checkpoint's own: one that writes the same tokens for more kinds of input (the ink stages')."""
     for modality, src in (media_tokenizers or {}).items():
         if not (checkpoint / MEDIA_TOKENIZERS_DIR / modality).is_dir():
             raise ValueError(f"ship: {checkpoint} has no {modality} media tokenizer to replace with {src}")

@@ -197,6 +197,7 @@ PENS_ON_PAPER = (
 
 
 OFF_CENTRE = 0.7  # vqav2_offcentre_proxy's digit images shrink to this fraction of their side
+Redraw = Callable[[int], Callable[[Path, Path], None]]  # a medium's id -> how to write it (src, dst)
 
 
 def _in_pen(pixels: np.ndarray, k: int) -> np.ndarray:
@@ -232,9 +233,13 @@ def _clip_on_paper(k: int) -> Callable[[Path, Path], None]:
     return write
 
 
+def _as_is(k: int) -> Callable[[Path, Path], None]:  # the Redraw that copies every medium unchanged
+    return _place
+
+
 def write_vqav2(corpora: Path, out: Path, corpus_names: tuple[str, ...] = ("digits", "stamps"),
-                redraw: Callable[[int], Callable[[Path, Path], None]] | None = None) -> None:
-    """VQAv2's files; `redraw(image_id)` writes each image in place of a copy (e.g. `_on_paper`)."""
+                redraw: Redraw = _as_is) -> None:
+    """VQAv2's files; `redraw(image_id)` writes each image (a copy by default; `_on_paper` in a pen)."""
     answer_types = {"yes_no": "yes/no", "digit": "number", "parity": "other", "category": "other"}
     image_ids: dict[Path, int] = {}
     questions, annotations = [], []
@@ -243,8 +248,7 @@ def write_vqav2(corpora: Path, out: Path, corpus_names: tuple[str, ...] = ("digi
         image = _media(record, corpora, "image")
         if image not in image_ids:
             image_ids[image] = len(image_ids)
-            place = redraw(image_ids[image]) if redraw else _place
-            place(image, out / "images" / f"{image_ids[image]:06d}.png")
+            redraw(image_ids[image])(image, out / "images" / f"{image_ids[image]:06d}.png")
         meta, qid = record["meta"], len(questions)
         questions.append({"question_id": qid, "image_id": image_ids[image], "question": meta["question"]})
         annotations.append({"question_id": qid, "image_id": image_ids[image], "question_type": meta["question_type"],
@@ -254,16 +258,15 @@ def write_vqav2(corpora: Path, out: Path, corpus_names: tuple[str, ...] = ("digi
     _write_json(out / "annotations.json", {"annotations": annotations})
 
 
-def write_videoqa(corpora: Path, out: Path,
-                  redraw: Callable[[int], Callable[[Path, Path], None]] | None = None) -> None:
-    """MSRVTT-QA's files; `redraw(video_id)` writes each clip in place of a copy (e.g. `_clip_on_paper`)."""
+def write_videoqa(corpora: Path, out: Path, redraw: Redraw = _as_is) -> None:
+    """MSRVTT-QA's files; `redraw(video_id)` writes each clip (a copy by default; `_clip_on_paper` in a pen)."""
     video_ids: dict[Path, int] = {}
     rows = []
     for record in _records(corpora, "video", "video_qa"):
         video = _media(record, corpora, "video")
         if video not in video_ids:
             video_ids[video] = len(video_ids)
-            (redraw(video_ids[video]) if redraw else _place)(video, out / "video" / f"video{video_ids[video]}.mp4")
+            redraw(video_ids[video])(video, out / "video" / f"video{video_ids[video]}.mp4")
         rows.append({"id": len(rows), "video_id": video_ids[video], "question": record["meta"]["question"],
                      "answer": record["meta"]["answer"]})
     _write_json(out / "test_qa.json", rows)

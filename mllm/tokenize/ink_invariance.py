@@ -28,6 +28,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import ClassVar
 from functools import partial
 from pathlib import Path
 
@@ -55,6 +56,7 @@ JUDGED = 200  # test digits (at most) drawn back by the de-tokenizer for the jud
 
 @dataclass
 class InkInvarianceConfig:
+    modality: ClassVar[str] = "image"
     teacher: str = ""  # a trained continuous image tokenizer's directory (`mllm tokenize train --out`)
     recolour: Recolour = field(default_factory=lambda: Recolour(prob=0.9))  # of the student's inputs
     frame: AffineJitter = field(default_factory=AffineJitter)  # of the student's inputs, after recolouring
@@ -65,6 +67,7 @@ class InkInvarianceConfig:
 
 @dataclass
 class VideoInkInvarianceConfig:
+    modality: ClassVar[str] = "video"
     teacher: str = ""  # a trained continuous video tokenizer's directory (`mllm tokenize train --out`)
     recolour: Recolour = field(default_factory=lambda: Recolour(prob=0.9))  # one ink and paper per clip
     data: VideoData = field(default_factory=VideoData)
@@ -94,12 +97,8 @@ class InkInvariance(nn.Module):
         return {"loss": F.mse_loss(self.student.features(self.perturb(pixels)), target)}
 
 
-def modality_of(cfg: InkInvarianceConfig | VideoInkInvarianceConfig) -> str:
-    return "video" if isinstance(cfg, VideoInkInvarianceConfig) else "image"
-
-
 def teacher_dir(cfg: InkInvarianceConfig | VideoInkInvarianceConfig) -> Path:
-    path, modality = Path(cfg.teacher), modality_of(cfg)
+    path, modality = Path(cfg.teacher), cfg.modality
     if not cfg.teacher or not (path / "media_tokenizer").is_dir() or not (path / "detokenizer").is_dir():
         raise ValueError(f"{modality}_ink_invariance: teacher must be a trained {modality} tokenizer directory (with "
                          f"media_tokenizer/ and detokenizer/), got {cfg.teacher!r}; set it with teacher=DIR")
@@ -107,7 +106,7 @@ def teacher_dir(cfg: InkInvarianceConfig | VideoInkInvarianceConfig) -> Path:
 
 
 def load_teacher(cfg: InkInvarianceConfig | VideoInkInvarianceConfig) -> MediaTokenizer:
-    source, modality = teacher_dir(cfg), modality_of(cfg)
+    source, modality = teacher_dir(cfg), cfg.modality
     teacher = load_media_tokenizer(source / "media_tokenizer")
     if teacher.modality != modality or teacher.kind != "continuous":
         raise ValueError(f"{modality}_ink_invariance: the teacher in {source} is a {teacher.kind} {teacher.modality} "
@@ -116,12 +115,11 @@ def load_teacher(cfg: InkInvarianceConfig | VideoInkInvarianceConfig) -> MediaTo
 
 
 def train_ink_invariance(cfg: InkInvarianceConfig | VideoInkInvarianceConfig, corpora: Path, out: Path) -> dict:
-    modality = modality_of(cfg)
     torch.manual_seed(cfg.optim.seed)
     teacher, source = load_teacher(cfg), teacher_dir(cfg)
     student = load_media_tokenizer(source / "media_tokenizer")
     clock, o = (time.perf_counter(), time.process_time()), cfg.optim
-    if modality == "video":
+    if cfg.modality == "video":
         module = InkInvariance(student, teacher, partial(clip_batch, frames=teacher.config.frames,
                                                          size=teacher.frame_size, who="train"),
                                partial(recolour_clips, cfg=cfg.recolour))
@@ -130,12 +128,12 @@ def train_ink_invariance(cfg: InkInvarianceConfig | VideoInkInvarianceConfig, co
         module = InkInvariance(student, teacher, partial(image_batch, size=teacher.image_size, who="train"),
                                lambda pixels: jitter(recolour(pixels, cfg.recolour), cfg.frame))
         batches = image_batches(train_images(corpora, cfg.data), o.batch_size, o.seed, cfg.data.cache_images)
-    history = fit(module, batches, o, desc=f"{modality}_ink_invariance", parameters=list(student.parameters()))
+    history = fit(module, batches, o, desc=f"{cfg.modality}_ink_invariance", parameters=list(student.parameters()))
     student.eval().save_pretrained(out / "media_tokenizer")
     shutil.rmtree(out / "detokenizer", ignore_errors=True)
     shutil.copytree(source / "detokenizer", out / "detokenizer")
     return training_metrics(out, {"token_mse": history["loss"]}, len(history["loss"]), clock,
-                            {"tokenizer": student}, f"{modality}_ink_invariance")
+                            {"tokenizer": student}, f"{cfg.modality}_ink_invariance")
 
 
 # ---------------------------------------------------------------- evaluate
@@ -155,7 +153,7 @@ def evaluate_ink_invariance(trained: Path, corpora: Path, report: Path, limit: i
     (what it can do at best), from both readings of the recolourings and from the student's of the moved ones, for
     `JUDGED` digits evenly spaced; and a grid of what went in and what was drawn back."""
     _, cfg = load_recipe(trained / RECIPE_FILE)
-    student, teacher = load_media_tokenizer(trained / "media_tokenizer"), load_media_tokenizer(teacher_dir(cfg) / "media_tokenizer")
+    student, teacher = load_media_tokenizer(trained / "media_tokenizer"), load_teacher(cfg)
     detokenizer = load_detokenizer(trained / "detokenizer")
     test, e = eval_set(corpora, cfg.data, limit, split), cfg.evaluation
     pixels = image_batch(test.images, student.image_size, "eval")
@@ -165,8 +163,9 @@ def evaluate_ink_invariance(trained: Path, corpora: Path, report: Path, limit: i
     readings = {"teacher_recoloured": tokens(teacher, recoloured, e.batch_size),
                 "student_recoloured": tokens(student, recoloured, e.batch_size),
                 "student_originals": tokens(student, pixels, e.batch_size)}
+    inputs = {"original": pixels, "recoloured": recoloured}  # the grid's input rows
     if cfg.frame.enabled:  # every recolouring moved too, as the student learnt to read them
-        moved = jitter(recoloured, replace(cfg.frame, prob=1.0), generator)
+        moved = inputs["recoloured, moved"] = jitter(recoloured, replace(cfg.frame, prob=1.0), generator)
         readings |= {"teacher_moved": tokens(teacher, moved, e.batch_size),
                      "student_moved": tokens(student, moved, e.batch_size)}
     grayscale = is_grayscale(pixels)
@@ -190,9 +189,6 @@ def evaluate_ink_invariance(trained: Path, corpora: Path, report: Path, limit: i
         for name, images in drawn.items():
             metrics[f"judge_drawn_from_{name}"] = round(judge.accuracy(images, [test.labels[i] for i in judged]), 4)
         shown = range(0, len(judged), -(-len(judged) // (2 * GRID_COLUMNS)))  # of `judged`: every digit shows
-        inputs = {"original": pixels, "recoloured": recoloured}
-        if cfg.frame.enabled:
-            inputs["recoloured, moved"] = moved
         rows = [*([Image.from_tensor(x[judged[i]]) for i in shown] for x in inputs.values()),
                 *([drawn[name][i] for i in shown] for name in drawn)]
         save_image_grid(rows, report / "ink_invariance.png", row_titles=[
