@@ -75,6 +75,13 @@ def jitter(pixels: torch.Tensor, cfg: AffineJitter, generator: torch.Generator |
     return torch.where(chosen[:, None, None, None].to(pixels.device), moved, pixels)
 
 
+def jitter_clips(clips: torch.Tensor, cfg: AffineJitter, generator: torch.Generator | None = None) -> torch.Tensor:
+    """clips [B, T, C, H, W] -> the same, each clip under one random affine map, every frame alike (as a camera or
+    another renderer frames a whole clip)."""
+    b, t, c, h, w = clips.shape
+    return jitter(clips.reshape(b, t * c, h, w), cfg, generator).reshape(b, t, c, h, w)  # frames as channels
+
+
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of R, G, B in perceived brightness
 
 

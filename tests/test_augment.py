@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from mllm.augment import (
-    LUMA, AffineJitter, AudioPerturb, Recolour, is_grayscale, jitter, perturb_audio, recolour, recolour_clips,
+    LUMA, AffineJitter, AudioPerturb, Recolour, is_grayscale, jitter, jitter_clips, perturb_audio, recolour, recolour_clips,
 )
 
 
@@ -173,3 +173,12 @@ def test_recolour_clips_draws_one_ink_and_paper_per_clip_for_every_frame():
     assert out.shape == clips.shape and out.is_contiguous()
     assert torch.equal(out[:, 0], out[:, 1]) and torch.equal(out[:, 1], out[:, 2])  # the same pen in every frame
     assert not torch.equal(out[0, 0], out[1, 0]) and not is_grayscale(out[:, 0]).all()
+
+
+def test_jitter_clips_moves_every_frame_of_a_clip_alike_and_each_clip_its_own_way():
+    clips = digit_batch()[:, None].repeat(1, 3, 1, 1, 1)  # [4, 3, 3, 16, 16]: three frames of a white stroke
+    out = jitter_clips(clips, AffineJitter(translate=0.2, scale=(0.6, 0.9)), torch.Generator().manual_seed(0))
+    assert out.shape == clips.shape and not torch.allclose(out, clips, atol=0.05)
+    assert torch.equal(out[:, 0], out[:, 1]) and torch.equal(out[:, 1], out[:, 2])  # one map for the whole clip
+    assert not torch.equal(out[0, 0], out[1, 0])
+    assert torch.equal(jitter_clips(clips, AffineJitter()), clips)

@@ -354,22 +354,29 @@ def test_the_off_centre_proxy_shrinks_each_penned_digit_and_moves_it_somewhere_o
     assert len(corners) >= 4  # each image at a place of its own
 
 
-def test_the_video_paper_proxy_redraws_every_frame_of_each_clip_in_a_real_pen(tmp_path):
-    from mllm.eval.proxies import PENS_ON_PAPER, build_proxy
-
-    corpora, question = tmp_path / "corpora", "Which way does the digit move? Answer left, right, up or down."
+def moving_block_corpora(root: Path, clips: int) -> Path:
+    """Corpora whose video test split is `clips` copies of a white 16x8 block moving right on black (4 frames of
+    32²), each asked which way it moves."""
+    question = "Which way does the digit move? Answer left, right, up or down."
     frames = np.zeros((4, 32, 32, 3), dtype=np.uint8)
     for t in range(4):
-        frames[t, 8:24, 4 + 4 * t:12 + 4 * t] = 255  # a white block moving right on black
+        frames[t, 8:24, 4 + 4 * t:12 + 4 * t] = 255
     records = []
-    for k in range(3):
-        save_video(Video(frames, 8.0), corpora / "video" / "media" / f"{k}.mp4")
+    for k in range(clips):
+        save_video(Video(frames, 8.0), root / "video" / "media" / f"{k}.mp4")
         records.append({"id": f"video-test-{k}", "corpus": "video", "task": "video_qa",
                         "messages": [{"role": "user", "content": [{"type": "video", "path": f"media/{k}.mp4"},
                                                                   {"type": "text", "text": question}]},
                                      {"role": "assistant", "content": [{"type": "text", "text": "right"}]}],
                         "meta": {"question": question, "answer": "right", "question_type": "direction"}})
-    (corpora / "video" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (root / "video" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root
+
+
+def test_the_video_paper_proxy_redraws_every_frame_of_each_clip_in_a_real_pen(tmp_path):
+    from mllm.eval.proxies import PENS_ON_PAPER, build_proxy
+
+    corpora = moving_block_corpora(tmp_path / "corpora", clips=3)
     root = Path(build_proxy("videoqa_paper_proxy", corpora, tmp_path / "proxies").path)
     plain = Path(build_proxy("videoqa_proxy", corpora, tmp_path / "proxies").path)
     assert (root / "test_qa.json").read_text() == (plain / "test_qa.json").read_text()
@@ -379,3 +386,23 @@ def test_the_video_paper_proxy_redraws_every_frame_of_each_clip_in_a_real_pen(tm
         assert clip.shape == (4, 32, 32, 3)
         assert np.abs(clip[:, 0, 0] - paper).max() < 0.05  # H.264 keeps flat colours nearly exact
         assert all(np.abs(clip[t, 16, 8 + 4 * t] - ink).max() < 0.15 for t in range(4))  # the ink moves with the block
+
+
+def test_the_off_centre_video_proxy_shrinks_each_penned_clip_and_moves_every_frame_alike(tmp_path):
+    from mllm.eval.proxies import OFF_CENTRE, PENS_ON_PAPER, build_proxy
+
+    corpora = moving_block_corpora(tmp_path / "corpora", clips=5)
+    root = Path(build_proxy("videoqa_offcentre_proxy", corpora, tmp_path / "proxies").path)
+    plain = Path(build_proxy("videoqa_proxy", corpora, tmp_path / "proxies").path)
+    assert (root / "test_qa.json").read_text() == (plain / "test_qa.json").read_text()
+    corners = set()
+    for k in range(5):
+        clip = load_video(root / "video" / f"video{k}.mp4").frames / 255  # [4, 32, 32, 3]
+        ink = np.array(PENS_ON_PAPER[k % len(PENS_ON_PAPER)][0])
+        inked = [np.argwhere(np.abs(clip[t] - ink).max(2) < 0.15) for t in range(4)]  # [n, 2] per frame
+        heights = [a[:, 0].max() - a[:, 0].min() + 1 for a in inked]
+        assert all(abs(h - OFF_CENTRE * 16) <= 2 for h in heights)  # the block shrinks with its frame
+        assert len({a[:, 0].min() for a in inked}) == 1  # every frame moved alike: the block's rows stay put
+        assert inked[3][:, 1].min() > inked[0][:, 1].min()  # and it still moves right
+        corners.add(tuple(inked[0].min(0)))
+    assert len(corners) >= 3  # each clip at a place of its own

@@ -16,6 +16,8 @@ same kind of skill on far easier data: every result is labelled "proxy".
                                        a random place in the frame, as in a box of a scanned form
     videoqa_proxy        video         MSRVTT-QA: which digits appear, which way they move
     videoqa_paper_proxy  video         the same questions, each clip's strokes in one of the paper proxy's pens
+    videoqa_offcentre_proxy video      the paper proxy's, each clip also shrunk to 0.7 of its side and put at a
+                                       random place in the frame, every frame alike
     asr_proxy            speech/spoken_numbers  LibriSpeech layout (FLAC + trans.txt), WER
     sound_caption_proxy  sounds        Clotho CSV captions, BLEU/METEOR/ROUGE-L/CIDEr
     t2i_proxy            digits        text -> image; the digit judge reads the drawn digit
@@ -207,29 +209,37 @@ def _in_pen(pixels: np.ndarray, k: int) -> np.ndarray:
     return np.round(255 * (paper + (ink - paper) * strokes)).astype(np.uint8)
 
 
+def _off_centre(frames: np.ndarray, k: int) -> np.ndarray:
+    """uint8 [T, H, W, 3] -> the same, every frame shrunk to OFF_CENTRE of its side and put at one random place in
+    the frame (seeded by k), black around it."""
+    t, h, w, _ = frames.shape
+    small = np.stack([Image(f).resize((round(OFF_CENTRE * h), round(OFF_CENTRE * w))).pixels for f in frames])
+    y, x = np.random.default_rng(k).integers(0, (h - small.shape[1] + 1, w - small.shape[2] + 1))
+    out = np.zeros_like(frames)
+    out[:, y:y + small.shape[1], x:x + small.shape[2]] = small
+    return out
+
+
 def _on_paper(k: int, off_centre: bool = False) -> Callable[[Path, Path], None]:
     """Writes a white-on-black digit image as the same strokes in the k-th pen on its paper (cycling); with
-    `off_centre`, shrunk to OFF_CENTRE of its side and put at a random place in the frame (seeded by k), as a digit
-    sits in a box of a scanned form."""
+    `off_centre`, shrunk and moved first (`_off_centre`), as a digit sits in a box of a scanned form."""
 
     def write(src: Path, dst: Path) -> None:
-        image = load_image(src)
+        pixels = load_image(src).pixels
         if off_centre:
-            h, w = image.height, image.width
-            small = image.resize((round(OFF_CENTRE * h), round(OFF_CENTRE * w))).pixels
-            y, x = np.random.default_rng(k).integers(0, (h - len(small) + 1, w - small.shape[1] + 1))
-            image = Image(np.zeros_like(image.pixels))
-            image.pixels[y:y + len(small), x:x + small.shape[1]] = small
-        save_image(Image(_in_pen(image.pixels, k)), dst)
+            pixels = _off_centre(pixels[None], k)[0]
+        save_image(Image(_in_pen(pixels, k)), dst)
     return write
 
 
-def _clip_on_paper(k: int) -> Callable[[Path, Path], None]:
-    """Writes a white-on-black clip as the same strokes in the k-th pen on its paper, every frame."""
+def _clip_on_paper(k: int, off_centre: bool = False) -> Callable[[Path, Path], None]:
+    """Writes a white-on-black clip as the same strokes in the k-th pen on its paper, every frame; with
+    `off_centre`, every frame shrunk and moved alike first (`_off_centre`), as another renderer may frame a clip."""
 
     def write(src: Path, dst: Path) -> None:
         video = load_video(src)
-        save_video(Video(_in_pen(video.frames, k), video.fps), dst)
+        frames = _off_centre(video.frames, k) if off_centre else video.frames
+        save_video(Video(_in_pen(frames, k), video.fps), dst)
     return write
 
 
@@ -344,6 +354,8 @@ PROXIES: dict[str, Proxy] = {
                                                         redraw=partial(_on_paper, off_centre=True)), "vqav2", _vqav2_files),
     "videoqa_proxy": Proxy(("video",), write_videoqa, "videoqa", lambda c: {}),
     "videoqa_paper_proxy": Proxy(("video",), partial(write_videoqa, redraw=_clip_on_paper), "videoqa", lambda c: {}),
+    "videoqa_offcentre_proxy": Proxy(("video",), partial(write_videoqa, redraw=partial(_clip_on_paper, off_centre=True)),
+                                     "videoqa", lambda c: {}),
     "asr_proxy": Proxy(("speech", "spoken_numbers"), write_asr, "librispeech", lambda c: {}),
     "sound_caption_proxy": Proxy(("sounds",), write_sound_captions, "captioning", lambda c: {}),
     "t2i_proxy": Proxy(("digits",), write_t2i, "jsonl", _generation("image", "digits")),
