@@ -375,3 +375,28 @@ def test_ink_invariance_teaches_a_copy_the_teachers_tokens_for_recoloured_digits
         "frame.translate=0.1"])
     report = commands.evaluate(moved, corpora, moved / "report", limit=20)
     assert report["token_mse_teacher_moved_grayscale"] > 0 and 0 <= report["digit_probe_student_moved"] <= 1
+
+
+def test_ink_invariance_computes_each_mediums_targets_once_and_reuses_them_exactly():
+    from mllm.tokenize.ink_invariance import InkInvariance
+
+    class Counting(torch.nn.Module):  # a frozen tokenizer's stand-in: tokens [B, 2, 3] from pixels [B, 6]
+        def __init__(self):
+            super().__init__()
+            self.proj, self.calls = torch.nn.Linear(6, 6), 0
+
+        def features(self, pixels: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            return self.proj(pixels).reshape(len(pixels), 2, 3)
+
+    torch.manual_seed(0)
+    media = torch.randn(4, 6)
+    teacher = Counting()
+    module = InkInvariance(Counting(), teacher, pixels=lambda batch: torch.stack(batch), perturb=lambda x: x + 1)
+    first = module.training_losses(([0, 1], [media[0], media[1]]))["loss"]
+    assert teacher.calls == 1 and not any(p.requires_grad for p in teacher.parameters())
+    assert torch.equal(module.training_losses(([0, 1], [media[0], media[1]]))["loss"], first)
+    module.training_losses(([1, 0], [media[1], media[0]]))
+    assert teacher.calls == 1  # every target was cached
+    module.training_losses(([0, 2], [media[0], media[2]]))  # one new medium: the whole batch goes through again
+    assert teacher.calls == 2 and torch.allclose(module.targets[2], teacher.features(media[2:3])[0], atol=1e-6)

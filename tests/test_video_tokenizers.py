@@ -295,3 +295,13 @@ def test_video_ink_invariance_teaches_a_copy_the_teachers_tokens_for_recoloured_
     assert report["token_mse_student_recoloured"] < report["token_mse_teacher_recoloured"]
     assert load_media_tokenizer(out / "media_tokenizer").spec == load_media_tokenizer(teacher / "media_tokenizer").spec
     assert load_detokenizer(out / "detokenizer").modality == "video"
+
+    # `frame` moves each clip the student reads, every frame alike; the report then reads moved recolourings too
+    moved = tmp_path / "moved"
+    with pytest.raises(ValueError, match="augment"):
+        commands.train("tokenizers/video_ink_invariance_tiny.yaml", corpora, moved, [f"teacher={teacher}", "frame.prob=2"])
+    commands.train("tokenizers/video_ink_invariance_tiny.yaml", corpora, moved, [
+        f"teacher={teacher}", "optim.steps=30", "optim.batch_size=8", "optim.warmup_steps=2", "frame.translate=0.15",
+        "frame.scale=[0.7,1.0]", "frame.prob=1.0"])
+    report = commands.evaluate(moved, corpora, moved / "report", limit=4)
+    assert report["token_mse_student_moved"] < report["token_mse_teacher_moved"]

@@ -75,12 +75,19 @@ def shuffled_indices(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
             yield order[i:i + batch_size]
 
 
-def shuffled_batches(paths: list[Path], batch_size: int, seed: int, cache_size: int,
-                     load: Callable[[Path], M], cache: dict[int, M] | None = None) -> Iterator[list[M]]:
-    """Endless shuffled epochs of `batch_size` loaded media (`cached_loader` keeps the first `cache_size`)."""
+def indexed_batches(paths: list[Path], batch_size: int, seed: int, cache_size: int, load: Callable[[Path], M],
+                    cache: dict[int, M] | None = None) -> Iterator[tuple[list[int], list[M]]]:
+    """Endless shuffled epochs of `batch_size` loaded media (`cached_loader` keeps the first `cache_size`), each
+    batch with its media's indices into `paths`."""
     get = cached_loader(paths, cache_size, load, cache)
     for batch in shuffled_indices(len(paths), batch_size, seed):
-        yield [get(j) for j in batch]
+        yield batch, [get(j) for j in batch]
+
+
+def shuffled_batches(paths: list[Path], batch_size: int, seed: int, cache_size: int,
+                     load: Callable[[Path], M], cache: dict[int, M] | None = None) -> Iterator[list[M]]:
+    """`indexed_batches` without the indices."""
+    return (media for _, media in indexed_batches(paths, batch_size, seed, cache_size, load, cache))
 
 
 def evenly_spaced(n: int, limit: int | None) -> list[int]:

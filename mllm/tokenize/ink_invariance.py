@@ -14,7 +14,8 @@ the teacher's de-tokenizer still decodes them.
     mllm tokenize eval runs/image_ink --report runs/image_ink/report
 
 Recipe `video_ink_invariance` does the same for a video tokenizer: every frame of a clip in one ink on one paper
-(`mllm.augment.recolour_clips`), as clips from another renderer may come.
+(`mllm.augment.recolour_clips`) and, with `frame`, the whole clip under one map (`mllm.augment.jitter_clips`:
+smaller digits, off centre), as clips from another renderer may come.
 
     mllm tokenize train tokenizers/video_ink_invariance_tiny.yaml --out runs/video_ink teacher=runs/video_captioned
 
@@ -36,15 +37,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mllm.augment import AffineJitter, Recolour, is_grayscale, jitter, recolour, recolour_clips
+from mllm.augment import AffineJitter, Recolour, is_grayscale, jitter, jitter_clips, recolour, recolour_clips
 from mllm.detokenizers.base import load_detokenizer
 from mllm.judges import DigitJudge
-from mllm.media import Image
+from mllm.media import Image, load_image, load_video
 from mllm.plots import save_image_grid
-from mllm.tokenize.image_recipes import GRID_COLUMNS, ImageData, digit_reader, eval_set, image_batches, train_images
+from mllm.tokenize.corpus_media import indexed_batches
+from mllm.tokenize.image_recipes import GRID_COLUMNS, ImageData, digit_reader, eval_set, train_images
 from mllm.tokenize.recipes import RECIPE_FILE, Recipe, load_recipe, register_recipe
 from mllm.tokenize.trainer import EvalConfig, OptimConfig, fit, training_metrics
-from mllm.tokenize.video_recipes import VideoData, clip_batches, train_clips, video_eval
+from mllm.tokenize.video_recipes import VideoData, train_clips, video_eval
 from mllm.tokenize.video_recipes import eval_set as clip_eval_set
 from mllm.tokenizers.base import MediaTokenizer, load_media_tokenizer
 from mllm.tokenizers.fsq_image import image_batch
@@ -70,6 +72,7 @@ class VideoInkInvarianceConfig:
     modality: ClassVar[str] = "video"
     teacher: str = ""  # a trained continuous video tokenizer's directory (`mllm tokenize train --out`)
     recolour: Recolour = field(default_factory=lambda: Recolour(prob=0.9))  # one ink and paper per clip
+    frame: AffineJitter = field(default_factory=AffineJitter)  # one map per clip, after recolouring
     data: VideoData = field(default_factory=VideoData)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=1000, batch_size=32, lr=1e-3, warmup_steps=20))
     evaluation: EvalConfig = field(default_factory=video_eval)
@@ -84,16 +87,26 @@ class InkInvariance(nn.Module):
         super().__init__()
         self.student, self.teacher = student, teacher.requires_grad_(False)
         self.pixels, self.perturb = pixels, perturb
+        # training medium's index -> the teacher's tokens [N, D] of it. The teacher is frozen and sees only
+        # originals, so each medium's targets are computed once, in a full batch, not again every epoch (a fifth
+        # of a step's time for clips). A medium's features do not depend on its batch-mates at one batch size
+        # here: the image and video recipes trained the same bits with this cache as without it.
+        self.targets: dict[int, torch.Tensor] = {}
 
     def train(self, mode: bool = True) -> "InkInvariance":
         super().train(mode)
         self.teacher.eval()  # the targets stay the tokens the LM learnt to read
         return self
 
-    def training_losses(self, media: list) -> dict[str, torch.Tensor]:
+    def training_losses(self, batch: tuple[list[int], list]) -> dict[str, torch.Tensor]:
+        indices, media = batch
         pixels = self.pixels(media)  # [B, 3, S, S] or [B, T, 3, S, S]
-        with torch.no_grad():
-            target = self.teacher.features(pixels)  # [B, N, D]
+        if all(j in self.targets for j in indices):
+            target = torch.stack([self.targets[j] for j in indices])  # [B, N, D]
+        else:  # the whole batch, as uncached: the same batch size, so the same bits for the ones already cached
+            with torch.no_grad():
+                target = self.teacher.features(pixels)
+            self.targets.update(zip(indices, target))
         return {"loss": F.mse_loss(self.student.features(self.perturb(pixels)), target)}
 
 
@@ -122,12 +135,13 @@ def train_ink_invariance(cfg: InkInvarianceConfig | VideoInkInvarianceConfig, co
     if cfg.modality == "video":
         module = InkInvariance(student, teacher, partial(clip_batch, frames=teacher.config.frames,
                                                          size=teacher.frame_size, who="train"),
-                               partial(recolour_clips, cfg=cfg.recolour))
-        batches = clip_batches(train_clips(corpora, cfg.data), o.batch_size, o.seed, cfg.data.cache_clips)
+                               lambda clips: jitter_clips(recolour_clips(clips, cfg.recolour), cfg.frame))
+        batches = indexed_batches(train_clips(corpora, cfg.data), o.batch_size, o.seed, cfg.data.cache_clips, load_video)
     else:  # as a user's scan comes: any ink, anywhere in the frame
         module = InkInvariance(student, teacher, partial(image_batch, size=teacher.image_size, who="train"),
                                lambda pixels: jitter(recolour(pixels, cfg.recolour), cfg.frame))
-        batches = image_batches(train_images(corpora, cfg.data), o.batch_size, o.seed, cfg.data.cache_images)
+        batches = indexed_batches(train_images(corpora, cfg.data), o.batch_size, o.seed, cfg.data.cache_images,
+                                  load_image)
     history = fit(module, batches, o, desc=f"{cfg.modality}_ink_invariance", parameters=list(student.parameters()))
     student.eval().save_pretrained(out / "media_tokenizer")
     shutil.rmtree(out / "detokenizer", ignore_errors=True)
@@ -198,18 +212,21 @@ def evaluate_ink_invariance(trained: Path, corpora: Path, report: Path, limit: i
 
 @torch.no_grad()
 def evaluate_video_ink_invariance(trained: Path, corpora: Path, report: Path, limit: int | None, split: str) -> dict:
-    """On the split's clips and the same clips recoloured (every grayscale one, seeded): how far the student's and
-    the teacher's tokens of the recolourings are from the teacher's tokens of the originals, and the student's
-    of the originals."""
+    """On the split's clips and the same clips recoloured (every grayscale one, seeded), and recoloured and moved
+    when the recipe moves them (`frame`): how far the student's and the teacher's tokens of each are from the
+    teacher's tokens of the originals, and the student's of the originals."""
     _, cfg = load_recipe(trained / RECIPE_FILE)
     student, teacher = load_media_tokenizer(trained / "media_tokenizer"), load_teacher(cfg)
     clips, e = clip_eval_set(corpora, cfg.data, limit, split).videos, cfg.evaluation
     pixels = clip_batch(clips, teacher.config.frames, teacher.frame_size, "eval")  # [B, T, 3, S, S]
-    recoloured = recolour_clips(pixels, Recolour(prob=1.0, min_contrast=cfg.recolour.min_contrast),
-                                torch.Generator().manual_seed(e.seed))
+    generator = torch.Generator().manual_seed(e.seed)
+    recoloured = recolour_clips(pixels, Recolour(prob=1.0, min_contrast=cfg.recolour.min_contrast), generator)
     target = tokens(teacher, pixels, e.batch_size)
     readings = {"teacher_recoloured": (teacher, recoloured), "student_recoloured": (student, recoloured),
                 "student_originals": (student, pixels)}
+    if cfg.frame.enabled:  # every recolouring moved too, as the student learnt to read them
+        moved = jitter_clips(recoloured, replace(cfg.frame, prob=1.0), generator)
+        readings |= {"teacher_moved": (teacher, moved), "student_moved": (student, moved)}
     metrics: dict = {"clips": len(pixels)}
     for name, (tokenizer, x) in readings.items():
         metrics[f"token_mse_{name}"] = round(F.mse_loss(tokens(tokenizer, x, e.batch_size), target).item(), 5)
