@@ -17,8 +17,8 @@
     ship             float16 copies of both variants in <out>/checkpoint/{gmm,diffusion}; with `ship`,
                      also into the package (mllm/default/checkpoint/), where chat, serve, eval and demo find them
 
-The tokenizers, their ink stages and the text stage need only the corpora, so they run
-side by side in two processes of one thread each (`LANES`), their output in
+The tokenizers, their ink stages, the text stage and the corpora stage need only the built corpora, so they
+run side by side in two processes of one thread each (`LANES`), their output in
 `<out>/logs/`: on two cores, two one-thread trainings finish in ~0.8 of the
 time they take one after another on both threads (the video tokenizer: 1368 s
 beside another job, 863 s alone). Each stage writes its loss curve (`loss.png`) and is skipped
@@ -51,9 +51,9 @@ from mllm.train import finetune, load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: its tokenizers/ and finetune/recipes/
 MODALITIES = ("image", "audio", "video")
-# Side by side, the most even split: image tokenizer, its ink stage and the text LM (~1900 s) ‖ video tokenizer, its
-# ink stage and the audio tokenizer (~1900 s; at the fifteenth build's speed, docs/default_model.md).
-LANES = (("image_tokenizer", "image_ink", "text"), ("video_tokenizer", "video_ink", "audio_tokenizer"))
+# Side by side, the most even split: image tokenizer, its ink stage, the text LM and the corpora (~1940 s) ‖ video
+# tokenizer, its ink stage and the audio tokenizer (~1960 s; at the fifteenth build's speed, docs/default_model.md).
+LANES = (("image_tokenizer", "image_ink", "text", "corpora"), ("video_tokenizer", "video_ink", "audio_tokenizer"))
 
 
 @dataclass
