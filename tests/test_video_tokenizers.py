@@ -305,3 +305,5 @@ def test_video_ink_invariance_teaches_a_copy_the_teachers_tokens_for_recoloured_
         "frame.scale=[0.7,1.0]", "frame.prob=1.0"])
     report = commands.evaluate(moved, corpora, moved / "report", limit=4)
     assert report["token_mse_student_moved"] < report["token_mse_teacher_moved"]
+    assert (moved / "report" / "ink_invariance.png").is_file()  # inputs and what was drawn back, as frame strips
+    assert 0 <= report["direction_accuracy_drawn_from_student_moved"] <= 1  # the video judge on them

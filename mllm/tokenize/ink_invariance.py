@@ -40,20 +40,23 @@ from torch import nn
 from mllm.augment import AffineJitter, Recolour, is_grayscale, jitter, jitter_clips, recolour, recolour_clips
 from mllm.detokenizers.base import load_detokenizer
 from mllm.judges import DigitJudge
-from mllm.media import Image, load_image, load_video
-from mllm.plots import save_image_grid
-from mllm.tokenize.corpus_media import indexed_batches
+from mllm.media import Image, Video, load_image, load_video
+from mllm.plots import save_frame_strips, save_image_grid
+from mllm.tokenize.corpus_media import evenly_spaced, indexed_batches
 from mllm.tokenize.image_recipes import GRID_COLUMNS, ImageData, digit_reader, eval_set, train_images
 from mllm.tokenize.recipes import RECIPE_FILE, Recipe, load_recipe, register_recipe
 from mllm.tokenize.trainer import EvalConfig, OptimConfig, fit, training_metrics
-from mllm.tokenize.video_recipes import VideoData, train_clips, video_eval
+from mllm.tokenize.video_recipes import (
+    ClipSet, VideoData, corpus_judge, judge_scores, train_clips, video_eval,
+)
 from mllm.tokenize.video_recipes import eval_set as clip_eval_set
 from mllm.tokenizers.base import MediaTokenizer, load_media_tokenizer
 from mllm.tokenizers.fsq_image import image_batch
 from mllm.tokenizers.video_divot import clip_batch
 
 
-JUDGED = 200  # test digits (at most) drawn back by the de-tokenizer for the judge
+JUDGED = 200  # test digits or clips (at most) drawn back by the de-tokenizer for the judge
+SHOWN_CLIPS = 4  # clips in the video ink_invariance.png, each as every input row and every drawn-back row
 
 
 @dataclass
@@ -210,26 +213,50 @@ def evaluate_ink_invariance(trained: Path, corpora: Path, report: Path, limit: i
     return metrics
 
 
-@torch.no_grad()
 def evaluate_video_ink_invariance(trained: Path, corpora: Path, report: Path, limit: int | None, split: str) -> dict:
     """On the split's clips and the same clips recoloured (every grayscale one, seeded), and recoloured and moved
     when the recipe moves them (`frame`): how far the student's and the teacher's tokens of each are from the
-    teacher's tokens of the originals, and the student's of the originals."""
+    teacher's tokens of the originals, and the student's of the originals; the video judge on what the
+    de-tokenizer draws back from the teacher's tokens of the originals (what it can do at best) and from each
+    reading of the changed clips, for `JUDGED` clips evenly spaced; and frame strips of what went in and what was
+    drawn back."""
     _, cfg = load_recipe(trained / RECIPE_FILE)
     student, teacher = load_media_tokenizer(trained / "media_tokenizer"), load_teacher(cfg)
-    clips, e = clip_eval_set(corpora, cfg.data, limit, split).videos, cfg.evaluation
-    pixels = clip_batch(clips, teacher.config.frames, teacher.frame_size, "eval")  # [B, T, 3, S, S]
+    detokenizer = load_detokenizer(trained / "detokenizer")
+    test, e = clip_eval_set(corpora, cfg.data, limit, split), cfg.evaluation
+    pixels = clip_batch(test.videos, teacher.config.frames, teacher.frame_size, "eval")  # [B, T, 3, S, S]
     generator = torch.Generator().manual_seed(e.seed)
     recoloured = recolour_clips(pixels, Recolour(prob=1.0, min_contrast=cfg.recolour.min_contrast), generator)
-    target = tokens(teacher, pixels, e.batch_size)
-    readings = {"teacher_recoloured": (teacher, recoloured), "student_recoloured": (student, recoloured),
-                "student_originals": (student, pixels)}
+    inputs = {"original": pixels, "recoloured": recoloured}  # the strips' input rows
     if cfg.frame.enabled:  # every recolouring moved too, as the student learnt to read them
-        moved = jitter_clips(recoloured, replace(cfg.frame, prob=1.0), generator)
-        readings |= {"teacher_moved": (teacher, moved), "student_moved": (student, moved)}
+        inputs["recoloured, moved"] = jitter_clips(recoloured, replace(cfg.frame, prob=1.0), generator)
+    target = tokens(teacher, pixels, e.batch_size)
+    readings = {"teacher_recoloured": tokens(teacher, recoloured, e.batch_size),
+                "student_recoloured": tokens(student, recoloured, e.batch_size),
+                "student_originals": tokens(student, pixels, e.batch_size)}
+    if cfg.frame.enabled:
+        moved = inputs["recoloured, moved"]
+        readings |= {"teacher_moved": tokens(teacher, moved, e.batch_size),
+                     "student_moved": tokens(student, moved, e.batch_size)}
     metrics: dict = {"clips": len(pixels)}
-    for name, (tokenizer, x) in readings.items():
-        metrics[f"token_mse_{name}"] = round(F.mse_loss(tokens(tokenizer, x, e.batch_size), target).item(), 5)
+    for name, got in readings.items():
+        metrics[f"token_mse_{name}"] = round(F.mse_loss(got, target).item(), 5)
+
+    judged = evenly_spaced(len(pixels), JUDGED)
+    subset = ClipSet(*([column[i] for i in judged] for column in (test.videos, test.digits, test.directions)))
+    decoded = {"teacher_originals": target} | {name: got for name, got in readings.items() if name != "student_originals"}
+    fps = detokenizer.config.fps
+    drawn = {name: [clip for i in range(0, len(judged), e.batch_size) for clip in detokenizer.decode_batch(
+        got[judged[i:i + e.batch_size]], guidance=e.guidance, steps=e.steps, generator=generator)]
+        for name, got in decoded.items()}
+    judge = corpus_judge(corpora)
+    for name, clips in drawn.items():
+        metrics |= judge_scores(subset, clips, judge, f"drawn_from_{name}")
+    shown = range(min(SHOWN_CLIPS, len(judged)))
+    rows = [[Video.from_tensor(x[judged[i]], fps) for x in inputs.values()] + [drawn[name][i] for name in drawn]
+            for i in shown]
+    titles = [*inputs, *(f"drawn: {name.replace('_', ', ')}" for name in drawn)]
+    save_frame_strips([clip for row in rows for clip in row], report / "ink_invariance.png", titles * len(rows))
     return metrics
 
 

@@ -321,14 +321,15 @@ def reconstruction_report(test: ClipSet, recons: list[Video], judge: VideoJudge 
     return metrics
 
 
-def _judge(corpora: Path) -> VideoJudge | None:
+def corpus_judge(corpora: Path) -> VideoJudge | None:
+    """The video judge of the built corpora (trained once, then loaded); None without the digits corpus."""
     return VideoJudge.load_or_train(corpora) if (corpora / "digits" / "train.jsonl").is_file() else None
 
 
 def evaluate_divot(trained: Path, corpora: Path, report: Path, limit: int | None, split: str) -> dict:
     _, cfg = load_recipe(trained / RECIPE_FILE)
     tokenizer, detokenizer = load_media_tokenizer(trained / "media_tokenizer"), load_detokenizer(trained / "detokenizer")
-    test, judge = eval_set(corpora, cfg.data, limit, split), _judge(corpora)
+    test, judge = eval_set(corpora, cfg.data, limit, split), corpus_judge(corpora)
     e = cfg.evaluation
     generator = torch.Generator().manual_seed(e.seed)
     recons: list[Video] = []
@@ -358,7 +359,7 @@ def evaluate_divot(trained: Path, corpora: Path, report: Path, limit: int | None
 def evaluate_fsq(trained: Path, corpora: Path, report: Path, limit: int | None, split: str) -> dict:
     _, cfg = load_recipe(trained / RECIPE_FILE)
     tokenizer, decoder = load_media_tokenizer(trained / "media_tokenizer"), load_detokenizer(trained / "detokenizer")
-    test, judge = eval_set(corpora, cfg.data, limit, split), _judge(corpora)
+    test, judge = eval_set(corpora, cfg.data, limit, split), corpus_judge(corpora)
     codes, recons = [], []
     start = time.perf_counter()
     for i in tqdm(range(0, len(test.videos), cfg.evaluation.batch_size), desc="reconstruct"):
