@@ -227,24 +227,20 @@ def evaluate_video_ink_invariance(trained: Path, corpora: Path, report: Path, li
     pixels = clip_batch(test.videos, teacher.config.frames, teacher.frame_size, "eval")  # [B, T, 3, S, S]
     generator = torch.Generator().manual_seed(e.seed)
     recoloured = recolour_clips(pixels, Recolour(prob=1.0, min_contrast=cfg.recolour.min_contrast), generator)
-    inputs = {"original": pixels, "recoloured": recoloured}  # the strips' input rows
+    changed = {"recoloured": recoloured}
     if cfg.frame.enabled:  # every recolouring moved too, as the student learnt to read them
-        inputs["recoloured, moved"] = jitter_clips(recoloured, replace(cfg.frame, prob=1.0), generator)
+        changed["moved"] = jitter_clips(recoloured, replace(cfg.frame, prob=1.0), generator)
     target = tokens(teacher, pixels, e.batch_size)
-    readings = {"teacher_recoloured": tokens(teacher, recoloured, e.batch_size),
-                "student_recoloured": tokens(student, recoloured, e.batch_size),
-                "student_originals": tokens(student, pixels, e.batch_size)}
-    if cfg.frame.enabled:
-        moved = inputs["recoloured, moved"]
-        readings |= {"teacher_moved": tokens(teacher, moved, e.batch_size),
-                     "student_moved": tokens(student, moved, e.batch_size)}
+    readings = {f"{who}_{kind}": tokens(tokenizer, clips, e.batch_size) for kind, clips in changed.items()
+                for who, tokenizer in (("teacher", teacher), ("student", student))}
+    readings["student_originals"] = tokens(student, pixels, e.batch_size)
     metrics: dict = {"clips": len(pixels)}
     for name, got in readings.items():
         metrics[f"token_mse_{name}"] = round(F.mse_loss(got, target).item(), 5)
 
     judged = evenly_spaced(len(pixels), JUDGED)
     subset = ClipSet(*([column[i] for i in judged] for column in (test.videos, test.digits, test.directions)))
-    decoded = {"teacher_originals": target} | {name: got for name, got in readings.items() if name != "student_originals"}
+    decoded = {"teacher_originals": target} | {k: got for k, got in readings.items() if k != "student_originals"}
     fps = detokenizer.config.fps
     drawn = {name: [clip for i in range(0, len(judged), e.batch_size) for clip in detokenizer.decode_batch(
         got[judged[i:i + e.batch_size]], guidance=e.guidance, steps=e.steps, generator=generator)]
@@ -253,6 +249,7 @@ def evaluate_video_ink_invariance(trained: Path, corpora: Path, report: Path, li
     for name, clips in drawn.items():
         metrics |= judge_scores(subset, clips, judge, f"drawn_from_{name}")
     shown = range(min(SHOWN_CLIPS, len(judged)))
+    inputs = {"original": pixels, **changed}  # the strips' input rows ("moved" clips are recoloured too)
     rows = [[Video.from_tensor(x[judged[i]], fps) for x in inputs.values()] + [drawn[name][i] for name in drawn]
             for i in shown]
     titles = [*inputs, *(f"drawn: {name.replace('_', ', ')}" for name in drawn)]
