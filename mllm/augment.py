@@ -82,6 +82,42 @@ def jitter_clips(clips: torch.Tensor, cfg: AffineJitter, generator: torch.Genera
     return jitter(clips.reshape(b, t * c, h, w), cfg, generator).reshape(b, t, c, h, w)  # frames as channels
 
 
+@dataclass
+class Retime:
+    span: tuple[float, float] = (1.0, 1.0)  # uniform range of the fraction of a clip's time shown (0.5: half speed)
+    prob: float = 0.0  # of each clip being slowed; the others pass unchanged
+
+    def __post_init__(self):
+        self.span = tuple(self.span)
+        if not 0 <= self.prob <= 1:
+            raise ValueError(f"augment: retime prob must be in [0, 1], got {self.prob}")
+        if len(self.span) != 2 or not 0 < self.span[0] <= self.span[1] <= 1:
+            raise ValueError(f"augment: retime span must be a range (low, high) within (0, 1], got {self.span}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.prob > 0 and self.span != (1.0, 1.0)
+
+
+def retime_clips(clips: torch.Tensor, cfg: Retime, generator: torch.Generator | None = None) -> torch.Tensor:
+    """clips [B, T, C, H, W] -> the same, each chosen clip slowed down: its T frames show a random stretch of
+    `span` of the original's time, each frame a linear blend of the two original frames around its moment (as a
+    slower renderer, with a little motion blur, would draw it)."""
+    if not cfg.enabled:
+        return clips
+    b, t = clips.shape[:2]
+    span = cfg.span[0] + torch.rand(b, generator=generator) * (cfg.span[1] - cfg.span[0])  # [B]
+    start = torch.rand(b, generator=generator) * (1 - span)  # [B]
+    chosen = torch.rand(b, generator=generator) < cfg.prob  # [B]
+    moment = (start[:, None] + span[:, None] * torch.linspace(0, 1, t)) * (t - 1)  # [B, T] in original frames
+    before = moment.floor().long().clamp(max=t - 1)
+    after = (before + 1).clamp(max=t - 1)
+    weight = (moment - before).to(clips)[:, :, None, None, None]  # [B, T, 1, 1, 1]
+    frames = torch.arange(b)[:, None]
+    slowed = (1 - weight) * clips[frames, before] + weight * clips[frames, after]
+    return torch.where(chosen.to(clips.device)[:, None, None, None, None], slowed, clips)
+
+
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of R, G, B in perceived brightness
 
 

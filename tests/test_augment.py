@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from mllm.augment import (
-    LUMA, AffineJitter, AudioPerturb, Recolour, is_grayscale, jitter, jitter_clips, perturb_audio, recolour, recolour_clips,
+    LUMA, AffineJitter, AudioPerturb, Recolour, Retime, is_grayscale, jitter, jitter_clips, perturb_audio, recolour, recolour_clips,
+    retime_clips,
 )
 
 
@@ -182,3 +183,22 @@ def test_jitter_clips_moves_every_frame_of_a_clip_alike_and_each_clip_its_own_wa
     assert torch.equal(out[:, 0], out[:, 1]) and torch.equal(out[:, 1], out[:, 2])  # one map for the whole clip
     assert not torch.equal(out[0, 0], out[1, 0])
     assert torch.equal(jitter_clips(clips, AffineJitter()), clips)
+
+
+def test_retime_clips_shows_a_stretch_of_each_chosen_clip_slowed_down_and_blended_between_frames():
+    clips = torch.arange(8.0)[None, :, None, None, None].repeat(64, 1, 3, 2, 2)  # [64, 8, 3, 2, 2]: frame t is t
+    out = retime_clips(clips, Retime(span=(0.5, 0.5), prob=0.5), torch.Generator().manual_seed(0))
+    moments = out[:, :, 0, 0, 0]  # [64, 8]: which original moment each frame shows
+    slowed = (moments[:, -1] - moments[:, 0]) < 7
+    assert 16 < int(slowed.sum()) < 48 and torch.equal(out[~slowed], clips[~slowed])
+    steps = moments[slowed].diff(dim=1)
+    assert torch.allclose(steps, torch.full_like(steps, 0.5))  # half speed: half a frame per frame, blended
+    assert (moments >= 0).all() and (moments <= 7).all()
+    assert torch.equal(out, retime_clips(clips, Retime(span=(0.5, 0.5), prob=0.5), torch.Generator().manual_seed(0)))
+    assert not Retime().enabled and retime_clips(clips, Retime()) is clips
+
+
+@pytest.mark.parametrize("bad", [{"span": (0.0, 1.0)}, {"span": (0.8, 0.5)}, {"span": (0.5, 1.2)}, {"prob": 1.5}])
+def test_bad_retime_configs_are_refused(bad):
+    with pytest.raises(ValueError, match="augment: retime"):
+        Retime(**bad)

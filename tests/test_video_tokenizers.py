@@ -300,10 +300,13 @@ def test_video_ink_invariance_teaches_a_copy_the_teachers_tokens_for_recoloured_
     moved = tmp_path / "moved"
     with pytest.raises(ValueError, match="augment"):
         commands.train("tokenizers/video_ink_invariance_tiny.yaml", corpora, moved, [f"teacher={teacher}", "frame.prob=2"])
+    with pytest.raises(ValueError, match="augment: retime"):
+        commands.train("tokenizers/video_ink_invariance_tiny.yaml", corpora, moved, [f"teacher={teacher}", "tempo.prob=2"])
     commands.train("tokenizers/video_ink_invariance_tiny.yaml", corpora, moved, [
         f"teacher={teacher}", "optim.steps=30", "optim.batch_size=8", "optim.warmup_steps=2", "frame.translate=0.15",
-        "frame.scale=[0.7,1.0]", "frame.prob=1.0"])
+        "frame.scale=[0.7,1.0]", "frame.prob=1.0", "tempo.span=[0.5,0.8]", "tempo.prob=0.5"])
     report = commands.evaluate(moved, corpora, moved / "report", limit=4)
     assert report["token_mse_student_moved"] < report["token_mse_teacher_moved"]
+    assert report["token_mse_student_slowed"] > 0 and 0 <= report["direction_accuracy_drawn_from_student_slowed"] <= 1
     assert (moved / "report" / "ink_invariance.png").is_file()  # inputs and what was drawn back, as frame strips
     assert 0 <= report["direction_accuracy_drawn_from_student_moved"] <= 1  # the video judge on them

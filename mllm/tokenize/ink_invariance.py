@@ -14,8 +14,9 @@ the teacher's de-tokenizer still decodes them.
     mllm tokenize eval runs/image_ink --report runs/image_ink/report
 
 Recipe `video_ink_invariance` does the same for a video tokenizer: every frame of a clip in one ink on one paper
-(`mllm.augment.recolour_clips`) and, with `frame`, the whole clip under one map (`mllm.augment.jitter_clips`:
-smaller digits, off centre), as clips from another renderer may come.
+(`mllm.augment.recolour_clips`), with `frame` the whole clip under one map (`mllm.augment.jitter_clips`:
+smaller digits, off centre), and with `tempo` slowed down (`mllm.augment.retime_clips`), as clips from another
+renderer may come.
 
     mllm tokenize train tokenizers/video_ink_invariance_tiny.yaml --out runs/video_ink teacher=runs/video_captioned
 
@@ -37,7 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mllm.augment import AffineJitter, Recolour, is_grayscale, jitter, jitter_clips, recolour, recolour_clips
+from mllm.augment import (
+    AffineJitter, Recolour, Retime, is_grayscale, jitter, jitter_clips, recolour, recolour_clips, retime_clips,
+)
 from mllm.detokenizers.base import load_detokenizer
 from mllm.judges import DigitJudge
 from mllm.media import Image, Video, load_image, load_video
@@ -76,6 +79,7 @@ class VideoInkInvarianceConfig:
     teacher: str = ""  # a trained continuous video tokenizer's directory (`mllm tokenize train --out`)
     recolour: Recolour = field(default_factory=lambda: Recolour(prob=0.9))  # one ink and paper per clip
     frame: AffineJitter = field(default_factory=AffineJitter)  # one map per clip, after recolouring
+    tempo: Retime = field(default_factory=Retime)  # slowed down, after framing
     data: VideoData = field(default_factory=VideoData)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=1000, batch_size=32, lr=1e-3, warmup_steps=20))
     evaluation: EvalConfig = field(default_factory=video_eval)
@@ -138,7 +142,8 @@ def train_ink_invariance(cfg: InkInvarianceConfig | VideoInkInvarianceConfig, co
     if cfg.modality == "video":
         module = InkInvariance(student, teacher, partial(clip_batch, frames=teacher.config.frames,
                                                          size=teacher.frame_size, who="train"),
-                               lambda clips: jitter_clips(recolour_clips(clips, cfg.recolour), cfg.frame))
+                               lambda clips: retime_clips(jitter_clips(recolour_clips(clips, cfg.recolour), cfg.frame),
+                                                          cfg.tempo))
         batches = indexed_batches(train_clips(corpora, cfg.data), o.batch_size, o.seed, cfg.data.cache_clips, load_video)
     else:  # as a user's scan comes: any ink, anywhere in the frame
         module = InkInvariance(student, teacher, partial(image_batch, size=teacher.image_size, who="train"),
@@ -215,7 +220,7 @@ def evaluate_ink_invariance(trained: Path, corpora: Path, report: Path, limit: i
 
 def evaluate_video_ink_invariance(trained: Path, corpora: Path, report: Path, limit: int | None, split: str) -> dict:
     """On the split's clips and the same clips recoloured (every grayscale one, seeded), and recoloured and moved
-    when the recipe moves them (`frame`): how far the student's and the teacher's tokens of each are from the
+    or slowed when the recipe moves (`frame`) or slows (`tempo`) them: how far the student's and the teacher's tokens of each are from the
     teacher's tokens of the originals, and the student's of the originals; the video judge on what the
     de-tokenizer draws back from the teacher's tokens of the originals (what it can do at best) and from each
     reading of the changed clips, for `JUDGED` clips evenly spaced; and frame strips of what went in and what was
@@ -230,6 +235,8 @@ def evaluate_video_ink_invariance(trained: Path, corpora: Path, report: Path, li
     changed = {"recoloured": recoloured}
     if cfg.frame.enabled:  # every recolouring moved too, as the student learnt to read them
         changed["moved"] = jitter_clips(recoloured, replace(cfg.frame, prob=1.0), generator)
+    if cfg.tempo.enabled:  # and slowed down
+        changed["slowed"] = retime_clips(recoloured, replace(cfg.tempo, prob=1.0), generator)
     target = tokens(teacher, pixels, e.batch_size)
     readings = {f"{who}_{kind}": tokens(tokenizer, clips, e.batch_size) for kind, clips in changed.items()
                 for who, tokenizer in (("teacher", teacher), ("student", student))}
@@ -249,7 +256,7 @@ def evaluate_video_ink_invariance(trained: Path, corpora: Path, report: Path, li
     for name, clips in drawn.items():
         metrics |= judge_scores(subset, clips, judge, f"drawn_from_{name}")
     shown = range(min(SHOWN_CLIPS, len(judged)))
-    inputs = {"original": pixels, **changed}  # the strips' input rows ("moved" clips are recoloured too)
+    inputs = {"original": pixels, **changed}  # the strips' input rows (moved and slowed clips are recoloured too)
     rows = [[Video.from_tensor(x[judged[i]], fps) for x in inputs.values()] + [drawn[name][i] for name in drawn]
             for i in shown]
     titles = [*inputs, *(f"drawn: {name.replace('_', ', ')}" for name in drawn)]
