@@ -8,6 +8,8 @@ unless a generator is given (seeded runs stay reproducible).
     jitter(pixels [B, C, H, W], AffineJitter(rotate_degrees=12, translate=0.08, scale=(0.9, 1.1))) -> [B, C, H, W]
     recolour(pixels [B, 3, H, W], Recolour(prob=0.5, min_contrast=0.4)) -> [B, 3, H, W]
     recolour_clips(clips [B, T, 3, H, W], Recolour(prob=0.5)) -> [B, T, 3, H, W]   (one ink and paper per clip)
+    jitter_clips(clips [B, T, C, H, W], AffineJitter(...)) -> [B, T, C, H, W]       (one map per clip)
+    retime_clips(clips [B, T, C, H, W], Retime(span=(0.5, 1.0), prob=0.5)) -> [B, T, C, H, W]   (slowed down)
 
 Sound: other voices. Speed perturbation (Ko et al., 2015) plays a clip faster or slower, which moves its pitch
 and formants as a shorter or longer vocal tract would, and changes its tempo; a time stretch (phase vocoder)

@@ -6,7 +6,7 @@
     image_ink        tokenizers/image_ink_invariance_tiny.yaml: a copy of the image tokenizer that writes the
                      tokens the LM learns to read for a digit in any ink on any paper, anywhere in its frame
     video_ink        tokenizers/video_ink_invariance_tiny.yaml: the same for the video tokenizer, a clip in any
-                     ink on any paper; the ink stages' tokenizers are the ones shipped
+                     ink on any paper, framed any way; the ink stages' tokenizers are the ones shipped
     text             finetune/recipes/default_text.yaml: SentencePiece tokenizer, then LM pretraining
     corpora          the built corpora; spoken replies in one house voice, padded to `audio_seconds`, and
                      requested animations in one canonical layout (mllm/default/corpus.py)

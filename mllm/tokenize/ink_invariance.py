@@ -167,6 +167,21 @@ def tokens(tokenizer: MediaTokenizer, pixels: torch.Tensor, batch_size: int) -> 
     return torch.cat([tokenizer.features(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)])
 
 
+def readings_of(teacher: MediaTokenizer, student: MediaTokenizer, originals: torch.Tensor,
+                changed: dict[str, torch.Tensor], batch_size: int) -> dict[str, torch.Tensor]:
+    """The teacher's and the student's tokens of each changed version of the originals (`{who}_{kind}`), and the
+    student's of the originals: what the evaluations compare with the teacher's tokens of the originals."""
+    readings = {f"{who}_{kind}": tokens(tokenizer, pixels, batch_size) for kind, pixels in changed.items()
+                for who, tokenizer in (("teacher", teacher), ("student", student))}
+    return readings | {"student_originals": tokens(student, originals, batch_size)}
+
+
+def input_rows(originals: torch.Tensor, changed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The picture's input rows by title: the originals, then each changed version (all recoloured first)."""
+    return {"original": originals} | {kind if kind == "recoloured" else f"recoloured, {kind}": pixels
+                                      for kind, pixels in changed.items()}
+
+
 def evaluate_ink_invariance(trained: Path, corpora: Path, report: Path, limit: int | None, split: str) -> dict:
     """On the split's images and the same images recoloured (every grayscale one, seeded), and recoloured and moved
     when the recipe moves them (`frame`): how far the student's tokens are from the teacher's of the originals,
@@ -180,16 +195,11 @@ def evaluate_ink_invariance(trained: Path, corpora: Path, report: Path, limit: i
     test, e = eval_set(corpora, cfg.data, limit, split), cfg.evaluation
     pixels = image_batch(test.images, student.image_size, "eval")
     generator = torch.Generator().manual_seed(e.seed)
-    recoloured = recolour(pixels, Recolour(prob=1.0, min_contrast=cfg.recolour.min_contrast), generator)
-    target = tokens(teacher, pixels, e.batch_size)
-    readings = {"teacher_recoloured": tokens(teacher, recoloured, e.batch_size),
-                "student_recoloured": tokens(student, recoloured, e.batch_size),
-                "student_originals": tokens(student, pixels, e.batch_size)}
-    inputs = {"original": pixels, "recoloured": recoloured}  # the grid's input rows
+    changed = {"recoloured": recolour(pixels, Recolour(prob=1.0, min_contrast=cfg.recolour.min_contrast), generator)}
     if cfg.frame.enabled:  # every recolouring moved too, as the student learnt to read them
-        moved = inputs["recoloured, moved"] = jitter(recoloured, replace(cfg.frame, prob=1.0), generator)
-        readings |= {"teacher_moved": tokens(teacher, moved, e.batch_size),
-                     "student_moved": tokens(student, moved, e.batch_size)}
+        changed["moved"] = jitter(changed["recoloured"], replace(cfg.frame, prob=1.0), generator)
+    target = tokens(teacher, pixels, e.batch_size)
+    readings = readings_of(teacher, student, pixels, changed, e.batch_size)
     grayscale = is_grayscale(pixels)
     gray, colour = grayscale.nonzero()[:, 0].tolist(), (~grayscale).nonzero()[:, 0].tolist()
     metrics: dict = {"images": len(pixels), "grayscale_images": len(gray)}
@@ -211,6 +221,7 @@ def evaluate_ink_invariance(trained: Path, corpora: Path, report: Path, limit: i
         for name, images in drawn.items():
             metrics[f"judge_drawn_from_{name}"] = round(judge.accuracy(images, [test.labels[i] for i in judged]), 4)
         shown = range(0, len(judged), -(-len(judged) // (2 * GRID_COLUMNS)))  # of `judged`: every digit shows
+        inputs = input_rows(pixels, changed)
         rows = [*([Image.from_tensor(x[judged[i]]) for i in shown] for x in inputs.values()),
                 *([drawn[name][i] for i in shown] for name in drawn)]
         save_image_grid(rows, report / "ink_invariance.png", row_titles=[
@@ -238,9 +249,7 @@ def evaluate_video_ink_invariance(trained: Path, corpora: Path, report: Path, li
     if cfg.tempo.enabled:  # and slowed down
         changed["slowed"] = retime_clips(recoloured, replace(cfg.tempo, prob=1.0), generator)
     target = tokens(teacher, pixels, e.batch_size)
-    readings = {f"{who}_{kind}": tokens(tokenizer, clips, e.batch_size) for kind, clips in changed.items()
-                for who, tokenizer in (("teacher", teacher), ("student", student))}
-    readings["student_originals"] = tokens(student, pixels, e.batch_size)
+    readings = readings_of(teacher, student, pixels, changed, e.batch_size)
     metrics: dict = {"clips": len(pixels)}
     for name, got in readings.items():
         metrics[f"token_mse_{name}"] = round(F.mse_loss(got, target).item(), 5)
@@ -256,7 +265,7 @@ def evaluate_video_ink_invariance(trained: Path, corpora: Path, report: Path, li
     for name, clips in drawn.items():
         metrics |= judge_scores(subset, clips, judge, f"drawn_from_{name}")
     shown = range(min(SHOWN_CLIPS, len(judged)))
-    inputs = {"original": pixels, **changed}  # the strips' input rows (moved and slowed clips are recoloured too)
+    inputs = input_rows(pixels, changed)
     rows = [[Video.from_tensor(x[judged[i]], fps) for x in inputs.values()] + [drawn[name][i] for name in drawn]
             for i in shown]
     titles = [*inputs, *(f"drawn: {name.replace('_', ', ')}" for name in drawn)]
