@@ -28,7 +28,7 @@ from mllm.config import to_dict
 from mllm.detokenizers import DeTokenizer, load_detokenizer
 from mllm.model import MultimodalLM
 from mllm.processor import Processor
-from mllm.tokenizers import build_media_tokenizer, load_media_tokenizer
+from mllm.tokenizers import MediaTokenizer, build_media_tokenizer, load_media_tokenizer
 from mllm.vocab import ModalitySpec
 
 DETOKENIZERS_DIR = "detokenizers"
@@ -96,16 +96,24 @@ def resolve_attn_implementation(name: str) -> str:
     return "flash_attention_2" if torch.cuda.is_available() and is_flash_attn_2_available() else "sdpa"
 
 
-def build_model(cfg: ModelConfig) -> tuple[MultimodalLM, Processor]:
-    """A new model and processor: the base LM with its vocabulary grown for every modality."""
+def build_media_tokenizers(cfg: ModelConfig) -> tuple[dict[str, MediaTokenizer], list[ModalitySpec]]:
+    """The media tokenizers a model config names (loaded from their directories or built from their options),
+    and the specs of the modalities it names by kind only. Seeds torch with `cfg.seed` first: `build_model`'s
+    first step, so a built tokenizer comes out the same here as in the model."""
     torch.manual_seed(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.base)
     media_tokenizers, specs = {}, []
     for name, m in cfg.media.items():
         if m.kind:
             specs.append(ModalitySpec(name, m.kind, codebook_size=m.codebook_size, feature_dim=m.feature_dim))
         else:
             media_tokenizers[name] = load_media_tokenizer(m.path) if m.path else build_media_tokenizer(m.tokenizer, m.options)
+    return media_tokenizers, specs
+
+
+def build_model(cfg: ModelConfig) -> tuple[MultimodalLM, Processor]:
+    """A new model and processor: the base LM with its vocabulary grown for every modality."""
+    media_tokenizers, specs = build_media_tokenizers(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.base)
     processor = Processor.create(tokenizer, cfg.chat_template, media_tokenizers, specs, cfg.max_length)
     attn = resolve_attn_implementation(cfg.attn_implementation)
     if cfg.base is not None:

@@ -99,8 +99,15 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _finetune(args: argparse.Namespace) -> int:
     from mllm.train import finetune, load_recipe
+    from mllm.train.recipe_data import encode_recipe_media
 
-    finetune(load_recipe(args.recipe, args.overrides))
+    cfg = load_recipe(args.recipe, args.overrides)
+    if not args.encode_only:
+        finetune(cfg)
+        return 0
+    stats = encode_recipe_media(cfg, args.modality or None)
+    print(f"token cache: {stats.encoded} media encoded, {stats.cached} already cached, {stats.failed} would not load, "
+          f"{stats.bad_records} bad records")
     return 0
 
 
@@ -255,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft = sub.add_parser("finetune", help="finetune with LoRA or full weights from a recipe (finetune/recipes/*.yaml)")
     ft.add_argument("recipe", type=Path)
     ft.add_argument("overrides", nargs="*", help="dotted overrides of the recipe, e.g. train.max_steps=100 policy.lora.r=8")
+    ft.add_argument("--encode-only", action="store_true",
+                    help="only encode the recipe's media into its token cache (data.cache_dir), as the run does first")
+    ft.add_argument("--modality", action="append", help="with --encode-only: only this modality (repeatable)")
     ft.set_defaults(func=_finetune)
 
     ex = sub.add_parser("export", help="turn a finetuning step checkpoint into a plain checkpoint")

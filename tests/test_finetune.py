@@ -33,6 +33,7 @@ from mllm.train.checkpointing import (
 from mllm.train.distributed import DistEnv
 from mllm.train.loop import Finetune, NonFiniteLossError, cosine_lr
 from mllm.train.recipe import deepspeed_config, resolve_precision
+from mllm.train.recipe_data import encode_recipe_media
 from tests.conftest import TINY_LMS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,6 +226,24 @@ def test_data_repeat_up_and_down_samples_tasks_afresh_each_epoch(corpus, text_to
     assert e.value.key == "data.repeat"
     with pytest.raises(ConfigError, match="nothing to train on"):
         finetune(load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, tmp_path / "none", data={"repeat_default": 0}))))
+
+
+def test_media_encoded_ahead_of_a_run_are_found_cached_by_it(corpus, text_tokenizer, tmp_path, capsys):
+    cfg = load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, tmp_path / "out")))
+    with pytest.raises(ConfigError, match="tokenizes no audio") as e:
+        encode_recipe_media(cfg, ["audio"], progress=False)
+    assert e.value.key == "model.media"
+    stats = encode_recipe_media(cfg, ["image"], progress=False)
+    assert (stats.encoded, stats.cached, stats.failed) == (24, 24, 0)  # each image: a caption and a drawing
+    assert cli(["finetune", str(tmp_path / "recipe.yaml"), "--encode-only"]) == 0
+    assert "token cache: 0 media encoded, 48 already cached, 0 would not load" in capsys.readouterr().out
+    [store] = (tmp_path / "out" / "cache" / "tokens").iterdir()
+    run = Finetune(cfg, DistEnv.from_environ())
+    try:
+        assert run.cache.stores["image"].path == store  # the same tokenizer, so the same directory
+        assert sorted(f.name for f in store.glob("shard-*")) == ["shard-00000.safetensors"]  # nothing encoded again
+    finally:
+        run.close()
 
 
 # ---- policies -----------------------------------------------------------------------------------

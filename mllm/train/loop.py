@@ -36,7 +36,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mllm.config import ConfigError
 from mllm.data.cache import TokenCache
 from mllm.data.input_augment import InputAugment
 from mllm.data.loader import MultimodalLoader
@@ -58,6 +57,7 @@ from mllm.train.checkpointing import (
 from mllm.train.distributed import DistEnv, all_reduce_sum, barrier, build_engine, init_distributed, main_first, shutdown
 from mllm.train.policy import apply_policy, trainable_summary
 from mllm.train.recipe import FinetuneConfig, check_ready, data_root, with_absolute_paths
+from mllm.train.recipe_data import recipe_cache_dir, recipe_records
 
 logger = logging.getLogger(__name__)
 
@@ -166,20 +166,10 @@ class Finetune:
 
     def _prepare_data(self):
         """Record tables (rank 0 builds them) and the token cache (each rank encodes its share of the media)."""
-        cache_dir = Path(self.cfg.data.cache_dir) if self.cfg.data.cache_dir else self.out / "cache"
-        root = data_root(self.cfg)
-
-        def records(paths: list[str]):
-            if not paths:
-                return None
-            ds = read_records([f for p in paths for f in record_files(root / p)], cache_dir=cache_dir / "records")
-            tasks = set(self.cfg.data.tasks)
-            return ds.filter(lambda task: task in tasks, input_columns="task") if tasks else ds
-
         with main_first(self.env):
-            train, validation = self._leave_out_rate_zero(records(self.cfg.data.train)), records(self.cfg.data.validation)
+            train, validation = recipe_records(self.cfg)
         tokenizers = self.processor.media_tokenizers
-        cache = TokenCache(cache_dir / "tokens", tokenizers) if tokenizers else None
+        cache = TokenCache(recipe_cache_dir(self.cfg) / "tokens", tokenizers) if tokenizers else None
         if cache is not None:
             for ds in (train, validation):
                 if ds is not None:
@@ -187,19 +177,6 @@ class Finetune:
             barrier()
             cache.reload()
         return train, validation, cache
-
-    def _leave_out_rate_zero(self, train):
-        """The train records of every task whose `data.repeat` rate is above 0: a rate of 0 leaves its task out
-        before any of its media is encoded."""
-        repeat, default = self.cfg.data.repeat, self.cfg.data.repeat_default
-        tasks = set(train.unique("task"))
-        missing = sorted(set(repeat) - tasks)
-        if missing:
-            raise ConfigError("data.repeat", f"no training record has the task {', '.join(missing)}")
-        left_out = {task for task in tasks if repeat.get(task, default) == 0}
-        if left_out == tasks:
-            raise ConfigError("data.repeat", f"every training task ({', '.join(sorted(tasks))}) has rate 0: nothing to train on")
-        return train.filter(lambda task: task not in left_out, input_columns="task") if left_out else train
 
     def _repeat_rates(self) -> np.ndarray | None:
         """[R] each train record's `data.repeat` rate (`data.repeat_default` for a task not named); None when
