@@ -420,7 +420,8 @@ def _decode_frames(name: str, data: bytes, indices: np.ndarray, size: Size | Non
     kept: dict[int, np.ndarray] = {}
     with av.open(io.BytesIO(data)) as container:
         stream = _video_stream(container, name)
-        stream.thread_type = "AUTO"
+        if stream.codec_context.width * stream.codec_context.height > 128 * 128:
+            stream.thread_type = "AUTO"  # decoding threads pay for their start-up only on bigger frames (2 cores)
         for k, frame in enumerate(container.decode(stream)):
             if k in wanted:
                 _check_pixels(name, frame.width, frame.height, limits)
