@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mllm.default.build import LANES, Build, DefaultBuildConfig, Stage, side_by_side
+from mllm.default.build import SIDE_BY_SIDE, Build, DefaultBuildConfig, Stage, side_by_side
 
 
 def mark_done(path: Path, text: str) -> None:
@@ -21,24 +21,42 @@ def fail() -> None:
     raise ValueError("a bad recipe")
 
 
-def stage(tmp_path: Path, name: str, work=None) -> Stage:
-    return Stage(name, tmp_path / name, work or partial(mark_done, tmp_path / name, name.upper()))
+def stage(tmp_path: Path, name: str, work=None, needs=()) -> Stage:
+    return Stage(name, tmp_path / name, work or partial(mark_done, tmp_path / name, name.upper()), needs)
 
 
-def test_lanes_run_in_their_own_processes_on_one_thread_each(tmp_path):
-    times = side_by_side([[stage(tmp_path, "a"), stage(tmp_path, "b")], [stage(tmp_path, "c")]], tmp_path / "logs")
-    assert set(times) == {"a", "b", "c"} and all(t >= 0 for t in times.values())
-    assert all((tmp_path / n).read_text() == "1" for n in "abc")
-    log = (tmp_path / "logs" / "a+b.log").read_text()
-    assert "A on 1 thread(s)" in log and "B on 1 thread(s)" in log and "[default] b: 0 s" in log
+def mark_done_after(path: Path, needed: Path) -> None:
+    assert needed.is_file(), f"{path.name} started before {needed.name} was done"
+    mark_done(path, path.name.upper())
 
 
-def test_a_failed_lane_names_its_log_and_the_other_lane_finishes(tmp_path):
-    with pytest.raises(RuntimeError, match=r"x failed \(ValueError: a bad recipe\); its output: .*x\+never\.log"):
-        side_by_side([[stage(tmp_path, "x", fail), stage(tmp_path, "never")], [stage(tmp_path, "c")]], tmp_path / "logs")
-    assert (tmp_path / "c").is_file() and not (tmp_path / "never").exists()
-    assert "Traceback" in (tmp_path / "logs" / "x+never.log").read_text()
+def test_stages_run_in_other_processes_on_one_thread_each_after_what_they_need(tmp_path):
+    stages = [stage(tmp_path, "a"), stage(tmp_path, "b"), stage(tmp_path, "c"),
+              stage(tmp_path, "d", partial(mark_done_after, tmp_path / "d", tmp_path / "a"), needs=("a", "given"))]
+    recorded = {}
+    times = side_by_side(stages, tmp_path / "logs", record=recorded.update)
+    assert set(times) == set("abcd") and all(t >= 0 for t in times.values()) and recorded == times
+    assert all((tmp_path / n).read_text() == "1" for n in "abcd")
+    log = (tmp_path / "logs" / "d.log").read_text()
+    assert "D on 1 thread(s)" in log and "[default] d: 0 s" in log and "A on" not in log
+
+
+def test_a_failed_stage_names_its_log_stops_what_needs_it_and_the_others_finish(tmp_path):
+    stages = [stage(tmp_path, "x", fail), stage(tmp_path, "never", needs=("x",)),
+              stage(tmp_path, "nor", needs=("never",)), stage(tmp_path, "c")]
+    recorded = {}
+    with pytest.raises(RuntimeError, match=r"x failed \(ValueError: a bad recipe\); its output: .*x\.log; "
+                                           r"never did not run: it needs x; nor did not run: it needs never"):
+        side_by_side(stages, tmp_path / "logs", record=recorded.update)
+    assert list(recorded) == ["c"]  # the time of what finished is kept
+    assert (tmp_path / "c").is_file() and not (tmp_path / "never").exists() and not (tmp_path / "nor").exists()
+    assert "Traceback" in (tmp_path / "logs" / "x.log").read_text()
     assert "ValueError: a bad recipe" not in (tmp_path / "logs" / "c.log").read_text()
+
+
+def test_stages_that_need_each_other_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="stages that need each other: p, q"):
+        side_by_side([stage(tmp_path, "p", needs=("q",)), stage(tmp_path, "q", needs=("p",))], tmp_path / "logs")
 
 
 def test_stages_in_order_and_given_tokenizers_are_not_trained(tmp_path):
@@ -46,9 +64,12 @@ def test_stages_in_order_and_given_tokenizers_are_not_trained(tmp_path):
                                      tokenizers={"image": tmp_path / "image_tok"}))
     stages = build.stages()
     assert list(stages) == ["audio_tokenizer", "video_tokenizer", "image_ink", "video_ink", "text", "corpora",
-                            "multimodal", "speech", "video", "diffusion"]
+                            "image_tokens", "video_tokens", "multimodal", "speech", "video", "diffusion"]
     after = {"multimodal", "speech", "video", "diffusion"}
-    assert {n for lane in LANES for n in lane} == set(stages) - after | {"image_tokenizer"}
+    assert set(SIDE_BY_SIDE) == set(stages) - after | {"image_tokenizer"}
+    # every stage a side-by-side stage needs comes before it, so the order also serves one process
+    for name in stages:
+        assert all(list(stages).index(n) < list(stages).index(name) for n in stages[name].needs if n in stages)
     multimodal = stages["multimodal"].work
     assert f"model.media.image.path={tmp_path / 'image_tok' / 'media_tokenizer'}" in multimodal.args[2]
     assert f"model.media.video.path={tmp_path / 'out' / 'tokenizers' / 'video' / 'media_tokenizer'}" in multimodal.args[2]
@@ -59,8 +80,7 @@ def test_stages_in_order_and_given_tokenizers_are_not_trained(tmp_path):
     assert stages["image_ink"].work.args[2] == tmp_path / "out" / "tokenizers" / "image_ink"
     assert stages["image_ink"].work.args[3] == [f"teacher={tmp_path / 'image_tok'}"]
     assert stages["video_ink"].work.args[3] == [f"teacher={tmp_path / 'out' / 'tokenizers' / 'video'}"]
-    # in a lane, each ink stage comes after its teacher
-    for lane in LANES:
-        for m in ("image", "video"):
-            if f"{m}_ink" in lane:
-                assert lane.index(f"{m}_tokenizer") < lane.index(f"{m}_ink")
+    # the ink stages learn from their teachers, the multimodal stage's media are encoded by the tokenizers it loads
+    assert stages["image_ink"].needs == ("image_tokenizer",) and stages["video_ink"].needs == ("video_tokenizer",)
+    assert stages["image_tokens"].needs == ("image_tokenizer", "corpora")
+    assert stages["image_tokens"].work.args[:2] == ("image", multimodal.args[2])

@@ -10,6 +10,7 @@
     text             finetune/recipes/default_text.yaml: SentencePiece tokenizer, then LM pretraining
     corpora          the built corpora; spoken replies in one house voice, padded to `audio_seconds`, and
                      requested animations in one canonical layout (mllm/default/corpus.py)
+    *_tokens         the multimodal stage's images and clips, encoded into its token cache ahead of it
     multimodal       finetune/recipes/default_multimodal.yaml: every task, GMM heads
     speech           finetune/recipes/default_speech_head.yaml: the audio head alone, on the frozen LM
     video            finetune/recipes/default_video_head.yaml: the video head alone, on the frozen LM
@@ -17,13 +18,15 @@
     ship             float16 copies of both variants in <out>/checkpoint/{gmm,diffusion}; with `ship`,
                      also into the package (mllm/default/checkpoint/), where chat, serve, eval and demo find them
 
-The tokenizers, their ink stages, the text stage and the corpora stage need only the built corpora, so they
-run side by side in two processes of one thread each (`LANES`), their output in
-`<out>/logs/`: on two cores, two one-thread trainings finish in ~0.8 of the
-time they take one after another on both threads (the video tokenizer: 1368 s
-beside another job, 863 s alone). Each stage writes its loss curve (`loss.png`) and is skipped
-when its output exists, so an interrupted build continues where it stopped.
-Seeds are fixed in the recipes. Stage times go to `<out>/stages.json`.
+The tokenizers, their ink stages, the text stage, the corpora stage and the encoding of the multimodal
+stage's images and clips into its token cache (`image_tokens`, `video_tokens`) need only the built corpora
+and each other, so they run side by side on two processes of one thread each (`side_by_side`): a stage starts
+once the stages it `needs` are done, the first ready one in `SIDE_BY_SIDE` order taking the first free process.
+On two cores, two one-thread trainings finish in ~0.8 of the time they take one after another on both threads
+(the video tokenizer: 1368 s beside another job, 863 s alone). Each stage's output goes to
+`<out>/logs/<stage>.log`, writes its loss curve (`loss.png`) and is skipped when its output exists, so an
+interrupted build continues where it stopped. Seeds are fixed in the recipes. Stage times go to
+`<out>/stages.json`.
 """
 
 from __future__ import annotations
@@ -47,13 +50,20 @@ from mllm.default.corpus import prepare_corpora
 from mllm.default.paths import CHECKPOINTS
 from mllm.default.ship import ship, size_mb
 from mllm.tokenize import commands as tokenize
-from mllm.train import finetune, load_recipe
+from mllm.train import FinetuneConfig, finetune, load_recipe
+from mllm.train.recipe_data import encode_recipe_media
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: its tokenizers/ and finetune/recipes/
 MODALITIES = ("image", "audio", "video")
-# Side by side, the most even split: image tokenizer, its ink stage, the text LM and the corpora (~1940 s) ‖ video
-# tokenizer, its ink stage and the audio tokenizer (~1960 s; at the fifteenth build's speed, docs/default_model.md).
-LANES = (("image_tokenizer", "image_ink", "text", "corpora"), ("video_tokenizer", "video_ink", "audio_tokenizer"))
+# The stages run side by side, each free process taking the first ready one in this order. With the shipped
+# build's stage times (docs/default_model.md) one process runs image tokenizer → image ink → text → corpora →
+# image and video tokens, the other video tokenizer → video ink → audio tokenizer.
+SIDE_BY_SIDE = ("image_tokenizer", "video_tokenizer", "image_ink", "video_ink", "audio_tokenizer", "text", "corpora",
+                "image_tokens", "video_tokens")
+# The media encoded side by side, on one thread. Image and video tokens come out the same on one thread as on
+# two (all 15,745 media compared); audio tokens do not (3,112 of 9,253 clips, by up to 6e-6), so the audio stays
+# with the multimodal stage, on two threads, as in the shipped build.
+ENCODED_AHEAD = ("image", "video")
 
 
 @dataclass
@@ -85,6 +95,7 @@ class Stage:
     name: str
     done: Path  # exists once the stage has finished
     work: Callable[[], object]  # picklable: side-by-side stages run in other processes
+    needs: tuple[str, ...] = ()  # the stages whose output it reads
 
     def run(self) -> float | None:
         """Seconds the stage took; None when it was done earlier."""
@@ -99,53 +110,70 @@ class Stage:
         return seconds
 
 
-def run_lane(stages: list[Stage], log: Path, threads: int) -> dict[str, float]:
-    """Run stages one after another in this process, on `threads` threads, printing into `log`."""
+def run_stage(stage: Stage, log: Path) -> float | None:
+    """Run `stage` in this process on one thread, printing (native libraries too) into `log`."""
     import torch
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a", encoding="utf-8") as f:
         sys.stdout.flush()
         sys.stderr.flush()
-        for fd in (1, 2):  # native libraries' output too
+        for fd in (1, 2):
             os.dup2(f.fileno(), fd)
-        times = {}
-        for stage in stages:
-            try:
-                seconds = stage.run()
-            except Exception as e:
-                traceback.print_exc()
-                raise RuntimeError(f"{stage.name} failed ({type(e).__name__}: {e})") from None
-            if seconds is not None:
-                times[stage.name] = seconds
-        return times
+        try:
+            return stage.run()
+        except Exception as e:
+            traceback.print_exc()
+            raise RuntimeError(f"{stage.name} failed ({type(e).__name__}: {e})") from None
 
 
-def side_by_side(lanes: list[list[Stage]], logs: Path) -> dict[str, float]:
-    """Each lane in its own process with one thread; a progress bar counts finished stages. A failed lane
-    lets the others finish (their work is kept), then raises, naming its log."""
-    logs_of = [logs / f"{'+'.join(s.name for s in lane)}.log" for lane in lanes]
-    chains = " ‖ ".join(" → ".join(s.name for s in lane) for lane in lanes)
-    print(f"[default] side by side, one thread each: {chains} (logs: {logs})", flush=True)
+def side_by_side(stages: list[Stage], logs: Path, processes: int = 2,
+                 record: Callable[[dict[str, float]], None] = lambda times: None) -> dict[str, float]:
+    """Run `stages` on `processes` processes of one thread each. A stage starts once every stage of `stages` it
+    needs has finished (needs outside `stages` are taken as done), the first ready one in list order going to
+    the first free process; its output goes to `<logs>/<name>.log`, its time to `record` as it finishes. A
+    failed stage lets the stages that do not need it finish (their work is kept), then raises, naming its log;
+    the stages that need it never start."""
+    names = {s.name for s in stages}
+    print(f"[default] side by side on {processes} processes of one thread each: {', '.join(s.name for s in stages)} "
+          f"(logs: {logs})", flush=True)
+    waiting = list(stages)
+    running: dict[Future, Stage] = {}
+    finished: set[str] = set()
+    failures: dict[str, str] = {}
     times: dict[str, float] = {}
-    failures = []
-    with ProcessPoolExecutor(len(lanes), mp_context=multiprocessing.get_context("spawn")) as pool, \
-            tqdm(total=sum(map(len, lanes)), desc="stages side by side", unit="stage") as bar:
-        running: dict[Future, Path] = {pool.submit(run_lane, lane, log, 1): log for lane, log in zip(lanes, logs_of)}
-        pending = set(running)
-        while pending:
-            finished, pending = wait(pending, timeout=10, return_when=FIRST_COMPLETED)
-            bar.n = sum(s.done.exists() for lane in lanes for s in lane)
-            bar.refresh()
-            for future in finished:
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool, \
+            tqdm(total=len(stages), desc="stages side by side", unit="stage") as bar:
+        while waiting or running:
+            for stage in list(waiting):
+                if failed := [n for n in stage.needs if n in failures]:
+                    waiting.remove(stage)
+                    failures[stage.name] = f"{stage.name} did not run: it needs {failed[0]}"
+                    bar.update(1)
+                elif len(running) < processes and all(n in finished or n not in names for n in stage.needs):
+                    waiting.remove(stage)
+                    running[pool.submit(run_stage, stage, logs / f"{stage.name}.log")] = stage
+            if not running:
+                if waiting:
+                    raise ValueError(f"stages that need each other: {', '.join(s.name for s in waiting)}")
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                stage = running.pop(future)
                 try:
-                    times.update(future.result())
+                    seconds = future.result()
                 except Exception as e:
-                    failures.append(f"{e}; its output: {running[future]}")
-                    tqdm.write(f"[default] {failures[-1]}" + ("; the other stages go on" if pending else ""))
+                    failures[stage.name] = f"{e}; its output: {logs / f'{stage.name}.log'}"
+                    tqdm.write(f"[default] {failures[stage.name]}" + ("; the other stages go on" if running or waiting else ""))
+                else:
+                    finished.add(stage.name)
+                    if seconds is not None:
+                        times[stage.name] = seconds
+                        record({stage.name: seconds})
+                bar.update(1)
     if failures:
-        raise RuntimeError("; ".join(failures))
+        raise RuntimeError("; ".join(failures.values()))
     return times
 
 
@@ -166,29 +194,43 @@ class Build:
         given = self.cfg.tokenizers.get(modality)
         return Path(given).absolute() if given else self.out / "tokenizers" / modality
 
+    def recipe(self, stage: str, recipe: str, overrides: list[str]) -> FinetuneConfig:
+        return load_recipe(self.cfg.recipes / recipe, overrides + self.cfg.overrides.get(stage, []))
+
     def finetune(self, stage: str, recipe: str, overrides: list[str]) -> None:
-        path = self.cfg.recipes / recipe
-        finetune(load_recipe(path, overrides + self.cfg.overrides.get(stage, [])))
+        finetune(self.recipe(stage, recipe, overrides))
+
+    def encode(self, modality: str, overrides: list[str], done: Path) -> None:
+        """The multimodal stage's media of `modality`, encoded into its token cache; their counts into `done`."""
+        stats = encode_recipe_media(self.recipe("multimodal", "default_multimodal.yaml", overrides), [modality])
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(json.dumps(vars(stats), indent=1) + "\n")
+        os.replace(tmp, done)
 
     def stages(self) -> dict[str, Stage]:
         o, corpora, data = self.out, Path(self.cfg.corpora).absolute(), self.out / "data"
+        trained = [m for m in MODALITIES if m not in self.cfg.tokenizers]
         stages = [Stage(f"{m}_tokenizer", o / "tokenizers" / m / "metrics.json", partial(
             tokenize.train, self.cfg.tokenizer_recipes[m], corpora, o / "tokenizers" / m,
-            self.cfg.overrides.get(f"{m}_tokenizer", []))) for m in MODALITIES if m not in self.cfg.tokenizers]
+            self.cfg.overrides.get(f"{m}_tokenizer", []))) for m in trained]
         # each ink stage teaches a copy of the tokenizer the LM trains on: that tokenizer's tokens are its targets
         stages += [Stage(f"{m}_ink", o / "tokenizers" / f"{m}_ink" / "metrics.json", partial(
             tokenize.train, recipe, corpora, o / "tokenizers" / f"{m}_ink",
-            [f"teacher={self.tokenizer_dir(m)}"] + self.cfg.overrides.get(f"{m}_ink", [])))
+            [f"teacher={self.tokenizer_dir(m)}"] + self.cfg.overrides.get(f"{m}_ink", [])), needs=(f"{m}_tokenizer",))
             for m, recipe in self.cfg.ink_recipes.items()]
         common = [f"data.cache_dir={o / 'cache'}"]
         media = [f"model.media.{m}.path={self.tokenizer_dir(m) / 'media_tokenizer'}" for m in MODALITIES]
+        multimodal = common + media + [f"output_dir={o / 'multimodal'}", f"model.base={o / 'text' / 'final'}", f"data.root={data}"]
         stages += [
             Stage("text", o / "text" / "final", partial(self.finetune, "text", "default_text.yaml", common + [
                 f"output_dir={o / 'text'}", f"model.tokenizer={o / 'text_tokenizer'}", f"data.root={corpora}"])),
             Stage("corpora", data / "done", partial(self.corpora, corpora, data)),
-            Stage("multimodal", o / "multimodal" / "final", partial(self.finetune, "multimodal", "default_multimodal.yaml",
-                  common + media + [f"output_dir={o / 'multimodal'}", f"model.base={o / 'text' / 'final'}", f"data.root={data}"])),
         ]
+        stages += [Stage(f"{m}_tokens", o / "cache" / f"{m}_tokens.json",
+                         partial(self.encode, m, multimodal, o / "cache" / f"{m}_tokens.json"),
+                         needs=(f"{m}_tokenizer", "corpora")) for m in ENCODED_AHEAD]
+        stages.append(Stage("multimodal", o / "multimodal" / "final",
+                            partial(self.finetune, "multimodal", "default_multimodal.yaml", multimodal)))
         before = "multimodal"  # each head stage (recipe default_<run>.yaml) starts from the stage before it
         for name, run in (("speech", "speech_head"), ("video", "video_head"), ("diffusion", "diffusion_head")):
             stages.append(Stage(name, o / run / "final", partial(self.finetune, name, f"default_{run}.yaml", common + [
@@ -202,11 +244,11 @@ class Build:
 
     def run(self) -> dict[str, float]:
         stages = self.stages()
-        lanes = [[stages[n] for n in lane if n in stages and not stages[n].done.exists()] for lane in LANES]
-        if sum(map(bool, lanes)) > 1:
+        parallel = [stages[n] for n in SIDE_BY_SIDE if n in stages and not stages[n].done.exists()]
+        if len(parallel) > 1:
             started = time.perf_counter()
-            times = side_by_side([lane for lane in lanes if lane], self.out / "logs")
-            self.record({**times, "side_by_side_wall": round(time.perf_counter() - started, 1)})
+            side_by_side(parallel, self.out / "logs", record=self.record)
+            self.record({"side_by_side_wall": round(time.perf_counter() - started, 1)})
         for stage in stages.values():
             if (seconds := stage.run()) is not None:
                 self.record({stage.name: seconds})
