@@ -101,6 +101,8 @@ def _finetune(args: argparse.Namespace) -> int:
     from mllm.train import finetune, load_recipe
     from mllm.train.recipe_data import encode_recipe_media
 
+    if args.modality and not args.encode_only:
+        raise SystemExit("mllm finetune: --modality only goes with --encode-only")
     cfg = load_recipe(args.recipe, args.overrides)
     if not args.encode_only:
         finetune(cfg)
