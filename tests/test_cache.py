@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 
 from mllm.data.cache import INDEX, TokenCache, fingerprint
 from mllm.data.records import check_record, read_records
-from mllm.media import Image, load_media, save_image
+from mllm.media import Image, MediaError, load_media, save_image
 from mllm.processor import Processor
 from mllm.tokenizers import MediaTokenizer, build_media_tokenizer
 
@@ -106,6 +106,49 @@ def test_second_build_is_all_hits_and_lookup_gives_the_encoding(tmp_path):
     assert cache.lookup("audio", image) is None  # no such store
     [store] = (tmp_path / "cache").iterdir()
     assert store.name == f"image-{fingerprint(tok)[:16]}"
+
+
+class BatchedHalves(HalvesTokenizer):
+    """HalvesTokenizer that also takes a batch; refuses the medium of value 30 (MediaError), alone or in a batch."""
+
+    name = "test-batched-halves"
+
+    def __init__(self, config: HalvesConfig):
+        super().__init__(config)
+        self.batches: list[int] = []
+
+    def encode(self, media: Image) -> torch.Tensor:
+        if int(media.pixels[0, 0, 0]) == 30:
+            raise MediaError("<array>", "a medium this tokenizer refuses")
+        return super().encode(media)
+
+    def encode_batch(self, images: list[Image]) -> torch.Tensor:
+        self.batches.append(len(images))
+        return torch.stack([self.encode(m) for m in images])
+
+
+def test_media_encoded_in_batches_give_the_same_tokens_and_a_bad_one_is_left_out_alone(tmp_path):
+    path = records_file(tmp_path, [10, 20, 40, 50, 60, 10, 70])
+    alone = TokenCache(tmp_path / "alone", {"image": halves()})
+    assert alone.encode_records(rows(path), progress=False).encoded == 6
+    torch.manual_seed(0)
+    tok = BatchedHalves(HalvesConfig()).eval()
+    cache = TokenCache(tmp_path / "batched", {"image": tok}, batch_sizes={"image": 4})
+    stats = cache.encode_records(rows(path), progress=False)
+    assert (stats.encoded, stats.cached, stats.failed) == (6, 1, 0)
+    assert tok.batches == [4, 2]  # 10, 20, 40, 50 in one call, the last two in another
+    for v in (10, 20, 40, 50, 60, 70):
+        assert torch.equal(cache.lookup("image", tmp_path / "media" / f"{v}.png"),
+                           alone.lookup("image", tmp_path / "media" / f"{v}.png"))
+
+    bad = records_file(tmp_path, [20, 30, 40], name="bad.jsonl")
+    cache = TokenCache(tmp_path / "with_bad", {"image": tok}, batch_sizes={"image": 3})
+    stats = cache.encode_records(rows(bad), progress=False)
+    assert (stats.encoded, stats.failed) == (2, 1)  # the batch failed on 30, so each went alone
+    assert cache.lookup("image", tmp_path / "media" / "30.png") is None
+    assert torch.equal(cache.lookup("image", tmp_path / "media" / "40.png"), alone.lookup("image", tmp_path / "media" / "40.png"))
+    with pytest.raises(ValueError, match="whole numbers from 1"):
+        TokenCache(tmp_path / "x", {"image": tok}, batch_sizes={"image": 0})
 
 
 def test_changed_tokenizer_weights_miss_and_fill_a_new_directory(tmp_path):

@@ -1,6 +1,6 @@
 """Token cache: each medium is encoded once by its frozen media tokenizer, then read back.
 
-    cache = TokenCache("runs/tokens", processor.media_tokenizers)
+    cache = TokenCache("runs/tokens", processor.media_tokenizers, batch_sizes={"video": 32})
     cache.encode_records(records)                            # encode what is not cached yet
     messages = cache.tokenize(record.messages, record.base_dir)  # media parts -> {"type", "tokens"}
     sample = processor.encode(messages, base_dir=record.base_dir)  # nothing is re-encoded
@@ -182,9 +182,13 @@ class TokenCache:
     """Media tokens of several modalities, one `ShardStore` each, keyed by the media bytes."""
 
     def __init__(
-        self, root: str | os.PathLike, tokenizers: dict[str, MediaTokenizer], *, shard_bytes: int = 256 * 2**20
+        self, root: str | os.PathLike, tokenizers: dict[str, MediaTokenizer], *, shard_bytes: int = 256 * 2**20,
+        batch_sizes: dict[str, int] | None = None,
     ):
         self.root, self.tokenizers, self.shard_bytes = Path(root), dict(tokenizers), shard_bytes
+        self.batch_sizes = dict(batch_sizes or {})  # modality -> media per tokenizer call (`encode_many`); default 1
+        if bad := {m: b for m, b in self.batch_sizes.items() if not (isinstance(b, int) and b >= 1)}:
+            raise ValueError(f"encode batch sizes must be whole numbers from 1: {bad}")
         self.stores = {}
         for modality, tok in self.tokenizers.items():
             fp = fingerprint(tok)
@@ -201,13 +205,15 @@ class TokenCache:
         return None if store is None else store.get(source_key(source))
 
     def encode_records(self, records: Iterable[Record | dict], *, progress: bool = True) -> CacheStats:
-        """Encode every medium of `records` (Records, or rows of `read_records`) that is not cached yet.
+        """Encode every medium of `records` (Records, or rows of `read_records`) that is not cached yet,
+        `batch_sizes[modality]` media per tokenizer call.
 
         Media that fail to load are counted and left out: the loader reports
         their records with file and line when it reads them.
         """
         stats = CacheStats()
-        pending: dict[str, dict[str, torch.Tensor]] = {m: {} for m in self.stores}
+        queued: dict[str, dict[str, object]] = {m: {} for m in self.stores}  # key -> loaded medium, not yet encoded
+        pending: dict[str, dict[str, torch.Tensor]] = {m: {} for m in self.stores}  # encoded, not yet written
         pending_bytes = 0
         for record in tqdm(records, desc="encoding media", unit="record", disable=not progress):
             if isinstance(record, dict):
@@ -223,26 +229,52 @@ class TokenCache:
                     continue
                 try:
                     key = source_key(source)
-                    if key in self.stores[modality] or key in pending[modality]:
+                    if key in self.stores[modality] or key in pending[modality] or key in queued[modality]:
                         stats.cached += 1
                         continue
-                    tokens = self.tokenizers[modality].encode(load_media(source, modality)).cpu()
+                    queued[modality][key] = load_media(source, modality)
                 except (OSError, MediaError) as e:
                     stats.failed += 1
                     logger.debug("%s: cannot encode: %s", record.where, e)
                     continue
-                pending[modality][key] = tokens
-                pending_bytes += tokens.numel() * tokens.element_size()
-                stats.encoded += 1
-                if pending_bytes >= self.shard_bytes:
-                    self._flush(pending)
-                    pending_bytes = 0
+                if len(queued[modality]) >= self.batch_sizes.get(modality, 1):
+                    pending_bytes += self._encode(modality, queued[modality], pending[modality], stats)
+                    if pending_bytes >= self.shard_bytes:
+                        self._flush(pending)
+                        pending_bytes = 0
+        for modality in self.stores:  # the last, partial batches
+            self._encode(modality, queued[modality], pending[modality], stats)
         self._flush(pending)
         logger.info(
             "token cache %s: %d media cached, %d encoded, %d failed to load, %d bad records",
             self.root, stats.cached, stats.encoded, stats.failed, stats.bad_records,
         )
         return stats
+
+    def _encode(self, modality: str, queued: dict[str, object], pending: dict[str, torch.Tensor], stats: CacheStats) -> int:
+        """Encode `queued` (key -> medium) into `pending`, empty it, and return the bytes added. A batch that
+        fails on a bad medium is encoded again one medium at a time, so only that medium is left out."""
+        if not queued:
+            return 0
+        tokenizer = self.tokenizers[modality]
+        try:
+            encoded = dict(zip(queued, tokenizer.encode_many(list(queued.values())))) if len(queued) > 1 else {}
+        except (OSError, MediaError):
+            encoded = {}
+        added = 0
+        for key, medium in queued.items():
+            if key not in encoded:
+                try:
+                    encoded[key] = tokenizer.encode(medium)
+                except (OSError, MediaError) as e:
+                    stats.failed += 1
+                    logger.debug("%s medium %s: cannot encode: %s", modality, key[:12], e)
+                    continue
+            pending[key] = encoded[key].cpu()
+            stats.encoded += 1
+            added += pending[key].numel() * pending[key].element_size()
+        queued.clear()
+        return added
 
     def _flush(self, pending: dict[str, dict[str, torch.Tensor]]) -> None:
         for modality, tensors in pending.items():

@@ -56,6 +56,13 @@ class MediaTokenizer(ConfiguredModule):
     def encode(self, media: Any) -> torch.Tensor:
         """LongTensor [N] of codes, or FloatTensor [N, feature_dim]."""
 
+    def encode_many(self, media: list[Any]) -> list[torch.Tensor]:
+        """`encode` of each medium: in one batch when the tokenizer has `encode_batch` (it resizes its inputs to
+        one shape), else one at a time. A batch can change a tokenizer's last bits (convolutions pick other
+        kernels for other batch sizes)."""
+        batch = getattr(self, "encode_batch", None)
+        return list(batch(media).unbind(0)) if batch is not None else [self.encode(m) for m in media]
+
 
 def list_media_tokenizers() -> list[str]:
     return MEDIA_TOKENIZERS.names()

@@ -169,7 +169,7 @@ class Finetune:
         with main_first(self.env):
             train, validation = recipe_records(self.cfg)
         tokenizers = self.processor.media_tokenizers
-        cache = TokenCache(recipe_cache_dir(self.cfg) / "tokens", tokenizers) if tokenizers else None
+        cache = TokenCache(recipe_cache_dir(self.cfg) / "tokens", tokenizers, batch_sizes=self.cfg.data.encode_batch) if tokenizers else None
         if cache is not None:
             for ds in (train, validation):
                 if ds is not None:

@@ -58,6 +58,9 @@ class DataConfig:
     packing: bool = True
     bad_records: Literal["skip", "fail"] = "skip"
     cache_dir: str | None = None  # record tables and encoded media are cached here; None: <output_dir>/cache
+    # modality -> media per tokenizer call when filling the token cache (default 1, one at a time): faster, on a
+    # GPU far faster, but a batch may change a tokenizer's last bits
+    encode_batch: dict[str, int] = field(default_factory=dict)
     augment: InputAugmentConfig = field(default_factory=InputAugmentConfig)  # of the train records' user media
 
     def __post_init__(self):
@@ -66,6 +69,9 @@ class DataConfig:
             raise ValueError(f"data.repeat: each rate must be a number >= 0, got {bad}")
         if not self.repeat_default >= 0:
             raise ValueError(f"data.repeat_default must be >= 0, got {self.repeat_default}")
+        bad = {m: b for m, b in self.encode_batch.items() if isinstance(b, bool) or not isinstance(b, int) or b < 1}
+        if bad:
+            raise ValueError(f"data.encode_batch: each batch size must be a whole number >= 1, got {bad}")
 
 
 @dataclass

@@ -78,7 +78,8 @@ def encode_recipe_media(cfg: FinetuneConfig, modalities: Collection[str] | None 
     if unknown := sorted(wanted - set(tokenizers)):
         raise ConfigError("model.media", f"the recipe tokenizes no {', '.join(unknown)} "
                           f"(it tokenizes: {', '.join(sorted(tokenizers)) or 'nothing'})")
-    cache = TokenCache(recipe_cache_dir(cfg) / "tokens", {m: tokenizers[m] for m in sorted(wanted)})
+    cache = TokenCache(recipe_cache_dir(cfg) / "tokens", {m: tokenizers[m] for m in sorted(wanted)},
+                       batch_sizes=cfg.data.encode_batch)
     total = CacheStats()
     for records in recipe_records(cfg):
         if records is not None:
