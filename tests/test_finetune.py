@@ -157,6 +157,8 @@ def test_deepspeed_configs_fill_every_auto_from_the_recipe(config, corpus, text_
     (["data.repeat={image_generation: -1}"], "data"),
     (["data.repeat={image_generation: many}"], "data.repeat.image_generation"),
     (["data.repeat_default=-0.5"], "data"),
+    (["data.encode_batch={video: 0}"], "data"),
+    (["data.encode_batch={video: 2.5}"], "data.encode_batch.video"),
 ])
 def test_recipe_errors_name_the_key(overrides, key, corpus, text_tokenizer, tmp_path):
     with pytest.raises(ConfigError) as e:
