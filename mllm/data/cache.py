@@ -258,7 +258,7 @@ class TokenCache:
             return 0
         tokenizer = self.tokenizers[modality]
         try:
-            encoded = dict(zip(queued, tokenizer.encode_many(list(queued.values())))) if len(queued) > 1 else {}
+            encoded = dict(zip(queued, tokenizer.encode_many(list(queued.values()))))
         except (OSError, MediaError):
             encoded = {}
         added = 0

@@ -40,12 +40,13 @@ import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from mllm.data.corpora import atomic_write_text
 from mllm.default.corpus import prepare_corpora
 from mllm.default.paths import CHECKPOINTS
 from mllm.default.ship import ship, size_mb
@@ -186,9 +187,7 @@ class Build:
     def record(self, times: dict[str, float]) -> None:
         self.times.update(times)
         self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.times_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.times, indent=1) + "\n")
-        os.replace(tmp, self.times_file)
+        atomic_write_text(self.times_file, json.dumps(self.times, indent=1) + "\n")
 
     def tokenizer_dir(self, modality: str) -> Path:
         given = self.cfg.tokenizers.get(modality)
@@ -203,9 +202,7 @@ class Build:
     def encode(self, modality: str, overrides: list[str], done: Path) -> None:
         """The multimodal stage's media of `modality`, encoded into its token cache; their counts into `done`."""
         stats = encode_recipe_media(self.recipe("multimodal", "default_multimodal.yaml", overrides), [modality])
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps(vars(stats), indent=1) + "\n")
-        os.replace(tmp, done)
+        atomic_write_text(done, json.dumps(asdict(stats), indent=1) + "\n")
 
     def stages(self) -> dict[str, Stage]:
         o, corpora, data = self.out, Path(self.cfg.corpora).absolute(), self.out / "data"
@@ -226,8 +223,8 @@ class Build:
                 f"output_dir={o / 'text'}", f"model.tokenizer={o / 'text_tokenizer'}", f"data.root={corpora}"])),
             Stage("corpora", data / "done", partial(self.corpora, corpora, data)),
         ]
-        stages += [Stage(f"{m}_tokens", o / "cache" / f"{m}_tokens.json",
-                         partial(self.encode, m, multimodal, o / "cache" / f"{m}_tokens.json"),
+        counts = {m: o / "cache" / f"{m}_tokens.json" for m in ENCODED_AHEAD}  # also each stage's done marker
+        stages += [Stage(f"{m}_tokens", counts[m], partial(self.encode, m, multimodal, counts[m]),
                          needs=(f"{m}_tokenizer", "corpora")) for m in ENCODED_AHEAD]
         stages.append(Stage("multimodal", o / "multimodal" / "final",
                             partial(self.finetune, "multimodal", "default_multimodal.yaml", multimodal)))

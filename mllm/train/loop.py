@@ -36,7 +36,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mllm.data.cache import TokenCache
 from mllm.data.input_augment import InputAugment
 from mllm.data.loader import MultimodalLoader
 from mllm.data.records import BadRecords, iter_records, read_records, record_files
@@ -57,7 +56,7 @@ from mllm.train.checkpointing import (
 from mllm.train.distributed import DistEnv, all_reduce_sum, barrier, build_engine, init_distributed, main_first, shutdown
 from mllm.train.policy import apply_policy, trainable_summary
 from mllm.train.recipe import FinetuneConfig, check_ready, data_root, with_absolute_paths
-from mllm.train.recipe_data import recipe_cache_dir, recipe_records
+from mllm.train.recipe_data import recipe_records, recipe_token_cache
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +168,7 @@ class Finetune:
         with main_first(self.env):
             train, validation = recipe_records(self.cfg)
         tokenizers = self.processor.media_tokenizers
-        cache = TokenCache(recipe_cache_dir(self.cfg) / "tokens", tokenizers, batch_sizes=self.cfg.data.encode_batch) if tokenizers else None
+        cache = recipe_token_cache(self.cfg, tokenizers) if tokenizers else None
         if cache is not None:
             for ds in (train, validation):
                 if ds is not None:

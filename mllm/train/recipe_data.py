@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from pathlib import Path
 
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 
 from mllm.checkpoint import build_media_tokenizers
 from mllm.config import ConfigError
@@ -68,6 +68,11 @@ def recipe_media_tokenizers(cfg: FinetuneConfig) -> dict[str, MediaTokenizer]:
     return Processor.from_pretrained(cfg.init_from).media_tokenizers
 
 
+def recipe_token_cache(cfg: FinetuneConfig, tokenizers: dict[str, MediaTokenizer]) -> TokenCache:
+    """The run's token cache (`<cache dir>/tokens`) for `tokenizers`, encoding `data.encode_batch` media per call."""
+    return TokenCache(recipe_cache_dir(cfg) / "tokens", tokenizers, batch_sizes=cfg.data.encode_batch)
+
+
 def encode_recipe_media(cfg: FinetuneConfig, modalities: Collection[str] | None = None, *,
                         progress: bool = True) -> CacheStats:
     """Encode the media of `modalities` (default: every one the recipe tokenizes) in the recipe's train and
@@ -78,12 +83,6 @@ def encode_recipe_media(cfg: FinetuneConfig, modalities: Collection[str] | None 
     if unknown := sorted(wanted - set(tokenizers)):
         raise ConfigError("model.media", f"the recipe tokenizes no {', '.join(unknown)} "
                           f"(it tokenizes: {', '.join(sorted(tokenizers)) or 'nothing'})")
-    cache = TokenCache(recipe_cache_dir(cfg) / "tokens", {m: tokenizers[m] for m in sorted(wanted)},
-                       batch_sizes=cfg.data.encode_batch)
-    total = CacheStats()
-    for records in recipe_records(cfg):
-        if records is not None:
-            stats = cache.encode_records(records, progress=progress)
-            for key, value in vars(stats).items():
-                setattr(total, key, getattr(total, key) + value)
-    return total
+    cache = recipe_token_cache(cfg, {m: tokenizers[m] for m in sorted(wanted)})
+    records = concatenate_datasets([ds for ds in recipe_records(cfg) if ds is not None])  # train, then validation
+    return cache.encode_records(records, progress=progress)
