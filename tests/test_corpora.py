@@ -85,7 +85,9 @@ def test_configs_load_strictly(tmp_path):
     assert "speech.utterancez" in str(e.value) and str(bad) in str(e.value)
     for voices, error in [("held_out_accents: [en-xx]", "held_out_accents"),
                           ("learner_accents: [fr-fr, en-us]", "learner_accents .'en-us'. are also in accents"),
-                          ("learner_accents: [cy], learner_phonemes: en-029", "learner_phonemes 'en-029'.*leak")]:
+                          ("learner_accents: [cy], learner_phonemes: en-029", "learner_phonemes 'en-029'.*leak"),
+                          ("flite_share: 0.5", "flite_share 0.5 needs flite_voices"),
+                          ("flite_voices: [slt], flite_share: 1.5", "flite_share 1.5 is not a share")]:
         bad.write_text(f"voices: {{{voices}}}\n")
         with pytest.raises(ConfigError, match=error):
             load_build_config(bad)
@@ -243,9 +245,15 @@ def test_held_out_voices(built):
                 learner = m["accent"] in cfg.voices.learner_accents
                 assert m.get("reads") == (cfg.voices.learner_phonemes if learner else None), m
                 assert not (learner and split == "test"), m["voice"]
+                flite = m.get("engine") == "flite"
+                assert flite == (m["accent"] == "flite") and not (flite and split == "test"), m["voice"]
     train_accents = {r["meta"]["accent"] for r in records(out, "speech", "train")}
     assert set(cfg.voices.learner_accents) <= train_accents  # a quarter of the small build's train voices
     assert manifest.corpora["speech"]["learner_accents"]["accents"] == cfg.voices.learner_accents
+    flite = {r["meta"]["variant"] for r in records(out, "speech", "train") if r["meta"].get("engine") == "flite"}
+    assert flite == set(cfg.voices.flite_voices)  # a quarter of the train utterances, in either voice
+    assert manifest.corpora["speech"]["flite_voices"]["voices"] == cfg.voices.flite_voices
+    assert "flite" in {src["name"] for src in manifest.corpora["speech"]["sources"]}
 
 
 def test_a_learners_voice_says_english_phonemes_with_its_own_sounds():
@@ -257,6 +265,22 @@ def test_a_learners_voice_says_english_phonemes_with_its_own_sounds():
     said = espeak("three", learner)
     assert len(said) > 2000 and not np.array_equal(said, espeak("three", native))
     assert not np.array_equal(said, espeak("three", Voice("fr-fr", "m1", 170, 50, 1, 0.8, None, 0, False)))  # not French
+
+
+def test_a_flite_voice_speaks_at_its_rate_and_an_unknown_one_is_refused():
+    from dataclasses import replace
+
+    from mllm.data.corpora.build import VoicesConfig
+    from mllm.data.corpora.speech import Voice, check_voices, flite, synthesize
+
+    voice = Voice("flite", "slt", 170, 50, 1, 0.8, None, 0, False, None, "flite")
+    said, rate = flite("three", voice)
+    assert rate == 16000 and len(said) > 2000 and np.array_equal(said, flite("three", voice)[0])
+    assert len(flite("three", replace(voice, rate=130))[0]) > len(said)  # slower speech, more samples
+    audio = synthesize("three", voice, 16000)
+    assert audio.sample_rate == 16000 and 0.75 < float(np.abs(audio.samples).max()) < 0.85  # level set to the gain
+    with pytest.raises(ValueError, match="flite has no voice 'nosuch'"):  # flite itself would speak in its default
+        check_voices(VoicesConfig(flite_voices=["slt", "nosuch"], flite_share=0.5))
 
 
 def test_eval_only_spoken_numbers_stay_out(built):

@@ -126,6 +126,16 @@ def espeak_binary() -> str:
     raise SourceMissingError("Debian package 'espeak-ng'", looked, _apt_install("espeak-ng"))
 
 
+def flite_binary() -> str:
+    """Path of the `flite` executable (CMU Flite)."""
+    value = os.environ.get("MLLM_FLITE")
+    looked = [value] if value else ["flite on PATH"]
+    found = shutil.which(value or "flite")
+    if found:
+        return found
+    raise SourceMissingError("Debian package 'flite'", looked, _apt_install("flite"))
+
+
 # ---------------------------------------------------------------- wordnet
 
 
@@ -181,10 +191,16 @@ def source_info(name: str) -> SourceInfo:
             licence="GPL-3.0-or-later (synthesizer; the corpus holds its generated audio)",
             path=espeak_binary(),
         )
+    if name == "flite":
+        return SourceInfo(
+            name="flite", package="flite", manager="apt", version=dpkg_version("flite"),
+            licence="BSD-style CMU licence (synthesizer and voices; the corpus holds its generated audio)",
+            path=flite_binary(),
+        )
     if name == "wordnet":
         return SourceInfo(
             name="wordnet", package="wordnet-base", manager="apt", version=dpkg_version("wordnet-base"),
             licence="WordNet-3.0 (Princeton WordNet licence, permissive BSD-style)",
             path=str(wordnet_dir()),
         )
-    raise KeyError(f"unknown source '{name}' (known: espeak, mnist, stamps, wordnet)")
+    raise KeyError(f"unknown source '{name}' (known: espeak, flite, mnist, stamps, wordnet)")

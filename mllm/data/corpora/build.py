@@ -83,6 +83,11 @@ class VoicesConfig:
     # widen what the training accents span; the test's voices stay the native held-out ones.
     learner_accents: list[str] = field(default_factory=list)
     learner_phonemes: str = "en-us"
+    # Flite voices (`flite -lv`: kal, kal16, awb, rms, slt), for train and validation only: a second synthesizer,
+    # built from recordings of real speakers, so that the ear does not take espeak-ng's formant sound for speech
+    # itself. `flite_share` of those splits' utterances take one; the test's voices stay espeak-ng's held-out ones.
+    flite_voices: list[str] = field(default_factory=list)
+    flite_share: float = 0.0
     rate: tuple[int, int] = (130, 210)  # words per minute
     pitch: tuple[int, int] = (25, 75)  # espeak 0..99
     word_gap: tuple[int, int] = (0, 4)  # pause between words, in 10 ms units
@@ -105,6 +110,10 @@ class VoicesConfig:
         if set(self.learner_accents) & set(self.accents):
             raise ValueError(f"learner_accents {sorted(set(self.learner_accents) & set(self.accents))} are also in "
                              "accents: a learner's accent reads English phonemes, a native one English text")
+        if not 0.0 <= self.flite_share <= 1.0:
+            raise ValueError(f"flite_share {self.flite_share} is not a share between 0 and 1")
+        if self.flite_share and not self.flite_voices:
+            raise ValueError(f"flite_share {self.flite_share} needs flite_voices to draw from")
         if self.learner_accents and (self.learner_phonemes not in self.accents
                                      or self.learner_phonemes in self.held_out_accents):
             raise ValueError(f"learner_phonemes {self.learner_phonemes!r} must be one of the accents that train "

@@ -9,7 +9,9 @@ Honest splits:
   only voices with a held-out accent or variant (`voices.held_out_*`); train
   and validation never use those. Train and validation also hear learners'
   accents (`voices.learner_accents`): another language's voice saying the
-  English phonemes of one training accent, which test never uses.
+  English phonemes of one training accent, and Flite voices
+  (`voices.flite_voices`, `flite_share` of their utterances): another
+  synthesizer, made from recordings of real speakers. Test uses neither.
 - Texts. Digit strings of 2+ digits, words, sentences and questions are each
   assigned to one split by a stable hash, so a test text is never heard in
   training. Single digits (only ten) are shared by all splits.
@@ -21,9 +23,11 @@ from __future__ import annotations
 import io
 import itertools
 import subprocess
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import soundfile as sf
@@ -144,6 +148,7 @@ class Voice:
     noise_seed: int
     held_out: bool
     reads: str | None = None  # a learner's voice: the English accent whose phonemes it says; None reads the text
+    engine: str | None = None  # "flite": the variant is a Flite voice and `gap` is unused; None: espeak-ng
 
     @property
     def name(self) -> str:
@@ -152,8 +157,9 @@ class Voice:
     def meta(self) -> dict:
         d = asdict(self)
         d.pop("noise_seed")
-        if self.reads is None:
-            d.pop("reads")
+        for key in ("reads", "engine"):
+            if d[key] is None:
+                d.pop(key)
         d["voice"] = self.name
         d["gain"] = round(self.gain, 4)
         d["snr_db"] = None if self.snr_db is None else round(self.snr_db, 2)
@@ -163,12 +169,16 @@ class Voice:
 def sample_voice(rng: np.random.Generator, vcfg, split: str) -> Voice:
     """A random voice of `split`: test draws only voices with a held-out accent or variant."""
     ho_a, ho_v = set(vcfg.held_out_accents), set(vcfg.held_out_variants)
+    engine = None
     if split == "test":
         while True:
             accent = vcfg.accents[rng.integers(len(vcfg.accents))]
             variant = vcfg.variants[rng.integers(len(vcfg.variants))]
             if accent in ho_a or variant in ho_v:
                 break
+    elif vcfg.flite_share and rng.random() < vcfg.flite_share:  # no draw at share 0: espeak-only builds stay as they were
+        engine = accent = "flite"
+        variant = vcfg.flite_voices[rng.integers(len(vcfg.flite_voices))]
     else:  # learners' accents join the pool: one draw either way, so the texts drawn after it do not move
         accents = [a for a in vcfg.accents if a not in ho_a] + list(vcfg.learner_accents)
         variants = [v for v in vcfg.variants if v not in ho_v]
@@ -182,7 +192,8 @@ def sample_voice(rng: np.random.Generator, vcfg, split: str) -> Voice:
     snr = float(rng.uniform(*vcfg.snr_db))
     seed = int(rng.integers(2**31))
     return Voice(accent, variant, rate, pitch, gap, gain, snr if noisy else None, seed,
-                 accent in ho_a or variant in ho_v, vcfg.learner_phonemes if accent in vcfg.learner_accents else None)
+                 accent in ho_a or variant in ho_v, vcfg.learner_phonemes if accent in vcfg.learner_accents else None,
+                 engine)
 
 
 class EspeakError(RuntimeError):
@@ -200,6 +211,29 @@ def espeak(text_: str, voice: Voice, binary: str | None = None) -> np.ndarray:
 
 
 @lru_cache(maxsize=65536)
+def flite(text_: str, voice: Voice, binary: str | None = None) -> tuple[np.ndarray, int]:
+    """float32 [N] and its sample rate (8 kHz for `kal`, 16 kHz for the others); the same arguments always give
+    the same samples. The voice's espeak-style rate and pitch become Flite's pace and mean F0."""
+    stretch = 175 / voice.rate  # espeak-ng's 175 words per minute is about Flite's own pace
+    f0 = 70 + 2 * voice.pitch  # pitch 25..75 -> a mean F0 of 120..220 Hz
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "said.wav"
+        res = subprocess.run([binary or sources.flite_binary(), "-voice", voice.variant, "-t", text_, "-o", str(out),
+                              "--setf", f"duration_stretch={stretch:.4f}", "--setf", f"int_f0_target_mean={f0}"],
+                             capture_output=True, timeout=60, check=False)
+        if res.returncode != 0 or not out.is_file() or out.stat().st_size <= 44:
+            reason = res.stderr.decode(errors="replace").strip() or f"exit {res.returncode}, no audio"
+            raise EspeakError(f"flite gave no audio for {text_!r} with voice {voice.variant}: {reason}")
+        samples, rate = sf.read(out, dtype="float32", always_2d=True)
+    return samples[:, 0], rate
+
+
+def flite_voices(binary: str | None = None) -> list[str]:
+    """The voices `flite -lv` lists. Flite reads an unknown `-voice` as its default voice, without an error."""
+    res = subprocess.run([binary or sources.flite_binary(), "-lv"], capture_output=True, timeout=60, check=False)
+    return res.stdout.decode(errors="replace").split(":", 1)[-1].split()
+
+
 def phonemes(text_: str, accent: str, binary: str | None = None) -> str:
     """`accent`'s espeak phoneme mnemonics for `text_` ("three" -> "Tr'i:"), one line: what a learner's voice says."""
     res = subprocess.run([binary or sources.espeak_binary(), "-v", accent, "-q", "-x", text_],
@@ -216,9 +250,13 @@ def check_voices(vcfg, binary: str | None = None) -> None:
     An unknown accent gives no audio; an unknown variant is silently ignored by
     espeak-ng, so a variant must change the audio of its accent.
     """
-    key = (tuple(vcfg.accents), tuple(vcfg.variants), tuple(vcfg.learner_accents), binary)
+    key = (tuple(vcfg.accents), tuple(vcfg.variants), tuple(vcfg.learner_accents), tuple(vcfg.flite_voices), binary)
     if key in _CHECKED:
         return
+    if vcfg.flite_voices:
+        known = flite_voices()
+        if missing := [v for v in vcfg.flite_voices if v not in known]:
+            raise ValueError(f"voices.flite_voices: flite has no voice {missing[0]!r} (it has {', '.join(known)})")
     probe = "one two three"
     plain = {}
     for name in ("accents", "learner_accents"):
@@ -252,11 +290,11 @@ def _espeak_raw(text_: str, args: list[str], binary: str | None) -> np.ndarray:
 
 
 def synthesize(text_: str, voice: Voice, sample_rate: int, binary: str | None = None):
-    """An `Audio` [1, N] at `sample_rate`: espeak, resampled, trimmed, level-set, with optional noise."""
+    """An `Audio` [1, N] at `sample_rate`: espeak-ng (or Flite), resampled, trimmed, level-set, with optional noise."""
     from mllm.media import Audio
 
-    x = espeak(text_, voice, binary)
-    audio = Audio(x[None, :], ESPEAK_RATE).resample(sample_rate)
+    x, rate = flite(text_, voice) if voice.engine == "flite" else (espeak(text_, voice, binary), ESPEAK_RATE)
+    audio = Audio(x[None, :], rate).resample(sample_rate)
     y = audio.samples[0].astype(np.float64)
     nz = np.flatnonzero(np.abs(y) > 1e-3)
     if len(nz):  # trim silence, keep 50 ms either side
@@ -374,7 +412,7 @@ def build(ctx: BuildContext) -> CorpusResult:
     from mllm.media import save_audio
 
     cfg = ctx.cfg.speech
-    info = sources.source_info("espeak")
+    infos = [sources.source_info("espeak")] + ([sources.source_info("flite")] if ctx.cfg.voices.flite_share else [])
     binary = sources.espeak_binary()
     check_voices(ctx.cfg.voices, binary)
     sr = ctx.cfg.sample_rate
@@ -409,7 +447,7 @@ def build(ctx: BuildContext) -> CorpusResult:
     bar.close()
     v = ctx.cfg.voices
     return CorpusResult(
-        name="speech", sources=[info], counts=dict(out.counts), tasks=out.tasks,
+        name="speech", sources=infos, counts=dict(out.counts), tasks=out.tasks,
         extra={
             "utterances": {s: len(p) for s, p in plans.items()},
             "hours": {s: round(seconds[s] / 3600, 4) for s in SPLITS},
@@ -418,6 +456,9 @@ def build(ctx: BuildContext) -> CorpusResult:
                                         "train and validation never use them"},
             "learner_accents": {"accents": list(v.learner_accents), "reading": v.learner_phonemes,
                                 "rule": "train and validation only: these voices say the reading accent's phonemes"},
+            **({"flite_voices": {"voices": list(v.flite_voices), "share": v.flite_share,
+                                 "rule": "train and validation only: this share of their utterances"}}
+               if v.flite_share else {}),
             "held_out_texts": "digit strings of 2+ digits, words, sentences and questions belong to one split "
                               "each (stable hash); single digits are shared",
         },
