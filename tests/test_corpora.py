@@ -18,10 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mllm.config import ConfigError
+from mllm.config import ConfigError, to_dict
 from mllm.data import sources
 from mllm.data.corpora import SPLITS, list_corpora, normalise_caption
-from mllm.data.corpora.build import FORMAT_VERSION, BuildConfig, Manifest, build_corpora, is_complete, load_build_config
+from mllm.data.corpora.build import (
+    FORMAT_VERSION, BuildConfig, Manifest, build_corpora, built_settings, is_complete, load_build_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = REPO / "data" / "build_small.yaml"
@@ -383,6 +385,18 @@ def test_missing_source_is_a_clear_error(tmp_path, monkeypatch, env, corpus, pac
     assert package in msg and install in msg and "data/install_sources.sh" in msg
     assert str(tmp_path / "not-installed") in msg
     assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
+
+
+def test_a_build_from_before_a_setting_existed_is_that_settings_default():
+    def stated(cfg):
+        return json.loads(json.dumps(to_dict(cfg)))
+
+    for cfg, same in ((BuildConfig(), True), (load_build_config(SMALL), False)):  # the small build speaks in Flite
+        older = stated(cfg)
+        del older["voices"]["flite_voices"], older["voices"]["flite_share"]
+        assert (built_settings(older) == stated(cfg)) == same
+    assert built_settings({"voices": {"no_such_setting": 1}}) is None
+    assert built_settings(None) is None
 
 
 def test_unknown_espeak_variant_is_refused(tmp_path):

@@ -228,6 +228,16 @@ def load_build_config(path: str | os.PathLike, overrides: list[str] | None = Non
     return load_config(BuildConfig, path, overrides)
 
 
+def built_settings(stored: object) -> dict | None:
+    """A manifest's stored config as this mllm states it, None if it cannot read it. Settings added since the
+    build was made take their defaults, and a new setting's default must build what the build before it did
+    (else `FORMAT_VERSION` changes), so an older build of the same settings is still found to be this one."""
+    try:
+        return json.loads(json.dumps(to_dict(from_dict(BuildConfig, stored))))
+    except (ConfigError, TypeError, ValueError):
+        return None
+
+
 # ---------------------------------------------------------------- manifest
 
 
@@ -297,7 +307,8 @@ def build_corpora(
         if complete:
             built = Manifest.load(out)
             d, settings = built.data, json.loads(json.dumps(to_dict(cfg)))  # as the manifest stores them
-            same = d.get("config") == settings and d.get("limit") == limit and sorted(d["corpora"]) == sorted(selected)
+            same = built_settings(d.get("config")) == settings and d.get("limit") == limit \
+                and sorted(d["corpora"]) == sorted(selected)
             if same and d.get("format_version") == FORMAT_VERSION:
                 if progress:
                     print(f"{out} is already this build; nothing to do (overwrite=True rebuilds it)")
