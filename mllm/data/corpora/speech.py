@@ -210,7 +210,6 @@ def espeak(text_: str, voice: Voice, binary: str | None = None) -> np.ndarray:
         raise EspeakError(f"espeak-ng gave no audio for {text_!r} with voice {voice.name}: {e}") from None
 
 
-@lru_cache(maxsize=65536)
 def flite(text_: str, voice: Voice, binary: str | None = None) -> tuple[np.ndarray, int]:
     """float32 [N] and its sample rate (8 kHz for `kal`, 16 kHz for the others); the same arguments always give
     the same samples. The voice's espeak-style rate and pitch become Flite's pace and mean F0."""
@@ -234,6 +233,7 @@ def flite_voices(binary: str | None = None) -> list[str]:
     return res.stdout.decode(errors="replace").split(":", 1)[-1].split()
 
 
+@lru_cache(maxsize=65536)
 def phonemes(text_: str, accent: str, binary: str | None = None) -> str:
     """`accent`'s espeak phoneme mnemonics for `text_` ("three" -> "Tr'i:"), one line: what a learner's voice says."""
     res = subprocess.run([binary or sources.espeak_binary(), "-v", accent, "-q", "-x", text_],
