@@ -178,6 +178,11 @@ class CacheStats:
     bad_records: int = 0  # records that failed `check_record`; likewise reported when read
 
 
+def bad_batch_sizes(sizes: dict[str, object]) -> dict[str, object]:
+    """The entries of `sizes` (modality -> media per tokenizer call) that are not whole numbers from 1."""
+    return {m: b for m, b in sizes.items() if isinstance(b, bool) or not isinstance(b, int) or b < 1}
+
+
 class TokenCache:
     """Media tokens of several modalities, one `ShardStore` each, keyed by the media bytes."""
 
@@ -187,7 +192,7 @@ class TokenCache:
     ):
         self.root, self.tokenizers, self.shard_bytes = Path(root), dict(tokenizers), shard_bytes
         self.batch_sizes = dict(batch_sizes or {})  # modality -> media per tokenizer call (`encode_many`); default 1
-        if bad := {m: b for m, b in self.batch_sizes.items() if not (isinstance(b, int) and b >= 1)}:
+        if bad := bad_batch_sizes(self.batch_sizes):
             raise ValueError(f"encode batch sizes must be whole numbers from 1: {bad}")
         self.stores = {}
         for modality, tok in self.tokenizers.items():

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from mllm.checkpoint import HeadConfig, ModelConfig
 from mllm.config import ConfigError, load_config
+from mllm.data.cache import bad_batch_sizes
 from mllm.data.input_augment import InputAugmentConfig
 from mllm.data.records import record_files
 from mllm.data.sources import cache_dir
@@ -69,8 +70,7 @@ class DataConfig:
             raise ValueError(f"data.repeat: each rate must be a number >= 0, got {bad}")
         if not self.repeat_default >= 0:
             raise ValueError(f"data.repeat_default must be >= 0, got {self.repeat_default}")
-        bad = {m: b for m, b in self.encode_batch.items() if isinstance(b, bool) or not isinstance(b, int) or b < 1}
-        if bad:
+        if bad := bad_batch_sizes(self.encode_batch):
             raise ValueError(f"data.encode_batch: each batch size must be a whole number >= 1, got {bad}")
 
 
