@@ -196,8 +196,8 @@ def sample_voice(rng: np.random.Generator, vcfg, split: str) -> Voice:
                  engine)
 
 
-class EspeakError(RuntimeError):
-    pass
+class SynthesisError(RuntimeError):
+    """A synthesizer (espeak-ng or Flite) gave no audio, or not the audio expected."""
 
 
 def espeak(text_: str, voice: Voice, binary: str | None = None) -> np.ndarray:
@@ -206,8 +206,8 @@ def espeak(text_: str, voice: Voice, binary: str | None = None) -> np.ndarray:
     try:
         said = text_ if voice.reads is None else f"[[{phonemes(text_, voice.reads, binary)}]]"
         return _espeak_raw(said, args, binary)
-    except EspeakError as e:
-        raise EspeakError(f"espeak-ng gave no audio for {text_!r} with voice {voice.name}: {e}") from None
+    except SynthesisError as e:
+        raise SynthesisError(f"espeak-ng gave no audio for {text_!r} with voice {voice.name}: {e}") from None
 
 
 def flite(text_: str, voice: Voice, binary: str | None = None) -> tuple[np.ndarray, int]:
@@ -222,7 +222,7 @@ def flite(text_: str, voice: Voice, binary: str | None = None) -> tuple[np.ndarr
                              capture_output=True, timeout=60, check=False)
         if res.returncode != 0 or not out.is_file() or out.stat().st_size <= 44:
             reason = res.stderr.decode(errors="replace").strip() or f"exit {res.returncode}, no audio"
-            raise EspeakError(f"flite gave no audio for {text_!r} with voice {voice.variant}: {reason}")
+            raise SynthesisError(f"flite gave no audio for {text_!r} with voice {voice.variant}: {reason}")
         samples, rate = sf.read(out, dtype="float32", always_2d=True)
     return samples[:, 0], rate
 
@@ -240,7 +240,7 @@ def phonemes(text_: str, accent: str, binary: str | None = None) -> str:
                          capture_output=True, timeout=60, check=False)
     said = " ".join(res.stdout.decode(errors="replace").split())
     if res.returncode != 0 or not said:
-        raise EspeakError(res.stderr.decode(errors="replace").strip() or f"no phonemes for {text_!r} in {accent}")
+        raise SynthesisError(res.stderr.decode(errors="replace").strip() or f"no phonemes for {text_!r} in {accent}")
     return said
 
 
@@ -263,7 +263,7 @@ def check_voices(vcfg, binary: str | None = None) -> None:
         for accent in getattr(vcfg, name):
             try:
                 plain[accent] = _espeak_raw(probe, ["-v", accent], binary)
-            except EspeakError as e:
+            except SynthesisError as e:
                 raise ValueError(f"voices.{name}: espeak-ng has no voice {accent!r} ({e})") from None
     accent = vcfg.accents[0]
     for variant in vcfg.variants:
@@ -282,10 +282,10 @@ def _espeak_raw(text_: str, args: list[str], binary: str | None) -> np.ndarray:
     res = subprocess.run([binary or sources.espeak_binary(), *args, "--stdout", text_],
                          capture_output=True, timeout=60, check=False)
     if res.returncode != 0 or not res.stdout:
-        raise EspeakError(res.stderr.decode(errors="replace").strip() or f"exit {res.returncode}, no audio")
+        raise SynthesisError(res.stderr.decode(errors="replace").strip() or f"exit {res.returncode}, no audio")
     samples, rate = sf.read(io.BytesIO(res.stdout), dtype="float32", always_2d=True)
     if rate != ESPEAK_RATE:
-        raise EspeakError(f"espeak-ng wrote {rate} Hz, expected {ESPEAK_RATE}")
+        raise SynthesisError(f"espeak-ng wrote {rate} Hz, expected {ESPEAK_RATE}")
     return samples[:, 0]
 
 
