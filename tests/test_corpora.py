@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mllm.config import ConfigError, to_dict
+from mllm.config import ConfigError
 from mllm.data import sources
 from mllm.data.corpora import SPLITS, list_corpora, normalise_caption
 from mllm.data.corpora.build import (
     FORMAT_VERSION, BuildConfig, Manifest, build_corpora, built_settings, is_complete, load_build_config,
+    stored_settings,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -388,13 +389,10 @@ def test_missing_source_is_a_clear_error(tmp_path, monkeypatch, env, corpus, pac
 
 
 def test_a_build_from_before_a_setting_existed_is_that_settings_default():
-    def stated(cfg):
-        return json.loads(json.dumps(to_dict(cfg)))
-
     for cfg, same in ((BuildConfig(), True), (load_build_config(SMALL), False)):  # the small build speaks in Flite
-        older = stated(cfg)
+        older = stored_settings(cfg)
         del older["voices"]["flite_voices"], older["voices"]["flite_share"]
-        assert (built_settings(older) == stated(cfg)) == same
+        assert (built_settings(older) == stored_settings(cfg)) == same
     assert built_settings({"voices": {"no_such_setting": 1}}) is None
     assert built_settings(None) is None
 

@@ -228,12 +228,17 @@ def load_build_config(path: str | os.PathLike, overrides: list[str] | None = Non
     return load_config(BuildConfig, path, overrides)
 
 
+def stored_settings(cfg: BuildConfig) -> dict:
+    """`cfg` as a manifest stores it: JSON types (lists, not tuples)."""
+    return json.loads(json.dumps(to_dict(cfg)))
+
+
 def built_settings(stored: object) -> dict | None:
     """A manifest's stored config as this mllm states it, None if it cannot read it. Settings added since the
     build was made take their defaults, and a new setting's default must build what the build before it did
     (else `FORMAT_VERSION` changes), so an older build of the same settings is still found to be this one."""
     try:
-        return json.loads(json.dumps(to_dict(from_dict(BuildConfig, stored))))
+        return stored_settings(from_dict(BuildConfig, stored))
     except (ConfigError, TypeError, ValueError):
         return None
 
@@ -306,7 +311,7 @@ def build_corpora(
         complete = is_complete(out)
         if complete:
             built = Manifest.load(out)
-            d, settings = built.data, json.loads(json.dumps(to_dict(cfg)))  # as the manifest stores them
+            d, settings = built.data, stored_settings(cfg)
             same = built_settings(d.get("config")) == settings and d.get("limit") == limit \
                 and sorted(d["corpora"]) == sorted(selected)
             if same and d.get("format_version") == FORMAT_VERSION:
