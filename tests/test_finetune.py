@@ -241,6 +241,14 @@ def test_media_encoded_ahead_of_a_run_are_found_cached_by_it(corpus, text_tokeni
         cli(["finetune", str(tmp_path / "recipe.yaml"), "--modality", "image"])
     assert cli(["finetune", str(tmp_path / "recipe.yaml"), "--encode-only"]) == 0
     assert "token cache: 0 media encoded, 48 already cached, 0 would not load" in capsys.readouterr().out
+    # a tokenizer saved in a directory is loaded alone: the audio tokenizer need not be trained yet
+    build_media_tokenizer("patch", {"image_size": 16, "patch_size": 8}).save_pretrained(tmp_path / "image_tok")
+    saved = load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, tmp_path / "saved", model={"media": {
+        "image": {"path": str(tmp_path / "image_tok")}, "audio": {"path": str(tmp_path / "not_trained_yet")}}}),
+        "saved.yaml"))
+    assert encode_recipe_media(saved, ["image"], progress=False).encoded == 24
+    with pytest.raises(FileNotFoundError, match="not_trained_yet"):
+        encode_recipe_media(saved, progress=False)
     [store] = (tmp_path / "out" / "cache" / "tokens").iterdir()
     run = Finetune(cfg, DistEnv.from_environ())
     try:

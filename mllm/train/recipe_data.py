@@ -7,7 +7,7 @@ A run encodes every medium of its records that is not cached yet before its
 first step, one at a time. `encode_recipe_media` does that part ahead of the run,
 for some modalities or all, with the tokenizers the run will load (so the same
 cache directories); the run then finds those media cached. `mllm default train`
-uses it to encode the multimodal stage's images and clips beside the stages
+uses it to encode the multimodal stage's images, clips and sounds beside the stages
 still training.
 """
 
@@ -23,7 +23,7 @@ from mllm.config import ConfigError
 from mllm.data.cache import CacheStats, TokenCache
 from mllm.data.records import read_records, record_files
 from mllm.processor import Processor
-from mllm.tokenizers import MediaTokenizer
+from mllm.tokenizers import MediaTokenizer, load_media_tokenizer
 from mllm.train.recipe import FinetuneConfig, data_root, with_absolute_paths
 
 
@@ -61,11 +61,18 @@ def _leave_out_rate_zero(train: Dataset, cfg: FinetuneConfig) -> Dataset:
     return train.filter(lambda task: task not in left_out, input_columns="task") if left_out else train
 
 
-def recipe_media_tokenizers(cfg: FinetuneConfig) -> dict[str, MediaTokenizer]:
-    """The media tokenizers the recipe's run encodes with: its model's, or those saved with `init_from`."""
-    if cfg.model is not None:
-        return build_media_tokenizers(cfg.model)[0]
-    return Processor.from_pretrained(cfg.init_from).media_tokenizers
+def recipe_media_tokenizers(cfg: FinetuneConfig, modalities: Collection[str] | None = None) -> dict[str, MediaTokenizer]:
+    """The media tokenizers the recipe's run encodes with: its model's, or those saved with `init_from`.
+
+    With `modalities`, a model's tokenizers that are all loaded from directories are loaded alone, so an
+    encoding need not wait for the other tokenizers to be trained. (A tokenizer built from options is not:
+    its weights depend on those built before it.)"""
+    if cfg.model is None:
+        return Processor.from_pretrained(cfg.init_from).media_tokenizers
+    media = cfg.model.media
+    if modalities is not None and all(media[m].path for m in modalities if m in media):
+        return {name: load_media_tokenizer(m.path) for name, m in media.items() if name in modalities}
+    return build_media_tokenizers(cfg.model)[0]
 
 
 def recipe_token_cache(cfg: FinetuneConfig, tokenizers: dict[str, MediaTokenizer]) -> TokenCache:
@@ -78,11 +85,12 @@ def encode_recipe_media(cfg: FinetuneConfig, modalities: Collection[str] | None 
     """Encode the media of `modalities` (default: every one the recipe tokenizes) in the recipe's train and
     validation records into its token cache, as its run would before its first step."""
     cfg = with_absolute_paths(cfg)
-    tokenizers = recipe_media_tokenizers(cfg)
+    tokenizers = recipe_media_tokenizers(cfg, modalities)
     wanted = set(tokenizers) if modalities is None else set(modalities)
     if unknown := sorted(wanted - set(tokenizers)):
+        tokenized = sorted(n for n, m in cfg.model.media.items() if not m.kind) if cfg.model else sorted(tokenizers)
         raise ConfigError("model.media", f"the recipe tokenizes no {', '.join(unknown)} "
-                          f"(it tokenizes: {', '.join(sorted(tokenizers)) or 'nothing'})")
+                          f"(it tokenizes: {', '.join(tokenized) or 'nothing'})")
     cache = recipe_token_cache(cfg, {m: tokenizers[m] for m in sorted(wanted)})
     records = concatenate_datasets([ds for ds in recipe_records(cfg) if ds is not None])  # train, then validation
     return cache.encode_records(records, progress=progress)
