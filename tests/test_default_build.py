@@ -64,7 +64,8 @@ def test_stages_in_order_and_given_tokenizers_are_not_trained(tmp_path):
                                      tokenizers={"image": tmp_path / "image_tok"}))
     stages = build.stages()
     assert list(stages) == ["audio_tokenizer", "video_tokenizer", "image_ink", "video_ink", "text", "corpora",
-                            "image_tokens", "video_tokens", "multimodal", "speech", "video", "diffusion"]
+                            "image_tokens", "video_tokens", "audio_tokens", "multimodal", "speech", "video",
+                            "diffusion"]
     after = {"multimodal", "speech", "video", "diffusion"}
     assert set(SIDE_BY_SIDE) == set(stages) - after | {"image_tokenizer"}
     # every stage a side-by-side stage needs comes before it, so the order also serves one process
@@ -84,3 +85,5 @@ def test_stages_in_order_and_given_tokenizers_are_not_trained(tmp_path):
     assert stages["image_ink"].needs == ("image_tokenizer",) and stages["video_ink"].needs == ("video_tokenizer",)
     assert stages["image_tokens"].needs == ("image_tokenizer", "corpora")
     assert stages["image_tokens"].work.args[:2] == ("image", multimodal.args[2])
+    assert stages["audio_tokens"].needs == ("audio_tokenizer", "corpora")
+    assert stages["audio_tokens"].work.args[:2] == ("audio", multimodal.args[2])
