@@ -89,7 +89,7 @@ def test_configs_load_strictly(tmp_path):
     for voices, error in [("held_out_accents: [en-xx]", "held_out_accents"),
                           ("learner_accents: [fr-fr, en-us]", "learner_accents .'en-us'. are also in accents"),
                           ("learner_accents: [cy], learner_phonemes: en-029", "learner_phonemes 'en-029'.*leak"),
-                          ("flite_share: 0.5", "flite_share 0.5 needs flite_voices"),
+                          ("flite_voices: [], flite_share: 0.5", "flite_share 0.5 needs flite_voices"),
                           ("flite_voices: [slt], flite_share: 1.5", "flite_share 1.5 is not a share")]:
         bad.write_text(f"voices: {{{voices}}}\n")
         with pytest.raises(ConfigError, match=error):
