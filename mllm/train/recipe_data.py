@@ -64,14 +64,14 @@ def _leave_out_rate_zero(train: Dataset, cfg: FinetuneConfig) -> Dataset:
 def recipe_media_tokenizers(cfg: FinetuneConfig, modalities: Collection[str] | None = None) -> dict[str, MediaTokenizer]:
     """The media tokenizers the recipe's run encodes with: its model's, or those saved with `init_from`.
 
-    With `modalities`, a model's tokenizers that are all loaded from directories are loaded alone, so an
-    encoding need not wait for the other tokenizers to be trained. (A tokenizer built from options is not:
+    With `modalities` that the model loads from directories, only those are loaded, so an encoding need not
+    wait for the other tokenizers to be trained. (A tokenizer built from options is built with all the others:
     its weights depend on those built before it.)"""
     if cfg.model is None:
         return Processor.from_pretrained(cfg.init_from).media_tokenizers
     media = cfg.model.media
-    if modalities is not None and all(media[m].path for m in modalities if m in media):
-        return {name: load_media_tokenizer(m.path) for name, m in media.items() if name in modalities}
+    if modalities is not None and all(m in media and media[m].path for m in modalities):
+        return {m: load_media_tokenizer(media[m].path) for m in modalities}
     return build_media_tokenizers(cfg.model)[0]
 
 
@@ -88,9 +88,8 @@ def encode_recipe_media(cfg: FinetuneConfig, modalities: Collection[str] | None 
     tokenizers = recipe_media_tokenizers(cfg, modalities)
     wanted = set(tokenizers) if modalities is None else set(modalities)
     if unknown := sorted(wanted - set(tokenizers)):
-        tokenized = sorted(n for n, m in cfg.model.media.items() if not m.kind) if cfg.model else sorted(tokenizers)
         raise ConfigError("model.media", f"the recipe tokenizes no {', '.join(unknown)} "
-                          f"(it tokenizes: {', '.join(tokenized) or 'nothing'})")
+                          f"(it tokenizes: {', '.join(sorted(tokenizers)) or 'nothing'})")
     cache = recipe_token_cache(cfg, {m: tokenizers[m] for m in sorted(wanted)})
     records = concatenate_datasets([ds for ds in recipe_records(cfg) if ds is not None])  # train, then validation
     return cache.encode_records(records, progress=progress)
