@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mllm.data.corpora.build import is_complete, is_current
+from mllm.data.corpora.build import corpora_problem
 from mllm.generation import GenerationConfig
 from mllm.media import Audio, Image, Video, save_audio, save_image, save_video
 from mllm.pipeline import Pipeline
@@ -215,11 +215,8 @@ def write_page(shows: list[Showcase], out: Path, title: str) -> tuple[Path, list
 
 
 def run_demo(corpora: Path, out: Path, model: Path, diffusion_model: Path, seed: int = 0) -> int:
-    if not is_complete(corpora):
-        print(f"no built corpora at {corpora}: run `mllm data build` first (see the README)")
-        return 2
-    if not is_current(corpora):
-        print(f"the corpora at {corpora} were built by an older mllm: rebuild them with `mllm data build --overwrite`")
+    if problem := corpora_problem(corpora):
+        print(problem)
         return 2
     started = time.perf_counter()
     paths = {"gmm": model, "diffusion": diffusion_model}

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from pathlib import Path
 
 import pytest
 
+from mllm.cli import main
+from mllm.data.corpora.build import FORMAT_VERSION
 from mllm.default.build import SIDE_BY_SIDE, Build, DefaultBuildConfig, Stage, side_by_side
 
 
@@ -87,3 +90,23 @@ def test_stages_in_order_and_given_tokenizers_are_not_trained(tmp_path):
     assert stages["image_tokens"].work.args[:2] == ("image", multimodal.args[2])
     assert stages["audio_tokens"].needs == ("audio_tokenizer", "corpora")
     assert stages["audio_tokens"].work.args[:2] == ("audio", multimodal.args[2])
+
+
+def test_missing_or_older_corpora_are_refused_before_any_stage_with_what_to_run(tmp_path, capsys):
+    corpora, out = tmp_path / "corpora", tmp_path / "out"
+    assert main(["default", "train", "--data", str(corpora), "--out", str(out)]) == 2
+    assert f"no built corpora at {corpora}: run `mllm data build` first" in capsys.readouterr().out
+    corpora.mkdir()
+    (corpora / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION - 1}))
+    older = f"the corpora at {corpora} were built by an older mllm: rebuild them with `mllm data build --overwrite`"
+    for command in (["default", "train", "--out", str(out)], ["demo", "--out", str(tmp_path / "demo")]):
+        assert main([*command, "--data", str(corpora)]) == 2
+        assert older in capsys.readouterr().out
+    build = Build(DefaultBuildConfig(corpora=corpora, out=out))
+    with pytest.raises(ValueError, match="built by an older mllm"):
+        build.run()
+    assert not out.exists()  # refused before any stage started
+    for done in (s.done for s in build.stages().values()):  # a finished build reads no corpora: nothing to refuse
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.touch()
+    assert build.corpora_problem() is None

@@ -47,6 +47,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from mllm.data.corpora import atomic_write_text
+from mllm.data.corpora.build import corpora_problem
 from mllm.default.corpus import prepare_corpora
 from mllm.default.paths import CHECKPOINTS
 from mllm.default.ship import ship, size_mb
@@ -238,7 +239,16 @@ class Build:
         prepare_corpora(corpora, data, self.cfg.corpora_used, set(MODALITIES), self.cfg.audio_seconds, self.cfg.skip_tasks)
         (data / "done").touch()
 
+    def corpora_problem(self) -> str | None:
+        """Why the build cannot start from its corpora (missing, or an older mllm's); None when it can, or when
+        every stage is done and none reads them."""
+        if all(stage.done.exists() for stage in self.stages().values()):
+            return None
+        return corpora_problem(Path(self.cfg.corpora).absolute())
+
     def run(self) -> dict[str, float]:
+        if problem := self.corpora_problem():
+            raise ValueError(problem)
         stages = self.stages()
         parallel = [stages[n] for n in SIDE_BY_SIDE if n in stages and not stages[n].done.exists()]
         if len(parallel) > 1:

@@ -278,6 +278,15 @@ def is_current(out: str | os.PathLike) -> bool:
     return is_complete(out) and Manifest.load(out).data.get("format_version") == FORMAT_VERSION
 
 
+def corpora_problem(out: str | os.PathLike) -> str | None:
+    """Why `out` is not built corpora this mllm can use, and what to run; None when it is."""
+    if not is_complete(out):
+        return f"no built corpora at {out}: run `mllm data build` first (see the README)"
+    if not is_current(out):
+        return f"the corpora at {out} were built by an older mllm: rebuild them with `mllm data build --overwrite`"
+    return None
+
+
 # ---------------------------------------------------------------- build
 
 
