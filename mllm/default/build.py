@@ -239,17 +239,17 @@ class Build:
         prepare_corpora(corpora, data, self.cfg.corpora_used, set(MODALITIES), self.cfg.audio_seconds, self.cfg.skip_tasks)
         (data / "done").touch()
 
-    def corpora_problem(self) -> str | None:
+    def corpora_problem(self, stages: dict[str, Stage] | None = None) -> str | None:
         """Why the build cannot start from its corpora (missing, or an older mllm's); None when it can, or when
-        every stage is done and none reads them."""
-        if all(stage.done.exists() for stage in self.stages().values()):
+        every stage (of `stages`, by default all) is done and none reads them."""
+        if all(stage.done.exists() for stage in (stages or self.stages()).values()):
             return None
         return corpora_problem(Path(self.cfg.corpora).absolute())
 
     def run(self) -> dict[str, float]:
-        if problem := self.corpora_problem():
-            raise ValueError(problem)
         stages = self.stages()
+        if problem := self.corpora_problem(stages):
+            raise ValueError(problem)
         parallel = [stages[n] for n in SIDE_BY_SIDE if n in stages and not stages[n].done.exists()]
         if len(parallel) > 1:
             started = time.perf_counter()
