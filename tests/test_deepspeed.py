@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from mllm.train import finetune, load_recipe
 from mllm.train.checkpointing import step_dir
-from mllm.train.distributed import STALE_LOCK_S, refuse_stale_build_locks
+from mllm.train.distributed import SHM_DIR, STALE_LOCK_S, DistEnv, refuse_stale_build_locks, release_shared_memory_names
 from tests.test_finetune import losses, recipe, train_text_tokenizer, write, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +59,8 @@ def launch(setup: dict, stage: int, out: Path) -> None:
     ds = json.loads((ROOT / "finetune" / "deepspeed" / f"zero{stage}.json").read_text())
     ds["optimizer"]["params"]["torch_adam"] = True
     config = write(setup["tmp"], ds, f"zero{stage}.json")
-    command = ["deepspeed", "--no_local_rank", "--num_gpus", "2", "--master_port", str(free_port()),
+    port = free_port()
+    command = ["deepspeed", "--no_local_rank", "--num_gpus", "2", "--master_port", str(port),
                "--module", "mllm.cli", "finetune", str(setup["recipe"]), f"output_dir={out}",
                f"deepspeed={config}", "train.grad_accum=1"]
     env = os.environ | {"TORCH_EXTENSIONS_DIR": str(setup["extensions"])}
@@ -73,6 +74,8 @@ def launch(setup: dict, stage: int, out: Path) -> None:
             output, _ = proc.communicate()
             pytest.fail(f"two ranks still running after 300 s, killed:\n{output[-3000:]}")
     assert proc.returncode == 0, output[-6000:]
+    left = sorted(p.name for p in SHM_DIR.glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not left, f"the run left its all-reduce buffers in RAM: {left}"
 
 
 def trainable_weights(out: Path) -> dict[str, torch.Tensor]:
@@ -118,3 +121,15 @@ def test_a_lock_left_by_a_killed_build_is_named_not_waited_on(tmp_path):
     os.utime(lock, (old, old))
     with pytest.raises(RuntimeError, match=r"deepspeed_shm_comm/lock is 3\d min old"):
         refuse_stale_build_locks(tmp_path)
+
+
+def test_each_rank_unlinks_only_its_own_all_reduce_buffer_name(tmp_path, monkeypatch):
+    """DeepSpeed names a rank's buffer by uid, master address and port, and rank; the other job's stays."""
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    names = [f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{rank}" for port in (29500, 29501)
+             for rank in (0, 1)]
+    for name in names:
+        (tmp_path / name).touch()
+    release_shared_memory_names(DistEnv(rank=0, local_rank=0, world_size=1), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
