@@ -171,6 +171,34 @@ def test_a_variant_borrows_the_tensors_its_source_holds_bit_for_bit(tmp_path, mo
         with_shared_parts(variant)
 
 
+def test_completed_copies_of_a_changed_or_deleted_variant_are_pruned(tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    from mllm.default.paths import with_shared_parts
+
+    monkeypatch.setenv("MLLM_CACHE", str(tmp_path / "cache"))
+
+    def variant(root: Path) -> Path:
+        (root / "gmm").mkdir(parents=True)
+        (root / "diffusion").mkdir()
+        for name in ("config.json", "model.safetensors"):
+            (root / "diffusion" / name).write_text("{}")
+        (root / "diffusion" / "shared.json").write_text(json.dumps({"media_from": "../gmm"}))
+        return root / "diffusion"
+
+    kept, deleted = variant(tmp_path / "install"), variant(tmp_path / "clone")
+    first, clone = with_shared_parts(kept), with_shared_parts(deleted)
+    assert with_shared_parts(kept) == first and first.is_dir() and clone.is_dir()
+    in_progress = first.parent / ".diffusion-writing"
+    in_progress.mkdir()
+    os.symlink(kept / "config.json", in_progress / "config.json")
+    shutil.rmtree(deleted.parent)
+    os.utime(kept / "model.safetensors", ns=(1, 1))  # new weights: completed anew, the old copy superseded
+    second = with_shared_parts(kept)
+    assert sorted(p.name for p in first.parent.iterdir()) == sorted([second.name, in_progress.name])
+
+
 def test_ship_can_replace_a_media_tokenizer_of_the_checkpoint(tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -61,6 +61,7 @@ def with_shared_parts(path: Path) -> Path:
     if complete.is_dir():
         return complete
     complete.parent.mkdir(parents=True, exist_ok=True)
+    prune_completions(complete.parent, path)
     tmp = Path(tempfile.mkdtemp(dir=complete.parent, prefix=f".{complete.name}-"))
     try:
         for entry in path.iterdir():
@@ -77,6 +78,19 @@ def with_shared_parts(path: Path) -> Path:
         if not (isinstance(e, OSError) and complete.is_dir()):  # else another process completed it first
             raise
     return complete
+
+
+def prune_completions(cache: Path, path: Path) -> None:
+    """Remove the completed copies in `cache` that no loader will ask for again: those of `path`, which is
+    about to be completed anew because its weights changed, and those whose variant directory is gone (a
+    deleted clone or build). Each completion is 7.6 MB for the default model; without this every upgrade, clone
+    and test build would leave one behind. Copies in progress (hidden names) are left to their writers."""
+    for old in cache.iterdir():
+        link = old / "config.json"  # every completion links its variant's config.json
+        if old.name.startswith(".") or not link.is_symlink():
+            continue
+        if Path(os.readlink(link)).parent == path or not link.exists():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def merge_weights(own: Path, source: Path, borrowed: list[str], out: Path) -> None:
