@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from mllm.errors import InputError
 from mllm.generation import GenerationConfig, TokenSampling
 from mllm.media import Audio, Image, MediaError, Video, load_media, save_audio, save_image, save_video
 from mllm.pipeline import Item, Media, Pipeline
@@ -42,7 +43,7 @@ HELP = """commands:
   /help, /quit"""
 
 
-class ChatError(ValueError):
+class ChatError(InputError, ValueError):
     """A bad command, attachment or setting: reported, and the chat goes on."""
 
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
+
+from mllm.errors import InputError
 
 
 def _data_build(args: argparse.Namespace) -> int:
@@ -80,19 +83,16 @@ def _weight(text: str) -> float:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from mllm.config import ConfigError
     from mllm.data.records import BadRecordError
-    from mllm.eval.predictor import NoMediaGenerator
     from mllm.eval.report import headline
-    from mllm.eval.runner import RunMismatchError, UnknownTaskError, evaluate
+    from mllm.eval.runner import UnknownTaskError, evaluate
 
     try:
         results = evaluate(_default_model(args.model), args.tasks, args.out, corpora=args.data, limit=args.limit,
                            batch_size=args.batch_size, generate=args.generate, policy=args.on_bad,
                            overwrite=args.overwrite, device=args.device, ctc_weight=args.ctc_weight)
-    except (BadRecordError, ConfigError, FileNotFoundError, NoMediaGenerator, RunMismatchError, UnknownTaskError) as e:
-        hint = " (--on-bad skip skips it)" if isinstance(e, (BadRecordError, UnknownTaskError)) else ""
-        print(f"mllm eval: {e}{hint}", file=sys.stderr)
+    except (BadRecordError, UnknownTaskError) as e:
+        print(f"mllm eval: {e} (--on-bad skip skips it)", file=sys.stderr)
         return 2
     for name, metrics in results.items():
         skipped = f"  skipped {metrics['skipped']}" if metrics.get("skipped") else ""
@@ -356,7 +356,14 @@ def main(argv: list[str] | None = None) -> int:
         args.out = _default_corpora()
     if getattr(args, "data", "unset") is None:
         args.data = _default_corpora()
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (InputError, FileNotFoundError) as e:  # the message names what to mend; a traceback would bury it
+        if os.environ.get("MLLM_TRACEBACK"):
+            raise
+        command = [args.command] + [v for k, v in vars(args).items() if k.endswith("_command")]  # e.g. data build
+        print(f"mllm {' '.join(command)}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -21,16 +21,18 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
+from mllm.errors import InputError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A config value that does not fit its dataclass. The message names the key and the file."""
 
     def __init__(self, key: str, reason: str, source: str | None = None):
         self.key, self.reason, self.source = key, reason, source
-        where = f" in {source}" if source else ""
-        super().__init__(f"{key or '<root>'}{where}: {reason}")
+        where = f"{key} in {source}" if key and source else key or source or "<config>"
+        super().__init__(f"{where}: {reason}")
 
 
 def from_dict(cls: type[T], data: Any, *, source: str | None = None, _key: str = "") -> T:
@@ -78,7 +80,10 @@ def load_config(cls: type[T], path: str | os.PathLike, overrides: list[str] | No
     except OSError as e:
         raise ConfigError("", f"cannot read config: {e.strerror}", str(path)) from e
     except yaml.YAMLError as e:
-        raise ConfigError("", f"invalid YAML: {e}", str(path)) from e
+        mark = getattr(e, "problem_mark", None)  # where the parser gave up, 0-based
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        what = "; ".join(filter(None, (getattr(e, "context", None), getattr(e, "problem", None)))) or str(e)
+        raise ConfigError("", f"invalid YAML: {what}", where) from e
     for item in overrides or []:
         apply_override(data, item)
     return from_dict(cls, data, source=str(path))

@@ -36,6 +36,8 @@ import soundfile as sf
 import torch
 from scipy.signal import resample_poly
 
+from mllm.errors import InputError
+
 if TYPE_CHECKING:
     import av
 
@@ -43,7 +45,7 @@ Source = str | os.PathLike | bytes  # a path, or the encoded file's bytes (error
 Size = int | tuple[int, int]  # (height, width), or an int for a square
 
 
-class MediaError(ValueError):
+class MediaError(InputError, ValueError):
     """One error type for every bad medium. str(e) == f"{source}: {reason}"."""
 
     def __init__(self, source: str, reason: str):

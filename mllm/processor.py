@@ -37,6 +37,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from mllm.chat_template import ChatTemplate, get_chat_template
+from mllm.errors import InputError
 from mllm.media import Audio, Image, Video, load_media
 from mllm.sequence import IGNORE_INDEX, MultimodalBatch, Sample, pad_collate
 from mllm.tokenizers import MediaTokenizer, load_media_tokenizer
@@ -50,11 +51,11 @@ SOURCE_KEYS = ("tokens", "path", "bytes", "media")
 NOTE_KEYS = ("transcript",)  # what a media part says about its medium, kept when its source is swapped
 
 
-class MessageError(ValueError):
+class MessageError(InputError, ValueError):
     """A malformed message; the text names where, e.g. `messages[1].content[0]`."""
 
 
-class SequenceTooLongError(ValueError):
+class SequenceTooLongError(InputError, ValueError):
     """A conversation that tokenizes to more than the processor's `max_length`."""
 
 

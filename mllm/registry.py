@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from typing import Callable, Generic, TypeVar
 
+from mllm.errors import InputError
+
 T = TypeVar("T")
 
 
-class UnknownNameError(KeyError):
+class UnknownNameError(InputError, KeyError):
     """A name no builder is registered under; the message lists the known names."""
 
     def __str__(self) -> str:

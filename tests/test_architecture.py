@@ -51,3 +51,29 @@ def test_overrides_may_follow_options_and_stray_words_are_refused(monkeypatch, c
         assert f"unrecognized arguments: {stray}" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a command without overrides takes none
         cli.main(["list", "x=1"])
+
+
+def test_wrong_input_is_one_line_naming_it_and_exit_status_2(tmp_path, monkeypatch, capsys):
+    """A config, a path or a name the user got wrong: `mllm <command>: <what>`, no traceback; a bug keeps its own."""
+    import pytest
+
+    from mllm import cli
+    from mllm.config import ConfigError
+
+    (tmp_path / "bad.yaml").write_text("model:\n  base: [1, 2\n")
+    cases = {
+        ("finetune", str(tmp_path / "bad.yaml")): "mllm finetune: " + f"{tmp_path / 'bad.yaml'}:3:1: invalid YAML",
+        ("finetune", str(tmp_path / "none.yaml")): f"mllm finetune: {tmp_path / 'none.yaml'}: cannot read config",
+        ("data", "build", "--only", "nosuch", "--out", str(tmp_path / "c")): "mllm data build: unknown corpus 'nosuch'",
+        ("export", str(tmp_path), "--out", str(tmp_path / "e")): f"mllm export: {tmp_path}: not a complete step",
+    }
+    for argv, message in cases.items():
+        assert cli.main(list(argv)) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(message) and "Traceback" not in err, err
+    monkeypatch.setattr(cli, "_list", lambda args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["list"])
+    monkeypatch.setenv("MLLM_TRACEBACK", "1")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        cli.main(["finetune", str(tmp_path / "bad.yaml")])

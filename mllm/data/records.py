@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 from datasets import Dataset, Features, IterableDataset, Value
 from datasets.distributed import split_dataset_by_node
 
+from mllm.errors import InputError
 from mllm.processor import MessageError, validate_messages
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class Record:
     meta: dict = field(default_factory=dict)
 
 
-class BadRecordError(ValueError):
+class BadRecordError(InputError, ValueError):
     """A record that cannot be used. str(e) == f"{where}: {reason}: {detail}"."""
 
     def __init__(self, reason: str, where: str, detail: str):

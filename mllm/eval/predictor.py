@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from mllm.errors import InputError
 from mllm.eval.tasks import Item, Modality
 from mllm.media import Audio, Image, Video
 from mllm.model import MultimodalLM
@@ -37,7 +38,7 @@ class Predictor(Protocol):
     def generate_media(self, items: Sequence[Item], modality: Modality) -> list[Media]: ...
 
 
-class NoMediaGenerator(RuntimeError):
+class NoMediaGenerator(InputError, RuntimeError):
     """A generation task on a predictor with no media generator connected."""
 
 

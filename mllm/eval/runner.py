@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from mllm.data.records import BadRecordError, BadRecords
+from mllm.errors import InputError
 from mllm.eval.predictor import Predictor
 from mllm.eval.proxies import PROXIES, build_proxy
 from mllm.eval.tasks import Item, Modality, Prediction, Scores, Task, TaskSpec, build_task, list_tasks, load_task_spec, shipped_specs
@@ -45,12 +46,12 @@ MEDIA_SUFFIX = {"image": ".png", "audio": ".wav", "video": ".mp4"}
 SAVERS = {"image": save_image, "audio": save_audio, "video": save_video}
 
 
-class UnknownTaskError(KeyError):
+class UnknownTaskError(InputError, KeyError):
     def __str__(self) -> str:
         return str(self.args[0])
 
 
-class RunMismatchError(ValueError):
+class RunMismatchError(InputError, ValueError):
     """The output directory holds the cache of another model or other task settings."""
 
 

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from mllm.config import ConfigError, from_dict, load_config, to_dict
 from mllm.data.corpora import SPLITS, BuildContext, CorpusResult, atomic_write_text, get_corpus, list_corpora
+from mllm.registry import UnknownNameError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 4  # 2: the interleaved corpus has read_then_draw conversations; 3: spoken questions carry their
@@ -315,7 +316,7 @@ def build_corpora(
     if only is not None:
         unknown = [n for n in only if n not in names]
         if unknown:
-            raise ValueError(f"unknown corpus {unknown[0]!r} (known: {', '.join(names)})")
+            raise UnknownNameError(f"unknown corpus {unknown[0]!r} (known: {', '.join(names)})")
     selected = [n for n in names if cfg.enabled(n) and (only is None or n in only)]
 
     if out.exists() and any(out.iterdir()) and not overwrite:
