@@ -74,19 +74,25 @@ def to_dict(cfg: Any) -> Any:
 
 def load_config(cls: type[T], path: str | os.PathLike, overrides: list[str] | None = None) -> T:
     """Read YAML `path` into `cls`, then apply dotted `key=value` overrides."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except OSError as e:
-        raise ConfigError("", f"cannot read config: {e.strerror}", str(path)) from e
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)  # where the parser gave up, 0-based
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        what = "; ".join(filter(None, (getattr(e, "context", None), getattr(e, "problem", None)))) or str(e)
-        raise ConfigError("", f"invalid YAML: {what}", where) from e
+    data = read_yaml(path)
     for item in overrides or []:
         apply_override(data, item)
     return from_dict(cls, data, source=str(path))
+
+
+def read_yaml(path: str | os.PathLike, what: str = "config") -> Any:
+    """The data of YAML file `path` ({} when empty); a `ConfigError` names the file, and the line and column
+    where the parser gave up."""
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ConfigError("", f"cannot read {what}: {e.strerror}", str(path)) from e
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)  # 0-based
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = "; ".join(filter(None, (getattr(e, "context", None), getattr(e, "problem", None)))) or str(e)
+        raise ConfigError("", f"invalid YAML: {problem}", where) from e
 
 
 def apply_override(data: dict, item: str) -> None:

@@ -25,9 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
-from mllm.config import ConfigError, apply_override, from_dict
+from mllm.config import ConfigError, apply_override, from_dict, read_yaml
 from mllm.registry import Registry
 
 RECIPE_FILE = "recipe.yaml"
@@ -57,13 +55,7 @@ def register_recipe(recipe: Recipe) -> Recipe:
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> tuple[Recipe, Any]:
     """Read a recipe YAML: the recipe it names and its config, validated; overrides apply under `config.`."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except OSError as e:
-        raise ConfigError("", f"cannot read recipe: {e.strerror}", str(path)) from e
-    except yaml.YAMLError as e:
-        raise ConfigError("", f"invalid YAML: {e}", str(path)) from e
+    data = read_yaml(path, "recipe")
     if not isinstance(data, dict) or set(data) - {"recipe", "config"} or "recipe" not in data:
         raise ConfigError("", "a recipe file has exactly the keys 'recipe' and 'config'", str(path))
     if data["recipe"] not in RECIPES:
