@@ -356,14 +356,17 @@ def main(argv: list[str] | None = None) -> int:
         args.out = _default_corpora()
     if getattr(args, "data", "unset") is None:
         args.data = _default_corpora()
+    command = " ".join([args.command] + [v for k, v in vars(args).items() if k.endswith("_command")])  # data build
     try:
         return args.func(args)
     except (InputError, FileNotFoundError) as e:  # the message names what to mend; a traceback would bury it
         if os.environ.get("MLLM_TRACEBACK"):
             raise
-        command = [args.command] + [v for k, v in vars(args).items() if k.endswith("_command")]  # e.g. data build
-        print(f"mllm {' '.join(command)}: {e}", file=sys.stderr)
+        print(f"mllm {command}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: its traceback says nothing the user needs
+        print(f"\nmllm {command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -54,7 +54,8 @@ def test_overrides_may_follow_options_and_stray_words_are_refused(monkeypatch, c
 
 
 def test_wrong_input_is_one_line_naming_it_and_exit_status_2(tmp_path, monkeypatch, capsys):
-    """A config, a path or a name the user got wrong: `mllm <command>: <what>`, no traceback; a bug keeps its own."""
+    """A config, a path or a name the user got wrong: `mllm <command>: <what>`, no traceback; a bug keeps its own.
+    Ctrl-C is one line too, with the shell's status for it (130)."""
     import pytest
 
     from mllm import cli
@@ -74,6 +75,12 @@ def test_wrong_input_is_one_line_naming_it_and_exit_status_2(tmp_path, monkeypat
     monkeypatch.setattr(cli, "_list", lambda args: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         cli.main(["list"])
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_list", interrupted)
+    assert cli.main(["list"]) == 130 and capsys.readouterr().err == "\nmllm list: interrupted\n"
     monkeypatch.setenv("MLLM_TRACEBACK", "1")
     with pytest.raises(ConfigError, match="invalid YAML"):
         cli.main(["finetune", str(tmp_path / "bad.yaml")])
