@@ -39,6 +39,7 @@ from mllm.eval.proxies import PROXIES, build_proxy
 from mllm.eval.tasks import Item, Modality, Prediction, Scores, Task, TaskSpec, build_task, list_tasks, load_task_spec, shipped_specs
 from mllm.media import MediaError, save_audio, save_image, save_video
 from mllm.processor import MessageError, SequenceTooLongError
+from mllm.registry import UnknownNameError
 
 logger = logging.getLogger(__name__)
 Policy = Literal["fail", "skip"]
@@ -46,9 +47,8 @@ MEDIA_SUFFIX = {"image": ".png", "audio": ".wav", "video": ".mp4"}
 SAVERS = {"image": save_image, "audio": save_audio, "video": save_video}
 
 
-class UnknownTaskError(InputError, KeyError):
-    def __str__(self) -> str:
-        return str(self.args[0])
+class UnknownTaskError(UnknownNameError):
+    """A task that is neither a shipped name nor a task file."""
 
 
 class RunMismatchError(InputError, ValueError):
