@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from functools import partial
 from pathlib import Path
 
@@ -11,6 +16,8 @@ import pytest
 from mllm.cli import main
 from mllm.data.corpora.build import FORMAT_VERSION
 from mllm.default.build import SIDE_BY_SIDE, Build, DefaultBuildConfig, Stage, side_by_side
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def mark_done(path: Path, text: str) -> None:
@@ -60,6 +67,58 @@ def test_a_failed_stage_names_its_log_stops_what_needs_it_and_the_others_finish(
 def test_stages_that_need_each_other_are_refused(tmp_path):
     with pytest.raises(ValueError, match="stages that need each other: p, q"):
         side_by_side([stage(tmp_path, "p", needs=("q",)), stage(tmp_path, "q", needs=("p",))], tmp_path / "logs")
+
+
+def start_and_sleep(pid_file: Path) -> None:
+    pid_file.write_text(str(os.getpid()))
+    time.sleep(600)
+
+
+SLEEPING_BUILD = """
+import sys
+from functools import partial
+from pathlib import Path
+from mllm.default.build import Stage, side_by_side
+from tests.test_default_build import start_and_sleep
+out = Path(sys.argv[1])
+side_by_side([Stage(n, out / n, partial(start_and_sleep, out / f"{n}.pid")) for n in ("a", "b", "c")], out / "logs")
+"""
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (an orphan's zombie may wait long for its reaper)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_for(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("how", ["SIGTERM to the build", "Ctrl-C (SIGINT to its process group)", "SIGKILL to the build"])
+def test_a_build_stopped_by_a_signal_leaves_no_stage_training(how, tmp_path):
+    build = subprocess.Popen([sys.executable, "-c", SLEEPING_BUILD, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    pid_files = [tmp_path / "a.pid", tmp_path / "b.pid"]
+    wait_for(lambda: all(p.is_file() and p.read_text() for p in pid_files), 120, "the two stages never started")
+    workers = [int(p.read_text()) for p in pid_files]
+    if how.startswith("Ctrl-C"):
+        os.killpg(build.pid, signal.SIGINT)
+    else:
+        build.send_signal(signal.SIGTERM if how.startswith("SIGTERM") else signal.SIGKILL)
+    output = build.communicate(timeout=60)[0]
+    wait_for(lambda: not any(running(pid) for pid in workers), 30, f"stages still training after {how}")
+    assert not (tmp_path / "c.pid").exists()  # no stage started after the signal
+    if how.startswith("SIGTERM"):
+        assert build.returncode == 143
+    if not how.startswith("SIGKILL"):
+        assert "ended the running stages: a, b" in output
+    assert not [p for p in (tmp_path / "logs").glob("*.log") if "Traceback" in p.read_text()]
 
 
 def test_stages_in_order_and_given_tokenizers_are_not_trained(tmp_path):

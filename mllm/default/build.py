@@ -33,13 +33,17 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -129,13 +133,66 @@ def run_stage(stage: Stage, log: Path) -> float | None:
             raise RuntimeError(f"{stage.name} failed ({type(e).__name__}: {e})") from None
 
 
+def start_worker() -> None:
+    """Set up a side-by-side worker: the build's process alone answers Ctrl-C (it ends the workers), and a
+    worker whose build process has gone, however it went, ends at once instead of training on for nobody."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=exit_with, args=(multiprocessing.parent_process().sentinel,), name="exit-with-build",
+                     daemon=True).start()
+
+
+def exit_with(sentinel: int) -> None:
+    multiprocessing.connection.wait([sentinel])
+    os._exit(1)
+
+
+@contextmanager
+def terminate_raises_exit() -> Iterator[None]:
+    """Within it, SIGTERM raises SystemExit(143) in the main thread, so that `finally` and `except` clauses run
+    (SIGTERM's default ends the process at once, leaving its workers behind)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def end_workers(pool: ProcessPoolExecutor) -> None:
+    """End the pool's processes now, whatever they are running (`terminate_workers()` from Python 3.14)."""
+    if hasattr(pool, "terminate_workers"):
+        pool.terminate_workers()
+        return
+    processes = list(pool._processes.values())  # no public way to reach them before Python 3.14
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join()
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+@contextmanager
+def ending_workers_on_exit(pool: ProcessPoolExecutor, running: dict[Future, Stage]) -> Iterator[None]:
+    """Ends the workers when the block is left by an exception (Ctrl-C, SIGTERM, a bug): none trains on unwatched."""
+    try:
+        yield
+    except BaseException:
+        end_workers(pool)
+        if running:
+            tqdm.write(f"[default] ended the running stages: {', '.join(s.name for s in running.values())}")
+        raise
+
+
 def side_by_side(stages: list[Stage], logs: Path, processes: int = 2,
                  record: Callable[[dict[str, float]], None] = lambda times: None) -> dict[str, float]:
     """Run `stages` on `processes` processes of one thread each. A stage starts once every stage of `stages` it
     needs has finished (needs outside `stages` are taken as done), the first ready one in list order going to
     the first free process; its output goes to `<logs>/<name>.log`, its time to `record` as it finishes. A
     failed stage lets the stages that do not need it finish (their work is kept), then raises, naming its log;
-    the stages that need it never start."""
+    the stages that need it never start. Ctrl-C or SIGTERM ends the running stages with the build: each starts
+    afresh on the next run, as a stage is done only once its `done` path exists."""
     names = {s.name for s in stages}
     print(f"[default] side by side on {processes} processes of one thread each: {', '.join(s.name for s in stages)} "
           f"(logs: {logs})", flush=True)
@@ -144,8 +201,9 @@ def side_by_side(stages: list[Stage], logs: Path, processes: int = 2,
     finished: set[str] = set()
     failures: dict[str, str] = {}
     times: dict[str, float] = {}
-    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool, \
-            tqdm(total=len(stages), desc="stages side by side", unit="stage") as bar:
+    with terminate_raises_exit(), tqdm(total=len(stages), desc="stages side by side", unit="stage") as bar, \
+            ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"), initializer=start_worker) as pool, \
+            ending_workers_on_exit(pool, running):
         while waiting or running:
             for stage in list(waiting):
                 if failed := [n for n in stage.needs if n in failures]:

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from mllm.config import to_dict
+from mllm.data.corpora import atomic_write_text
 from mllm.detokenizers import load_detokenizer
 from mllm.media import Audio, Image, Video, load_media, save_audio, save_image, save_video
 from mllm.tokenize.recipes import RECIPE_FILE, RECIPES, load_recipe
@@ -27,7 +28,7 @@ def train(recipe_path: str | os.PathLike, corpora: Path, out: Path, overrides: l
     out.mkdir(parents=True, exist_ok=True)
     (out / RECIPE_FILE).write_text(yaml.safe_dump({"recipe": recipe.name, "config": to_dict(cfg)}, sort_keys=False))
     metrics = recipe.train(cfg, corpora, out)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))  # last: it marks the training done
     return metrics
 
 
