@@ -204,8 +204,8 @@ class ChatSession:
         return True
 
 
-def repl(session: ChatSession, read: Callable[[str], str] = input) -> int:
-    session.out.write(f"{HELP}\n")
+def repl(session: ChatSession, read: Callable[[str], str] = input, intro: str | None = None) -> int:
+    session.out.write(f"{HELP}\n" + (f"\n{intro}\n\n" if intro else ""))
     while True:
         try:
             line = read("you> ").strip()
@@ -223,13 +223,14 @@ def repl(session: ChatSession, read: Callable[[str], str] = input) -> int:
 
 
 def run_chat(model: Path, *, messages: list[str], attach: list[Path], media_dir: Path, settings: Settings,
-             transcript: Path | None = None, device: str | None = None) -> int:
+             transcript: Path | None = None, device: str | None = None, intro: str | None = None) -> int:
+    """Chat with `model`: the turns in `messages`, or a terminal REPL that first shows `intro`."""
     session = ChatSession(Pipeline.from_pretrained(model, device=device), media_dir, settings=settings)
     try:
         for path in attach:
             session.attach(path)
         if not messages:
-            code = repl(session)
+            code = repl(session, intro=intro)
         else:
             for text in messages:
                 session.ask(text)

@@ -129,8 +129,13 @@ def _chat(args: argparse.Namespace) -> int:
     from mllm.chat import Settings, run_chat
 
     settings = Settings(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed, reply=args.reply)
+    intro = None
+    if args.model is None or str(args.model).startswith("default:"):
+        from mllm.default.examples import describe_examples
+
+        intro = describe_examples(_default_corpora())
     return run_chat(_default_model(args.model), messages=args.message, attach=args.attach, media_dir=args.media_dir, settings=settings,
-                    transcript=args.transcript, device=args.device)
+                    transcript=args.transcript, device=args.device, intro=intro)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -485,3 +485,54 @@ def test_the_server_transcribes_like_the_pipeline(spoken_strings, predictor):
         wav = Path(item.media[0].path).read_bytes()
         r = client.post("/v1/audio/transcriptions", data={"model": "default"}, files={"file": ("a.wav", wav, "audio/wav")})
     assert r.status_code == 200 and r.json() == {"text": expected} and expected, r.text
+
+
+def moving_digit_clip(digits: Path, out: Path) -> Path:
+    """A test 4 of the digits corpus moving left, as the video corpus renders a clip."""
+    from mllm.data.corpora.video import render_clip
+    from mllm.media import Video, load_image, save_video
+
+    records = [json.loads(line) for line in (digits / "digits" / "test.jsonl").read_text().splitlines()]
+    four = next(r for r in records if r["meta"]["label"] == 4)["messages"][0]["content"][0]["path"]
+    gray = load_image(digits / "digits" / four).pixels.max(axis=2)
+    return save_video(Video(render_clip([gray], "left", None), 4.0), out / "four.mp4")
+
+
+def test_each_example_request_gets_the_kinds_of_reply_it_promises(digits, spoken_strings, tmp_path):
+    """What `mllm chat` suggests asking the embedded default, each in a new conversation as it says."""
+    import io
+
+    from mllm.chat import ChatSession
+    from mllm.default.examples import EXAMPLES, example_medium
+
+    own = {"speech": Path(spoken_strings[0].media[0].path), "video": moving_digit_clip(digits, tmp_path)}
+    session = ChatSession(Pipeline.from_pretrained(default_checkpoint()), tmp_path / "media", out=io.StringIO())
+    for example in EXAMPLES:
+        if example.attach is not None:
+            session.attach(example_medium(digits, example) or own[example.attach[0]])
+        reply = session.ask(example.request)
+        kinds = tuple(p["type"] for p in reply if p["type"] != "text" or p["text"].strip())
+        assert kinds == example.replies, (example.request, reply)
+        session.reset()
+
+
+def test_chat_shows_the_examples_for_the_embedded_default_model(digits, monkeypatch, capsys):
+    import mllm.chat
+    from mllm.cli import main
+    from mllm.default.examples import EXAMPLES
+
+    shown = []
+    monkeypatch.setattr(mllm.chat, "repl", lambda session, intro=None: shown.append(intro) or 0)
+    monkeypatch.setenv("MLLM_CACHE", str(digits.parent))
+    (digits.parent / "corpora").symlink_to(digits)
+    assert main(["chat"]) == 0 and main(["chat", "--model", "default:diffusion"]) == 0
+    assert shown[0] == shown[1] and all(e.request in shown[0] for e in EXAMPLES)
+    assert f"/attach {digits.parent / 'corpora' / 'digits' / 'media' / 'test'}" in shown[0]  # a built test image
+    assert "/attach <a speech test file: build them with `mllm data build`>" in shown[0]
+
+
+def test_the_readme_lists_every_example_request():
+    from mllm.default.examples import EXAMPLES
+
+    readme = (ROOT / "README.md").read_text()
+    assert all(f"| {e.request} |" in readme for e in EXAMPLES)

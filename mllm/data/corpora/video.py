@@ -73,6 +73,7 @@ def describe(labels: list[int], direction: str) -> str:
 
 
 GEN_PROMPTS = ("Show {what} moving {d}.", "Make a video of {what} moving {d}.", "Animate {what} going {d}.")
+DIGITS_QUESTION = "Which digits appear in the video?"
 
 
 def by_label(pool: list[tuple[int, int]]) -> dict[int, list[int]]:
@@ -126,9 +127,8 @@ def build(ctx: BuildContext) -> CorpusResult:
                         "num_digits": len(labels)}
                 gen_p = GEN_PROMPTS[int(rng.integers(len(GEN_PROMPTS)))].format(what=what, d=direction)
                 if "video_qa" in cfg.tasks:
-                    q1 = "Which digits appear in the video?"
-                    out.add(split, "video_qa", [user(vid, text(q1)), assistant(text(digits_phrase(labels)))],
-                            {**base, "question": q1, "answer": digits_phrase(labels), "question_type": "digits"})
+                    out.add(split, "video_qa", [user(vid, text(DIGITS_QUESTION)), assistant(text(digits_phrase(labels)))],
+                            {**base, "question": DIGITS_QUESTION, "answer": digits_phrase(labels), "question_type": "digits"})
                     q2 = f"Which way do{'' if plural else 'es'} the digit{'s' if plural else ''} move?"
                     q2 += " Answer left, right, up or down."
                     out.add(split, "video_qa", [user(vid, text(q2)), assistant(text(direction))],
