@@ -130,7 +130,7 @@ def _chat(args: argparse.Namespace) -> int:
 
     settings = Settings(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed, reply=args.reply)
     intro = None
-    if args.model is None or str(args.model).startswith("default:"):
+    if _is_default(args.model):
         from mllm.default.examples import describe_examples
 
         intro = describe_examples(_default_corpora())
@@ -152,7 +152,13 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"mllm serve: {e}", file=sys.stderr)
         return 2
-    serve(_default_model(args.model), host=args.host, port=args.port, limits=limits, model_name=args.served_model_name, device=args.device)
+    examples = []
+    if _is_default(args.model):
+        from mllm.default.examples import EXAMPLES
+
+        examples = [e.to_dict() for e in EXAMPLES]
+    serve(_default_model(args.model), host=args.host, port=args.port, limits=limits, model_name=args.served_model_name,
+          device=args.device, examples=examples)
     return 0
 
 
@@ -182,12 +188,17 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_default(model: Path | None) -> bool:
+    """Whether --model names the embedded default model (no --model, or `default:<variant>`)."""
+    return model is None or str(model).startswith("default:")
+
+
 def _default_model(model: Path | None = None) -> Path:
     """--model as given; without one, or given as `default:<variant>` (gmm, diffusion), the embedded default model."""
     from mllm.default import default_checkpoint
     from mllm.default.paths import with_shared_parts
 
-    if model is not None and not str(model).startswith("default:"):
+    if not _is_default(model):
         return with_shared_parts(model) if Path(model).is_dir() else model
     try:
         return default_checkpoint(str(model).removeprefix("default:") if model is not None else "gmm")

@@ -70,12 +70,15 @@ class Pipeline:
         decode_steps: int | None = None,
         on_text: Callable[[int, str], None] | None = None,
         on_media: Callable[[int, Media], None] | None = None,
+        on_finish: Callable[[int, str], None] | None = None,
     ) -> list[list[Item]]:
         """The assistant's next turn for each conversation, as text and decoded media in order.
 
         `force` ("image" | "audio" | "video") opens the reply with that modality's begin
         token, so it starts with a medium (text-to-image and the like). `decode_guidance` and
         `decode_steps` go to the de-tokenizers; None: each de-tokenizer's saved default.
+        `on_finish(row, reason)` learns why each reply ended: "eos", "stop", or "length" (out of
+        `max_new_tokens`, a medium left unfinished is dropped).
         """
         config = self._defaults(config or GenerationConfig())
         batch = self._prompts(conversations, force)
@@ -93,6 +96,9 @@ class Pipeline:
             self.model, batch, config, uncond=uncond, decode_text=self.processor.decode_text,
             on_text=on_text, on_media=media_callback,
         )
+        if on_finish is not None:
+            for row, result in enumerate(results):
+                on_finish(row, result.finish_reason)
 
         def item(i: str | MediaSpan) -> Item:
             if isinstance(i, str):

@@ -64,3 +64,34 @@ def test_upload_an_image_ask_and_see_a_reply_with_a_generated_image(browser, ima
         browser.find_element(By.ID, "new-chat").click()
         assert not browser.find_elements(By.CSS_SELECTOR, ".turn")
     assert (ARTIFACTS / "browser_chat.png").stat().st_size > 0
+
+
+def test_an_example_request_for_the_embedded_default_model_asked_from_the_page(browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from mllm.default.examples import EXAMPLES
+
+    with running_server("default:gmm") as (base, _):
+        browser.get(base + "/")
+        wait = WebDriverWait(browser, 60)
+        buttons = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#examples button"))
+        assert [b.text for b in buttons] == [e.request for e in EXAMPLES]
+        buttons[0].click()  # "Draw the digit 7."
+        assert browser.find_element(By.ID, "prompt").get_attribute("value") == EXAMPLES[0].request
+        browser.find_element(By.ID, "send").click()
+        reply = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".assistant[data-done='true']"))[0]
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "browser_examples.png"))
+        assert not browser.find_elements(By.CSS_SELECTOR, ".error, .cut")
+        assert reply.find_elements(By.CSS_SELECTOR, "img.media-image")
+        reads = next(i for i, e in enumerate(EXAMPLES) if e.attach)
+        buttons[reads].click()  # a new chat, and what to attach first
+        assert not browser.find_elements(By.CSS_SELECTOR, ".turn")
+        assert browser.find_element(By.ID, "pending").text == f"attach {EXAMPLES[reads].attach} first"
+        buttons[0].click()
+        browser.find_element(By.ID, "max-tokens").clear()
+        browser.find_element(By.ID, "max-tokens").send_keys("64")  # two short of a drawing
+        browser.find_element(By.ID, "send").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".assistant[data-done='true']"))
+        assert "cut at max tokens" in browser.find_element(By.CSS_SELECTOR, ".assistant .cut").text

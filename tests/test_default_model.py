@@ -509,7 +509,7 @@ def test_each_example_request_gets_the_kinds_of_reply_it_promises(digits, spoken
     session = ChatSession(Pipeline.from_pretrained(default_checkpoint()), tmp_path / "media", out=io.StringIO())
     for example in EXAMPLES:
         if example.attach is not None:
-            session.attach(example_medium(digits, example) or own[example.attach[0]])
+            session.attach(example_medium(digits, example) or own[example.test_file[0]])
         reply = session.ask(example.request)
         kinds = tuple(p["type"] for p in reply if p["type"] != "text" or p["text"].strip())
         assert kinds == example.replies, (example.request, reply)
@@ -528,11 +528,46 @@ def test_chat_shows_the_examples_for_the_embedded_default_model(digits, monkeypa
     assert main(["chat"]) == 0 and main(["chat", "--model", "default:diffusion"]) == 0
     assert shown[0] == shown[1] and all(e.request in shown[0] for e in EXAMPLES)
     assert f"/attach {digits.parent / 'corpora' / 'digits' / 'media' / 'test'}" in shown[0]  # a built test image
-    assert "/attach <a speech test file: build them with `mllm data build`>" in shown[0]
+    assert "/attach <a recording of numbers: `mllm data build` makes test files>" in shown[0]
 
 
 def test_the_readme_lists_every_example_request():
     from mllm.default.examples import EXAMPLES
 
     readme = (ROOT / "README.md").read_text()
-    assert all(f"| {e.request} |" in readme for e in EXAMPLES)
+    assert all((f"| {e.request} | {e.attach} |" if e.attach else f"| {e.request} | |") in readme for e in EXAMPLES)
+
+
+def test_the_web_page_offers_the_examples_for_the_embedded_default_model(predictor, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    import mllm.serve.app
+    from mllm.cli import main
+    from mllm.default.examples import EXAMPLES
+
+    served = []
+    monkeypatch.setattr(mllm.serve.app, "serve", lambda model, **kwargs: served.append(kwargs["examples"]))
+    assert main(["serve"]) == 0 and main(["serve", "--model", str(CHECKPOINTS / "gmm")]) == 0
+    assert served == [[e.to_dict() for e in EXAMPLES], []]  # a checkpoint by path: no examples
+    with TestClient(mllm.serve.app.create_app(predictor.pipeline, examples=served[0])) as client:
+        assert client.get("/examples").json() == {"examples": served[0]}
+        assert '<div id="examples" hidden>' in client.get("/").text
+    with TestClient(mllm.serve.app.create_app(predictor.pipeline)) as client:
+        assert client.get("/examples").json() == {"examples": []}
+
+
+def test_the_server_says_when_max_tokens_cut_a_reply(predictor):
+    """A drawing takes 66 tokens: at 64 the reply is empty and says "length" (the web page's old default gave
+    an empty bubble with "stop"); at 256 it is drawn and stops on its own."""
+    from fastapi.testclient import TestClient
+
+    from mllm.serve.app import create_app
+
+    pipe = Pipeline.from_pretrained(default_checkpoint())
+    request = {"model": "default", "messages": [{"role": "user", "content": "Draw the digit 7."}], "temperature": 0}
+    with TestClient(create_app(pipe, model_name="default")) as client:
+        for max_tokens, finish, kinds in ((64, "length", []), (256, "stop", ["image_url"])):
+            [choice] = client.post("/v1/chat/completions", json={**request, "max_tokens": max_tokens}).json()["choices"]
+            content = choice["message"]["content"]  # "" when empty, else a list of parts
+            media = [p["type"] for p in content if p["type"] != "text"] if content else []
+            assert (choice["finish_reason"], media) == (finish, kinds)

@@ -20,7 +20,12 @@ class Example:
     request: str
     reply: str  # what comes back, in words
     replies: tuple[str, ...]  # the kinds of part the reply holds, in order: text, image, audio, video
-    attach: tuple[str, str] | None = None  # (corpus, task): a test record of it holds the medium to attach first
+    attach: str | None = None  # what to attach first, in words; None: the request alone
+    test_file: tuple[str, str] | None = None  # (corpus, task): a test record of it holds such a medium
+
+    def to_dict(self) -> dict[str, str | None]:
+        """What the web page shows: the request, what to attach first, what comes back."""
+        return {"request": self.request, "attach": self.attach, "reply": self.reply}
 
 
 EXAMPLES = (
@@ -28,20 +33,20 @@ EXAMPLES = (
     Example(speech.TTS_PROMPTS[0].format(t="three six zero"), "the words spoken", ("audio",)),
     Example(video.GEN_PROMPTS[0].format(what="the digit 4", d="left"), "a clip of a 4 moving left", ("video",)),
     Example("Show me a 3, then say it.", "a handwritten 3, then the word spoken", ("image", "audio")),
-    Example(digits.QA_QUESTIONS[0], "the digit", ("text",), ("digits", "image_qa")),
+    Example(digits.QA_QUESTIONS[0], "the digit", ("text",), "a digit image", ("digits", "image_qa")),
     Example(speech.ASR_PROMPTS[0], "the words (`/set reply=transcript` writes them down best)", ("text",),
-            ("speech", "asr")),
-    Example(speech.NUMBER_PROMPTS[0], "the number, in digits", ("text",), ("speech", "asr")),
-    Example(video.DIGITS_QUESTION, "the digits", ("text",), ("video", "video_qa")),
+            "a recording of numbers", ("speech", "asr")),
+    Example(speech.NUMBER_PROMPTS[0], "the number, in digits", ("text",), "a recording of numbers", ("speech", "asr")),
+    Example(video.DIGITS_QUESTION, "the digits", ("text",), "a clip of moving digits", ("video", "video_qa")),
 )
 
 
 def example_medium(corpora: Path, example: Example) -> Path | None:
     """The medium of the first test record of the example's (corpus, task) in the built `corpora`; None when
     the example reads none, or the corpora are not built."""
-    if example.attach is None:
+    if example.test_file is None:
         return None
-    corpus, task = example.attach
+    corpus, task = example.test_file
     try:
         with open(corpora / corpus / "test.jsonl", encoding="utf-8") as f:
             for line in f:
@@ -61,6 +66,6 @@ def describe_examples(corpora: Path) -> str:
     for example in EXAMPLES:
         if example.attach is not None:
             medium = example_medium(corpora, example)
-            lines.append(f"  /attach {medium or f'<a {example.attach[0]} test file: build them with `mllm data build`>'}")
+            lines.append(f"  /attach {medium or f'<{example.attach}: `mllm data build` makes test files>'}")
         lines.append(f"  {example.request:<42} -> {example.reply}")
     return "\n".join(lines)

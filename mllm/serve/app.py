@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -36,7 +36,7 @@ from mllm.serve.limits import ServeLimits
 from mllm.serve.openai_schema import (ChatRequest, RequestError, TranscriptionRequest, parse_chat_request, parse_json,
                                       parse_transcription_request)
 
-Event = tuple[str, Any]  # ("text", str) | ("media", part) | ("done", parts) | ("error", Exception)
+Event = tuple[str, Any]  # ("text", str) | ("media", part) | ("done", (parts, finish reason)) | ("error", Exception)
 TRANSCRIPT_TOKENS = 96  # at most this many new tokens per transcript
 _FORMATS = {Image: ("image", "png", "image/png", save_image), Audio: ("audio", "wav", "audio/wav", save_audio),
             Video: ("video", "mp4", "video/mp4", save_video)}
@@ -148,8 +148,10 @@ class _Server:
 
     def generate(self, req: ChatRequest, max_new: int, emit: Callable[[Event], None], cancel: threading.Event,
                  slot: _Slot) -> None:
-        """Worker thread: run the pipeline, emitting text deltas and encoded media, then ("done", parts)."""
+        """Worker thread: run the pipeline, emitting text deltas and encoded media, then ("done", (parts, finish
+        reason)): "length" when max_tokens ran out, "stop" otherwise, as OpenAI's API says."""
         encoded: dict[int, dict] = {}
+        finish = []
 
         def on_text(row: int, delta: str) -> None:
             if cancel.is_set():
@@ -167,8 +169,9 @@ class _Server:
                 if cancel.is_set():
                     raise _Cancelled
                 config = replace(req.config, max_new_tokens=max_new)
-                [reply] = self.pipeline.chat([req.messages], config, force=req.force, on_text=on_text, on_media=on_media)
-            emit(("done", [self._part(item, encoded) for item in reply]))
+                [reply] = self.pipeline.chat([req.messages], config, force=req.force, on_text=on_text, on_media=on_media,
+                                             on_finish=lambda row, reason: finish.append(reason))
+            emit(("done", ([self._part(item, encoded) for item in reply], "length" if finish == ["length"] else "stop")))
         except Exception as e:  # reported to the client as an error; the server stays up
             emit(("error", e))
         finally:
@@ -195,7 +198,9 @@ def _failure(e: Exception, timeout: float) -> RequestError:
     return RequestError(500, f"generation failed: {type(e).__name__}: {e}")
 
 
-def create_app(pipeline: Pipeline, limits: ServeLimits | None = None, model_name: str = "mllm") -> FastAPI:
+def create_app(pipeline: Pipeline, limits: ServeLimits | None = None, model_name: str = "mllm",
+               examples: Sequence[dict] = ()) -> FastAPI:
+    """The API and the web page; `examples` ({"request", "attach", "reply"}) are requests the page offers to try."""
     server = _Server(pipeline, limits or ServeLimits(), model_name)
 
     @asynccontextmanager
@@ -210,6 +215,10 @@ def create_app(pipeline: Pipeline, limits: ServeLimits | None = None, model_name
     @app.get("/", response_class=HTMLResponse)
     async def index() -> str:
         return page
+
+    @app.get("/examples")
+    async def example_requests() -> dict[str, Any]:
+        return {"examples": list(examples)}
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -245,7 +254,8 @@ def create_app(pipeline: Pipeline, limits: ServeLimits | None = None, model_name
         except TimeoutError:
             cancel.set()
             return _error(_failure(_Cancelled(), server.limits.request_timeout_s))
-        choice = {"index": 0, "message": {"role": "assistant", "content": reply_content(value)}, "finish_reason": "stop"}
+        parts, finish = value
+        choice = {"index": 0, "message": {"role": "assistant", "content": reply_content(parts)}, "finish_reason": finish}
         return JSONResponse({**meta, "object": "chat.completion", "choices": [choice], "usage": {"prompt_tokens": prompt}})
 
     @app.post("/v1/audio/transcriptions")
@@ -343,7 +353,7 @@ async def _sse(events: asyncio.Queue, cancel: threading.Event, meta: dict, timeo
                 yield f"data: {json.dumps(_failure(value, timeout).body())}\n\n"
                 break
             else:
-                yield chunk({}, finish="stop")
+                yield chunk({}, finish=value[1])
                 break
         yield "data: [DONE]\n\n"
     finally:
@@ -351,11 +361,11 @@ async def _sse(events: asyncio.Queue, cancel: threading.Event, meta: dict, timeo
 
 
 def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, limits: ServeLimits | None = None,
-          model_name: str | None = None, device: str | None = None) -> None:
+          model_name: str | None = None, device: str | None = None, examples: Sequence[dict] = ()) -> None:
     """Load a checkpoint and serve it until interrupted."""
     import uvicorn
 
     pipeline = Pipeline.from_pretrained(model, device=device)
-    app = create_app(pipeline, limits, model_name or Path(model).resolve().name)
+    app = create_app(pipeline, limits, model_name or Path(model).resolve().name, examples)
     print(f"mllm serve: http://{host}:{port}/ (API: /v1/chat/completions, /v1/audio/transcriptions)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
