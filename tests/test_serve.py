@@ -457,3 +457,17 @@ def test_limits_validate_and_parse_like_vllm():
         ServeLimits(max_input_tokens=100, max_total_tokens=50)
     with pytest.raises(ValueError, match="modality=count"):
         parse_mm_limits("image:4")
+
+
+def test_a_port_in_use_is_refused_at_once_naming_it(image_checkpoint, capsys, monkeypatch):
+    import socket
+
+    from mllm.cli import main
+
+    loaded = []
+    monkeypatch.setattr(Pipeline, "from_pretrained", lambda *a, **k: loaded.append(a))
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", str(image_checkpoint), "--port", str(port)]) == 2
+    assert capsys.readouterr().err.strip() == f"mllm serve: cannot listen on 127.0.0.1:{port}: Address already in use"
+    assert not loaded  # refused before the model loads

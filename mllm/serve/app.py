@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import socket
 import tempfile
 import threading
 import time
@@ -29,6 +31,7 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from mllm.errors import InputError
 from mllm.media import Audio, Image, MediaError, Video, save_audio, save_image, save_video
 from mllm.pipeline import Item, Media, Pipeline
 from mllm.processor import MessageError, SequenceTooLongError
@@ -360,12 +363,26 @@ async def _sse(events: asyncio.Queue, cancel: threading.Event, meta: dict, timeo
         cancel.set()  # a finished generation ignores it; an abandoned or timed-out one stops at its next token
 
 
+class ListenError(InputError):
+    """The server cannot listen on the address it was given."""
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket listening on host:port; a ListenError naming the address and why not (in use, not this machine's)."""
+    try:
+        return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as e:
+        raise ListenError(f"cannot listen on {host}:{port}: {os.strerror(e.errno) if e.errno else e}") from None
+
+
 def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, limits: ServeLimits | None = None,
           model_name: str | None = None, device: str | None = None, examples: Sequence[dict] = ()) -> None:
-    """Load a checkpoint and serve it until interrupted."""
+    """Load a checkpoint and serve it until interrupted. The address is taken first: a port in use fails at
+    once, before the model loads."""
     import uvicorn
 
+    sock = listening_socket(host, port)
     pipeline = Pipeline.from_pretrained(model, device=device)
     app = create_app(pipeline, limits, model_name or Path(model).resolve().name, examples)
     print(f"mllm serve: http://{host}:{port}/ (API: /v1/chat/completions, /v1/audio/transcriptions)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
