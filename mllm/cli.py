@@ -71,6 +71,31 @@ def _tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(text: str) -> int:
+    """A whole number >= 1, for argparse."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def _port(text: str) -> int:
+    """A TCP port, 1 to 65535, for argparse."""
+    if not text.strip().isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {text!r}")
+    return int(text)
+
+
+def _non_negative(text: str) -> float:
+    """A number >= 0, for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
 def _weight(text: str) -> float:
     """A weight in [0, 1], for argparse."""
     try:
@@ -248,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--config", type=Path, default=Path(__file__).resolve().parents[1] / "data" / "build.yaml")
     build.add_argument("--out", type=Path, default=None, help="output directory (default: $MLLM_CACHE/corpora)")
     build.add_argument("--overwrite", action="store_true", help="replace an existing build")
-    build.add_argument("--limit", type=int, default=None, help="at most this many items per corpus and split")
+    build.add_argument("--limit", type=_count, default=None, help="at most this many items per corpus and split")
     build.add_argument("--only", nargs="+", default=None, metavar="CORPUS", help="build only these corpora")
     build.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. digits.per_class.train=10")
     build.set_defaults(func=_data_build)
@@ -264,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("trained", type=Path, help="a directory written by `mllm tokenize train`")
     e.add_argument("--data", type=Path, default=None)
     e.add_argument("--report", type=Path, required=True)
-    e.add_argument("--limit", type=int, default=None, help="at most this many items (evenly spaced)")
+    e.add_argument("--limit", type=_count, default=None, help="at most this many items (evenly spaced)")
     e.add_argument("--split", choices=["test", "validation"], default="test",
                    help="test (report it), or validation (choose recipes on it)")
     enc = tok_sub.add_parser("encode", help="encode media files to tokens (one safetensors file)")
@@ -276,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--out", type=Path, required=True)
     dec.add_argument("--guidance", type=float, default=None,
                      help="classifier-free guidance scale, 1 = none (default: the de-tokenizer's own)")
-    dec.add_argument("--steps", type=int, default=None, help="diffusion steps (default: the de-tokenizer's)")
+    dec.add_argument("--steps", type=_count, default=None, help="diffusion steps (default: the de-tokenizer's)")
     dec.add_argument("--seed", type=int, default=0)
     dec.add_argument("tokens", type=Path)
     tok.set_defaults(func=_tokenize)
@@ -302,8 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tasks", nargs="+", required=True, metavar="TASK",
                     help="names (shipped specs in eval/tasks/, built-in proxies such as pope_proxy), .yaml specs or .jsonl files")
     ev.add_argument("--out", type=Path, required=True, help="results.json, predictions.jsonl, report.html and the resume cache")
-    ev.add_argument("--limit", type=int, default=None, help="at most this many items per task")
-    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--limit", type=_count, default=None, help="at most this many items per task")
+    ev.add_argument("--batch-size", type=_count, default=8)
     ev.add_argument("--generate", choices=["image", "audio", "video"], default=None,
                     help="JSONL files are generation tasks of this medium")
     ev.add_argument("--data", type=Path, default=None, help="built corpora for the proxies (default: $MLLM_CACHE/corpora)")
@@ -334,8 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "(joint CTC/attention decoding where the model learned to spell it)")
     chat.add_argument("--media-dir", type=Path, default=Path("chat_media"), help="where generated media are saved")
     chat.add_argument("--transcript", type=Path, default=None, help="write the transcript (JSON) here at the end")
-    chat.add_argument("--max-tokens", type=int, default=256)
-    chat.add_argument("--temperature", type=float, default=0.0)
+    chat.add_argument("--max-tokens", type=_count, default=256)
+    chat.add_argument("--temperature", type=_non_negative, default=0.0)
     chat.add_argument("--seed", type=int, default=None)
     chat.add_argument("--device", default=None)
     chat.set_defaults(func=_chat)
@@ -343,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="serve a checkpoint: OpenAI-compatible API and a web page")
     srv.add_argument("--model", type=Path, default=None, help="checkpoint directory, or default:gmm / default:diffusion (default: the embedded default model)")
     srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--port", type=_port, default=8000)
     srv.add_argument("--served-model-name", default=None, help="the API's model id (default: the directory name)")
     srv.add_argument("--device", default=None)
     defaults = _serve_defaults()

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -37,8 +39,6 @@ def test_list_shows_every_registry():
 
 
 def test_overrides_may_follow_options_and_stray_words_are_refused(monkeypatch, capsys):
-    import pytest
-
     from mllm import cli
 
     seen = {}
@@ -53,11 +53,27 @@ def test_overrides_may_follow_options_and_stray_words_are_refused(monkeypatch, c
         cli.main(["list", "x=1"])
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["chat", "--message", "hi", "--temperature", "-1"], "argument --temperature: expected a number >= 0, got '-1'"),
+    (["chat", "--message", "hi", "--max-tokens", "0"], "argument --max-tokens: expected a whole number >= 1, got '0'"),
+    (["eval", "--tasks", "vqav2_proxy", "--out", "x", "--limit", "-3"], "argument --limit: expected a whole number >= 1"),
+    (["eval", "--tasks", "vqav2_proxy", "--out", "x", "--batch-size", "0"], "argument --batch-size: expected a whole"),
+    (["data", "build", "--limit", "-1"], "argument --limit: expected a whole number >= 1, got '-1'"),
+    (["tokenize", "decode", "--detokenizer", "d", "--out", "o", "--steps", "0", "t"], "argument --steps: expected"),
+    (["serve", "--port", "70000"], "argument --port: expected a port from 1 to 65535, got '70000'"),
+])
+def test_a_number_out_of_range_is_refused_by_the_parser_naming_its_flag(argv, message, capsys):
+    """Before any work: argparse's one line and status 2, not a traceback after the model has loaded."""
+    from mllm import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_wrong_input_is_one_line_naming_it_and_exit_status_2(tmp_path, monkeypatch, capsys):
     """A config, a path or a name the user got wrong: `mllm <command>: <what>`, no traceback; a bug keeps its own.
     Ctrl-C is one line too, with the shell's status for it (130)."""
-    import pytest
-
     from mllm import cli
     from mllm.config import ConfigError
 
