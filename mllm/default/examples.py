@@ -34,8 +34,7 @@ EXAMPLES = (
     Example(video.GEN_PROMPTS[0].format(what="the digit 4", d="left"), "a clip of a 4 moving left", ("video",)),
     Example("Show me a 3, then say it.", "a handwritten 3, then the word spoken", ("image", "audio")),
     Example(digits.QA_QUESTIONS[0], "the digit", ("text",), "a digit image", ("digits", "image_qa")),
-    Example(speech.ASR_PROMPTS[0], "the words (`/set reply=transcript` writes them down best)", ("text",),
-            "a recording of numbers", ("speech", "asr")),
+    Example(speech.ASR_PROMPTS[0], "the words", ("text",), "a recording of numbers", ("speech", "asr")),
     Example(speech.NUMBER_PROMPTS[0], "the number, in digits", ("text",), "a recording of numbers", ("speech", "asr")),
     Example(video.DIGITS_QUESTION, "the digits", ("text",), "a clip of moving digits", ("video", "video_qa")),
 )
