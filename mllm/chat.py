@@ -97,6 +97,10 @@ class ChatSession:
     transcript: list[dict] = field(default_factory=list)  # the same, media as file paths
     pending: list[tuple[Path, dict]] = field(default_factory=list)  # attachments for the next message
     saved: int = 0
+    intro: str | None = None  # shown under the commands by /help: what to ask this model
+
+    def help(self) -> None:
+        self.out.write(HELP + "\n" + (f"\n{self.intro}\n\n" if self.intro else ""))
 
     def attach(self, path: Path) -> None:
         modality = modality_of(path)
@@ -176,7 +180,7 @@ class ChatSession:
         if name in ("/quit", "/exit"):
             return False
         if name == "/help":
-            self.out.write(HELP + "\n")
+            self.help()
         elif name == "/reset":
             self.reset()
             self.out.write("(new conversation)\n")
@@ -204,8 +208,8 @@ class ChatSession:
         return True
 
 
-def repl(session: ChatSession, read: Callable[[str], str] = input, intro: str | None = None) -> int:
-    session.out.write(f"{HELP}\n" + (f"\n{intro}\n\n" if intro else ""))
+def repl(session: ChatSession, read: Callable[[str], str] = input) -> int:
+    session.help()
     while True:
         try:
             line = read("you> ").strip()
@@ -224,13 +228,13 @@ def repl(session: ChatSession, read: Callable[[str], str] = input, intro: str | 
 
 def run_chat(model: Path, *, messages: list[str], attach: list[Path], media_dir: Path, settings: Settings,
              transcript: Path | None = None, device: str | None = None, intro: str | None = None) -> int:
-    """Chat with `model`: the turns in `messages`, or a terminal REPL that first shows `intro`."""
-    session = ChatSession(Pipeline.from_pretrained(model, device=device), media_dir, settings=settings)
+    """Chat with `model`: the turns in `messages`, or a terminal REPL whose /help also shows `intro`."""
+    session = ChatSession(Pipeline.from_pretrained(model, device=device), media_dir, settings=settings, intro=intro)
     try:
         for path in attach:
             session.attach(path)
         if not messages:
-            code = repl(session, intro=intro)
+            code = repl(session)
         else:
             for text in messages:
                 session.ask(text)

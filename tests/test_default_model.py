@@ -517,18 +517,23 @@ def test_each_example_request_gets_the_kinds_of_reply_it_promises(digits, spoken
 
 
 def test_chat_shows_the_examples_for_the_embedded_default_model(digits, monkeypatch, capsys):
+    import io
+
     import mllm.chat
     from mllm.cli import main
     from mllm.default.examples import EXAMPLES
 
     shown = []
-    monkeypatch.setattr(mllm.chat, "repl", lambda session, intro=None: shown.append(intro) or 0)
+    monkeypatch.setattr(mllm.chat, "repl", lambda session: shown.append(session.intro) or 0)
     monkeypatch.setenv("MLLM_CACHE", str(digits.parent))
     (digits.parent / "corpora").symlink_to(digits)
     assert main(["chat"]) == 0 and main(["chat", "--model", "default:diffusion"]) == 0
     assert shown[0] == shown[1] and all(e.request in shown[0] for e in EXAMPLES)
     assert f"/attach {digits.parent / 'corpora' / 'digits' / 'media' / 'test'}" in shown[0]  # a built test image
     assert "/attach <a recording of numbers: `mllm data build` makes test files>" in shown[0]
+    session = mllm.chat.ChatSession(None, digits, out=io.StringIO(), intro=shown[0])
+    session.command("/help")  # shows them again
+    assert session.out.getvalue().endswith(f"\n{shown[0]}\n\n")
 
 
 def test_the_readme_lists_every_example_request():
