@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from mllm.train import finetune, load_recipe
-from mllm.train.checkpointing import step_dir
+from mllm.train.checkpointing import complete_checkpoints, step_dir
 from mllm.train.distributed import SHM_DIR, STALE_LOCK_S, DistEnv, refuse_stale_build_locks, release_shared_memory_names
 from tests.test_finetune import losses, recipe, train_text_tokenizer, write, write_corpus
 
@@ -54,28 +55,43 @@ def setup(tmp_path_factory) -> dict:
     return {"tmp": tmp, "recipe": path, "extensions": tmp_path_factory.mktemp("torch_extensions")}
 
 
-def launch(setup: dict, stage: int, out: Path) -> None:
-    """`deepspeed --num_gpus 2` (two CPU ranks): one micro-batch a step on each, with the shipped ZeRO config."""
+def launch(setup: dict, stage: int, out: Path, *overrides: str, during: Callable[[int], None] = lambda port: None,
+           returncode: int = 0) -> None:
+    """`deepspeed --num_gpus 2` (two CPU ranks): one micro-batch a step on each, with the shipped ZeRO config.
+    `during(port)` runs while the ranks train."""
     ds = json.loads((ROOT / "finetune" / "deepspeed" / f"zero{stage}.json").read_text())
     ds["optimizer"]["params"]["torch_adam"] = True
     config = write(setup["tmp"], ds, f"zero{stage}.json")
     port = free_port()
     command = ["deepspeed", "--no_local_rank", "--num_gpus", "2", "--master_port", str(port),
                "--module", "mllm.cli", "finetune", str(setup["recipe"]), f"output_dir={out}",
-               f"deepspeed={config}", "train.grad_accum=1"]
+               f"deepspeed={config}", "train.grad_accum=1", *overrides]
     env = os.environ | {"TORCH_EXTENSIONS_DIR": str(setup["extensions"])}
     # Its own session, so that a timeout kills the ranks too, not only the launcher above them.
     with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           start_new_session=True) as proc:
         try:
+            during(port)
             output, _ = proc.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
+        except (subprocess.TimeoutExpired, AssertionError):
             os.killpg(proc.pid, signal.SIGKILL)
             output, _ = proc.communicate()
-            pytest.fail(f"two ranks still running after 300 s, killed:\n{output[-3000:]}")
-    assert proc.returncode == 0, output[-6000:]
+            pytest.fail(f"two ranks killed, the run went wrong:\n{output[-3000:]}")
+    assert proc.returncode == returncode, output[-6000:]
     left = sorted(p.name for p in SHM_DIR.glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     assert not left, f"the run left its all-reduce buffers in RAM: {left}"
+
+
+def rank_pid(port: int, rank: int) -> int:
+    """The process of `rank` among the ranks that rendezvous at `port`."""
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            env = dict(v.split("=", 1) for v in environ.read_text().split("\0") if "=" in v)
+        except OSError:
+            continue
+        if env.get("MASTER_PORT") == str(port) and env.get("RANK") == str(rank):
+            return int(environ.parent.name)
+    raise AssertionError(f"no rank {rank} at port {port}")
 
 
 def trainable_weights(out: Path) -> dict[str, torch.Tensor]:
@@ -92,6 +108,26 @@ def test_two_ranks_match_one_process(stage, setup):
     assert single.keys() == sharded.keys()
     assert max((single[k] - sharded[k]).abs().max().item() for k in single) < 1e-4
     parts = sorted(p.name for p in (step_dir(out, STEPS) / "optimizer").iterdir())
+    assert parts == ["rank-00000.json", "rank-00000.safetensors", "rank-00001.json", "rank-00001.safetensors"]
+
+
+def test_a_sigterm_to_one_rank_stops_both_after_the_same_step_and_saves_it(setup):
+    """A preemption that reaches one rank only: the step's all-reduce tells the other, both save that step."""
+    out = setup["tmp"] / "preempted"
+    metrics = out / "metrics.jsonl"
+
+    def terminate_rank_1_after_step_3(port: int) -> None:
+        deadline = time.monotonic() + 240
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+            assert time.monotonic() < deadline, "the ranks never reached step 3"
+            time.sleep(0.05)
+        os.kill(rank_pid(port, 1), signal.SIGTERM)
+
+    launch(setup, 2, out, "train.max_steps=100000", "train.save_every=0", during=terminate_rank_1_after_step_3,
+           returncode=143)
+    steps = len(losses(out))
+    assert 3 <= steps < 100000 and [p.name for p in complete_checkpoints(out)] == [step_dir(out, steps).name]
+    parts = sorted(p.name for p in (step_dir(out, steps) / "optimizer").iterdir())
     assert parts == ["rank-00000.json", "rank-00000.safetensors", "rank-00001.json", "rank-00001.safetensors"]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections import Counter
 import sys
@@ -363,6 +364,33 @@ def test_interrupted_and_resumed_run_reproduces_the_uninterrupted_one(lora_run, 
     assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
     for name in ("rank-00000.safetensors", "rank-00000.json"):
         assert (step_dir(out, 6) / "optimizer" / name).read_bytes() == (step_dir(lora_run, 6) / "optimizer" / name).read_bytes()
+
+
+def test_sigterm_finishes_the_step_saves_it_and_the_same_command_resumes(lora_run, corpus, text_tokenizer, tmp_path,
+                                                                         monkeypatch, capsys):
+    """A scheduler's preemption: the step under way completes and is saved, so no step is lost."""
+    import signal
+
+    out = tmp_path / "out"
+    cfg = load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, out, train={"grad_accum": 2})))
+    step = Finetune.step
+
+    def terminated_during_step_4(self, batches):
+        if self.state.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, batches)
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(Finetune, "step", terminated_during_step_4)
+    with pytest.raises(SystemExit) as e:
+        finetune(cfg)
+    assert e.value.code == 143 and signal.getsignal(signal.SIGTERM) is before
+    assert "stopped by SIGTERM after step 4, which is saved" in capsys.readouterr().out
+    assert [p.name for p in complete_checkpoints(out)] == ["step-00000003", "step-00000004"] and len(losses(out)) == 4
+    assert not (out / "final").exists()  # an unfinished run exports nothing
+    monkeypatch.setattr(Finetune, "step", step)
+    finetune(cfg)
+    assert losses(out) == losses(lora_run)
 
 
 def test_a_fresh_run_refuses_an_output_dir_with_checkpoints(lora_run):

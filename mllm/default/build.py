@@ -161,13 +161,14 @@ def terminate_raises_exit() -> Iterator[None]:
 
 
 def end_workers(pool: ProcessPoolExecutor) -> None:
-    """End the pool's processes now, whatever they are running (`terminate_workers()` from Python 3.14)."""
-    if hasattr(pool, "terminate_workers"):
-        pool.terminate_workers()
+    """Kill the pool's processes now, whatever they are running (`kill_workers()` from Python 3.14). SIGKILL, not
+    SIGTERM: a finetuning stage takes SIGTERM as a request to finish its step, and the worker would live on."""
+    if hasattr(pool, "kill_workers"):
+        pool.kill_workers()
         return
     processes = list(pool._processes.values())  # no public way to reach them before Python 3.14
     for process in processes:
-        process.terminate()
+        process.kill()
     for process in processes:
         process.join()
     pool.shutdown(wait=False, cancel_futures=True)

@@ -15,6 +15,10 @@ A micro-batch whose loss is not finite gets a NaN gradient, and the engine
 skips an update whose gradient is not finite; `train.max_bad_steps` such
 steps in a row stop the run with an error naming the step and its batches.
 
+SIGTERM (a scheduler's preemption, `kill`) finishes the step under way: every
+rank learns of it through the step's all-reduce, so all stop after the same
+step, save it, and exit with status 143; the same command resumes from there.
+
 Rank 0 prints the trainable-parameter count, shows a progress bar, appends
 each step to `metrics.jsonl`, writes TensorBoard scalars to `tensorboard/`,
 and at the end draws `loss.png` and exports `final/`.
@@ -28,8 +32,11 @@ import math
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -235,6 +242,27 @@ class Finetune:
     # ---- training -------------------------------------------------------------------------------
 
     def train(self) -> None:
+        with self.finishing_the_step_on_sigterm():
+            self._train()
+
+    @contextmanager
+    def finishing_the_step_on_sigterm(self) -> Iterator[None]:
+        """Within it, SIGTERM only asks the run to stop after its current step (`self.stopping`)."""
+        self.stopping = False
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def ask_to_stop(signum, frame) -> None:
+            self.stopping = True
+
+        previous = signal.signal(signal.SIGTERM, ask_to_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _train(self) -> None:
         t = self.cfg.train
         per_step = t.grad_accum * self.env.world_size
         bar = tqdm(total=t.max_steps, initial=self.state.step, desc="finetune", unit="step", disable=not self.env.is_main)
@@ -244,6 +272,7 @@ class Finetune:
             epoch, first, batches = next(steps)
             started = time.perf_counter()
             log = self.step(batches)
+            stop = log.pop("stop")
             self.state.step += 1
             self.state.epoch, self.state.batch = epoch, first + per_step
             step = self.state.step
@@ -257,8 +286,12 @@ class Finetune:
                 self._report_bad_step(log, bad_in_a_row, first + per_step - 1)
             bar.update()
             bar.set_postfix(loss=f"{log['loss']:.4f}", lr=f"{log['lr']:.2e}")
-            if (t.save_every and step % t.save_every == 0) or step == t.max_steps:
+            if (t.save_every and step % t.save_every == 0) or step == t.max_steps or stop:
                 save_step(self.engine, self.env, self.cfg, self.state)
+            if stop:
+                bar.close()
+                self.say(f"stopped by SIGTERM after step {step}, which is saved: the same command resumes from it")
+                raise SystemExit(128 + signal.SIGTERM)
         bar.close()
         if self.env.is_main:
             self._plot()
@@ -307,12 +340,14 @@ class Finetune:
                     sums[2 * i + 1] += 1
             sums[-1] += batch.input_ids.numel()
         result = e.finish_step()
-        totals = all_reduce_sum(torch.cat([sums, bad]).to(e.device)).cpu()
+        stop = torch.tensor([float(self.stopping)], dtype=torch.float64)  # any rank's SIGTERM stops them all here
+        totals = all_reduce_sum(torch.cat([sums, bad, stop]).to(e.device)).cpu()
         log = {name: totals[2 * i].item() / totals[2 * i + 1].item()
                for i, name in enumerate(names) if totals[2 * i + 1] > 0}
         return log | {"lr": lr, "grad_norm": result.grad_norm, "skipped": not result.applied,
                       "tokens": totals[len(sums) - 1].item(),
-                      "bad_batches": [i for i, b in enumerate(totals[len(sums):].tolist()) if b]}
+                      "bad_batches": [i for i, b in enumerate(totals[len(sums):-1].tolist()) if b],
+                      "stop": totals[-1].item() > 0}
 
     @torch.no_grad()
     def evaluate(self) -> float:
