@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mllm.data.corpora import first_test_record
 from mllm.data.corpora.build import corpora_problem
 from mllm.generation import GenerationConfig
 from mllm.media import Audio, Image, Video, save_audio, save_image, save_video
@@ -45,16 +44,6 @@ class Showcase:
     truth: str = ""
     seconds: float = 0.0
     unavailable: str = ""  # why this checkpoint cannot run the path
-
-
-def _records(corpora: Path, corpus: str, task: str, keep: Callable[[dict], bool] = lambda r: True) -> dict:
-    """The first test record of `corpus` with `task` that `keep` accepts."""
-    with open(corpora / corpus / "test.jsonl", encoding="utf-8") as f:
-        for line in f:
-            record = json.loads(line)
-            if record.get("task") == task and keep(record):
-                return record
-    raise LookupError(f"{corpora / corpus / 'test.jsonl'}: no {task} record to show")
 
 
 def _message(role: str, parts: list, base: Path | None = None) -> dict:
@@ -105,12 +94,12 @@ class Demo:
 
     def all(self) -> list[Showcase]:
         c = self.corpora
-        caption = _records(c, "digits", "image_caption")
-        qa = _records(c, "digits", "image_qa", lambda r: r["meta"]["question_type"] == "digit")
-        draw = _records(c, "digits", "image_generation")
-        asr = _records(c, "speech", "asr", lambda r: r["meta"]["kind"] == "digits")
-        tts = _records(c, "speech", "tts", lambda r: r["meta"]["transcript"] in DIGIT_WORDS)
-        sound = _records(c, "sounds", "sound_caption")
+        caption = first_test_record(c, "digits", "image_caption")
+        qa = first_test_record(c, "digits", "image_qa", lambda r: r["meta"]["question_type"] == "digit")
+        draw = first_test_record(c, "digits", "image_generation")
+        asr = first_test_record(c, "speech", "asr", lambda r: r["meta"]["kind"] == "digits")
+        tts = first_test_record(c, "speech", "tts", lambda r: r["meta"]["transcript"] in DIGIT_WORDS)
+        sound = first_test_record(c, "sounds", "sound_caption")
         shows = [
             self.run("image → caption", caption, _user_parts(caption, c), caption["meta"]["caption"], needs=("image",)),
             self.run("image → answer", qa, _user_parts(qa, c), qa["meta"]["answer"], needs=("image",)),
@@ -134,8 +123,8 @@ class Demo:
         if unavailable or not (c / "video" / "test.jsonl").is_file():
             reason = unavailable or "the video corpus is not built"
             return [Showcase("video → answer", unavailable=reason), Showcase("text → video", unavailable=reason)]
-        qa = _records(c, "video", "video_qa", lambda r: r["meta"]["question_type"] == "direction")
-        make = _records(c, "video", "video_generation", lambda r: r["meta"]["num_digits"] == 1)
+        qa = first_test_record(c, "video", "video_qa", lambda r: r["meta"]["question_type"] == "direction")
+        make = first_test_record(c, "video", "video_generation", lambda r: r["meta"]["num_digits"] == 1)
         shows.append(self.run("video → answer", qa, _user_parts(qa, c), qa["meta"]["answer"], needs=("video",)))
         shows.append(self.run("text → video", make, _user_parts(make, c), make["meta"]["prompt"],
                               force="video", max_new_tokens=80, needs=("video",)))
@@ -144,7 +133,7 @@ class Demo:
     def conversation(self, c: Path) -> Showcase:
         """A two-turn test conversation: read a digit and say it; then draw another. The model opens every medium
         itself."""
-        record = _records(c, "interleaved", "interleaved", lambda r: r["meta"]["template"] == "read_then_draw")
+        record = first_test_record(c, "interleaved", "interleaved", lambda r: r["meta"]["template"] == "read_then_draw")
         read, drawn = record["meta"]["digits"]
         show = Showcase("interleaved conversation", [Turn("user", _user_parts(record, c))],
                         f"{read}, spoken; then a {drawn}, drawn", unavailable=self.can("gmm", "image", "audio"))

@@ -8,11 +8,10 @@ file of the built corpora to attach where a request reads a medium; the README l
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from mllm.data.corpora import digits, speech, video
+from mllm.data.corpora import digits, first_test_record, speech, video
 
 
 @dataclass(frozen=True)
@@ -47,15 +46,10 @@ def example_medium(corpora: Path, example: Example) -> Path | None:
         return None
     corpus, task = example.test_file
     try:
-        with open(corpora / corpus / "test.jsonl", encoding="utf-8") as f:
-            for line in f:
-                record = json.loads(line)
-                if record.get("task") == task:
-                    part = next(p for p in record["messages"][0]["content"] if p["type"] != "text")
-                    return corpora / corpus / part["path"]
-    except (OSError, ValueError, KeyError, StopIteration):
+        record = first_test_record(corpora, corpus, task)
+    except (OSError, ValueError, LookupError):
         return None
-    return None
+    return next((corpora / corpus / p["path"] for p in record["messages"][0]["content"] if p["type"] != "text"), None)
 
 
 def describe_examples(corpora: Path) -> str:

@@ -261,3 +261,13 @@ def atomic_write_text(path: Path, data: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(data, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def first_test_record(corpora: Path, corpus: str, task: str, keep: Callable[[dict], bool] = lambda r: True) -> dict:
+    """The first record of `task` in the built `corpora`'s `corpus` test split that `keep` accepts."""
+    with open(corpora / corpus / "test.jsonl", encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            if record.get("task") == task and keep(record):
+                return record
+    raise LookupError(f"{corpora / corpus / 'test.jsonl'}: no {task} record to show")
