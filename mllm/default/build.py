@@ -57,6 +57,7 @@ from mllm.default.paths import CHECKPOINTS
 from mllm.default.ship import ship, size_mb
 from mllm.tokenize import commands as tokenize
 from mllm.train import FinetuneConfig, finetune, load_recipe
+from mllm.train.distributed import on_sigterm
 from mllm.train.recipe_data import encode_recipe_media
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: its tokenizers/ and finetune/recipes/
@@ -146,20 +147,6 @@ def exit_with(sentinel: int) -> None:
     os._exit(1)
 
 
-@contextmanager
-def terminate_raises_exit() -> Iterator[None]:
-    """Within it, SIGTERM raises SystemExit(143) in the main thread, so that `finally` and `except` clauses run
-    (SIGTERM's default ends the process at once, leaving its workers behind)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def end_workers(pool: ProcessPoolExecutor) -> None:
     """Kill the pool's processes now, whatever they are running (`kill_workers()` from Python 3.14). SIGKILL, not
     SIGTERM: a finetuning stage takes SIGTERM as a request to finish its step, and the worker would live on."""
@@ -202,7 +189,9 @@ def side_by_side(stages: list[Stage], logs: Path, processes: int = 2,
     finished: set[str] = set()
     failures: dict[str, str] = {}
     times: dict[str, float] = {}
-    with terminate_raises_exit(), tqdm(total=len(stages), desc="stages side by side", unit="stage") as bar, \
+    # SIGTERM raises SystemExit(143), so that the workers are ended on the way out; its default would leave them
+    with on_sigterm(lambda signum, frame: sys.exit(128 + signum)), \
+            tqdm(total=len(stages), desc="stages side by side", unit="stage") as bar, \
             ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"), initializer=start_worker) as pool, \
             ending_workers_on_exit(pool, running):
         while waiting or running:

@@ -23,11 +23,14 @@ import abc
 import contextlib
 import math
 import os
+import signal
 import socket
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
 import torch
 import torch.distributed as dist
@@ -122,6 +125,20 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t)
     return t
+
+
+@contextlib.contextmanager
+def on_sigterm(handler: Callable[[int, FrameType | None], None]) -> Iterator[None]:
+    """Within the block, SIGTERM calls `handler` instead of ending the process; the previous handler is back
+    after it. Off the main thread, where Python takes no signal handlers, the block runs with SIGTERM as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

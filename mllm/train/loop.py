@@ -33,10 +33,8 @@ import os
 import random
 import shutil
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +58,9 @@ from mllm.train.checkpointing import (
     read_trainer_state,
     save_step,
 )
-from mllm.train.distributed import DistEnv, all_reduce_sum, barrier, build_engine, init_distributed, main_first, shutdown
+from mllm.train.distributed import (
+    DistEnv, all_reduce_sum, barrier, build_engine, init_distributed, main_first, on_sigterm, shutdown,
+)
 from mllm.train.policy import apply_policy, trainable_summary
 from mllm.train.recipe import FinetuneConfig, check_ready, data_root, with_absolute_paths
 from mllm.train.recipe_data import recipe_records, recipe_token_cache
@@ -136,6 +136,7 @@ class Finetune:
             self.say(f"resumed from {resume} (step {self.state.step}, epoch {self.state.epoch}, batch {self.state.batch})")
 
         self.train_records, self.validation_records, self.cache = self._prepare_data()
+        self.stopping = False  # set by SIGTERM during train(): every rank stops after the step under way
         self.repeat_rates = self._repeat_rates()
         self.writer = None
         if env.is_main:
@@ -242,25 +243,11 @@ class Finetune:
     # ---- training -------------------------------------------------------------------------------
 
     def train(self) -> None:
-        with self.finishing_the_step_on_sigterm():
+        with on_sigterm(self._stop_after_this_step):
             self._train()
 
-    @contextmanager
-    def finishing_the_step_on_sigterm(self) -> Iterator[None]:
-        """Within it, SIGTERM only asks the run to stop after its current step (`self.stopping`)."""
-        self.stopping = False
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def ask_to_stop(signum, frame) -> None:
-            self.stopping = True
-
-        previous = signal.signal(signal.SIGTERM, ask_to_stop)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+    def _stop_after_this_step(self, signum: int, frame: object) -> None:
+        self.stopping = True
 
     def _train(self) -> None:
         t = self.cfg.train
