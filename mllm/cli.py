@@ -6,6 +6,7 @@ import argparse
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from mllm.errors import InputError
@@ -71,40 +72,25 @@ def _tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _count(text: str) -> int:
-    """A whole number >= 1, for argparse."""
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return int(text)
+def _in_range(cast: Callable[[str], float], low: float, high: float | None, what: str) -> Callable[[str], float]:
+    """An argparse type: `cast(text)` from `low` to `high` (None: no upper bound), else an error expecting `what`."""
+
+    def parse(text: str) -> float:
+        try:
+            value = cast(text)
+        except ValueError:
+            value = math.nan  # fails the range test below
+        if not (low <= value and (high is None or value <= high)):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _port(text: str) -> int:
-    """A TCP port, 1 to 65535, for argparse."""
-    if not text.strip().isdigit() or not 1 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {text!r}")
-    return int(text)
-
-
-def _non_negative(text: str) -> float:
-    """A number >= 0, for argparse."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
-def _weight(text: str) -> float:
-    """A weight in [0, 1], for argparse."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
-    return value
+_count = _in_range(int, 1, None, "a whole number >= 1")
+_port = _in_range(int, 1, 65535, "a port from 1 to 65535")
+_non_negative = _in_range(float, 0, None, "a number >= 0")
+_weight = _in_range(float, 0, 1, "a number from 0 to 1")
 
 
 def _eval(args: argparse.Namespace) -> int:
