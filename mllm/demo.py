@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mllm.data.corpora import first_test_record
-from mllm.data.corpora.build import corpora_problem
+from mllm.data.corpora import atomic_write_text, first_test_record
+from mllm.data.corpora.build import check_corpora
 from mllm.generation import GenerationConfig
 from mllm.media import Audio, Image, Video, save_audio, save_image, save_video
 from mllm.pipeline import Pipeline
@@ -199,14 +199,12 @@ def write_page(shows: list[Showcase], out: Path, title: str) -> tuple[Path, list
     page = (f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title><style>{style}</style>"
             f"<h1>{html.escape(title)}</h1>{''.join(cards)}")
     index = out / "index.html"
-    index.write_text(page, encoding="utf-8")
+    atomic_write_text(index, page)
     return index, lines
 
 
 def run_demo(corpora: Path, out: Path, model: Path, diffusion_model: Path, seed: int = 0) -> int:
-    if problem := corpora_problem(corpora):
-        print(problem)
-        return 2
+    check_corpora(corpora)
     started = time.perf_counter()
     paths = {"gmm": model, "diffusion": diffusion_model}
     pipelines = {variant: Pipeline.from_pretrained(path) for variant, path in paths.items()}

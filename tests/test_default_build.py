@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mllm.cli import main
-from mllm.data.corpora.build import FORMAT_VERSION
+from mllm.data.corpora.build import FORMAT_VERSION, CorporaError
 from mllm.default.build import SIDE_BY_SIDE, Build, DefaultBuildConfig, Stage, side_by_side
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,18 +154,20 @@ def test_stages_in_order_and_given_tokenizers_are_not_trained(tmp_path):
 def test_missing_or_older_corpora_are_refused_before_any_stage_with_what_to_run(tmp_path, capsys):
     corpora, out = tmp_path / "corpora", tmp_path / "out"
     assert main(["default", "train", "--data", str(corpora), "--out", str(out)]) == 2
-    assert f"no built corpora at {corpora}: run `mllm data build` first" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert f"mllm default train: no built corpora at {corpora}: run `mllm data build` first" in said.err
+    assert said.out == "" and not out.exists()
     corpora.mkdir()
     (corpora / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION - 1}))
     older = f"the corpora at {corpora} were built by an older mllm: rebuild them with `mllm data build --overwrite`"
-    for command in (["default", "train", "--out", str(out)], ["demo", "--out", str(tmp_path / "demo")]):
-        assert main([*command, "--data", str(corpora)]) == 2
-        assert older in capsys.readouterr().out
+    for command in (["default", "train"], ["demo"]):
+        assert main([*command, "--data", str(corpora), "--out", str(tmp_path / command[0])]) == 2
+        assert f"mllm {' '.join(command)}: {older}" in capsys.readouterr().err
     build = Build(DefaultBuildConfig(corpora=corpora, out=out))
-    with pytest.raises(ValueError, match="built by an older mllm"):
+    with pytest.raises(CorporaError, match="built by an older mllm"):
         build.run()
     assert not out.exists()  # refused before any stage started
     for done in (s.done for s in build.stages().values()):  # a finished build reads no corpora: nothing to refuse
         done.parent.mkdir(parents=True, exist_ok=True)
         done.touch()
-    assert build.corpora_problem() is None
+    build.check_corpora()

@@ -37,4 +37,4 @@ def test_demo_writes_a_page_with_every_path(corpora, tmp_path, capsys):
 
 def test_demo_without_corpora_says_how_to_build_them(tmp_path, capsys):
     assert main(["demo", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "demo")]) == 2
-    assert "mllm data build" in capsys.readouterr().out
+    assert f"mllm demo: no built corpora at {tmp_path / 'none'}: run `mllm data build` first" in capsys.readouterr().err

@@ -51,7 +51,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from mllm.data.corpora import atomic_write_text
-from mllm.data.corpora.build import corpora_problem
+from mllm.data.corpora.build import check_corpora
 from mllm.default.corpus import prepare_corpora
 from mllm.default.paths import CHECKPOINTS
 from mllm.default.ship import ship, size_mb
@@ -287,17 +287,15 @@ class Build:
         prepare_corpora(corpora, data, self.cfg.corpora_used, set(MODALITIES), self.cfg.audio_seconds, self.cfg.skip_tasks)
         (data / "done").touch()
 
-    def corpora_problem(self, stages: dict[str, Stage] | None = None) -> str | None:
-        """Why the build cannot start from its corpora (missing, or an older mllm's); None when it can, or when
+    def check_corpora(self, stages: dict[str, Stage] | None = None) -> None:
+        """Raise CorporaError when the build cannot start from its corpora (missing, or an older mllm's), unless
         every stage (of `stages`, by default all) is done and none reads them."""
-        if all(stage.done.exists() for stage in (stages or self.stages()).values()):
-            return None
-        return corpora_problem(Path(self.cfg.corpora).absolute())
+        if not all(stage.done.exists() for stage in (stages or self.stages()).values()):
+            check_corpora(Path(self.cfg.corpora).absolute())
 
     def run(self) -> dict[str, float]:
         stages = self.stages()
-        if problem := self.corpora_problem(stages):
-            raise ValueError(problem)
+        self.check_corpora(stages)
         parallel = [stages[n] for n in SIDE_BY_SIDE if n in stages and not stages[n].done.exists()]
         if len(parallel) > 1:
             started = time.perf_counter()

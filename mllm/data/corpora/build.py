@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from mllm.config import ConfigError, from_dict, load_config, to_dict
 from mllm.data.corpora import SPLITS, BuildContext, CorpusResult, atomic_write_text, get_corpus, list_corpora
+from mllm.errors import InputError
 from mllm.registry import UnknownNameError
 
 MANIFEST = "manifest.json"
@@ -279,13 +280,17 @@ def is_current(out: str | os.PathLike) -> bool:
     return is_complete(out) and Manifest.load(out).data.get("format_version") == FORMAT_VERSION
 
 
-def corpora_problem(out: str | os.PathLike) -> str | None:
-    """Why `out` is not built corpora this mllm can use, and what to run; None when it is."""
+class CorporaError(InputError):
+    """The corpora a command reads are missing or an older mllm's; the message says what to run."""
+
+
+def check_corpora(out: str | os.PathLike) -> None:
+    """Raise CorporaError, naming what to run, unless `out` holds built corpora this mllm can use."""
     if not is_complete(out):
-        return f"no built corpora at {out}: run `mllm data build` first (see the README)"
+        raise CorporaError(f"no built corpora at {out}: run `mllm data build` first (see the README)")
     if not is_current(out):
-        return f"the corpora at {out} were built by an older mllm: rebuild them with `mllm data build --overwrite`"
-    return None
+        raise CorporaError(f"the corpora at {out} were built by an older mllm: rebuild them with "
+                           "`mllm data build --overwrite`")
 
 
 # ---------------------------------------------------------------- build
