@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -11,6 +13,7 @@ from mllm.heads import list_heads
 from mllm.model import MultimodalLM
 from mllm.model.modeling import block_causal_mask, query_blocks
 from mllm.registry import UnknownNameError
+from mllm.train.loop import enable_checkpointing
 from mllm.vocab import ModalitySpec, VocabLayout
 from tests.conftest import TINY_LMS
 
@@ -378,3 +381,22 @@ def test_replacing_a_head_with_a_parallel_one_adds_its_queries_and_keeps_them_fo
     assert model.queries["image"] is queries and model.config.heads["image"]["loss_weight"] == 1.0
     model.replace_head("image", {"name": "gmm"})
     assert "image" not in model.queries and not model.is_parallel("image")
+
+
+def test_activation_checkpointing_recomputes_layers_with_the_same_gradients_and_no_deprecation(arch):
+    def gradients(checkpointed: bool) -> dict[str, torch.Tensor]:
+        model, _ = wrapped(arch)
+        model.train()
+        if checkpointed:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", FutureWarning)  # not transformers' deprecated gradient_* names
+                enable_checkpointing(model)
+        assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) == checkpointed
+        ids = image_sequence(model.layout)
+        torch.manual_seed(0)  # the same dropout masks in both runs; checkpointing replays them
+        model(ids, features={"image": torch.randn(6, IMAGE_DIM)}, labels=ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert plain.keys() == checkpointed.keys()
+    assert all(torch.allclose(plain[n], checkpointed[n], atol=1e-6) for n in plain)

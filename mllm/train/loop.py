@@ -101,6 +101,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer's activations in the backward pass (non-reentrant, so frozen inputs work).
+    transformers 5 renamed gradient to activation checkpointing; the old name warns, and goes in 6."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 class Finetune:
     """One run of a recipe: set up (model, policy, engine, data, resume), train, save, export."""
 
@@ -113,7 +122,7 @@ class Finetune:
 
         model, self.processor = build_from_recipe(cfg)
         if cfg.train.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)
         self.heads = sorted(model.config.heads)
         self.attn_implementation = model.config._attn_implementation
         hidden_size = model.config.text_config.hidden_size
