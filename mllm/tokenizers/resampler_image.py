@@ -35,7 +35,7 @@ from torch import nn
 
 from mllm.media import Image
 from mllm.tokenizers.base import MediaTokenizer, register
-from mllm.tokenizers.fsq_image import check_stem, check_vit, grid_positions, image_batch, patch_stem, vit
+from mllm.tokenizers.fsq_image import check_stem, check_vit, image_batch, patch_stem, vit
 
 
 def locality_bias(query_grid: int, feature_grid: int, extra: int = 0) -> torch.Tensor:
