@@ -15,6 +15,7 @@ parameter name.
 from __future__ import annotations
 
 import re
+import warnings
 from collections import Counter
 from fnmatch import fnmatchcase
 
@@ -24,6 +25,12 @@ from torch import nn
 from mllm.config import ConfigError
 from mllm.model import MultimodalLM
 from mllm.train.recipe import PolicyConfig
+
+
+def _peft_model(model: MultimodalLM, config: peft.PeftConfig) -> nn.Module:
+    with warnings.catch_warnings():  # peft reads transformers 5's deprecated name: nothing for a user to mend
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        return peft.get_peft_model(model, config)
 
 
 def apply_policy(model: MultimodalLM, policy: PolicyConfig) -> nn.Module:
@@ -45,11 +52,11 @@ def apply_policy(model: MultimodalLM, policy: PolicyConfig) -> nn.Module:
             trainable_token_indices={name: new_rows for name in rows} or None,
         )
         try:
-            trained: nn.Module = peft.get_peft_model(model, config)
+            trained: nn.Module = _peft_model(model, config)
         except ValueError as e:  # no module matches
             raise ConfigError("policy.lora.target_modules", f"{lora.target_modules}: {e}") from e
     elif rows:
-        trained = peft.get_peft_model(model, peft.TrainableTokensConfig(target_modules=rows, token_indices=new_rows))
+        trained = _peft_model(model, peft.TrainableTokensConfig(target_modules=rows, token_indices=new_rows))
     else:
         trained = model
         model.language_model.requires_grad_(policy.lm == "full")
