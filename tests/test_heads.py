@@ -188,6 +188,20 @@ def test_diffusion_sampling_steps_and_temperature(sampler, eta):
             draw(steps=2000)
 
 
+@pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 1.0), ("flow", 1.0)])
+def test_a_bf16_diffusion_head_runs_its_process_in_fp32(sampler, eta):
+    """bf16 rounds ᾱ(0) = 0.99996 to 1: DDIM's last step was 0/0, and t near 0 had nothing to learn."""
+    model = head("diffusion", sampler=sampler, eta=eta)
+    train(model, lambda n: (torch.randn(n, H), torch.randn(n, D)), steps=3, lr=1e-2, batch=8)
+    hidden = torch.randn(3, H)
+    full = model.sample(hidden, generator=torch.Generator().manual_seed(0), steps=10)
+    model.to(torch.bfloat16)
+    half = model.sample(hidden.bfloat16(), generator=torch.Generator().manual_seed(0), steps=10)
+    assert half.dtype == torch.bfloat16 and torch.isfinite(half).all()
+    assert torch.allclose(half.float(), full, atol=0.1, rtol=0.05)  # the same draw, through a bf16 net
+    assert torch.isfinite(model.loss(hidden.bfloat16(), torch.randn(3, D)))
+
+
 @pytest.mark.parametrize("name,options", [("gmm", {"temperature": 0.3}), ("gmm", {"temperature": 0.3, "mode": "mean"}),
                                           ("diffusion", {"temperature": 0.2, "sampler": "flow"})])
 def test_the_saved_readout_is_the_default(name, options, tmp_path):

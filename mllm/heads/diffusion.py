@@ -22,8 +22,9 @@ draws along the way: DDIM's per-step noise, as in MAR (so none at `eta` = 0),
 and the flow's starting noise, its only draw. Guidance mixes the two
 predictions of one batched forward, as MAR does on ε.
 
-The schedule is a closed-form function of the time, so the head holds no
-buffers. It is written here rather than taken from diffusers: an MLP head
+The schedule is recomputed from its formula on each call (a thousand float64
+products), so the head holds no buffers. The process itself runs in fp32
+whatever the LM's dtype: bf16 rounds ᾱ near t = 0 to 1. It is written here rather than taken from diffusers: an MLP head
 needs about thirty lines of it, and `mllm.model` must import without diffusers.
 """
 
@@ -168,16 +169,21 @@ class DiffusionHead(Head):
 
     def loss(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         cond = hidden.repeat(self.config.batch_multiplier, 1)  # [m·M, H]
-        x = target.to(hidden.dtype).repeat(self.config.batch_multiplier, 1)  # [m·M, D]
+        x = target.float().repeat(self.config.batch_multiplier, 1)  # [m·M, D]; see _denoise on the fp32
         noise = torch.randn_like(x)
         if self.config.sampler == "ddim":
             t = torch.randint(0, self.config.train_steps, (x.shape[0],), device=x.device)
-            alpha_bar = cosine_alpha_bar(t, self.config.train_steps)[:, None].to(x.dtype)
+            alpha_bar = cosine_alpha_bar(t, self.config.train_steps)[:, None]
             x_t = alpha_bar.sqrt() * x + (1 - alpha_bar).sqrt() * noise
-            return F.mse_loss(self.net(x_t, t, cond).float(), noise.float())
-        t = torch.rand(x.shape[0], device=x.device, dtype=x.dtype)
+            return F.mse_loss(self._denoise(x_t, t, cond), noise)
+        t = torch.rand(x.shape[0], device=x.device)
         x_t = (1 - t[:, None]) * x + t[:, None] * noise
-        return F.mse_loss(self.net(x_t, t * self.config.train_steps, cond).float(), (noise - x).float())
+        return F.mse_loss(self._denoise(x_t, t * self.config.train_steps, cond), noise - x)
+
+    def _denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The net's prediction [M, D] in fp32. The process runs in fp32 whatever the LM's dtype: in bf16 or fp16
+        ᾱ rounds to 1 near t = 0, leaving nothing to learn there and 0/0 in DDIM's last step."""
+        return self.net(x_t.to(cond.dtype), t, cond).float()
 
     @torch.no_grad()
     def sample(
@@ -197,23 +203,23 @@ class DiffusionHead(Head):
         shape = (cond.shape[0], self.config.feature_dim)
 
         def noise() -> torch.Tensor:
-            return torch.randn(shape, generator=generator, device=hidden.device, dtype=hidden.dtype)
+            return torch.randn(shape, generator=generator, device=hidden.device)  # fp32, as the whole process
 
         def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             """The guided prediction [M, D] at x [M, D] and integer or scaled time t (a 0-d tensor)."""
             x2 = x if uncond is None else torch.cat([x, x])
-            out = self.net(x2, t.expand(x2.shape[0]), hidden)
+            out = self._denoise(x2, t.expand(x2.shape[0]), hidden)
             return guide(*out.chunk(2), cfg) if uncond is not None else out
 
         if self.config.sampler == "flow":
             x = temperature * noise()
             times = torch.linspace(1.0, 0.0, steps + 1, device=hidden.device)
             for t, t_next in zip(times[:-1], times[1:]):
-                x = x + (t_next - t).to(x.dtype) * predict(x, t * self.config.train_steps)
-            return both_streams(x, cfg)
+                x = x + (t_next - t) * predict(x, t * self.config.train_steps)
+            return both_streams(x.to(hidden.dtype), cfg)
         times = torch.arange(steps - 1, -1, -1, device=hidden.device) * (self.config.train_steps // steps)
         times_and_end = torch.cat([times, times.new_tensor([-1])])  # the last step goes to ᾱ = 1
-        alpha_bars = cosine_alpha_bar(times_and_end, self.config.train_steps).to(hidden.dtype)
+        alpha_bars = cosine_alpha_bar(times_and_end, self.config.train_steps)
         x = noise()
         for i, t in enumerate(times):
             a, a_prev = alpha_bars[i], alpha_bars[i + 1]
@@ -223,4 +229,4 @@ class DiffusionHead(Head):
             x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp_min(0).sqrt() * eps
             if self.config.eta > 0:
                 x = x + temperature * sigma * noise()
-        return both_streams(x, cfg)
+        return both_streams(x.to(hidden.dtype), cfg)
