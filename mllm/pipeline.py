@@ -86,9 +86,11 @@ class Pipeline:
         if config.guided:
             uncond = self._prompts([[{"role": "user", "content": ""}]] * len(conversations), force)
         decoded: dict[int, Media] = {}  # id(span) -> medium, decoded once as each span completes
+        # the de-tokenizers' draws come from the generation's seed too: a seeded reply's media are the same each run
+        rng = None if config.seed is None else torch.Generator().manual_seed(config.seed)
 
         def media_callback(row: int, span: MediaSpan) -> None:
-            decoded[id(span)] = self.decode(span, guidance=decode_guidance, steps=decode_steps)
+            decoded[id(span)] = self.decode(span, guidance=decode_guidance, steps=decode_steps, generator=rng)
             if on_media is not None:
                 on_media(row, decoded[id(span)])
 
@@ -103,7 +105,9 @@ class Pipeline:
         def item(i: str | MediaSpan) -> Item:
             if isinstance(i, str):
                 return i
-            return decoded[id(i)] if id(i) in decoded else self.decode(i, guidance=decode_guidance, steps=decode_steps)
+            if id(i) not in decoded:
+                decoded[id(i)] = self.decode(i, guidance=decode_guidance, steps=decode_steps, generator=rng)
+            return decoded[id(i)]
 
         return [[item(i) for i in result.items(self.processor.decode_text)] for result in results]
 
@@ -117,10 +121,11 @@ class Pipeline:
             media.append(found[0])
         return media
 
-    def decode(self, span: MediaSpan, *, guidance: float | None = None, steps: int | None = None) -> Media:
+    def decode(self, span: MediaSpan, *, guidance: float | None = None, steps: int | None = None,
+               generator: torch.Generator | None = None) -> Media:
         if span.modality not in self.detokenizers:
             raise KeyError(f"no {span.modality} de-tokenizer in this pipeline (has: {sorted(self.detokenizers)})")
-        return self.detokenizers[span.modality].decode(span.tokens, guidance=guidance, steps=steps)
+        return self.detokenizers[span.modality].decode(span.tokens, guidance=guidance, steps=steps, generator=generator)
 
     def complete(self, conversations: Sequence[list[dict]], max_new_tokens: int) -> list[str]:
         """The assistant's greedy text reply to each conversation, decoded and stripped."""

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +16,7 @@ from mllm.default.corpus import prepare_corpora
 from mllm.default.paths import CHECKPOINTS
 from mllm.default.ship import size_mb
 from mllm.eval.predictor import ModelPredictor
+from mllm.media import Audio, Image
 from mllm.pipeline import Pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +64,26 @@ def test_every_variant_loads_as_a_float32_pipeline(variant):
     assert set(pipe.detokenizers) == set(pipe.processor.media_tokenizers) == {"image", "audio", "video"}
     head = pipe.model.config.heads["image"]["name"]
     assert head == variant
+
+
+def test_a_seeded_reply_draws_and_speaks_the_same_media_every_run():
+    """The de-tokenizers sample (diffusion noise, Griffin-Lim's phases): the generation's seed seeds them too."""
+    from mllm.generation import GenerationConfig
+
+    pipe = Pipeline.from_pretrained(default_checkpoint())
+    asks = [[{"role": "user", "content": [{"type": "text", "text": text}]}]
+            for text in ("Draw the digit 7.", 'Say "three six zero".')]
+
+    def media(seed: int, global_seed: int) -> list[np.ndarray]:
+        torch.manual_seed(global_seed)  # the global RNG differs from run to run; it must not matter
+        replies = pipe.chat(asks, GenerationConfig(max_new_tokens=80, seed=seed))
+        return [m.pixels if isinstance(m, Image) else m.samples for reply in replies for m in reply
+                if isinstance(m, (Image, Audio))]
+
+    first = media(0, global_seed=1)
+    assert len(first) == 2
+    assert all(np.array_equal(a, b) for a, b in zip(first, media(0, global_seed=2)))
+    assert not np.array_equal(first[0], media(1, global_seed=1)[0])
 
 
 def _digit_questions(digits: Path) -> list[list[dict]]:
