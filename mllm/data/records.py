@@ -153,10 +153,11 @@ def read_records(
 ) -> Dataset | IterableDataset:
     """Record files -> a `datasets` Dataset (or IterableDataset when `streaming`) of FEATURES rows.
 
-    With `world_size` > 1 each rank gets its own part (`split_dataset_by_node`:
-    whole files when they divide evenly, else every world_size-th row). The
-    map-style table is cached under `cache_dir` (datasets' default otherwise),
-    keyed by the files' paths, sizes and modification times.
+    With `world_size` > 1 each rank gets its own part (`split_dataset_by_node`):
+    of a Dataset, the rank-th of world_size contiguous blocks of rows; of an
+    IterableDataset, whole files when their number divides evenly, else every
+    world_size-th row. The map-style table is cached under `cache_dir`
+    (datasets' default otherwise), keyed by the files' paths, sizes and modification times.
     """
     files = record_files(paths)
     kwargs = {"features": FEATURES, "gen_kwargs": {"files": files}}

@@ -15,7 +15,7 @@ a checkpoint is read together with the base its recipe names. Under DeepSpeed
 each rank writes its own partition of the optimizer state, so a run resumes
 on the same number of ranks.
 
-    export_checkpoint("runs/x/checkpoints/step-00000100", "runs/x/final", merge=True)
+    export_checkpoint("runs/x/checkpoints/step-00000100", "runs/x/final", merge_lora=True)
 
 writes a plain mllm checkpoint (LoRA merged into the base), which
 `AutoModelForCausalLM.from_pretrained` and `mllm.checkpoint.load_checkpoint` load.

@@ -2,7 +2,7 @@
 
     env = DistEnv.from_environ()               # RANK / LOCAL_RANK / WORLD_SIZE, as torchrun and deepspeed set them
     device = init_distributed(env, use_deepspeed=cfg.deepspeed is not None)
-    engine = build_engine(model, cfg, env, device)
+    engine = build_engine(model, cfg, env, device, hidden_size)  # hidden_size: the LM's, for DeepSpeed's buckets
     out = engine.forward(batch)                # per micro-batch
     engine.backward(loss, boundary=last)       # accumulates; DeepSpeed reduces and partitions
     result = engine.finish_step()              # clip, update unless the gradient is non-finite
