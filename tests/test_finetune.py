@@ -146,6 +146,22 @@ def test_deepspeed_configs_fill_every_auto_from_the_recipe(config, corpus, text_
     assert "auto" not in json.dumps(ds)
 
 
+@pytest.mark.parametrize("ds, key, got", [
+    ([], "deepspeed", "a list"),
+    ({"zero_optimization": None}, "zero_optimization", "null"),
+    ({"zero_optimization": {"stage": 2}, "optimizer": "AdamW"}, "optimizer", '"AdamW"'),
+    ({"zero_optimization": {"stage": 2}, "bf16": None}, "bf16", "null"),
+    ({"zero_optimization": {"stage": 2}, "fp16": True}, "fp16", "true"),
+    ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", "params": []}}, "optimizer.params", "a list"),
+])
+def test_a_malformed_deepspeed_config_names_the_key_and_file(ds, key, got, corpus, text_tokenizer, tmp_path):
+    config = write(tmp_path, ds, "ds.json")
+    cfg = load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, tmp_path, deepspeed=str(config))))
+    with pytest.raises(ConfigError, match=f"got {got}") as e:
+        deepspeed_config(cfg, world_size=1, hidden_size=8)
+    assert e.value.key == key and str(config) in str(e.value)
+
+
 @pytest.mark.parametrize("overrides, key", [
     (["train.max_stepz=3"], "train.max_stepz"),
     (["train.max_steps=ten"], "train.max_steps"),

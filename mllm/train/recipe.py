@@ -284,6 +284,10 @@ def deepspeed_config(cfg: FinetuneConfig, *, world_size: int, hidden_size: int) 
         raise ConfigError("deepspeed", f"cannot read {source}: {e.strerror}") from e
     except ValueError as e:
         raise ConfigError("deepspeed", f"{source} is not valid JSON: {e}") from e
+    if not isinstance(ds, dict):
+        raise ConfigError("deepspeed", f"{source} must hold a JSON object, got {_json_type(ds)}")
+    for key in ("zero_optimization", "fp16", "bf16", "optimizer", "optimizer.params"):
+        _json_object(ds, key, source)
     stage = ds.get("zero_optimization", {}).get("stage")
     if stage not in (1, 2, 3):
         raise ConfigError("zero_optimization.stage", f"must be 1, 2 or 3, got {stage!r}", source)
@@ -293,7 +297,7 @@ def deepspeed_config(cfg: FinetuneConfig, *, world_size: int, hidden_size: int) 
         raise ConfigError("fp16.enabled", "fp16 training is not supported: use bf16", source)
     if "fp16" in ds:
         ds["fp16"]["enabled"] = False
-    if ds.get("optimizer", {}).get("type", "AdamW").lower() not in ("adamw", "adam"):
+    if str(ds.get("optimizer", {}).get("type", "AdamW")).lower() not in ("adamw", "adam"):
         raise ConfigError("optimizer.type", "must be AdamW: the recipe's `optim` describes AdamW", source)
 
     o, t = cfg.optim, cfg.train
@@ -342,6 +346,24 @@ def resolve_precision(precision: Precision) -> Literal["bf16", "fp32"]:
     import torch
 
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def _json_object(ds: dict, key: str, source: str) -> None:
+    """Raise ConfigError unless the dotted `key` of `ds` is absent or a JSON object (its parents checked first)."""
+    node = ds
+    for part in key.split("."):
+        if part not in node:
+            return
+        node = node[part]
+    if not isinstance(node, dict):
+        raise ConfigError(key, f"must be a JSON object, got {_json_type(node)}", source)
+
+
+def _json_type(value: Any) -> str:
+    """`value` as a message names it: null, a list, "AdamW", true, 2."""
+    if value is None or isinstance(value, list):
+        return "null" if value is None else "a list"
+    return json.dumps(value) if isinstance(value, (bool, int, float, str)) else type(value).__name__
 
 
 def _autos(node: Any, prefix: str = "") -> list[str]:
