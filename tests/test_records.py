@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,20 @@ def test_map_style_table_is_rebuilt_when_a_file_changes(corpus):
     assert len(read_records(corpus, cache_dir=corpus.parent / "hf")) == 3
     write_jsonl(corpus, [{"text": "only one now"}])
     assert len(read_records(corpus, cache_dir=corpus.parent / "hf")) == 1
+
+
+@pytest.mark.parametrize("in_place", [True, False], ids=["cp -p", "rsync -t"])
+def test_a_rewrite_that_keeps_size_and_mtime_is_not_served_from_the_cache(tmp_path, in_place):
+    """cp -p rewrites the file in place, rsync -t renames a new one over it; both keep size and mtime."""
+    path = write_jsonl(tmp_path / "r.jsonl", [{"id": "x", "text": "hello"}])
+    assert json.loads(read_records(path, cache_dir=tmp_path / "hf")[0]["messages"])[0]["content"][0]["text"] == "hello"
+    st = path.stat()
+    new = path if in_place else tmp_path / ".r.jsonl.tmp"
+    write_jsonl(new, [{"id": "x", "text": "HELLO"}])
+    os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(new, path)
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert json.loads(read_records(path, cache_dir=tmp_path / "hf")[0]["messages"])[0]["content"][0]["text"] == "HELLO"
 
 
 @pytest.mark.parametrize("streaming", [False, True])

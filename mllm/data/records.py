@@ -157,7 +157,9 @@ def read_records(
     of a Dataset, the rank-th of world_size contiguous blocks of rows; of an
     IterableDataset, whole files when their number divides evenly, else every
     world_size-th row. The map-style table is cached under `cache_dir`
-    (datasets' default otherwise), keyed by the files' paths, sizes and modification times.
+    (datasets' default otherwise), keyed by each file's path, size, inode,
+    modification and status-change times: a rewrite that keeps size and
+    modification time (cp -p, rsync -t, tar x) still changes the inode or ctime.
     """
     files = record_files(paths)
     kwargs = {"features": FEATURES, "gen_kwargs": {"files": files}}
@@ -175,7 +177,7 @@ def _fingerprint(files: list[str]) -> str:
     h = hashlib.sha256(f"mllm-records-v1\0{FEATURES}\0".encode())  # bump v1 when the rows change
     for f in files:
         st = os.stat(f)
-        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        h.update(f"{f}\0{st.st_size}\0{st.st_ino}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0".encode())
     return h.hexdigest()
 
 
