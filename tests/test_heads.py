@@ -188,6 +188,18 @@ def test_diffusion_sampling_steps_and_temperature(sampler, eta):
             draw(steps=2000)
 
 
+def test_per_call_sampling_options_are_checked():
+    """A misspelt mode or a step count below 1 is an error, not a silent default or a sample of pure noise."""
+    hidden = torch.randn(2, H)
+    with pytest.raises(ValueError, match=r"mode must be one of \['sample', 'mean', 'mode'\], got 'Mean'"):
+        head("gmm").sample(hidden, mode="Mean")
+    for steps in (0, -1):  # 0 is no request for the config's default
+        with pytest.raises(ValueError, match=rf"steps must be in \[1, 1000\], got {steps}"):
+            head("diffusion", sampler="ddim").sample(hidden, steps=steps)
+        with pytest.raises(ValueError, match=rf"steps must be >= 1, got {steps}"):
+            head("diffusion", sampler="flow").sample(hidden, steps=steps)
+
+
 @pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 1.0), ("flow", 1.0)])
 def test_a_bf16_diffusion_head_runs_its_process_in_fp32(sampler, eta):
     """bf16 rounds ᾱ(0) = 0.99996 to 1: DDIM's last step was 0/0, and t near 0 had nothing to learn."""

@@ -195,10 +195,12 @@ class DiffusionHead(Head):
         generator: torch.Generator | None = None,
         steps: int | None = None,
     ) -> torch.Tensor:
-        steps = steps or self.config.steps
+        steps = self.config.steps if steps is None else steps
         temperature = self.config.temperature if temperature is None else temperature
         if self.config.sampler == "ddim" and not 0 < steps <= self.config.train_steps:
             raise ValueError(f"steps must be in [1, {self.config.train_steps}], got {steps}")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
         cond, uncond = split_guidance(hidden, cfg)  # hidden is the condition of both halves of each forward
         shape = (cond.shape[0], self.config.feature_dim)
 

@@ -23,7 +23,7 @@ u + cfg · (c − u), like a regression.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -107,7 +107,9 @@ class GMMHead(Head):
         generator: torch.Generator | None = None,
         mode: Mode | None = None,
     ) -> torch.Tensor:
-        mode = mode or self.config.mode
+        mode = self.config.mode if mode is None else mode
+        if mode not in get_args(Mode):
+            raise ValueError(f"mode must be one of {list(get_args(Mode))}, got {mode!r}")
         temperature = self.config.temperature if temperature is None else temperature
         cond, uncond = split_guidance(hidden, cfg)
         scale = self.config.variance_scale**0.5 * temperature
