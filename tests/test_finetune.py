@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from collections import Counter
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,10 +27,13 @@ from mllm.tokenizers import build_media_tokenizer
 from mllm.tokenizers.text import train_text_tokenizer
 from mllm.train import apply_policy, finetune, load_recipe, merge, trainable_summary
 from mllm.train.checkpointing import (
+    TrainerState,
+    _save_language_model,
     build_from_recipe,
     complete_checkpoints,
     load_trainable,
     read_state,
+    save_step,
     step_dir,
 )
 from mllm.train.distributed import DistEnv
@@ -442,6 +447,59 @@ def test_a_process_killed_during_a_save_leaves_the_previous_checkpoint_loadable(
     assert [p.name for p in complete_checkpoints(out)] == ["step-00000004", "step-00000006"]
     assert not (out / "checkpoints" / ".step-00000004.tmp").exists()
     assert losses(out) == losses(lora_run)
+
+
+def killed_mid_delete(monkeypatch, marker: str) -> None:
+    """shutil.rmtree dies (KeyboardInterrupt) after deleting `marker` from a directory that holds it."""
+    rmtree = shutil.rmtree
+
+    def dying(path, *args, **kwargs):
+        if (Path(path) / marker).is_file():
+            (Path(path) / marker).unlink()
+            raise KeyboardInterrupt
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", dying)
+
+
+def test_a_checkpoint_pruned_by_a_killed_process_is_never_listed_without_its_weights(corpus, text_tokenizer,
+                                                                                     tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    cfg = load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, out, train={"keep_last": 1})))
+    engine = SimpleNamespace(shards_optimizer_state=False, trainable_state=lambda: {"w": torch.zeros(2)},
+                             optimizer_state=lambda: {"state": {}})
+    save_step(engine, DistEnv(), cfg, TrainerState(step=1))
+    with monkeypatch.context() as m:
+        killed_mid_delete(m, "model.safetensors")
+        with pytest.raises(KeyboardInterrupt):
+            save_step(engine, DistEnv(), cfg, TrainerState(step=2))  # prunes step 1, killed half-way
+    assert [p.name for p in complete_checkpoints(out)] == ["step-00000002"]
+    save_step(engine, DistEnv(), cfg, TrainerState(step=3))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003"]  # the leftover is gone
+
+
+def test_a_language_model_export_killed_while_replacing_the_old_one_leaves_a_whole_one(tmp_path, monkeypatch):
+    def files(version: str) -> SimpleNamespace:
+        def save_pretrained(path):
+            Path(path).mkdir(parents=True, exist_ok=True)
+            for name in ("config.json", "model.safetensors") if version != "tokenizer" else ("tokenizer.json",):
+                (Path(path) / name).write_text(version)
+        return SimpleNamespace(save_pretrained=save_pretrained)
+
+    def export(version: str) -> None:
+        _save_language_model(SimpleNamespace(language_model=files(version)),
+                             SimpleNamespace(tokenizer=files("tokenizer")), tmp_path / "final")
+
+    export("v1")
+    with monkeypatch.context() as m:
+        killed_mid_delete(m, "config.json")
+        with pytest.raises(KeyboardInterrupt):
+            export("v2")  # killed while it deletes v1
+    final = tmp_path / "final"
+    assert sorted(p.name for p in final.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert (final / "config.json").read_text() == "v2"
+    export("v3")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"] and (final / "model.safetensors").read_text() == "v3"
 
 
 def test_non_finite_steps_are_skipped_and_too_many_in_a_row_abort(corpus, text_tokenizer, tmp_path, monkeypatch):

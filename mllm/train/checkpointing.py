@@ -10,10 +10,12 @@
 
 A save writes everything into `.step-00000100.tmp`, renames it into place and
 then writes the marker, so a process killed at any moment leaves the earlier
-checkpoints as they were. Frozen weights are not saved: like a LoRA adapter,
-a checkpoint is read together with the base its recipe names. Under DeepSpeed
-each rank writes its own partition of the optimizer state, so a run resumes
-on the same number of ranks.
+checkpoints as they were. A checkpoint pruned by `train.keep_last` is renamed
+to `.step-00000100.deleting` before it is deleted, so none is ever listed
+half-deleted. Frozen weights are not saved: like a LoRA adapter, a checkpoint
+is read together with the base its recipe names. Under DeepSpeed each rank
+writes its own partition of the optimizer state, so a run resumes on the same
+number of ranks.
 
     export_checkpoint("runs/x/checkpoints/step-00000100", "runs/x/final", merge_lora=True)
 
@@ -99,8 +101,9 @@ def save_step(engine: Engine, env: DistEnv, cfg: FinetuneConfig, state: TrainerS
     final = step_dir(cfg.output_dir, state.step)
     tmp = final.with_name(f".{final.name}.tmp")
     if env.is_main:
-        for leftover in (tmp, final):  # a save killed earlier, or renamed but never marked complete
+        for leftover in [tmp, *final.parent.glob(".step-*.deleting")]:  # a save or a deletion killed earlier
             shutil.rmtree(leftover, ignore_errors=True)
+        _delete_dir(final)  # renamed in but never marked complete
         tmp.mkdir(parents=True)
     barrier()
     weights = engine.trainable_state()
@@ -118,7 +121,7 @@ def save_step(engine: Engine, env: DistEnv, cfg: FinetuneConfig, state: TrainerS
         _write_json(final / COMPLETE, {"step": state.step})
         _fsync(final.parent)
         for old in complete_checkpoints(cfg.output_dir)[: -cfg.train.keep_last]:
-            shutil.rmtree(old)
+            _delete_dir(old)
     barrier()
     return final
 
@@ -187,13 +190,19 @@ def export_checkpoint(
 
 
 def _save_language_model(model: MultimodalLM, processor: Processor, out: Path) -> Path:
+    """Write the LM and its tokenizer into `out` atomically: the old `out` stays whole until the new one is in."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
+    for leftover in (tmp, old):  # of an export killed earlier
+        shutil.rmtree(leftover, ignore_errors=True)
     model.language_model.save_pretrained(tmp)
     processor.tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
+    _fsync_tree(tmp)
+    if out.exists():
+        os.replace(out, old)
     os.replace(tmp, out)
+    _fsync(out.parent)
+    shutil.rmtree(old, ignore_errors=True)
     return out
 
 
@@ -289,6 +298,18 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _delete_dir(path: Path) -> None:
+    """Rename `path` to a hidden `.<name>.deleting` sibling, then delete that: a kill mid-way leaves no directory
+    under the old name with some of its files gone (a checkpoint marked COMPLETE without its weights)."""
+    doomed = path.with_name(f".{path.name}.deleting")
+    try:
+        os.replace(path, doomed)
+    except FileNotFoundError:
+        return
+    _fsync(path.parent)
+    shutil.rmtree(doomed)
 
 
 def _fsync_tree(root: Path) -> None:
