@@ -196,6 +196,26 @@ def test_a_prompt_may_end_inside_a_span():
     assert torch.equal(feats.media[0].tokens[:2], given)
 
 
+def test_a_prompt_span_holding_more_than_n_items_is_an_error():
+    """More than N codes or features already given would never reach N, so never end: the span ran to the length
+    limit. N of them is a full span, which the end token closes."""
+    model = model_with_spans()
+    audio, image = model.layout["audio"], model.layout["image"]
+
+    def codes(n: int) -> Sample:
+        return Sample(torch.tensor([5, audio.begin_id] + [audio.code_offset + 1] * n), torch.zeros(n + 2, dtype=torch.long))
+
+    features = Sample(torch.tensor([5, image.begin_id] + [image.placeholder_id] * 4), torch.zeros(6, dtype=torch.long),
+                      {"image": torch.randn(4, IMAGE_DIM)}, {"image": torch.zeros(4, dtype=torch.bool)})
+    with pytest.raises(ValueError, match=r"row 1: the prompt's open audio span already holds 5 codes, more than its "
+                                         r"tokens_per_item \(4\)"):
+        generate(model, batch_of([codes(1), codes(5)]), GenerationConfig(max_new_tokens=4))
+    with pytest.raises(ValueError, match=r"row 0: the prompt's open image span already holds 4 features, more than"):
+        generate(model, batch_of([features]), GenerationConfig(max_new_tokens=4))
+    full = generate(model, batch_of([codes(N["audio"])]), GenerationConfig(max_new_tokens=2))[0]
+    assert full.ids[0] == audio.end_id and full.media[0].tokens.tolist() == [1] * N["audio"]
+
+
 def test_parallel_span_comes_from_one_forward_pass():
     model = model_with_spans()
     calls = []
@@ -330,8 +350,11 @@ def test_sampling_is_reproducible_with_a_seed_and_penalised_repeats_are_rarer():
 
 def test_prompts_must_be_left_padded():
     model = model_with_spans()
-    with pytest.raises(ValueError, match="left-padded"):
+    with pytest.raises(ValueError, match="prompts must be left-padded"):
         generate(model, pad_collate(prompts(model, None, "audio"), 0, "right"))
+    right = pad_collate(prompts(model, None, "audio"), 0, "right")  # the unconditional prompts as well
+    with pytest.raises(ValueError, match="uncond must be left-padded"):
+        generate(model, batch_of(prompts(model, None, None)), GenerationConfig(text=TokenSampling(cfg_scale=3.0)), uncond=right)
 
 
 # ---- end to end -------------------------------------------------------------------------------------------

@@ -59,8 +59,9 @@ def generate(
     written, `on_media(row, span)` each media item once complete.
     """
     config = config or GenerationConfig()
-    if batch.attention_mask[:, -1].eq(0).any():
-        raise ValueError("prompts must be left-padded: the last column is padding in some row")
+    for name, prompts in (("prompts", batch), ("uncond", uncond)):
+        if prompts is not None and prompts.attention_mask[:, -1].eq(0).any():
+            raise ValueError(f"{name} must be left-padded: the last column is padding in some row")
     if config.guided and uncond is None:
         raise ValueError("a cfg_scale other than 1 needs the unconditional prompts: pass uncond=")
     if uncond is not None and uncond.input_ids.shape[0] != batch.input_ids.shape[0]:
@@ -346,6 +347,12 @@ class _Engine:
         row.span = rule
         if count and rule.parallel:
             raise ValueError(f"row {r}: a parallel {rule.modality} span cannot continue from {count} given features")
+        if rule.length and count > rule.length:  # the span would never reach N, so never end
+            given = "features" if rule.continuous else "codes"
+            raise ValueError(
+                f"row {r}: the prompt's open {rule.modality} span already holds {count} {given}, more than its "
+                f"tokens_per_item ({rule.length})"
+            )
         if not rule.continuous:
             row.body = [t - rule.code_range[0] for t in ids[len(ids) - count :]]
         elif count:
