@@ -400,13 +400,24 @@ def _frame_times(name: str, data: bytes, limits: MediaLimits) -> tuple[np.ndarra
     return times - times[0], float(rate)
 
 
-def _pick_frames(times: np.ndarray, fps: float, num_frames: int | None, target_fps: float | None):
+def _pick_frames(
+    name: str, times: np.ndarray, fps: float, num_frames: int | None, target_fps: float | None, limits: MediaLimits
+):
     """Indices (ascending, may repeat) of the frames to keep, and the frame rate they play at."""
     duration = times[-1] + 1 / fps  # the last frame stays on screen for one frame period
+    if num_frames is not None:
+        count, asked = num_frames, f"num_frames={num_frames}"
+    elif target_fps is not None:
+        count = math.ceil(duration * target_fps - 1e-6)
+        asked = f"fps={target_fps:g} over {duration:g} s gives {count}"
+    else:
+        count, asked = len(times), f"the clip has {len(times)}"
+    reason = f"too many frames: {asked}, over the limit of {limits.max_frames}"
+    _require(count <= limits.max_frames, name, reason)  # before any array of that length is made
     if num_frames is not None:  # the centre of each of num_frames equal segments
         targets, out_fps = (np.arange(num_frames) + 0.5) * duration / num_frames, num_frames / duration
     elif target_fps is not None:
-        targets, out_fps = np.arange(math.ceil(duration * target_fps - 1e-6)) / target_fps, target_fps
+        targets, out_fps = np.arange(count) / target_fps, target_fps
     else:
         return np.arange(len(times)), fps
     # the frame on screen at each target time; 1e-6 absorbs float error in the timestamps
@@ -418,26 +429,29 @@ def _decode_frames(name: str, data: bytes, indices: np.ndarray, size: Size | Non
     """Decode in presentation order, keeping the frames at indices -> uint8 [len(indices), H, W, 3]."""
     import av
 
-    wanted, last = set(indices.tolist()), int(indices[-1])
-    kept: dict[int, np.ndarray] = {}
+    last, out, reached = int(indices[-1]), None, False
     with av.open(io.BytesIO(data)) as container:
         stream = _video_stream(container, name)
         if stream.codec_context.width * stream.codec_context.height > 128 * 128:
             stream.thread_type = "AUTO"  # decoding threads pay for their start-up only on bigger frames (2 cores)
         for k, frame in enumerate(container.decode(stream)):
-            if k in wanted:
+            lo, hi = np.searchsorted(indices, k, side="left"), np.searchsorted(indices, k, side="right")
+            if lo < hi:
                 _check_pixels(name, frame.width, frame.height, limits)
                 if any(c.is_alpha for c in frame.format.components):  # e.g. GIF: composite on white, as for images
                     rgb = _over_white(frame.to_ndarray(format="rgba"))
                 else:
                     rgb = frame.to_ndarray(format="rgb24")
-                kept[k] = _resize(rgb, size) if size is not None else rgb
+                rgb = _resize(rgb, size) if size is not None else rgb
+                if out is None:  # filled in place: no second copy of the frames
+                    out = np.empty((len(indices), *rgb.shape), np.uint8)
+                _require(rgb.shape == out.shape[1:], name, "frame size changes mid-stream")
+                out[lo:hi] = rgb
             if k >= last:
+                reached = True
                 break
-    _require(len(kept) == len(wanted), name, f"corrupt or truncated video: frame {last} could not be decoded")
-    frames = [kept[i] for i in indices]
-    _require(len({f.shape for f in frames}) == 1, name, "frame size changes mid-stream")
-    return np.stack(frames)
+    _require(reached, name, f"corrupt or truncated video: frame {last} could not be decoded")
+    return out
 
 
 def load_video(
@@ -456,14 +470,13 @@ def load_video(
     """
     if num_frames is not None and fps is not None:
         raise ValueError("pass num_frames or fps, not both")
-    if (num_frames is not None and num_frames < 1) or (fps is not None and not fps > 0):
-        raise ValueError(f"num_frames and fps must be positive, got {num_frames}, {fps}")
+    if (num_frames is not None and num_frames < 1) or (fps is not None and not 0 < fps < math.inf):
+        raise ValueError(f"num_frames and fps must be positive and finite, got {num_frames}, {fps}")
     name, data = _read(source, limits)
     with _media_errors(name, "unsupported or corrupt video"):
         times, src_fps = _frame_times(name, data, limits)
         _check_duration(name, "video", times[-1] + 1 / src_fps, limits)  # as _pick_frames measures it
-        indices, out_fps = _pick_frames(times, src_fps, num_frames, fps)
-        _require(len(indices) <= limits.max_frames, name, f"too many frames: {len(indices)} > {limits.max_frames}")
+        indices, out_fps = _pick_frames(name, times, src_fps, num_frames, fps, limits)
         frames = _decode_frames(name, data, indices, size, limits)
     return _build(Video, name, frames, out_fps)
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import pickle
+import re
 import struct
 import warnings
 import zlib
@@ -320,6 +321,28 @@ def test_load_video_resize_and_from_bytes(tmp_path):
     assert load_video(path.read_bytes(), num_frames=2, size=(8, 12)).frames.shape == (2, 8, 12, 3)
     with pytest.raises(ValueError):
         load_video(path, num_frames=2, fps=2)
+
+
+def test_video_frames_are_decoded_into_one_array(tmp_path):
+    import tracemalloc
+
+    data = save_video(Video(levels_clip(200, 64, 64), fps=25), tmp_path / "a.mp4").read_bytes()
+    tracemalloc.start()
+    try:
+        video = load_video(data, size=(32, 48))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert video.frames.shape == (200, 32, 48, 3) and peak < 1.5 * video.frames.nbytes  # not a list, then a stack
+
+
+@pytest.mark.parametrize("kwargs, named", [({"num_frames": 10**11}, "num_frames=100000000000"), ({"fps": 1e11}, "fps=1e+11")])
+def test_huge_frame_requests_are_refused_before_allocating(tmp_path, kwargs, named):
+    path = save_video(Video(levels_clip(4), fps=10), tmp_path / "a.mp4")
+    with pytest.raises(MediaError, match=re.escape(f"too many frames: {named}") + ".* over the limit of 4096"):
+        load_video(path, **kwargs)
+    with pytest.raises(ValueError, match="positive and finite"):
+        load_video(path, fps=float("inf"))
 
 
 def test_transparent_gif_frames_are_white_like_images(tmp_path):
