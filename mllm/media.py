@@ -442,6 +442,9 @@ def _decode_frames(name: str, data: bytes, indices: np.ndarray, size: Size | Non
                     rgb = _over_white(frame.to_ndarray(format="rgba"))
                 else:
                     rgb = frame.to_ndarray(format="rgb24")
+                # the display matrix (phone videos): players turn the frame `rotation` degrees counterclockwise
+                if turns := round(getattr(frame, "rotation", 0) / 90) % 4:
+                    rgb = np.rot90(rgb, k=turns)
                 rgb = _resize(rgb, size) if size is not None else rgb
                 if out is None:  # filled in place: no second copy of the frames
                     out = np.empty((len(indices), *rgb.shape), np.uint8)

@@ -92,6 +92,15 @@ def write_frameless_webm(path) -> None:
         container.mux(audio.encode(None))
 
 
+def with_display_matrix(mp4: bytes, a: int, b: int, c: int, d: int) -> bytes:
+    """The clip with its track header's display matrix set to [[a, b], [c, d]], as phones tag portrait video."""
+    data = bytearray(mp4)
+    at = data.find(b"tkhd") + 8  # past the box type, version and flags
+    at += (32 if data[at - 4] == 1 else 20) + 16  # past the times, ids, duration, layer, volume and reserved fields
+    data[at : at + 36] = struct.pack(">9i", a << 16, b << 16, 0, c << 16, d << 16, 0, 0, 0, 1 << 30)
+    return bytes(data)
+
+
 # ----------------------------------------------------------------------------- errors and containers
 
 
@@ -321,6 +330,22 @@ def test_load_video_resize_and_from_bytes(tmp_path):
     assert load_video(path.read_bytes(), num_frames=2, size=(8, 12)).frames.shape == (2, 8, 12, 3)
     with pytest.raises(ValueError):
         load_video(path, num_frames=2, fps=2)
+
+
+@pytest.mark.parametrize("matrix, red", [((0, 1, -1, 0), "top"), ((0, -1, 1, 0), "bottom"), ((-1, 0, 0, -1), "right")])
+def test_video_rotation_tag_is_applied_like_a_player(tmp_path, matrix, red):
+    frames = np.zeros((3, 16, 32, 3), np.uint8)
+    frames[:, :, :16, 0] = frames[:, :, 16:, 2] = 255  # left half red, right half blue
+    plain = save_video(Video(frames, fps=10), tmp_path / "plain.mp4")
+    assert load_video(plain).frames.shape == (3, 16, 32, 3)  # no tag: as stored
+    # 90 degrees clockwise (a portrait phone clip), counterclockwise, and 180: the red half moves like this
+    rotated = with_display_matrix(plain.read_bytes(), *matrix)
+    video = load_video(rotated, num_frames=4)
+    h, w = video.frames.shape[1:3]
+    assert (h, w) == ((16, 32) if red == "right" else (32, 16))
+    half = {"top": video.frames[:, : h // 2], "bottom": video.frames[:, h // 2 :], "right": video.frames[:, :, w // 2 :]}
+    assert (half[red][..., 0] > 200).all() and (half[red][..., 2] < 50).all()
+    assert load_video(rotated, size=(8, 4)).frames.shape == (3, 8, 4, 3)  # resized after turning
 
 
 def test_video_frames_are_decoded_into_one_array(tmp_path):
