@@ -89,6 +89,12 @@ def _to_uint8(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
 
 
+def _torch_ready(a: np.ndarray) -> np.ndarray:
+    """a, or a copy where torch.from_numpy cannot take it: negative strides (a flip) or read-only (np.asarray(PIL))."""
+    a = np.ascontiguousarray(a)
+    return a if a.flags.writeable else a.copy()
+
+
 def _over_white(rgba: np.ndarray) -> np.ndarray:
     """Composite uint8 [..., 4] RGBA over a white background -> uint8 [..., 3] RGB."""
     rgb, alpha = rgba[..., :3].astype(np.float32), rgba[..., 3:].astype(np.float32) / 255
@@ -121,8 +127,7 @@ class Image:
 
     def to_tensor(self) -> torch.FloatTensor:
         """[3, H, W] float32 in [0, 1]."""
-        pixels = self.pixels if self.pixels.flags.writeable else self.pixels.copy()  # e.g. np.asarray(PIL image)
-        return torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255)
+        return torch.from_numpy(_torch_ready(self.pixels)).permute(2, 0, 1).float().div_(255)
 
     @classmethod
     def from_tensor(cls, t: torch.Tensor) -> Image:
@@ -176,7 +181,7 @@ class Audio:
 
     def to_tensor(self) -> torch.FloatTensor:
         """[C, N] float32."""
-        return torch.from_numpy(self.samples)
+        return torch.from_numpy(_torch_ready(self.samples))
 
 
 @dataclass
@@ -216,7 +221,7 @@ class Video:
 
     def to_tensor(self) -> torch.FloatTensor:
         """[T, 3, H, W] float32 in [0, 1]."""
-        return torch.from_numpy(self.frames).permute(0, 3, 1, 2).float().div_(255)
+        return torch.from_numpy(_torch_ready(self.frames)).permute(0, 3, 1, 2).float().div_(255)
 
     @classmethod
     def from_tensor(cls, t: torch.Tensor, fps: float) -> Video:
@@ -284,7 +289,10 @@ _IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 def _pil_to_rgb(img: PIL.Image.Image) -> np.ndarray:
     """Any PIL mode -> uint8 [H, W, 3]; transparency is composited on white."""
     if img.mode.startswith("I"):  # 16-bit grayscale PNG: convert("RGB") would clip it to 255
-        gray = (np.clip(np.asarray(img), 0, 65535) >> 8).astype(np.uint8)
+        values = np.asarray(img)
+        gray = (np.clip(values, 0, 65535) >> 8).astype(np.uint8)
+        if isinstance(key := img.info.get("transparency"), int):  # tRNS: the one fully transparent gray value
+            gray[values == key] = 255  # composited on white
         return np.repeat(gray[..., None], 3, axis=2)
     if img.has_transparency_data:
         return _over_white(np.asarray(img.convert("RGBA")))

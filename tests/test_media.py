@@ -167,6 +167,16 @@ def test_audio_and_video_tensors():
     assert video.resize((16, 24)).frames.shape == (6, 16, 24, 3)
 
 
+@pytest.mark.parametrize("flip", [lambda a: a[..., ::-1, :], lambda a: np.lib.stride_tricks.as_strided(a, writeable=False)])
+def test_to_tensor_takes_flipped_and_read_only_arrays(flip):
+    warnings.simplefilter("error")  # torch warns that it would share a read-only array
+    image, video = gradient(4, 6), levels_clip(3, 4, 6)
+    audio = np.stack([sine(440, 8000, 0.01), sine(880, 8000, 0.01)])
+    assert torch.equal(Image(flip(image)).to_tensor(), Image(np.ascontiguousarray(flip(image))).to_tensor())
+    assert torch.equal(Video(flip(video), fps=3).to_tensor(), Video(np.ascontiguousarray(flip(video)), fps=3).to_tensor())
+    assert torch.equal(Audio(flip(audio), 8000).to_tensor(), torch.from_numpy(np.array(flip(audio))))
+
+
 # ----------------------------------------------------------------------------- images
 
 
@@ -201,6 +211,12 @@ def test_load_image_any_mode_to_rgb(tmp_path, mode, pixel, expected):
     image = load_image(tmp_path / "a.png")
     assert image.pixels.shape == (4, 5, 3)
     assert tuple(image.pixels[0, 0]) == expected
+
+
+def test_load_image_16_bit_gray_transparency_is_white(tmp_path):
+    values = np.array([[0, 40000], [1000, 65535]], np.uint16)
+    PIL.Image.fromarray(values).save(tmp_path / "a.png", transparency=1000)  # tRNS: gray 1000 is transparent
+    assert load_image(tmp_path / "a.png").pixels[..., 0].tolist() == [[0, 156], [255, 255]]
 
 
 def test_load_image_palette_transparency_and_cmyk(tmp_path):
