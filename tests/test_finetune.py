@@ -414,6 +414,27 @@ def test_sigterm_finishes_the_step_saves_it_and_the_same_command_resumes(lora_ru
     assert losses(out) == losses(lora_run)
 
 
+def test_resume_drops_a_half_written_metrics_line_and_trims_the_file_atomically(tmp_path, monkeypatch, caplog):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "lo')
+    with caplog.at_level("WARNING"):
+        Finetune._trim_metrics(SimpleNamespace(out=tmp_path, state=TrainerState(step=2)))
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2]
+    assert f"{metrics}:4: dropped a metrics line that does not parse" in caplog.text
+    before = metrics.read_text()
+
+    def killed_half_way(self, data, *args, **kwargs):
+        with open(self, "w") as f:
+            f.write(data[: len(data) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", killed_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        Finetune._trim_metrics(SimpleNamespace(out=tmp_path, state=TrainerState(step=1)))
+    monkeypatch.undo()
+    assert metrics.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+
+
 def test_a_fresh_run_refuses_an_output_dir_with_checkpoints(lora_run):
     with pytest.raises(ConfigError) as e:
         finetune(load_recipe(lora_run.parent / "recipe.yaml", ["train.resume=false"]))

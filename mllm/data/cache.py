@@ -129,10 +129,10 @@ class ShardStore:
                 return
             numbers = [int(SHARD.fullmatch(n).group(1)) for n in self.index["shards"]]
             name = f"shard-{max(numbers, default=-1) + 1:05d}.safetensors"
-            _atomic_write(self.path / name, lambda tmp: save_file(new, str(tmp)))
+            atomic_write(self.path / name, lambda tmp: save_file(new, str(tmp)))
             self.index["shards"][name] = _size(self.path / name)
             self.index["keys"].update(dict.fromkeys(new, name))
-            _atomic_write(self.path / INDEX, lambda tmp: tmp.write_text(json.dumps(self.index)))
+            atomic_write(self.path / INDEX, lambda tmp: tmp.write_text(json.dumps(self.index)))
 
     @contextmanager
     def _lock(self) -> Iterator[None]:
@@ -158,7 +158,7 @@ def _size(path: Path) -> int | None:
         return None
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """write(tmp), fsync, then rename over `path`: readers see the old file or the whole new one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mllm.data.cache import atomic_write
 from mllm.data.input_augment import InputAugment
 from mllm.data.loader import MultimodalLoader
 from mllm.data.records import BadRecords, iter_records, read_records, record_files
@@ -385,11 +386,19 @@ class Finetune:
         save_loss_curves(series, self.out / "loss.png", title=f"finetune: {self.out.name}")
 
     def _trim_metrics(self) -> None:
-        """Keep the metrics of the steps the resumed checkpoint includes; drop those it does not."""
+        """Keep the metrics of the steps the resumed checkpoint includes; drop those it does not, and any line
+        that does not parse (a process killed mid-append). The file is replaced atomically."""
         path = self.out / "metrics.jsonl"
-        rows = path.read_text().splitlines() if path.is_file() else []
-        kept = [r for r in rows if json.loads(r)["step"] <= self.state.step]
-        path.write_text("".join(r + "\n" for r in kept))
+        kept = []
+        for n, line in enumerate(path.read_text().splitlines() if path.is_file() else [], 1):
+            try:
+                keep = json.loads(line)["step"] <= self.state.step
+            except (ValueError, TypeError, KeyError) as e:
+                logger.warning("%s:%d: dropped a metrics line that does not parse (%s)", path, n, e)
+                continue
+            if keep:
+                kept.append(line + "\n")
+        atomic_write(path, lambda tmp: tmp.write_text("".join(kept)))
 
     # ---- the end --------------------------------------------------------------------------------
 
