@@ -471,3 +471,37 @@ def test_a_port_in_use_is_refused_at_once_naming_it(image_checkpoint, capsys, mo
         assert main(["serve", "--model", str(image_checkpoint), "--port", str(port)]) == 2
     assert capsys.readouterr().err.strip() == f"mllm serve: cannot listen on 127.0.0.1:{port}: Address already in use"
     assert not loaded  # refused before the model loads
+
+
+def test_timeouts_are_caught_as_asyncio_raises_them_before_python_3_11(pipeline, monkeypatch):
+    """asyncio.wait_for raises asyncio.TimeoutError, which is not the builtin TimeoutError before 3.11 (pyproject
+    allows 3.10): app.py's asyncio is swapped for one whose wait_for raises such a distinct class."""
+    import asyncio
+    import types
+
+    import mllm.serve.app as app_module
+
+    class OldTimeoutError(Exception):
+        pass
+
+    async def wait_for(awaitable, timeout):
+        try:
+            return await asyncio.wait_for(awaitable, timeout)
+        except TimeoutError as e:
+            raise OldTimeoutError from e
+
+    old = types.ModuleType("asyncio")
+    old.__dict__.update(vars(asyncio), wait_for=wait_for, TimeoutError=OldTimeoutError)
+    monkeypatch.setattr(app_module, "asyncio", old)
+    app = create_app(pipeline, ServeLimits(request_timeout_s=0.3, max_input_tokens=200, max_total_tokens=300), MODEL)
+    server = app.state.server
+    with TestClient(app) as client:
+        with server.generate_lock:
+            r = client.post("/v1/chat/completions", json=request("Slow."))
+            assert r.status_code == 504 and r.json()["error"]["code"] == "timeout", r.text
+            with client.stream("POST", "/v1/chat/completions", json=request("Slow.", stream=True)) as streamed:
+                streamed.read()
+            assert sse(streamed)[-2]["error"]["code"] == "timeout"
+            r = transcribe(client)
+            assert r.status_code == 504 and r.json()["error"]["code"] == "timeout", r.text
+        _wait(lambda: server.active == 0)

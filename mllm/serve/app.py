@@ -254,7 +254,7 @@ def create_app(pipeline: Pipeline, limits: ServeLimits | None = None, model_name
                     break
                 if kind == "error":
                     return _error(_failure(value, server.limits.request_timeout_s))
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             cancel.set()
             return _error(_failure(_Cancelled(), server.limits.request_timeout_s))
         parts, finish = value
@@ -274,7 +274,7 @@ def create_app(pipeline: Pipeline, limits: ServeLimits | None = None, model_name
             return _error(_failure(e, server.limits.request_timeout_s))
         try:  # the worker releases the slot once it is done
             text = await asyncio.wait_for(asyncio.shield(work), server.limits.request_timeout_s)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             cancel.set()
             return _error(_failure(_Cancelled(), server.limits.request_timeout_s))
         except Exception as e:
@@ -345,7 +345,7 @@ async def _sse(events: asyncio.Queue, cancel: threading.Event, meta: dict, timeo
         while True:
             try:
                 kind, value = await _next(events, deadline)
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 yield f"data: {json.dumps(_failure(_Cancelled(), timeout).body())}\n\n"
                 break
             if kind == "text":
