@@ -196,6 +196,16 @@ def test_a_prompt_may_end_inside_a_span():
     assert torch.equal(feats.media[0].tokens[:2], given)
 
 
+def test_prompt_target_flags_must_be_bool():
+    model = model_with_spans()
+    video = model.layout["video"]
+    flags = torch.tensor([0, 1])  # 0/1 integers: ~flags would pick rows -1 and -2 as the input features
+    sample = Sample(torch.tensor([5, video.begin_id, video.placeholder_id, video.placeholder_id, video.end_id, 6]),
+                    torch.zeros(6, dtype=torch.long), {"video": torch.randn(2, VIDEO_DIM)}, {"video": flags})
+    with pytest.raises(ValueError, match="video: feature_targets must be a 1-D bool mask, got torch.int64"):
+        generate(model, batch_of([sample]), GenerationConfig(max_new_tokens=2))
+
+
 def test_a_prompt_span_holding_more_than_n_items_is_an_error():
     """More than N codes or features already given would never reach N, so never end: the span ran to the length
     limit. N of them is a full span, which the end token closes."""

@@ -258,6 +258,25 @@ def test_parallel_targets_are_queries_that_see_their_whole_span():
     assert not torch.allclose(out.logits[0, slots[3]], causal.logits[0, slots[3]])
 
 
+@pytest.mark.parametrize("parallel", [False, True])
+def test_target_flags_are_checked_before_the_lm_runs(parallel):
+    """Bool flags, one per slot and per feature row, in both modes alike: 0/1 integers picked rows 0 and 1 as
+    targets, and a wrong count gave a cryptic error in parallel mode, in sequential mode only after the LM ran."""
+    model = with_heads("llama", {"image": {"name": "regression", "parallel": parallel}}, tokens_per_item={"image": 3})
+    calls = []
+    model.language_model.register_forward_pre_hook(lambda module, args: calls.append(module))
+    ids, feats = image_sequence(model.layout), {"image": torch.randn(6, IMAGE_DIM)}  # 6 image slots
+    with pytest.raises(ValueError, match=r"image: 5 target flags for 6 placeholder slots"):
+        model(ids, features=feats, feature_targets={"image": torch.tensor([False, False, True, True, True])})
+    with pytest.raises(ValueError, match=r"image: feature_targets must be a 1-D bool mask, got torch.int64 \(6,\)"):
+        model(ids, features=feats, feature_targets={"image": torch.tensor([0, 0, 0, 1, 1, 1])})
+    with pytest.raises(ValueError, match=r"image: 6 target flags for 0 feature rows"):
+        model(ids, feature_targets={"image": torch.ones(6, dtype=torch.bool)})
+    with pytest.raises(ValueError, match=r"feature_targets for 'audio', which is not a continuous modality"):
+        model(ids, features=feats, feature_targets={"audio": torch.ones(6, dtype=torch.bool)})
+    assert not calls
+
+
 def test_block_causal_mask():
     padding = torch.tensor([[0, 1, 1, 1, 1, 1]])
     queries = torch.tensor([[False, False, True, True, False, True]])

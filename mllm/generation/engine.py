@@ -131,7 +131,7 @@ class _Engine:
 
     def _prefill(self, inputs: MultimodalBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         model, ids, mask = self.model, inputs.input_ids, inputs.attention_mask
-        targets = {m: t for m, t in inputs.feature_targets.items() if t.any()}
+        targets = model.target_flags(ids, inputs.features, inputs.feature_targets)
         queries = model.query_slots(ids, targets) if targets else None
         self.blocks = query_blocks(queries) if queries is not None else torch.zeros_like(ids)
         embeds = model.embed(ids, model.input_features(inputs.features, targets), queries)

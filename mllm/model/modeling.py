@@ -294,9 +294,7 @@ class MultimodalLM(PreTrainedModel):
     ) -> MultimodalLMOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        feature_targets = {m: t for m, t in (feature_targets or {}).items() if t.any()}
-        if feature_targets and input_ids is None:
-            raise ValueError("feature_targets need input_ids to locate their slots")
+        feature_targets = self.target_flags(input_ids, features, feature_targets)
         queries = self.query_slots(input_ids, feature_targets) if feature_targets else None
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, self.input_features(features, feature_targets), queries)
@@ -326,8 +324,6 @@ class MultimodalLM(PreTrainedModel):
         slot_hidden, slot_targets = {}, {}
         for name, is_target in feature_targets.items():
             slots = (input_ids == self.layout[name].placeholder_id).nonzero()  # [n, 2], reading order
-            if is_target.shape[0] != slots.shape[0]:
-                raise ValueError(f"{name}: {is_target.shape[0]} target flags for {slots.shape[0]} placeholder slots")
             rows, cols = slots[is_target].unbind(-1)
             if not self.is_parallel(name):
                 if (cols == 0).any():
@@ -386,6 +382,39 @@ class MultimodalLM(PreTrainedModel):
                     blank=self.layout[name].placeholder_id,
                 ))
         return torch.stack(losses).sum() if losses else None
+
+    def target_flags(
+        self,
+        input_ids: torch.Tensor | None,
+        features: dict[str, torch.Tensor] | None,
+        feature_targets: dict[str, torch.Tensor] | None,
+    ) -> dict[str, torch.Tensor]:
+        """The entries of `feature_targets` that mark any target, each checked before the LM runs: a bool [n] per
+        modality, one flag per placeholder slot of input_ids [B, T] (reading order) and per feature row."""
+        feature_targets = feature_targets or {}
+        for name, flags in feature_targets.items():
+            if name not in self.projectors:
+                raise ValueError(f"feature_targets for '{name}', which is not a continuous modality of this model")
+            if flags.dtype != torch.bool or flags.dim() != 1:  # 0/1 integers would pick rows 0 and 1, not mark them
+                raise ValueError(f"{name}: feature_targets must be a 1-D bool mask, got {flags.dtype} {tuple(flags.shape)}")
+        if not feature_targets or input_ids is None:
+            if any(flags.any() for flags in feature_targets.values()):
+                raise ValueError("feature_targets need input_ids to locate their slots")
+            return {}
+        # one device-to-host read: each modality's slot count, then whether it marks any target
+        reads = [(input_ids == self.layout[m].placeholder_id).sum() for m in feature_targets]
+        reads += [flags.any().to(input_ids.device, torch.long) for flags in feature_targets.values()]
+        counts = torch.stack(reads).tolist()
+        marking = {}
+        for (name, flags), n_slots, marks in zip(feature_targets.items(), counts, counts[len(feature_targets) :]):
+            if flags.shape[0] != n_slots:
+                raise ValueError(f"{name}: {flags.shape[0]} target flags for {n_slots} placeholder slots")
+            n_feats = features[name].shape[0] if features and name in features else 0
+            if marks and n_feats != n_slots:
+                raise ValueError(f"{name}: {flags.shape[0]} target flags for {n_feats} feature rows")
+            if marks:
+                marking[name] = flags
+        return marking
 
     def query_slots(self, input_ids: torch.Tensor, feature_targets: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """[B, T] bool: the target slots of parallel-mode modalities, or None when there are none."""
