@@ -117,22 +117,26 @@ class Processor:
         seq = _SequenceBuilder(self.tokenizer, transcripts)
         if self.template.bos and self.tokenizer.bos_token_id is not None:
             seq.ids([self.tokenizer.bos_token_id], labelled=False)
-        system = None
+        systems: list[tuple[int, list[dict]]] = []  # waiting for the next user turn
         for i, (role, parts) in enumerate(turns):
             if role == "system" and self.template.system_prefix is None:
-                system = (i, parts)  # folded into the next user turn
+                systems.append((i, parts))
                 continue
             prefix, suffix = self.template.frame(role)
             assistant = role == "assistant"
             seq.text(prefix, labelled=False)
-            if role == "user" and system is not None:
-                self._content(seq, *system, labelled=False, base_dir=base_dir)
-                seq.text(self.template.system_suffix, labelled=False)
-                system = None
+            if role == "user":
+                for system in systems:
+                    self._content(seq, *system, labelled=False, base_dir=base_dir)
+                    seq.text(self.template.system_suffix, labelled=False)
+                systems.clear()
             self._content(seq, i, parts, labelled=assistant, base_dir=base_dir)
             seq.text(suffix, labelled=assistant)
             if assistant and self.template.assistant_eos and self.tokenizer.eos_token_id is not None:
                 seq.ids([self.tokenizer.eos_token_id], labelled=True)
+        if systems:
+            raise MessageError(f"messages[{systems[0][0]}]: the {self.template.name} template puts a system message into "
+                               "the next user turn, and no user message follows this one")
         if add_generation_prompt:
             seq.text(self.template.assistant_prefix, labelled=False)
         sample = seq.finish()

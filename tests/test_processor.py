@@ -68,6 +68,19 @@ def test_labels_cover_only_assistant_content(processor):
     assert full.startswith("<s> [INST] Answer briefly.\n\nLook:<image>")  # system folded into the first user turn
 
 
+def test_every_system_message_goes_into_the_next_user_turn(shared_processor):
+    """The mistral template has no system turn: each system message opens the user turn after it."""
+    rule = [{"role": "system", "content": "Rule one."}, {"role": "system", "content": "Rule two."}]
+    s = shared_processor.encode(rule + [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
+                                        {"role": "system", "content": "Rule three."}, {"role": "user", "content": "Bye"}])
+    assert shared_processor.tokenizer.decode(s.input_ids) == (
+        "<s> [INST] Rule one.\n\nRule two.\n\nHi [/INST] Yo</s> [INST] Rule three.\n\nBye [/INST]"
+    )
+    late = [{"role": "user", "content": "Hi"}, {"role": "system", "content": "Too late."}]
+    with pytest.raises(MessageError, match=r"messages\[1\]: the mistral template puts a system message into the next user"):
+        shared_processor.encode(late, add_generation_prompt=True)
+
+
 def test_assistant_media_become_feature_targets(processor):
     messages = [
         {"role": "user", "content": [{"type": "image", "media": picture(10)}, {"type": "text", "text": "Draw it again, then another."}]},
