@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
 from mllm.checkpoint import load_checkpoint, save_checkpoint
@@ -364,7 +365,7 @@ def test_a_run_writes_checkpoints_metrics_tensorboard_and_a_loss_curve(corpus, t
 
 def test_interrupted_and_resumed_run_reproduces_the_uninterrupted_one(lora_run, corpus, text_tokenizer, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    cfg = load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, out, train={"grad_accum": 2})))
+    cfg = load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, out, train={"grad_accum": 2, "tensorboard": True})))
     step = Finetune.step
     calls = []
 
@@ -385,6 +386,10 @@ def test_interrupted_and_resumed_run_reproduces_the_uninterrupted_one(lora_run, 
     assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
     for name in ("rank-00000.safetensors", "rank-00000.json"):
         assert (step_dir(out, 6) / "optimizer" / name).read_bytes() == (step_dir(lora_run, 6) / "optimizer" / name).read_bytes()
+    events = EventAccumulator(str(out / "tensorboard"))  # both runs' files: the discarded step 4 is purged
+    events.Reload()
+    logged = events.Scalars("train/loss")
+    assert [e.step for e in logged] == [1, 2, 3, 4, 5, 6] and [e.value for e in logged] == pytest.approx(losses(lora_run))
 
 
 def test_sigterm_finishes_the_step_saves_it_and_the_same_command_resumes(lora_run, corpus, text_tokenizer, tmp_path,

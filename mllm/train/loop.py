@@ -155,7 +155,8 @@ class Finetune:
             if cfg.train.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(self.out / "tensorboard")
+                # a resumed run's first step is state.step + 1: the scalars an interrupted run logged from there go
+                self.writer = SummaryWriter(self.out / "tensorboard", purge_step=self.state.step + 1)
 
     def say(self, message: str) -> None:
         if self.env.is_main:
