@@ -402,6 +402,21 @@ def test_replacing_a_head_with_a_parallel_one_adds_its_queries_and_keeps_them_fo
     assert "image" not in model.queries and not model.is_parallel("image")
 
 
+def test_a_replaced_head_and_its_queries_take_the_models_dtype_and_device():
+    """They were built in fp32 on the host whatever the model's dtype and device: a bf16 model could not run them."""
+    model = with_heads("llama", {"image": {"name": "gmm"}}, tokens_per_item={"image": 3}).to(torch.bfloat16)
+    model.replace_head("image", {"name": "regression", "parallel": True})
+    assert {p.dtype for p in model.heads["image"].parameters()} == {torch.bfloat16}
+    assert model.queries["image"].dtype == torch.bfloat16
+    ids, targets = image_sequence(model.layout), torch.tensor([False] * 3 + [True] * 3)
+    with torch.no_grad():
+        out = model(ids, features={"image": torch.randn(6, IMAGE_DIM)}, feature_targets={"image": targets}, labels=ids)
+    assert out.loss.dtype == torch.float32 and out.loss.isfinite()
+    moved = with_heads("llama", {"image": {"name": "gmm"}}, tokens_per_item={"image": 3}).to("meta")  # any device
+    moved.replace_head("image", {"name": "diffusion", "parallel": True})
+    assert {p.device.type for p in moved.heads["image"].parameters()} == {"meta"} and moved.queries["image"].is_meta
+
+
 def test_activation_checkpointing_recomputes_layers_with_the_same_gradients_and_no_deprecation(arch):
     def gradients(checkpointed: bool) -> dict[str, torch.Tensor]:
         model, _ = wrapped(arch)

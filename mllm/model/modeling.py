@@ -173,8 +173,10 @@ class MultimodalLM(PreTrainedModel):
         if name not in self.config.heads:
             raise KeyError(f"the model has no head for {name!r} (heads: {sorted(self.config.heads)})")
         spec = head_entry(name, spec)
+        weight = self.get_input_embeddings().weight  # the new head lives where and as the model does
         self.heads[name] = self._build_head(name, spec)
         self.heads[name].reset_parameters()
+        self.heads[name].to(weight.device, weight.dtype)
         self.config.heads[name] = spec
         self._set_queries(name, spec)
 
@@ -189,7 +191,9 @@ class MultimodalLM(PreTrainedModel):
         if n <= 0:
             raise ValueError(f"heads.{name} is parallel: tokens_per_item.{name} must give its N query slots")
         if name not in self.queries:
-            self.queries[name] = nn.Parameter(torch.randn(n, self.config.text_config.hidden_size) * 0.02)
+            weight = self.get_input_embeddings().weight  # drawn on the host, kept where and as the embeddings are
+            queries = torch.randn(n, self.config.text_config.hidden_size) * 0.02
+            self.queries[name] = nn.Parameter(queries.to(weight.device, weight.dtype))
 
     def is_parallel(self, name: str) -> bool:
         """Whether modality `name` writes its features Divot-style, a whole span per forward pass."""
