@@ -49,6 +49,8 @@ class MediaError(InputError, ValueError):
     """One error type for every bad medium. str(e) == f"{source}: {reason}"."""
 
     def __init__(self, source: str, reason: str):
+        if len(source) > 200:  # e.g. base64 text taken for a path: name it, don't print it
+            source = f"{source[:60]}…"
         super().__init__(f"{source}: {reason}")
         self.source = source
         self.reason = reason

@@ -9,7 +9,8 @@ Messages use the OpenAI/HF content-list form:
 A media part names its medium by exactly one of: `path` (relative to
 `base_dir`), `bytes` (raw or base64), `media` (an Image/Audio/Video), the
 modality's own key (`"image": ...`, HF style), or `tokens` (already encoded,
-e.g. from the token cache). Each becomes a span
+e.g. from the token cache). Raw bytes may come under any key but `tokens`,
+base64 text only under `bytes`. Each becomes a span
 
     <image> c_1 ... c_N </image>                       discrete codes as added tokens
     <image> <image:feat> x N </image>   + features [N, D]  continuous
@@ -197,18 +198,20 @@ class Processor:
     @staticmethod
     def load_medium(part: dict, name: str, where: str, base_dir) -> Image | Audio | Video:
         """A media part's medium, from its object, embedded bytes or path (relative to base_dir)."""
-        value = part.get("media", part.get(name, part.get("path", part.get("bytes"))))
+        key = next(k for k in ("media", name, "path", "bytes") if k in part)  # validated: exactly one
+        value = part[key]
         if isinstance(value, MEDIA_TYPES[name]):
             return value
-        if "bytes" in part:
-            if isinstance(value, str):
-                try:
-                    value = base64.b64decode(value, validate=True)
-                except (binascii.Error, ValueError) as e:
-                    raise MessageError(f"{where}: 'bytes' is not valid base64") from e
-            if not isinstance(value, (bytes, bytearray)):
-                raise MessageError(f"{where}: 'bytes' must be bytes or base64 text")
+        if isinstance(value, (bytes, bytearray)):
             return load_media(bytes(value), name)
+        if key == "bytes":
+            if not isinstance(value, str):
+                raise MessageError(f"{where}: 'bytes' must be bytes or base64 text, got {type(value).__name__}")
+            try:
+                value = base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError) as e:
+                raise MessageError(f"{where}: 'bytes' is not valid base64") from e
+            return load_media(value, name)
         if isinstance(value, (str, os.PathLike)):
             path = Path(value)
             if base_dir is not None and not path.is_absolute():

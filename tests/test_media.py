@@ -112,6 +112,13 @@ def test_media_error_format_and_pickle():
     assert (type(e2), e2.source, e2.reason, str(e2)) == (MediaError, e.source, e.reason, str(e))
 
 
+def test_media_error_shortens_a_huge_source_name():
+    with pytest.raises(MediaError) as e:
+        load_image("iVBORw0KGgo" * 500)  # base64 text taken for a path
+    assert e.value.source == ("iVBORw0KGgo" * 6)[:60] + "…" and e.value.reason.startswith("cannot read file")
+    assert pickle.loads(pickle.dumps(e.value)).source == e.value.source
+
+
 def test_default_limits():
     assert DEFAULT_LIMITS == MediaLimits() and DEFAULT_LIMITS.max_pixels == 40_000_000
     with pytest.raises(dataclasses.FrozenInstanceError):

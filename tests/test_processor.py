@@ -104,12 +104,22 @@ def test_media_sources_path_bytes_base64_and_tokens_agree(processor, tmp_path):
         {"type": "image", "bytes": raw},
         {"type": "image", "bytes": base64.b64encode(raw).decode()},
         {"type": "image", "image": picture(77)},
+        {"type": "image", "image": raw},  # HF style: the encoded file under the modality's own key
+        {"type": "image", "media": bytearray(raw)},
         {"type": "image", "tokens": processor.media_tokenizers["image"].encode(picture(77)).tolist()},
     ]
     encoded = [processor.encode([{"role": "user", "content": [p]}], base_dir=tmp_path) for p in parts]
     for s in encoded[1:]:
         assert torch.equal(s.input_ids, encoded[0].input_ids)
         assert torch.allclose(s.features["image"], encoded[0].features["image"])
+
+
+def test_base64_under_the_modality_key_is_named_briefly(shared_processor, tmp_path):
+    save_image(Image(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)), tmp_path / "p.png")
+    text = base64.b64encode((tmp_path / "p.png").read_bytes()).decode()  # about 2 kB
+    with pytest.raises(MediaError, match="file not found") as e:  # a path there: base64 text goes under 'bytes'
+        shared_processor.encode([{"role": "user", "content": [{"type": "image", "image": text}]}])
+    assert len(str(e.value)) < 100 and e.value.source == text[:60] + "…"
 
 
 def test_generation_prompt_and_batch_padding(processor):
