@@ -207,6 +207,39 @@ def test_recipe_errors_are_found_before_any_work(problem, key, corpus, text_toke
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("key", ["data.train", "data.validation"])
+def test_empty_record_files_are_named_before_any_work(key, corpus, text_tokenizer, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    data = {key.split(".")[1]: [str(empty)]}
+    cfg = load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, tmp_path / "out", data=data)))
+    with pytest.raises(ConfigError, match=f"no records in {empty}: it is empty") as e:
+        finetune(cfg)
+    assert e.value.key == key
+
+
+@pytest.mark.parametrize("tasks", [["image_captoin"], ["image_caption", "image_generaton"]])
+def test_a_misspelt_task_is_named_before_the_model_is_built(tasks, corpus, text_tokenizer, tmp_path, monkeypatch):
+    def never(cfg):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr("mllm.train.loop.build_from_recipe", never)
+    cfg = load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, tmp_path / "out", data={"tasks": tasks})))
+    with pytest.raises(ConfigError, match=f"no record has the task {tasks[-1]} "
+                                          r"\(the records' tasks: image_caption, image_generation\)") as e:
+        finetune(cfg)
+    assert e.value.key == "data.tasks"
+
+
+def test_training_data_of_only_bad_records_says_so(corpus, text_tokenizer, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": [{"type": "image", "path": "nope.png"}]},
+                                            {"role": "assistant", "content": "No."}]}) + "\n")
+    cfg = load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, tmp_path / "out", data={"train": [str(bad)]})))
+    with pytest.raises(ValueError, match=r"make 0 micro-batches .* the pass skipped 1 of 1 records \(missing_media 1\)"):
+        finetune(cfg)
+
+
 def test_cosine_schedule_warms_up_then_decays_to_the_floor(corpus, text_tokenizer, tmp_path):
     cfg = load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, tmp_path)),
                       ["train.max_steps=10", "schedule.warmup_steps=2", "schedule.min_lr_ratio=0.1", "optim.lr=1.0"])

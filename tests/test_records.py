@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 from mllm.data.llava import convert_llava
 from mllm.data.loader import MultimodalLoader
-from mllm.data.records import BadRecordError, BadRecords, check_record, iter_records, read_records
+from mllm.data.records import BadRecordError, BadRecords, NoRecordsError, check_record, iter_records, read_records
 from mllm.media import Image, save_image
 from mllm.processor import Processor
 from mllm.tokenizers import build_media_tokenizer
@@ -76,6 +76,18 @@ def test_map_style_table_is_rebuilt_when_a_file_changes(corpus):
     assert len(read_records(corpus, cache_dir=corpus.parent / "hf")) == 3
     write_jsonl(corpus, [{"text": "only one now"}])
     assert len(read_records(corpus, cache_dir=corpus.parent / "hf")) == 1
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_record_files_that_hold_no_record_are_named(tmp_path, streaming, caplog):
+    empty = [write_jsonl(tmp_path / "a.jsonl", [""]), tmp_path / "b.parquet"]
+    pq.write_table(pa.table({"id": pa.array([], pa.string())}), empty[1])
+    with pytest.raises(NoRecordsError, match=f"no records in {empty[0]}, {empty[1]}: every file is empty"):
+        read_records(empty, streaming=streaming, cache_dir=tmp_path / "hf")
+    full = write_jsonl(tmp_path / "c.jsonl", [{"text": "x"}])
+    with caplog.at_level(logging.WARNING):
+        assert len(list(read_records([*empty, full], streaming=streaming, cache_dir=tmp_path / "hf"))) == 1
+    assert f"no records in {empty[0]}, {empty[1]}: empty" in caplog.text
 
 
 @pytest.mark.parametrize("in_place", [True, False], ids=["cp -p", "rsync -t"])

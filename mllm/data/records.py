@@ -91,6 +91,17 @@ class BadRecordError(InputError, ValueError):
         return type(self), (self.reason, self.where, self.detail)
 
 
+class NoRecordsError(InputError, ValueError):
+    """Record files none of which holds a record."""
+
+    def __init__(self, files: Sequence[str]):
+        super().__init__(f"no records in {', '.join(files)}: {'it is' if len(files) == 1 else 'every file is'} empty")
+        self.files = list(files)
+
+    def __reduce__(self):
+        return type(self), (self.files,)
+
+
 class BadRecords:
     """The bad-record policy and its report: under "skip" each bad record is logged and kept here,
     under "fail" the first one is raised."""
@@ -162,6 +173,10 @@ def read_records(
     modification time (cp -p, rsync -t, tar x) still changes the inode or ctime.
     """
     files = record_files(paths)
+    if empty := empty_record_files(files):
+        if len(empty) == len(files):  # datasets would say `Instruction "train" corresponds to no data!`
+            raise NoRecordsError(files)
+        logger.warning("no records in %s: empty", ", ".join(empty))
     kwargs = {"features": FEATURES, "gen_kwargs": {"files": files}}
     if streaming:
         ds = IterableDataset.from_generator(_rows, **kwargs)
@@ -171,6 +186,18 @@ def read_records(
     if world_size > 1:
         ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
     return ds
+
+
+def empty_record_files(files: Sequence[str]) -> list[str]:
+    """The record files among `files` that hold no record: only blank lines (JSONL), no row (Parquet)."""
+    return [f for f in files if not _holds_records(f)]
+
+
+def _holds_records(file: str) -> bool:
+    if file.endswith(".parquet"):
+        return pq.ParquetFile(file).metadata.num_rows > 0
+    with open(file, "rb") as f:
+        return any(line.strip() for line in f)  # stops at the first record
 
 
 def _fingerprint(files: list[str]) -> str:

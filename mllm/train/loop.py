@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mllm.data.cache import atomic_write
+from mllm.data.cache import TokenCache, atomic_write
 from mllm.data.input_augment import InputAugment
 from mllm.data.loader import MultimodalLoader
 from mllm.data.records import BadRecords, iter_records, read_records, record_files
@@ -120,6 +120,8 @@ class Finetune:
         self.device = init_distributed(env, use_deepspeed=cfg.deepspeed is not None)
         if cfg.text_tokenizer is not None:
             self._train_text_tokenizer()
+        with main_first(env):  # rank 0 builds the record tables, the others read them; before the model, so that a
+            self.train_records, self.validation_records = recipe_records(cfg)  # data error comes first
 
         model, self.processor = build_from_recipe(cfg)
         if cfg.train.gradient_checkpointing:
@@ -145,8 +147,9 @@ class Finetune:
             self.state.world_size = env.world_size
             self.say(f"resumed from {resume} (step {self.state.step}, epoch {self.state.epoch}, batch {self.state.batch})")
 
-        self.train_records, self.validation_records, self.cache = self._prepare_data()
+        self.cache = self._encode_media()
         self.stopping = False  # set by SIGTERM during train(): every rank stops after the step under way
+        self.last_pass = BadRecords()  # the bad records of the latest data pass
         self.repeat_rates = self._repeat_rates()
         self.writer = None
         if env.is_main:
@@ -182,19 +185,17 @@ class Finetune:
                 os.replace(tmp, out)
                 self.say(f"trained a {spec.vocab_size}-token text tokenizer on {len(texts)} texts: {out}")
 
-    def _prepare_data(self):
-        """Record tables (rank 0 builds them) and the token cache (each rank encodes its share of the media)."""
-        with main_first(self.env):
-            train, validation = recipe_records(self.cfg)
+    def _encode_media(self) -> TokenCache | None:
+        """The token cache, every medium of the records in it (each rank encodes its share); None without media."""
         tokenizers = self.processor.media_tokenizers
         cache = recipe_token_cache(self.cfg, tokenizers) if tokenizers else None
         if cache is not None:
-            for ds in (train, validation):
+            for ds in (self.train_records, self.validation_records):
                 if ds is not None:
                     cache.encode_records(ds.shard(self.env.world_size, self.env.rank, contiguous=True), progress=self.env.is_main)
             barrier()
             cache.reload()
-        return train, validation, cache
+        return cache
 
     def _repeat_rates(self) -> np.ndarray | None:
         """[R] each train record's `data.repeat` rate (`data.repeat_default` for a task not named); None when
@@ -225,6 +226,7 @@ class Finetune:
                                   attn_implementation=self.attn_implementation, dtype=self.engine.feature_dtype,
                                   seed=seed, transcripts=train and self.cfg.loss.transcripts > 0)
         yield from loader.lazy_batches()
+        self.last_pass = loader.bad
         if self.env.is_main:
             (logger.warning if loader.bad.skipped else logger.info)("data pass done: %s", loader.bad.summary())
 
@@ -248,7 +250,8 @@ class Finetune:
                     mine = []
             if start == 0 and seen < per_step:
                 raise ValueError(f"the training data make {seen} micro-batches per epoch, fewer than one step "
-                                 f"takes ({per_step}: train.grad_accum {self.cfg.train.grad_accum} × {world} ranks)")
+                                 f"takes ({per_step}: train.grad_accum {self.cfg.train.grad_accum} × {world} ranks); "
+                                 f"the pass {self.last_pass.summary()}")
             epoch, start = epoch + 1, 0
 
     # ---- training -------------------------------------------------------------------------------

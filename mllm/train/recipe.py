@@ -30,7 +30,7 @@ from mllm.checkpoint import HeadConfig, ModelConfig
 from mllm.config import ConfigError, load_config
 from mllm.data.cache import bad_batch_sizes
 from mllm.data.input_augment import InputAugmentConfig
-from mllm.data.records import record_files
+from mllm.data.records import NoRecordsError, empty_record_files, record_files
 from mllm.data.sources import cache_dir
 
 Precision = Literal["auto", "bf16", "fp32"]
@@ -220,11 +220,14 @@ def check_ready(cfg: FinetuneConfig) -> None:
     records = {"data.train": cfg.data.train, "data.validation": cfg.data.validation,
                "text_tokenizer.records": cfg.text_tokenizer.records if cfg.text_tokenizer else []}
     for key, paths in records.items():
+        files = []
         for p in paths:
             try:
-                record_files(root / p)
+                files += record_files(root / p)
             except (FileNotFoundError, ValueError) as e:
                 raise ConfigError(key, str(e)) from e
+        if files and len(empty_record_files(files)) == len(files):
+            raise ConfigError(key, str(NoRecordsError(files)))
     directories = {"init_from": cfg.init_from}
     if cfg.model is not None:
         directories |= {"model.base": cfg.model.base, "model.tokenizer": cfg.model.tokenizer}

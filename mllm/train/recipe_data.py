@@ -34,17 +34,24 @@ def recipe_cache_dir(cfg: FinetuneConfig) -> Path:
 
 def recipe_records(cfg: FinetuneConfig) -> tuple[Dataset, Dataset | None]:
     """The train records (only `data.tasks`, if named; tasks at `data.repeat` rate 0 left out) and the
-    validation records (None when the recipe names none), as `datasets` tables cached under the cache dir."""
+    validation records (None when the recipe names none), as `datasets` tables cached under the cache dir.
+    Raises ConfigError for a `data.tasks` entry that no train or validation record has."""
     root, tables = data_root(cfg), recipe_cache_dir(cfg) / "records"
 
     def records(paths: list[str]) -> Dataset | None:
-        if not paths:
-            return None
-        ds = read_records([f for p in paths for f in record_files(root / p)], cache_dir=tables)
-        tasks = set(cfg.data.tasks)
-        return ds.filter(lambda task: task in tasks, input_columns="task") if tasks else ds
+        return read_records([f for p in paths for f in record_files(root / p)], cache_dir=tables) if paths else None
 
-    return _leave_out_rate_zero(records(cfg.data.train), cfg), records(cfg.data.validation)
+    train, validation = records(cfg.data.train), records(cfg.data.validation)
+    if tasks := set(cfg.data.tasks):
+        present = {t for ds in (train, validation) if ds is not None for t in ds.unique("task")}
+        if unknown := sorted(tasks - present):
+            known = ", ".join(sorted(t for t in present if t is not None)) or "none"
+            raise ConfigError("data.tasks", f"no record has the task {', '.join(unknown)} (the records' tasks: {known})")
+        train, validation = (None if ds is None else ds.filter(lambda task: task in tasks, input_columns="task")
+                             for ds in (train, validation))
+        if not len(train):
+            raise ConfigError("data.tasks", f"no training record has the task {', '.join(sorted(tasks))}")
+    return _leave_out_rate_zero(train, cfg), validation
 
 
 def _leave_out_rate_zero(train: Dataset, cfg: FinetuneConfig) -> Dataset:
