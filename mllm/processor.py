@@ -173,27 +173,46 @@ class Processor:
         tokens = self._media_tokens(part, name, where, base_dir)
         seq.ids([ids.begin_id], labelled=labelled)
         if ids.spec.kind == "discrete":
-            seq.ids(self.layout.code_ids(name, tokens).tolist(), labelled=labelled)
+            try:
+                codes = self.layout.code_ids(name, tokens)
+            except ValueError as e:  # a code outside the codebook
+                raise MessageError(f"{where}: {e}") from e
+            seq.ids(codes.tolist(), labelled=labelled)
         else:
             transcript = None if labelled else part.get("transcript")
             seq.features(name, ids.placeholder_id, tokens, is_target=labelled, transcript=transcript, where=where)
         seq.ids([ids.end_id], labelled=labelled)
 
     def _media_tokens(self, part: dict, name: str, where: str, base_dir) -> torch.Tensor:
-        spec = self.layout[name].spec
         if "tokens" in part:
-            tokens = torch.as_tensor(part["tokens"])
-            if tokens.numel() == 0:
-                raise MessageError(f"{where}: empty {name} tokens")
-            if spec.kind == "discrete" and (tokens.dim() != 1 or tokens.dtype.is_floating_point):
-                raise MessageError(f"{where}: discrete {name} tokens must be a 1-D integer list, got {tokens.dtype}")
-            if spec.kind == "continuous" and (tokens.dim() != 2 or tokens.shape[1] != spec.feature_dim):
-                raise MessageError(f"{where}: continuous {name} tokens must be [N, {spec.feature_dim}], got {list(tokens.shape)}")
-            return tokens.float() if spec.kind == "continuous" else tokens.long()
+            return self._given_tokens(part["tokens"], name, where)
         if name not in self.media_tokenizers:
             raise MessageError(f"{where}: no {name} tokenizer is loaded, so {name} must come as 'tokens'")
         media = self.load_medium(part, name, where, base_dir)
         return self.media_tokenizers[name].encode(media)
+
+    def _given_tokens(self, value: Any, name: str, where: str) -> torch.Tensor:
+        """A part's pre-encoded tokens, checked: integer codes [N], or finite features [N, D]."""
+        spec = self.layout[name].spec
+        try:
+            tokens = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError) as e:  # ragged, text, too large for int64, ...
+            raise MessageError(f"{where}: {name} tokens must be a rectangular array of numbers ({e})") from e
+        if tokens.numel() == 0:
+            raise MessageError(f"{where}: empty {name} tokens")
+        discrete = spec.kind == "discrete"
+        if discrete and tokens.dim() != 1 or not discrete and (tokens.dim() != 2 or tokens.shape[1] != spec.feature_dim):
+            shape = "[N]" if discrete else f"[N, {spec.feature_dim}]"
+            raise MessageError(f"{where}: {spec.kind} {name} tokens must be {shape}, got shape {list(tokens.shape)}")
+        if tokens.dtype == torch.bool or tokens.is_complex() or (discrete and tokens.is_floating_point()):
+            numbers = "integer codes" if discrete else "real numbers"
+            raise MessageError(f"{where}: {spec.kind} {name} tokens must be {numbers}, got {tokens.dtype}")
+        if discrete:
+            return tokens.long()  # their range is checked by code_ids
+        tokens = tokens.float()
+        if not torch.isfinite(tokens).all():
+            raise MessageError(f"{where}: continuous {name} tokens contain NaN or inf (as float32)")
+        return tokens
 
     @staticmethod
     def load_medium(part: dict, name: str, where: str, base_dir) -> Image | Audio | Video:
