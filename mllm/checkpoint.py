@@ -27,6 +27,7 @@ from transformers.utils import is_flash_attn_2_available
 from mllm.config import to_dict
 from mllm.detokenizers import DeTokenizer, load_detokenizer
 from mllm.model import MultimodalLM
+from mllm.model.modeling import refuse_flash_attention
 from mllm.processor import Processor
 from mllm.tokenizers import MediaTokenizer, build_media_tokenizer, load_media_tokenizer
 from mllm.vocab import ModalitySpec
@@ -75,7 +76,7 @@ class ModelConfig:
     media: dict[str, MediaConfig] = field(default_factory=dict)
     heads: dict[str, HeadConfig] = field(default_factory=dict)  # continuous modality -> its output head
     projector: str | dict[str, str] = "mlp2x_gelu"  # one for all continuous modalities, or one each
-    attn_implementation: str = "auto"  # auto: flash_attention_2 on CUDA when installed, else sdpa
+    attn_implementation: str = "auto"  # auto: flash_attention_2 on CUDA if installed, else (and with a parallel head) sdpa
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_length: int | None = None
     seed: int = 0
@@ -90,10 +91,18 @@ class ModelConfig:
             raise ValueError(f"heads.{missing[0]}: no such modality in 'media' (has: {sorted(self.media)})")
 
 
-def resolve_attn_implementation(name: str) -> str:
+def resolve_attn_implementation(name: str, parallel: list[str] | None = None) -> str:
+    """`name`, or for "auto" flash_attention_2 on CUDA when installed, else sdpa. `parallel`: the modalities whose
+    heads are parallel; their queries need a 4D attention mask, which flash attention cannot take, so "auto" is then
+    sdpa and an explicit flash attention an error."""
     if name != "auto":
+        refuse_flash_attention(name, parallel or [])
         return name
-    return "flash_attention_2" if torch.cuda.is_available() and is_flash_attn_2_available() else "sdpa"
+    return "flash_attention_2" if not parallel and flash_attention_available() else "sdpa"
+
+
+def flash_attention_available() -> bool:
+    return torch.cuda.is_available() and is_flash_attn_2_available()
 
 
 def build_media_tokenizers(cfg: ModelConfig) -> tuple[dict[str, MediaTokenizer], list[ModalitySpec]]:
@@ -115,7 +124,8 @@ def build_model(cfg: ModelConfig) -> tuple[MultimodalLM, Processor]:
     media_tokenizers, specs = build_media_tokenizers(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.base)
     processor = Processor.create(tokenizer, cfg.chat_template, media_tokenizers, specs, cfg.max_length)
-    attn = resolve_attn_implementation(cfg.attn_implementation)
+    parallel = [name for name, head in cfg.heads.items() if head.parallel]
+    attn = resolve_attn_implementation(cfg.attn_implementation, parallel)
     if cfg.base is not None:
         base = AutoModelForCausalLM.from_pretrained(cfg.base, dtype=DTYPES[cfg.dtype], attn_implementation=attn)
     else:
@@ -165,11 +175,13 @@ def load_checkpoint(
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
-    dtype = dtype or json.loads((path / "config.json").read_text()).get("dtype")  # as trained, however the weights are stored
+    config = json.loads((path / "config.json").read_text())
+    dtype = dtype or config.get("dtype")  # as trained, however the weights are stored
+    parallel = [name for name, head in config.get("heads", {}).items() if head.get("parallel")]
     model = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=DTYPES.get(dtype),
-        attn_implementation=resolve_attn_implementation(attn_implementation),
+        attn_implementation=resolve_attn_implementation(attn_implementation, parallel),
     )
     if not isinstance(model, MultimodalLM):
         raise ValueError(f"{path}: holds a {type(model).__name__}, not an mllm checkpoint")

@@ -237,6 +237,14 @@ def test_parallel_span_comes_from_one_forward_pass():
     assert calls[1] == N["video"], "the queries go in together, after the prefill"
 
 
+def test_a_parallel_span_refuses_flash_attention():
+    """Its queries' 4D block-causal mask would be read as a padding mask by a flash attention set after loading."""
+    model = model_with_spans()
+    model.language_model.config._attn_implementation = "flash_attention_2"  # as set_attn_implementation sets it
+    with pytest.raises(ValueError, match="attn_implementation='flash_attention_2' cannot serve the parallel head of video"):
+        generate(model, batch_of(prompts(model, "video")), GenerationConfig(max_new_tokens=4))
+
+
 def test_batch_rows_equal_single_rows():
     """Padding, parallel steps beside single-token rows, and per-row spans leave each row's result unchanged."""
     model = model_with_spans()

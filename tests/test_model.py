@@ -8,7 +8,16 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from mllm.checkpoint import HeadConfig, MediaConfig, ModelConfig, build_model, load_checkpoint, save_checkpoint
+from mllm import checkpoint
+from mllm.checkpoint import (
+    HeadConfig,
+    MediaConfig,
+    ModelConfig,
+    build_model,
+    load_checkpoint,
+    resolve_attn_implementation,
+    save_checkpoint,
+)
 from mllm.heads import list_heads
 from mllm.model import MultimodalLM
 from mllm.model.modeling import block_causal_mask, query_blocks
@@ -202,6 +211,49 @@ def test_attention_implementations_agree(attn, tmp_path):
     feats = {"image": torch.randn(6, IMAGE_DIM)}
     with torch.no_grad():
         assert torch.allclose(model(ids, features=feats).logits, other(ids, features=feats).logits, atol=1e-5)
+
+
+FLASH_REFUSED = r"attn_implementation='flash_attention_2' cannot serve the parallel head of image: its queries need a 4D"
+
+
+def test_auto_attention_is_sdpa_with_a_parallel_head(monkeypatch, tmp_path, mistral_tokenizer_dir):
+    """Flash attention reads the queries' 4D block-causal mask as a [B, T] padding mask and is always causal."""
+    monkeypatch.setattr(checkpoint, "flash_attention_available", lambda: True)  # as on CUDA with flash-attn
+    assert resolve_attn_implementation("auto") == resolve_attn_implementation("auto", []) == "flash_attention_2"
+    assert resolve_attn_implementation("auto", ["image"]) == "sdpa"
+    assert resolve_attn_implementation("eager", ["image"]) == "eager"
+    with pytest.raises(ValueError, match=FLASH_REFUSED):
+        resolve_attn_implementation("flash_attention_2", ["image"])
+    cfg = _model_config("llama", mistral_tokenizer_dir)
+    cfg.media["image"].tokens_per_item = 16
+    cfg.heads = {"image": HeadConfig("regression", SMALL_HEAD["regression"], parallel=True)}
+    model, processor = build_model(cfg)
+    assert model.language_model.config._attn_implementation == "sdpa"
+    save_checkpoint(model, processor, tmp_path / "ckpt")
+    assert load_checkpoint(tmp_path / "ckpt")[0].language_model.config._attn_implementation == "sdpa"
+
+
+def test_flash_attention_is_refused_with_a_parallel_head(tmp_path):
+    """Where it is loaded, built, given a parallel head, or run with one: also when flash-attn is not installed,
+    ahead of transformers' ImportError."""
+    model = with_heads("llama", {"image": {"name": "regression", "parallel": True}}, tokens_per_item={"image": 3})
+    model.save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match=FLASH_REFUSED):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "m", attn_implementation="flash_attention_2")
+    flash = tiny_lm("llama")
+    flash.config._attn_implementation = "flash_attention_2"  # as set_attn_implementation sets it where installed
+    with pytest.raises(ValueError, match=FLASH_REFUSED):
+        MultimodalLM.from_base(flash, layout_for(), heads={"image": {"name": "regression", "parallel": True}},
+                               tokens_per_item={"image": 3})
+    sequential = with_heads("llama", {"image": {"name": "gmm"}}, tokens_per_item={"image": 3})
+    sequential.language_model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match=FLASH_REFUSED):
+        sequential.replace_head("image", {"name": "gmm", "parallel": True})
+    assert not sequential.is_parallel("image")
+    model.language_model.config._attn_implementation = "flash_attention_2"
+    ids, targets = image_sequence(model.layout), torch.tensor([False] * 3 + [True] * 3)
+    with pytest.raises(ValueError, match=FLASH_REFUSED):
+        model(ids, features={"image": torch.randn(6, IMAGE_DIM)}, feature_targets={"image": targets})
 
 
 # ---- output heads -------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from mllm.generation.output import Generation, MediaSpan
 from mllm.generation.sampling import choose_tokens, guided_logits
 from mllm.generation.spans import SpanRule, SpanRules
 from mllm.model import MultimodalLM
-from mllm.model.modeling import block_causal_mask, query_blocks
+from mllm.model.modeling import block_causal_mask, query_blocks, refuse_flash_attention
 from mllm.sequence import MultimodalBatch
 
 TextCallback = Callable[[int, str], None]  # (row, new text)
@@ -116,6 +116,8 @@ class _Engine:
         device = batch.input_ids.device
         self.generator = None if self.config.seed is None else torch.Generator(device).manual_seed(self.config.seed)
         self.rules = SpanRules(self.model, self.model.get_output_embeddings().weight.shape[0], device)
+        parallel = [rule.modality for rule in self.rules.continuous if rule.parallel]
+        refuse_flash_attention(self.model.language_model.config._attn_implementation, parallel)  # before the prefill
         self.need_hidden = bool(self.rules.continuous)  # only heads read hidden states
         self.rows = [_Row() for _ in range(self.batch_size)]
         for r, row in enumerate(self.rows):

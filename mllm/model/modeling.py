@@ -66,9 +66,12 @@ class MultimodalLM(PreTrainedModel):
     _supports_flex_attn = True
 
     def __init__(self, config: MultimodalConfig, language_model: PreTrainedModel | None = None):
-        super().__init__(config)
         if config.text_config is None:
             raise ValueError("MultimodalConfig.text_config is missing: the base LM's config is required")
+        parallel = [name for name, spec in config.heads.items() if spec["parallel"]]
+        for attn in (config._attn_implementation, config.text_config._attn_implementation):
+            refuse_flash_attention(attn, parallel)  # before transformers looks for flash-attn
+        super().__init__(config)
         self.language_model = language_model or AutoModelForCausalLM.from_config(config.text_config)
         self.layout = config.layout
         hidden = config.text_config.hidden_size
@@ -173,6 +176,8 @@ class MultimodalLM(PreTrainedModel):
         if name not in self.config.heads:
             raise KeyError(f"the model has no head for {name!r} (heads: {sorted(self.config.heads)})")
         spec = head_entry(name, spec)
+        if spec["parallel"]:
+            refuse_flash_attention(self.language_model.config._attn_implementation, [name])
         weight = self.get_input_embeddings().weight  # the new head lives where and as the model does
         self.heads[name] = self._build_head(name, spec)
         self.heads[name].reset_parameters()
@@ -314,6 +319,8 @@ class MultimodalLM(PreTrainedModel):
                 padding = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
             blocks, length = query_blocks(queries), input_ids.shape[1]
             attention_mask = block_causal_mask(padding, blocks, length, inputs_embeds.dtype, documents)
+        if attention_mask is not None and attention_mask.dim() == 4:  # queries' blocks (also generate's) or packed rows
+            refuse_flash_attention(self.language_model.config._attn_implementation, list(self.queries))
         out = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -439,6 +446,18 @@ class MultimodalLM(PreTrainedModel):
             m: f[~feature_targets[m]] if self.is_parallel(m) and m in feature_targets else f
             for m, f in (features or {}).items()
         }
+
+
+def refuse_flash_attention(attn_implementation: str | None, parallel: list[str]) -> None:
+    """Raise when a flash attention would serve the parallel heads of `parallel`: their queries need a 4D
+    block-causal mask [B, 1, T, T], which transformers' flash path reads as a [B, T] padding mask, and flash
+    attention is always causal."""
+    if parallel and attn_implementation is not None and "flash" in attn_implementation:
+        raise ValueError(
+            f"attn_implementation={attn_implementation!r} cannot serve the parallel head of {', '.join(parallel)}: "
+            "its queries need a 4D block-causal attention mask, which flash attention cannot take; use 'sdpa' or "
+            "'eager' ('auto' picks sdpa for a model with a parallel head)"
+        )
 
 
 def projector_names(projector: str | dict[str, str], continuous: list[str]) -> dict[str, str]:
