@@ -396,6 +396,38 @@ def test_a_run_writes_checkpoints_metrics_tensorboard_and_a_loss_curve(corpus, t
     assert isinstance(model, MultimodalLM)
 
 
+def test_validation_that_leaves_a_rank_without_a_micro_batch_is_refused_at_setup(corpus, text_tokenizer, tmp_path):
+    data = {"train": ["understand.jsonl"], "validation": ["generate.jsonl"], "tasks": ["image_caption"]}
+    cfg = load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, tmp_path / "a", data=data,
+                                             train={"eval_every": 1})))
+    with pytest.raises(ConfigError, match=r"make 0 micro-batches, fewer than the 1 ranks .* among 0\)") as e:
+        finetune(cfg)  # data.tasks leaves no validation record
+    assert e.value.key == "data.validation"
+    data = {"train": ["understand.jsonl"], "validation": ["understand.jsonl"], "batch_size": 64}  # one micro-batch
+    run = Finetune(load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, tmp_path / "b", data=data,
+                                                      train={"eval_every": 1}))), DistEnv())
+    try:
+        run.env = DistEnv(rank=0, local_rank=0, world_size=2)  # what each of two ranks sees
+        with pytest.raises(ConfigError, match="make 1 micro-batches, fewer than the 2 ranks"):
+            run._check_validation()
+    finally:
+        run.close()
+
+
+def test_an_evaluation_that_ran_no_micro_batch_is_nan_not_zero(corpus, text_tokenizer, tmp_path, caplog):
+    data = {"train": ["understand.jsonl"], "validation": ["understand.jsonl"]}
+    run = Finetune(load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, tmp_path / "out", data=data,
+                                                      train={"eval_every": 1}))), DistEnv())
+    try:
+        assert np.isfinite(run.evaluate())
+        run.validation_records = run.validation_records.select([])
+        with caplog.at_level("WARNING"):
+            assert np.isnan(run.evaluate())
+        assert "no validation micro-batch ran on any rank: eval_loss is NaN" in caplog.text
+    finally:
+        run.close()
+
+
 def test_interrupted_and_resumed_run_reproduces_the_uninterrupted_one(lora_run, corpus, text_tokenizer, tmp_path, monkeypatch):
     out = tmp_path / "out"
     cfg = load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, out, train={"grad_accum": 2, "tensorboard": True})))

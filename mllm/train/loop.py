@@ -35,12 +35,14 @@ import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mllm.config import ConfigError
 from mllm.data.cache import TokenCache, atomic_write
 from mllm.data.input_augment import InputAugment
 from mllm.data.loader import MultimodalLoader
@@ -148,6 +150,8 @@ class Finetune:
             self.say(f"resumed from {resume} (step {self.state.step}, epoch {self.state.epoch}, batch {self.state.batch})")
 
         self.cache = self._encode_media()
+        if cfg.train.eval_every and self.validation_records is not None:
+            self._check_validation()
         self.stopping = False  # set by SIGTERM during train(): every rank stops after the step under way
         self.last_pass = BadRecords()  # the bad records of the latest data pass
         self.repeat_rates = self._repeat_rates()
@@ -196,6 +200,14 @@ class Finetune:
             barrier()
             cache.reload()
         return cache
+
+    def _check_validation(self) -> None:
+        """Raise ConfigError naming data.validation unless its records make a micro-batch for every rank."""
+        world = self.env.world_size
+        seen = sum(1 for _ in islice(self.micro_batches(self.validation_records, seed=0, train=False), world))
+        if seen < world:  # the pass ran to its end: last_pass counts its records
+            raise ConfigError("data.validation", f"its records make {seen} micro-batches, fewer than the {world} ranks "
+                              f"that each evaluate one (the pass {self.last_pass.summary()})")
 
     def _repeat_rates(self) -> np.ndarray | None:
         """[R] each train record's `data.repeat` rate (`data.repeat_default` for a task not named); None when
@@ -352,7 +364,8 @@ class Finetune:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over the first train.eval_batches validation micro-batches (whole rounds of ranks)."""
+        """Mean loss over the first train.eval_batches validation micro-batches (whole rounds of ranks); NaN, with a
+        warning, when none ran."""
         e, world, rank = self.engine, self.env.world_size, self.env.rank
         limit = max(self.cfg.train.eval_batches // world, 1) * world
         mine, seen = [], 0
@@ -369,7 +382,11 @@ class Finetune:
             total += torch.tensor([e.forward(batch.to(e.device, dtype=e.feature_dtype)).loss.item(), 1.0])
         e.train(True)
         total = all_reduce_sum(total.to(e.device)).cpu()
-        return total[0].item() / max(total[1].item(), 1)
+        if total[1] == 0:
+            logger.warning("no validation micro-batch ran on any rank: eval_loss is NaN (data.validation %s)",
+                           self.cfg.data.validation)
+            return math.nan
+        return total[0].item() / total[1].item()
 
     def _log(self, log: dict) -> None:
         if not self.env.is_main:
