@@ -7,11 +7,14 @@ labels). It is saved with the checkpoint.
     [bos] system_prefix SYSTEM system_suffix      (system_prefix None: SYSTEM system_suffix opens the first user turn)
           user_prefix USER user_suffix
           assistant_prefix ASSISTANT assistant_suffix [eos]     <- labelled: ASSISTANT ... [eos]
+
+A template whose assistant_suffix holds its own end-of-turn token (ChatML's `<|im_end|>`) names it as
+stop_token: generation ends a reply there, whatever the tokenizer's eos is.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from mllm.registry import Registry
 
@@ -27,6 +30,7 @@ class ChatTemplate:
     assistant_prefix: str = "Assistant:"
     assistant_suffix: str = "\n"  # labelled, so the model learns to end its turn
     assistant_eos: bool = True  # end each assistant turn with the tokenizer's eos token (labelled)
+    stop_token: str | None = None  # the token in assistant_suffix that ends a turn: replies stop there, as at eos
 
     def frame(self, role: str) -> tuple[str, str]:
         """(prefix, suffix) around one turn of `role`."""
@@ -46,6 +50,12 @@ def list_chat_templates() -> list[str]:
 
 def get_chat_template(name: str) -> ChatTemplate:
     return TEMPLATES.build(name)
+
+
+def chat_template_from_dict(saved: dict) -> ChatTemplate:
+    """A template as saved with asdict; a field an older save lacks comes from the registered template of its name."""
+    known = asdict(get_chat_template(saved["name"])) if saved.get("name") in TEMPLATES else {}
+    return ChatTemplate(**{**known, **saved})
 
 
 def _add(template: ChatTemplate) -> None:
@@ -78,5 +88,6 @@ _add(
         assistant_prefix="<|im_start|>assistant\n",
         assistant_suffix="<|im_end|>\n",
         assistant_eos=False,
+        stop_token="<|im_end|>",
     )
 )

@@ -190,7 +190,7 @@ class Pipeline:
 
     @torch.no_grad()
     def _greedy(self, batch: MultimodalBatch, max_new_tokens: int) -> list[str]:
-        eos = self.processor.tokenizer.eos_token_id
+        eos = self.processor.end_of_turn_id
         ids = greedy_generate(self.model, batch, max_new_tokens=max_new_tokens, eos_token_id=-1 if eos is None else eos)
         return [self.processor.decode_text(row).strip() for row in ids]
 
@@ -215,9 +215,8 @@ class Pipeline:
         return batch.to(self.device)
 
     def _defaults(self, config: GenerationConfig) -> GenerationConfig:
-        tokenizer = self.processor.tokenizer
-        if config.eos_token_id is None:
-            config = replace(config, eos_token_id=tokenizer.eos_token_id)
+        if config.eos_token_id is None:  # the end of turn training labelled (e.g. ChatML's <|im_end|>)
+            config = replace(config, eos_token_id=self.processor.end_of_turn_id)
         if config.pad_token_id is None:
             config = replace(config, pad_token_id=self.processor.pad_id)
         return config

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from mllm.chat_template import ChatTemplate, get_chat_template
+from mllm.chat_template import ChatTemplate, chat_template_from_dict, get_chat_template
 from mllm.errors import InputError
 from mllm.media import Audio, Image, Video, load_media
 from mllm.sequence import IGNORE_INDEX, MultimodalBatch, Sample, pad_collate
@@ -101,6 +101,15 @@ class Processor:
         layout = VocabLayout.extend(tokenizer, all_specs)
         template = get_chat_template(template) if isinstance(template, str) else template
         return cls(tokenizer, layout, template, media_tokenizers, max_length)
+
+    @property
+    def end_of_turn_id(self) -> int | None:
+        """Where a reply ends: the template's stop token where the tokenizer has it as one token, else eos."""
+        stop = self.template.stop_token
+        stop_id = None if stop is None else self.tokenizer.convert_tokens_to_ids(stop)
+        if stop_id is not None and self.tokenizer.convert_ids_to_tokens(stop_id) == stop:  # not unk
+            return stop_id
+        return self.tokenizer.eos_token_id
 
     # ---- messages -> Sample -------------------------------------------------------------
 
@@ -274,7 +283,7 @@ class Processor:
         return cls(
             AutoTokenizer.from_pretrained(path),
             VocabLayout.from_dict(config["vocab_layout"]),
-            ChatTemplate(**config["chat_template"]),
+            chat_template_from_dict(config["chat_template"]),
             media,
             config.get("max_length"),
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from transformers import AutoTokenizer
 
 from mllm.checkpoint import HeadConfig, MediaConfig, ModelConfig, build_model
 from mllm.detokenizers import build_detokenizer
@@ -56,6 +57,27 @@ def test_generate_media_and_save_load_round_trip(pipeline, tmp_path):
     assert set(loaded.detokenizers) == {"image"}
     [after] = loaded.generate_media(conversations, "image", config=config)
     assert (before.pixels == after.pixels).all()
+
+
+def test_chatml_reply_ends_at_im_end_though_eos_is_another_token(mistral_tokenizer_dir, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(mistral_tokenizer_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.save_pretrained(tmp_path)
+    model, processor = build_model(ModelConfig(base_config=dict(TINY_LMS["llama"], vocab_size=len(tokenizer)),
+                                               tokenizer=str(tmp_path), chat_template="chatml"))
+    chat = Pipeline(model, processor)
+    conversation = [[{"role": "user", "content": "Hi"}]]
+    head, seen = model.get_output_embeddings(), []
+    hook = head.register_forward_hook(lambda module, args, out: seen.append(args[0][0, -1].clone()))
+    chat.chat(conversation, GenerationConfig(max_new_tokens=1))
+    hook.remove()
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    head.weight.data.zero_()
+    head.weight.data[im_end] = seen[0]  # the prompt's last position now writes <|im_end|>, and nothing else stands out
+    finished = []
+    assert chat.chat(conversation, GenerationConfig(max_new_tokens=8), on_finish=lambda row, why: finished.append(why)) == [[]]
+    assert finished == ["eos"]  # not "length": the reply ended where training labels the end of a turn
+    assert chat.complete(conversation, max_new_tokens=8) == [""]
 
 
 def test_missing_detokenizer_is_named(pipeline):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from transformers import AutoTokenizer
 
 from mllm.chat_template import list_chat_templates
 from mllm.media import Image, MediaError, save_image
-from mllm.processor import MessageError, Processor, SequenceTooLongError
+from mllm.processor import CONFIG_FILE, MessageError, Processor, SequenceTooLongError
 from mllm.sequence import IGNORE_INDEX
 from mllm.tokenizers import build_media_tokenizer
 from mllm.vocab import ModalitySpec
@@ -204,3 +205,22 @@ def test_every_template_labels_exactly_the_assistant_turn(mistral_tokenizer_dir,
                           {"role": "assistant", "content": "Hello friend"}])
     text = labelled_text(processor, s)
     assert text.startswith("Hello friend") and "Hi" not in text and "kind" not in text
+
+
+def test_chatml_ends_a_turn_at_im_end_whatever_the_eos(mistral_tokenizer_dir, tmp_path):
+    """A Qwen2-like tokenizer: <|im_end|> is a special token and eos is another one."""
+    tokenizer = AutoTokenizer.from_pretrained(mistral_tokenizer_dir)
+    assert Processor.create(tokenizer, "chatml").end_of_turn_id == tokenizer.eos_token_id  # no <|im_end|> token yet
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    processor = Processor.create(tokenizer, "chatml")
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert processor.end_of_turn_id == im_end != tokenizer.eos_token_id
+    s = processor.encode([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
+    assert s.labels[s.labels != IGNORE_INDEX].tolist()[-2] == im_end  # what training labels as the end of the turn
+    assert Processor.create(tokenizer, "plain").end_of_turn_id == tokenizer.eos_token_id
+    # a checkpoint saved before templates had a stop token gets the registered template's
+    processor.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / CONFIG_FILE).read_text())
+    del config["chat_template"]["stop_token"]
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(config))
+    assert Processor.from_pretrained(tmp_path).end_of_turn_id == im_end
