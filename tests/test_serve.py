@@ -505,3 +505,77 @@ def test_timeouts_are_caught_as_asyncio_raises_them_before_python_3_11(pipeline,
             r = transcribe(client)
             assert r.status_code == 504 and r.json()["error"]["code"] == "timeout", r.text
         _wait(lambda: server.active == 0)
+
+
+def asgi_post(app, path: str, chunks: list[bytes], then: str, seconds: float = 5) -> tuple[int, dict]:
+    """POST the body in `chunks` straight to the ASGI app, as a raw client would; after them the client
+    "hangs" (sends no more of the body, stays connected) or "leaves" (the body was whole; it disconnects)."""
+    import asyncio
+
+    async def run() -> tuple[int, dict]:
+        messages = [{"type": "http.request", "body": c, "more_body": then == "hangs" or k < len(chunks) - 1}
+                    for k, c in enumerate(chunks)]
+        sent = []
+
+        async def receive() -> dict:
+            if messages:
+                return messages.pop(0)
+            if then == "leaves":
+                return {"type": "http.disconnect"}
+            await asyncio.sleep(3600)
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        headers = [(b"host", b"test"), (b"content-type", b"application/json")]
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+                 "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": headers,
+                 "client": ("127.0.0.1", 1), "server": ("test", 80)}
+        await asyncio.wait_for(app(scope, receive, send), seconds)
+        status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+        return status, json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/audio/transcriptions"])
+def test_a_body_that_stops_arriving_gets_408_and_frees_its_slot(pipeline, path):
+    app = create_app(pipeline, ServeLimits(request_timeout_s=0.3, max_concurrent_requests=1), MODEL)
+    status, body = asgi_post(app, path, [b'{"messages": [{"role": "us'], then="hangs")
+    assert status == 408 and "request_timeout_s" in body["error"]["message"], body
+    assert app.state.server.active == 0
+    app.state.server.executor.shutdown()
+
+
+def test_media_preparation_counts_against_the_timeout_and_holds_the_slot_until_done(pipeline, monkeypatch):
+    app = create_app(pipeline, ServeLimits(request_timeout_s=0.3, max_concurrent_requests=1, max_input_tokens=200,
+                                           max_total_tokens=300), MODEL)
+    server, loading = app.state.server, threading.Event()
+    prepare = server.prepare
+    monkeypatch.setattr(server, "prepare", lambda body: loading.wait(10) and prepare(body))  # media that load slowly
+    with TestClient(app) as client:
+        r = client.post("/v1/chat/completions", json=request([image_part()]))
+        assert r.status_code == 504 and "request_timeout_s" in r.json()["error"]["message"], r.text
+        assert server.active == 1  # its worker still loads the media
+        loading.set()
+        _wait(lambda: server.active == 0)
+
+
+def test_a_client_that_leaves_a_non_streaming_request_stops_its_generation(pipeline, monkeypatch):
+    tokens = []
+
+    def chatty(conversations, config, *, on_text, **kwargs):  # a token every 50 ms for 20 s, unless stopped
+        for _ in range(400):
+            time.sleep(0.05)
+            on_text(0, "x")
+            tokens.append(1)
+        return [["x" * 400]]
+
+    monkeypatch.setattr(pipeline, "chat", chatty)
+    app = create_app(pipeline, ServeLimits(max_input_tokens=200, max_total_tokens=300), MODEL)
+    server = app.state.server
+    status, body = asgi_post(app, "/v1/chat/completions", [json.dumps(request("Bye.")).encode()], then="leaves")
+    assert status == 499 and body["error"]["code"] == "client_closed"
+    _wait(lambda: server.active == 0, seconds=2)
+    assert len(tokens) < 100  # stopped at a token soon after the client left, not after all 400
+    server.executor.shutdown()

@@ -2,8 +2,11 @@
 
 Generation runs in worker threads, one at a time (the pipeline's lock); at most
 `max_concurrent_requests` requests are admitted (running or waiting) and the
-rest get 429 at once. A request past `request_timeout_s` gets 504 (or an SSE
-error event) and its generation stops at the next token.
+rest get 429 at once. `request_timeout_s` runs from admission: a body not all
+arrived by then gets 408; a request still loading its media (which cannot be
+stopped: it keeps its slot until they are loaded) or generating gets 504 (or an
+SSE error event), and its generation stops at the next token, as it does when
+the client goes away.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from mllm.serve.openai_schema import (ChatRequest, RequestError, TranscriptionRe
 
 Event = tuple[str, Any]  # ("text", str) | ("media", part) | ("done", (parts, finish reason)) | ("error", Exception)
 TRANSCRIPT_TOKENS = 96  # at most this many new tokens per transcript
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 _FORMATS = {Image: ("image", "png", "image/png", save_image), Audio: ("audio", "wav", "audio/wav", save_audio),
             Video: ("video", "mp4", "video/mp4", save_video)}
 
@@ -97,7 +101,15 @@ class _Server:
             self.active += 1
         return _Slot(self)
 
-    async def read_body(self, request: Request) -> bytes:
+    async def read_body(self, request: Request, deadline: float) -> bytes:
+        """The whole body, by the deadline (else 408: the client is too slow) and within max_request_bytes."""
+        try:
+            return await asyncio.wait_for(self._read_body(request), _left(deadline))
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+            raise RequestError(408, f"the request body did not arrive within request_timeout_s "
+                                    f"({self.limits.request_timeout_s} s)", code="timeout") from None
+
+    async def _read_body(self, request: Request) -> bytes:
         limit = self.limits.max_request_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
@@ -108,6 +120,19 @@ class _Server:
             if len(body) > limit:
                 raise RequestError(413, f"the request is over max_request_bytes ({limit})")
         return bytes(body)
+
+    async def prepared(self, slot: _Slot, deadline: float, prepare: Callable, *args) -> Any:
+        """prepare(*args) in a worker thread, by the deadline. On any failure the slot is released, but not before
+        the worker finishes: past the deadline it answers 504 while its media go on loading (they cannot be stopped)."""
+        work = asyncio.get_running_loop().run_in_executor(self.executor, prepare, *args)
+        try:
+            return await asyncio.wait_for(asyncio.shield(work), _left(deadline))
+        except BaseException:
+            if work.done():
+                slot.release()
+            else:
+                work.add_done_callback(lambda _: slot.release())
+            raise
 
     def prepare(self, body: bytes) -> tuple[ChatRequest, int, int]:
         """Parse, load media and count tokens (in a worker thread): (request, prompt tokens, max new tokens)."""
@@ -194,7 +219,7 @@ def _error(e: RequestError) -> JSONResponse:
 def _failure(e: Exception, timeout: float) -> RequestError:
     if isinstance(e, RequestError):
         return e
-    if isinstance(e, _Cancelled):
+    if isinstance(e, (_Cancelled, asyncio.TimeoutError)):
         return RequestError(504, f"the request took longer than request_timeout_s ({timeout} s)", code="timeout")
     if isinstance(e, (MessageError, MediaError, KeyError)):
         return RequestError(400, str(e))
@@ -236,27 +261,31 @@ def create_app(pipeline: Pipeline, limits: ServeLimits | None = None, model_name
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         slot = server.admit()  # a RequestError (429) goes to the handler below
+        timeout = server.limits.request_timeout_s
+        deadline = asyncio.get_running_loop().time() + timeout  # covers the body, the media and the generation
         try:
-            body = await server.read_body(request)
-            req, prompt, max_new = await asyncio.get_running_loop().run_in_executor(server.executor, server.prepare, body)
+            body = await server.read_body(request, deadline)
         except Exception as e:
             slot.release()
-            return _error(_failure(e, server.limits.request_timeout_s))
+            return _error(_failure(e, timeout))
+        try:
+            req, prompt, max_new = await server.prepared(slot, deadline, server.prepare, body)
+        except Exception as e:
+            return _error(_failure(e, timeout))
         events, cancel = _start(server, req, max_new, slot)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         if req.stream:
-            return StreamingResponse(_sse(events, cancel, meta, server.limits.request_timeout_s), media_type="text/event-stream")
-        deadline = asyncio.get_running_loop().time() + server.limits.request_timeout_s
+            return StreamingResponse(_sse(events, cancel, meta, deadline, timeout), media_type="text/event-stream")
         try:
-            while True:
-                kind, value = await _next(events, deadline)
-                if kind == "done":
-                    break
-                if kind == "error":
-                    return _error(_failure(value, server.limits.request_timeout_s))
-        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+            kind, value = await _reply(events, deadline, request)
+        except asyncio.TimeoutError:
             cancel.set()
-            return _error(_failure(_Cancelled(), server.limits.request_timeout_s))
+            return _error(_failure(_Cancelled(), timeout))
+        except _Disconnected:
+            cancel.set()  # nobody waits for the reply: stop at the next token
+            return _error(RequestError(499, "the client disconnected before the reply was ready", code="client_closed"))
+        if kind == "error":
+            return _error(_failure(value, timeout))
         parts, finish = value
         choice = {"index": 0, "message": {"role": "assistant", "content": reply_content(parts)}, "finish_reason": finish}
         return JSONResponse({**meta, "object": "chat.completion", "choices": [choice], "usage": {"prompt_tokens": prompt}})
@@ -265,20 +294,29 @@ def create_app(pipeline: Pipeline, limits: ServeLimits | None = None, model_name
     async def transcriptions(request: Request) -> Response:
         slot = server.admit()  # a RequestError (429) goes to the handler below
         loop, cancel = asyncio.get_running_loop(), threading.Event()
+        timeout = server.limits.request_timeout_s
+        deadline = loop.time() + timeout  # covers the body, the recording and the transcription
         try:
-            form = await _read_form(request.headers, await server.read_body(request))
-            req, max_new = await loop.run_in_executor(server.executor, server.prepare_transcription, form)
-            work = loop.run_in_executor(server.executor, server.transcribe, req, max_new, cancel, slot)
+            form = await _read_form(request.headers, await server.read_body(request, deadline))
         except Exception as e:
             slot.release()
-            return _error(_failure(e, server.limits.request_timeout_s))
+            return _error(_failure(e, timeout))
+        try:
+            req, max_new = await server.prepared(slot, deadline, server.prepare_transcription, form)
+        except Exception as e:
+            return _error(_failure(e, timeout))
+        try:
+            work = loop.run_in_executor(server.executor, server.transcribe, req, max_new, cancel, slot)
+        except RuntimeError:  # the executor is shutting down
+            slot.release()
+            raise
         try:  # the worker releases the slot once it is done
-            text = await asyncio.wait_for(asyncio.shield(work), server.limits.request_timeout_s)
+            text = await asyncio.wait_for(asyncio.shield(work), _left(deadline))
         except asyncio.TimeoutError:
             cancel.set()
-            return _error(_failure(_Cancelled(), server.limits.request_timeout_s))
+            return _error(_failure(_Cancelled(), timeout))
         except Exception as e:
-            return _error(_failure(e, server.limits.request_timeout_s))
+            return _error(_failure(e, timeout))
         return PlainTextResponse(text) if req.response_format == "text" else JSONResponse({"text": text})
 
     @app.exception_handler(RequestError)
@@ -328,18 +366,45 @@ def _start(server: _Server, req: ChatRequest, max_new: int, slot: _Slot) -> tupl
     return events, cancel
 
 
+class _Disconnected(Exception):
+    """The client of a non-streaming request went away."""
+
+
+def _left(deadline: float) -> float:
+    return max(deadline - asyncio.get_running_loop().time(), 0.001)
+
+
 async def _next(events: asyncio.Queue, deadline: float) -> Event:
-    return await asyncio.wait_for(events.get(), max(deadline - asyncio.get_running_loop().time(), 0.001))
+    return await asyncio.wait_for(events.get(), _left(deadline))
 
 
-async def _sse(events: asyncio.Queue, cancel: threading.Event, meta: dict, timeout: float) -> AsyncIterator[str]:
+async def _reply(events: asyncio.Queue, deadline: float, request: Request) -> Event:
+    """A non-streaming request's last event ("done" or "error"); asyncio.TimeoutError past the deadline, and
+    _Disconnected once its client has gone (checked every DISCONNECT_POLL_S, as events arrive or not: a
+    non-streaming response learns of it no other way)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        check = min(loop.time() + DISCONNECT_POLL_S, deadline)
+        try:
+            while True:
+                kind, value = await asyncio.wait_for(events.get(), max(check - loop.time(), 0.001))
+                if kind in ("done", "error"):
+                    return kind, value
+        except asyncio.TimeoutError:
+            if loop.time() >= deadline:
+                raise
+        if await request.is_disconnected():
+            raise _Disconnected
+
+
+async def _sse(events: asyncio.Queue, cancel: threading.Event, meta: dict, deadline: float,
+               timeout: float) -> AsyncIterator[str]:
     """OpenAI chat.completion.chunk events: the role, text deltas, media parts as they decode, the finish, [DONE]."""
 
     def chunk(delta: dict, finish: str | None = None) -> str:
         body = {**meta, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
         return f"data: {json.dumps(body)}\n\n"
 
-    deadline = asyncio.get_running_loop().time() + timeout
     try:
         yield chunk({"role": "assistant", "content": ""})
         while True:

@@ -19,7 +19,7 @@ class ServeLimits:
     max_request_bytes: int = 32 * 2**20  # whole HTTP body; also bounds each decoded medium
     max_input_tokens: int = 4096  # TGI: prompt tokens, media spans included
     max_total_tokens: int = 4608  # TGI: prompt tokens + max_tokens
-    request_timeout_s: float = 120.0  # a request still generating after this gets 504
+    request_timeout_s: float = 120.0  # from admission: a body still arriving then gets 408; loading or generating, 504
     max_concurrent_requests: int = 8  # TGI: requests admitted at once (running or queued); more get 429
     allowed_local_media_path: Path | None = None  # vLLM: file:// and plain paths must lie under it; None: refused
 
