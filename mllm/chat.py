@@ -176,7 +176,10 @@ class ChatSession:
 
     def command(self, line: str) -> bool:
         """Run one /command; False for /quit."""
-        name, *args = shlex.split(line)
+        try:
+            name, *args = shlex.split(line)
+        except ValueError as e:  # e.g. an unbalanced quote
+            raise ChatError(f"{line!r}: {e}") from e
         if name in ("/quit", "/exit"):
             return False
         if name == "/help":

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 
 import pytest
 
+from mllm.chat import ChatSession, repl
 from mllm.cli import main
 from mllm.media import load_image
 from tests.test_serve import image_checkpoint, png_bytes  # noqa: F401  (the fixture, used by name)
@@ -71,3 +73,11 @@ def test_interactive_repl_through_a_pty(image_checkpoint, cat, tmp_path):
     assert child.exitstatus == 0
     transcript = json.loads((tmp_path / "chat.json").read_text())
     assert [m["role"] for m in transcript] == ["user", "assistant"]
+
+
+def test_unbalanced_quote_is_reported_and_the_chat_goes_on(tmp_path):
+    session = ChatSession(pipeline=None, media_dir=tmp_path, out=io.StringIO())
+    lines = iter(['/attach "my cat.png', "/set", "/quit"])
+    assert repl(session, read=lambda prompt: next(lines)) == 0
+    out = session.out.getvalue()
+    assert "error: '/attach \"my cat.png': No closing quotation" in out and "max_tokens=256" in out
