@@ -579,3 +579,12 @@ def test_a_client_that_leaves_a_non_streaming_request_stops_its_generation(pipel
     _wait(lambda: server.active == 0, seconds=2)
     assert len(tokens) < 100  # stopped at a token soon after the client left, not after all 400
     server.executor.shutdown()
+
+
+def test_a_server_side_failure_is_a_500_not_the_clients_fault(pipeline, monkeypatch):
+    app = create_app(pipeline, LIMITS, MODEL)
+    monkeypatch.delitem(pipeline.detokenizers, "image")  # Pipeline.decode then raises KeyError: the server's own fault
+    with TestClient(app) as client:
+        r = client.post("/v1/chat/completions", json=request("Draw.", modalities=["text", "image"], max_tokens=12))
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error", r.text
+        assert "no image de-tokenizer" in r.json()["error"]["message"]

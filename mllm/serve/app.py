@@ -221,7 +221,7 @@ def _failure(e: Exception, timeout: float) -> RequestError:
         return e
     if isinstance(e, (_Cancelled, asyncio.TimeoutError)):
         return RequestError(504, f"the request took longer than request_timeout_s ({timeout} s)", code="timeout")
-    if isinstance(e, (MessageError, MediaError, KeyError)):
+    if isinstance(e, (MessageError, MediaError)):
         return RequestError(400, str(e))
     return RequestError(500, f"generation failed: {type(e).__name__}: {e}")
 
