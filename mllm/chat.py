@@ -227,6 +227,8 @@ def repl(session: ChatSession, read: Callable[[str], str] = input) -> int:
                 session.ask(line)
         except ChatError as e:
             session.out.write(f"error: {e}\n")
+        except KeyboardInterrupt:  # Ctrl-C during a reply (or a slow /attach) cancels it, not the chat
+            session.out.write("\n(cancelled)\n")
 
 
 def run_chat(model: Path, *, messages: list[str], attach: list[Path], media_dir: Path, settings: Settings,
@@ -245,6 +247,7 @@ def run_chat(model: Path, *, messages: list[str], attach: list[Path], media_dir:
     except ChatError as e:
         print(f"mllm chat: {e}", file=sys.stderr)
         code = 2
-    if transcript is not None:
-        session.save_transcript(transcript)
+    finally:  # also on Ctrl-C or a crash: the turns so far are kept
+        if transcript is not None:
+            session.save_transcript(transcript)
     return code

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from mllm.chat import ChatSession, repl
+from mllm import chat
+from mllm.chat import ChatSession, Settings, repl
 from mllm.cli import main
 from mllm.media import load_image
 from tests.test_serve import image_checkpoint, png_bytes  # noqa: F401  (the fixture, used by name)
@@ -81,3 +82,38 @@ def test_unbalanced_quote_is_reported_and_the_chat_goes_on(tmp_path):
     assert repl(session, read=lambda prompt: next(lines)) == 0
     out = session.out.getvalue()
     assert "error: '/attach \"my cat.png': No closing quotation" in out and "max_tokens=256" in out
+
+
+class ScriptedPipeline:
+    """Stands in for a Pipeline: replies "hello", or raises what `script` holds for that call."""
+
+    processor, detokenizers = type("Processor", (), {"media_tokenizers": {}})(), {}
+
+    def __init__(self, *script):
+        self.script = list(script)
+
+    def chat(self, conversations, config, force=None, on_text=None):
+        step = self.script.pop(0) if self.script else None
+        if step is not None:
+            raise step
+        on_text(0, "hello")
+        return [["hello"]]
+
+
+def test_ctrl_c_cancels_one_reply_and_the_chat_goes_on(tmp_path):
+    session = ChatSession(ScriptedPipeline(KeyboardInterrupt()), tmp_path, out=io.StringIO())
+    lines = iter(["a long question", "again", "/quit"])
+    assert repl(session, read=lambda prompt: next(lines)) == 0
+    assert "(cancelled)" in session.out.getvalue() and session.out.getvalue().count("hello") == 1
+    assert [m["content"][0]["text"] for m in session.messages] == ["again", "hello"]
+
+
+def test_transcript_is_saved_on_ctrl_c_or_a_crash(tmp_path, monkeypatch):
+    for failure in (KeyboardInterrupt(), RuntimeError("bug")):
+        pipeline = ScriptedPipeline(None, failure)
+        monkeypatch.setattr(chat.Pipeline, "from_pretrained", lambda path, device=None: pipeline)
+        transcript = tmp_path / f"{type(failure).__name__}.json"
+        with pytest.raises(type(failure)):
+            chat.run_chat(tmp_path, messages=["one", "two"], attach=[], media_dir=tmp_path, settings=Settings(),
+                          transcript=transcript)
+        assert [m["role"] for m in json.loads(transcript.read_text())] == ["user", "assistant"]
