@@ -277,6 +277,7 @@ def _bad_cases(tmp: Path) -> dict[str, tuple[int, dict | bytes]]:
     outside = tmp / "secret.png"
     outside.write_bytes(png_bytes())
     big = image_part(b"\x89PNG" + bytes(160_000))
+    hi = json.dumps(request("Hi."))  # for numbers json.dumps does not write
     return {
         "invalid JSON": (400, b'{"model": "tiny", "messages": ['),
         "JSON not an object": (400, b'["hello"]'),
@@ -301,6 +302,15 @@ def _bad_cases(tmp: Path) -> dict[str, tuple[int, dict | bytes]]:
         "max_tokens not an integer": (400, request("Hi.", max_tokens="lots")),
         "max_tokens zero": (400, request("Hi.", max_tokens=0)),
         "negative temperature": (400, request("Hi.", temperature=-1)),
+        "NaN temperature": (400, json.dumps(request("Hi.", temperature=float("nan"))).encode()),
+        "Infinity top_p": (400, json.dumps(request("Hi.", top_p=float("inf"))).encode()),
+        "temperature 1e400": (400, hi.replace('"max_tokens"', '"temperature": 1e400, "max_tokens"').encode()),
+        "temperature past float's range": (400, request("Hi.", temperature=10**400)),
+        "an integer of 5000 digits": (400, hi.replace('8}', f'{"9" * 5000}}}').encode()),
+        "JSON nested too deep": (400, b"[" * 100_000),
+        "seed 2**64": (400, request("Hi.", seed=2**64)),
+        "seed 10**23": (400, request("Hi.", seed=10**23)),
+        "negative seed": (400, request("Hi.", seed=-1)),
         "top_p out of range": (400, request("Hi.", top_p=1.5)),
         "stream not a boolean": (400, request("Hi.", stream="yes")),
         "n above one": (400, request("Hi.", n=3)),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,12 +69,16 @@ TRANSCRIPT_FORMATS = ("json", "text")
 
 def parse_json(body: bytes) -> dict[str, Any]:
     try:
-        value = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        value = json.loads(body, parse_constant=_not_a_number)
+    except (ValueError, RecursionError) as e:  # malformed, an integer of over 4300 digits, nesting too deep
         raise RequestError(400, f"invalid JSON body: {e}", code="invalid_json") from e
     if not isinstance(value, dict):
         raise RequestError(400, f"the body must be a JSON object, got {type(value).__name__}", code="invalid_json")
     return value
+
+
+def _not_a_number(name: str) -> None:
+    raise RequestError(400, f"invalid JSON body: {name} is not valid JSON (numbers must be finite)", code="invalid_json")
 
 
 def parse_chat_request(body: dict[str, Any], model_name: str, reads: set[str], writes: set[str],
@@ -161,15 +166,28 @@ def _config(body: dict) -> GenerationConfig:
         raise RequestError(400, "'stop' must be a string or a list of strings", param="stop")
     try:
         sampling = TokenSampling(
-            temperature=float(_typed(body, "temperature", (int, float), 0.0)),
+            temperature=_finite(body, "temperature", 0.0),
             top_k=_typed(body, "top_k", int, 0),
-            top_p=float(_typed(body, "top_p", (int, float), 1.0)),
-            repetition_penalty=float(_typed(body, "repetition_penalty", (int, float), 1.0)),
+            top_p=_finite(body, "top_p", 1.0),
+            repetition_penalty=_finite(body, "repetition_penalty", 1.0),
         )
     except ValueError as e:
         raise RequestError(400, f"bad sampling options: {e}") from e
     seed = _typed(body, "seed", int, None)
+    if seed is not None and not 0 <= seed < 2**63:
+        raise RequestError(400, f"'seed' must be from 0 to 2**63 - 1, got {seed}", param="seed")
     return GenerationConfig(stop_strings=stop, text=sampling, codes=sampling, seed=seed)
+
+
+def _finite(body: dict, key: str, default: float) -> float:
+    value = _typed(body, key, (int, float), default)
+    try:
+        value = float(value)
+    except OverflowError:  # an integer past float's range
+        value = math.inf
+    if not math.isfinite(value):  # 1e400 parses as inf
+        raise RequestError(400, f"'{key}' must be a finite number, got {json.dumps(body[key])[:80]}", param=key)
+    return value
 
 
 def _force(body: dict, modalities: set[str]) -> str | None:
