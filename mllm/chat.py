@@ -12,6 +12,7 @@ prints each reply and exits. Generated media are written to `--media-dir` and na
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 from collections.abc import Callable
@@ -169,10 +170,21 @@ class ChatSession:
         return named
 
     def _save(self, media: Media) -> Path:
+        """Write a generated medium to media_dir under a name no file has, there from an earlier chat or not."""
         modality, suffix, save = SAVERS[type(media)]
-        self.saved += 1
         self.media_dir.mkdir(parents=True, exist_ok=True)
-        return save(media, self.media_dir / f"reply-{self.saved:03d}-{modality}{suffix}")
+        while True:
+            self.saved += 1
+            path = self.media_dir / f"reply-{self.saved:03d}-{modality}{suffix}"
+            try:  # O_EXCL claims the name, even against a chat running beside this one
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                continue
+            try:
+                return save(media, path)  # replaces the empty claim in one step
+            except BaseException:
+                path.unlink()  # no empty file left behind
+                raise
 
     def command(self, line: str) -> bool:
         """Run one /command; False for /quit."""

@@ -6,12 +6,13 @@ import io
 import json
 import sys
 
+import numpy as np
 import pytest
 
 from mllm import chat
 from mllm.chat import ChatSession, Settings, repl
 from mllm.cli import main
-from mllm.media import load_image
+from mllm.media import Image, load_image
 from tests.test_serve import image_checkpoint, png_bytes  # noqa: F401  (the fixture, used by name)
 
 
@@ -85,19 +86,21 @@ def test_unbalanced_quote_is_reported_and_the_chat_goes_on(tmp_path):
 
 
 class ScriptedPipeline:
-    """Stands in for a Pipeline: replies "hello", or raises what `script` holds for that call."""
+    """Stands in for a Pipeline: replies `reply`, or raises what `script` holds for that call."""
 
     processor, detokenizers = type("Processor", (), {"media_tokenizers": {}})(), {}
 
-    def __init__(self, *script):
-        self.script = list(script)
+    def __init__(self, *script, reply=("hello",)):
+        self.script, self.reply = list(script), list(reply)
 
     def chat(self, conversations, config, force=None, on_text=None):
         step = self.script.pop(0) if self.script else None
         if step is not None:
             raise step
-        on_text(0, "hello")
-        return [["hello"]]
+        for item in self.reply:
+            if isinstance(item, str):
+                on_text(0, item)
+        return [list(self.reply)]
 
 
 def test_ctrl_c_cancels_one_reply_and_the_chat_goes_on(tmp_path):
@@ -111,9 +114,18 @@ def test_ctrl_c_cancels_one_reply_and_the_chat_goes_on(tmp_path):
 def test_transcript_is_saved_on_ctrl_c_or_a_crash(tmp_path, monkeypatch):
     for failure in (KeyboardInterrupt(), RuntimeError("bug")):
         pipeline = ScriptedPipeline(None, failure)
-        monkeypatch.setattr(chat.Pipeline, "from_pretrained", lambda path, device=None: pipeline)
+        monkeypatch.setattr(chat.Pipeline, "from_pretrained", lambda path, device=None, p=pipeline: p)
         transcript = tmp_path / f"{type(failure).__name__}.json"
         with pytest.raises(type(failure)):
             chat.run_chat(tmp_path, messages=["one", "two"], attach=[], media_dir=tmp_path, settings=Settings(),
                           transcript=transcript)
         assert [m["role"] for m in json.loads(transcript.read_text())] == ["user", "assistant"]
+
+
+def test_a_new_chat_never_overwrites_media_an_earlier_one_saved(tmp_path):
+    for value in (10, 200):  # two chats, one after the other, in the same --media-dir
+        pipeline = ScriptedPipeline(reply=[Image(np.full((4, 4, 3), value, np.uint8))])
+        ChatSession(pipeline, tmp_path, out=io.StringIO()).ask("Draw.")
+    saved = sorted(tmp_path.iterdir())
+    assert [p.name for p in saved] == ["reply-001-image.png", "reply-002-image.png"]
+    assert [load_image(p).pixels[0, 0, 0] for p in saved] == [10, 200]
