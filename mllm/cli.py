@@ -152,7 +152,9 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         limits = ServeLimits(
             limit_mm_per_prompt=parse_mm_limits(args.limit_mm_per_prompt) if args.limit_mm_per_prompt else ServeLimits().limit_mm_per_prompt,
-            max_request_bytes=args.max_request_bytes, max_input_tokens=args.max_input_tokens,
+            max_request_bytes=args.max_request_bytes, max_image_pixels=args.max_image_pixels,
+            max_video_frames=args.max_video_frames, max_video_frame_pixels=args.max_video_frame_pixels,
+            max_input_tokens=args.max_input_tokens,
             max_total_tokens=args.max_total_tokens, request_timeout_s=args.request_timeout_s,
             max_concurrent_requests=args.max_concurrent_requests, allowed_local_media_path=args.allowed_local_media_path,
         )
@@ -356,6 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = _serve_defaults()
     srv.add_argument("--limit-mm-per-prompt", default=None, help='media items per request, e.g. \'{"image": 4}\' or image=4,audio=1')
     srv.add_argument("--max-request-bytes", type=int, default=defaults.max_request_bytes)
+    srv.add_argument("--max-image-pixels", type=_count, default=defaults.max_image_pixels,
+                     help="each image, width x height (default %(default)s)")
+    srv.add_argument("--max-video-frames", type=_count, default=defaults.max_video_frames,
+                     help="frames of each video (default %(default)s)")
+    srv.add_argument("--max-video-frame-pixels", type=_count, default=defaults.max_video_frame_pixels,
+                     help="each video frame, width x height (default %(default)s)")
     srv.add_argument("--max-input-tokens", type=int, default=defaults.max_input_tokens)
     srv.add_argument("--max-total-tokens", type=int, default=defaults.max_total_tokens)
     srv.add_argument("--request-timeout-s", type=float, default=defaults.request_timeout_s)

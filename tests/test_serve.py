@@ -598,3 +598,31 @@ def test_a_server_side_failure_is_a_500_not_the_clients_fault(pipeline, monkeypa
         r = client.post("/v1/chat/completions", json=request("Draw.", modalities=["text", "image"], max_tokens=12))
         assert r.status_code == 500 and r.json()["error"]["type"] == "server_error", r.text
         assert "no image de-tokenizer" in r.json()["error"]["message"]
+
+
+def test_media_that_decode_past_the_servers_limits_get_413_naming_the_limit(pipeline, mp4_bytes):
+    """The 4-frame 16x16 clip and the 8x8 image pass at their sizes and are refused one below."""
+    video = {"type": "video_url", "video_url": {"url": f"data:video/mp4;base64,{b64(mp4_bytes)}"}}
+    app = create_app(pipeline, LIMITS, MODEL)
+    server = app.state.server
+    with TestClient(app) as client:
+        for limit, size, part in (("max_image_pixels", 64, image_part()), ("max_video_frames", 4, video),
+                                  ("max_video_frame_pixels", 256, video)):
+            server.limits = replace(LIMITS, **{limit: size})
+            assert client.post("/v1/chat/completions", json=request([part])).status_code == 200, limit
+            server.limits = replace(LIMITS, **{limit: size - 1})
+            r = client.post("/v1/chat/completions", json=request([part]))
+            error = r.json()["error"]
+            assert r.status_code == 413 and error["code"] == "media_too_large" and f"({limit})" in error["message"], r.text
+        assert server.active == 0
+
+
+def test_serve_flags_set_the_media_limits(monkeypatch):
+    import mllm.serve.app
+    from mllm.cli import main
+
+    served = []
+    monkeypatch.setattr(mllm.serve.app, "serve", lambda model, **kw: served.append(kw["limits"]))
+    assert main(["serve", "--model", "ckpt", "--max-image-pixels", "100", "--max-video-frames", "7",
+                 "--max-video-frame-pixels", "50"]) == 0
+    assert (served[0].max_image_pixels, served[0].max_video_frames, served[0].max_video_frame_pixels) == (100, 7, 50)

@@ -16,7 +16,10 @@ def _default_mm() -> dict[str, int]:
 @dataclass(frozen=True)
 class ServeLimits:
     limit_mm_per_prompt: dict[str, int] = field(default_factory=_default_mm)  # vLLM: media items per request, by modality
-    max_request_bytes: int = 32 * 2**20  # whole HTTP body; also bounds each decoded medium
+    max_request_bytes: int = 32 * 2**20  # whole HTTP body; also each medium's encoded bytes
+    max_image_pixels: int = 4096 * 4096  # each image as decoded (RGB: 48 MiB)
+    max_video_frames: int = 256  # frames of one video as decoded
+    max_video_frame_pixels: int = 1280 * 720  # each frame of a video (a video then decodes to at most 675 MiB)
     max_input_tokens: int = 4096  # TGI: prompt tokens, media spans included
     max_total_tokens: int = 4608  # TGI: prompt tokens + max_tokens
     request_timeout_s: float = 120.0  # from admission: a body still arriving then gets 408; loading or generating, 504
@@ -29,8 +32,12 @@ class ServeLimits:
             raise ValueError(f"limit_mm_per_prompt: unknown modalities {sorted(unknown)} (expected {list(MODALITIES)})")
         if any(n < 0 for n in self.limit_mm_per_prompt.values()):
             raise ValueError("limit_mm_per_prompt: counts must be >= 0")
-        if min(self.max_request_bytes, self.max_input_tokens, self.max_total_tokens, self.max_concurrent_requests) <= 0:
-            raise ValueError("max_request_bytes, max_input_tokens, max_total_tokens and max_concurrent_requests must be positive")
+        sizes = {"max_request_bytes": self.max_request_bytes, "max_image_pixels": self.max_image_pixels,
+                 "max_video_frames": self.max_video_frames, "max_video_frame_pixels": self.max_video_frame_pixels,
+                 "max_input_tokens": self.max_input_tokens, "max_total_tokens": self.max_total_tokens,
+                 "max_concurrent_requests": self.max_concurrent_requests}
+        if min(sizes.values()) <= 0:
+            raise ValueError(f"{', '.join(k for k, v in sizes.items() if v <= 0)} must be positive")
         if self.max_total_tokens <= self.max_input_tokens:
             raise ValueError(f"max_total_tokens ({self.max_total_tokens}) must exceed max_input_tokens ({self.max_input_tokens})")
         if self.request_timeout_s <= 0:

@@ -96,8 +96,7 @@ def parse_chat_request(body: dict[str, Any], model_name: str, reads: set[str], w
     if not isinstance(raw, list) or not raw:
         raise RequestError(400, "'messages' must be a non-empty list", param="messages")
     counts = {m: 0 for m in MEDIA_TYPES}
-    media_limits = MediaLimits(max_bytes=limits.max_request_bytes)
-    messages = [_message(m, f"messages[{i}]", counts, reads, limits, media_limits) for i, m in enumerate(raw)]
+    messages = [_message(m, f"messages[{i}]", counts, reads, limits) for i, m in enumerate(raw)]
     for modality, count in counts.items():
         if count > limits.items_allowed(modality):
             raise RequestError(400, f"too many {modality} items: {count}, the limit is {limits.items_allowed(modality)} "
@@ -136,7 +135,7 @@ def parse_transcription_request(form: dict[str, str | bytes], model_name: str, r
         raise RequestError(400, "'temperature': transcripts are decoded deterministically (the greedy reply, rescored "
                                 "by the recording's CTC reading where the model learned one); only 0 is supported",
                            param="temperature")
-    audio = _load(data, "audio", "file", MediaLimits(max_bytes=limits.max_request_bytes))
+    audio = _load(data, "audio", "file", limits)
     content = [{"type": "audio", "media": audio}, {"type": "text", "text": TRANSCRIBE_INSTRUCTION}]
     return TranscriptionRequest([{"role": "user", "content": content}], response_format)
 
@@ -204,8 +203,7 @@ def _force(body: dict, modalities: set[str]) -> str | None:
     return media[0] if media else None
 
 
-def _message(message: Any, where: str, counts: dict[str, int], modalities: set[str], limits: ServeLimits,
-             media_limits: MediaLimits) -> dict:
+def _message(message: Any, where: str, counts: dict[str, int], modalities: set[str], limits: ServeLimits) -> dict:
     if not isinstance(message, dict):
         raise RequestError(400, f"{where}: expected an object with 'role' and 'content'", param=where)
     role = message.get("role")
@@ -216,12 +214,11 @@ def _message(message: Any, where: str, counts: dict[str, int], modalities: set[s
         return {"role": ROLES[role], "content": content or ""}
     if not isinstance(content, list):
         raise RequestError(400, f"{where}: content must be a string or a list of parts", param=f"{where}.content")
-    parts = [_part(p, f"{where}.content[{j}]", counts, modalities, limits, media_limits) for j, p in enumerate(content)]
+    parts = [_part(p, f"{where}.content[{j}]", counts, modalities, limits) for j, p in enumerate(content)]
     return {"role": ROLES[role], "content": parts}
 
 
-def _part(part: Any, where: str, counts: dict[str, int], modalities: set[str], limits: ServeLimits,
-          media_limits: MediaLimits) -> dict:
+def _part(part: Any, where: str, counts: dict[str, int], modalities: set[str], limits: ServeLimits) -> dict:
     kind = part.get("type") if isinstance(part, dict) else None
     if kind == "text":
         if not isinstance(part.get("text"), str):
@@ -254,15 +251,31 @@ def _part(part: Any, where: str, counts: dict[str, int], modalities: set[str], l
     if counts[modality] > limits.items_allowed(modality):
         raise RequestError(400, f"too many {modality} items: the limit is {limits.items_allowed(modality)} per request "
                                 "(limit_mm_per_prompt)", param=where, code="too_many_media")
-    return {"type": modality, "media": _load(data, modality, where, media_limits)}
+    return {"type": modality, "media": _load(data, modality, where, limits)}
 
 
-def _load(data: bytes, modality: str, where: str, media_limits: MediaLimits) -> Image | Audio | Video:
+def _load(data: bytes, modality: str, where: str, limits: ServeLimits) -> Image | Audio | Video:
+    """The decoded medium, refused (413, naming the limit) before it decodes to more than the server allows."""
+    pixels = limits.max_video_frame_pixels if modality == "video" else limits.max_image_pixels
+    media_limits = MediaLimits(max_bytes=limits.max_request_bytes, max_pixels=pixels, max_frames=limits.max_video_frames)
     try:
         return load_media(data, modality, limits=media_limits)
     except MediaError as e:
-        status = 413 if "too large" in e.reason else 400
-        raise RequestError(status, f"{where}: cannot read the {modality}: {e.reason}", param=where, code="invalid_media") from e
+        if limit := _limit_hit(e.reason, modality):
+            raise RequestError(413, f"{where}: cannot read the {modality}: {e.reason} ({limit})", param=where,
+                               code="media_too_large") from e
+        raise RequestError(400, f"{where}: cannot read the {modality}: {e.reason}", param=where, code="invalid_media") from e
+
+
+def _limit_hit(reason: str, modality: str) -> str | None:
+    """The ServeLimits field a loader's refusal is about (its reasons start so), or None: a bad medium, not a big one."""
+    if reason.startswith("too large"):
+        return "max_request_bytes"
+    if reason.startswith("too many frames"):
+        return "max_video_frames"
+    if reason.startswith("too many pixels"):
+        return "max_video_frame_pixels" if modality == "video" else "max_image_pixels"
+    return None
 
 
 def _b64(text: str, where: str, limits: ServeLimits) -> bytes:
