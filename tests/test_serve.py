@@ -314,6 +314,9 @@ def _bad_cases(tmp: Path) -> dict[str, tuple[int, dict | bytes]]:
         "top_p out of range": (400, request("Hi.", top_p=1.5)),
         "stream not a boolean": (400, request("Hi.", stream="yes")),
         "n above one": (400, request("Hi.", n=3)),
+        "stream_options without stream": (400, request("Hi.", stream_options={"include_usage": True})),
+        "stream_options not an object": (400, request("Hi.", stream=True, stream_options=True)),
+        "include_usage not a boolean": (400, request("Hi.", stream=True, stream_options={"include_usage": "yes"})),
         "stop not strings": (400, request("Hi.", stop=[1, 2])),
         "unknown output modality": (400, request("Hi.", modalities=["text", "smell"])),
         "two output media": (400, request("Hi.", modalities=["image", "audio"])),
@@ -626,3 +629,14 @@ def test_serve_flags_set_the_media_limits(monkeypatch):
     assert main(["serve", "--model", "ckpt", "--max-image-pixels", "100", "--max-video-frames", "7",
                  "--max-video-frame-pixels", "50"]) == 0
     assert (served[0].max_image_pixels, served[0].max_video_frames, served[0].max_video_frame_pixels) == (100, 7, 50)
+
+
+def test_include_usage_streams_the_usage_last(client):
+    body = request("Hello there.", seed=0)
+    usage = client.post("/v1/chat/completions", json=body).json()["usage"]
+    with client.stream("POST", "/v1/chat/completions",
+                       json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        r.read()
+    *chunks, last, done = sse(r)
+    assert done == "[DONE]" and last["choices"] == [] and last["usage"] == usage and usage["prompt_tokens"] > 0
+    assert all(c["usage"] is None for c in chunks) and chunks[-1]["choices"][0]["finish_reason"]

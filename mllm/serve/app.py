@@ -275,7 +275,8 @@ def create_app(pipeline: Pipeline, limits: ServeLimits | None = None, model_name
         events, cancel = _start(server, req, max_new, slot)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         if req.stream:
-            return StreamingResponse(_sse(events, cancel, meta, deadline, timeout), media_type="text/event-stream")
+            usage = {"prompt_tokens": prompt} if req.include_usage else None
+            return StreamingResponse(_sse(events, cancel, meta, deadline, timeout, usage), media_type="text/event-stream")
         try:
             kind, value = await _reply(events, deadline, request)
         except asyncio.TimeoutError:
@@ -397,13 +398,17 @@ async def _reply(events: asyncio.Queue, deadline: float, request: Request) -> Ev
             raise _Disconnected
 
 
-async def _sse(events: asyncio.Queue, cancel: threading.Event, meta: dict, deadline: float,
-               timeout: float) -> AsyncIterator[str]:
-    """OpenAI chat.completion.chunk events: the role, text deltas, media parts as they decode, the finish, [DONE]."""
+async def _sse(events: asyncio.Queue, cancel: threading.Event, meta: dict, deadline: float, timeout: float,
+               usage: dict | None) -> AsyncIterator[str]:
+    """OpenAI chat.completion.chunk events: the role, text deltas, media parts as they decode, the finish, [DONE].
+    With `usage` (stream_options.include_usage), as OpenAI's: each chunk has "usage": null, and one more chunk
+    with no choices and the usage comes after the finish."""
 
     def chunk(delta: dict, finish: str | None = None) -> str:
         body = {**meta, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-        return f"data: {json.dumps(body)}\n\n"
+        if usage is not None:
+            body["usage"] = None
+        return _data(body)
 
     try:
         yield chunk({"role": "assistant", "content": ""})
@@ -411,21 +416,27 @@ async def _sse(events: asyncio.Queue, cancel: threading.Event, meta: dict, deadl
             try:
                 kind, value = await _next(events, deadline)
             except asyncio.TimeoutError:
-                yield f"data: {json.dumps(_failure(_Cancelled(), timeout).body())}\n\n"
+                yield _data(_failure(_Cancelled(), timeout).body())
                 break
             if kind == "text":
                 yield chunk({"content": value})
             elif kind == "media":
                 yield chunk({"content": [value]})
             elif kind == "error":
-                yield f"data: {json.dumps(_failure(value, timeout).body())}\n\n"
+                yield _data(_failure(value, timeout).body())
                 break
             else:
                 yield chunk({}, finish=value[1])
+                if usage is not None:
+                    yield _data({**meta, "object": "chat.completion.chunk", "choices": [], "usage": usage})
                 break
         yield "data: [DONE]\n\n"
     finally:
         cancel.set()  # a finished generation ignores it; an abandoned or timed-out one stops at its next token
+
+
+def _data(body: dict) -> str:
+    return f"data: {json.dumps(body)}\n\n"
 
 
 class ListenError(InputError):

@@ -55,6 +55,7 @@ class ChatRequest:
     max_tokens: int | None  # as asked; None: whatever max_total_tokens leaves
     force: str | None  # a modality the reply opens with
     stream: bool
+    include_usage: bool  # stream_options.include_usage: a last chunk with the usage, before [DONE]
 
 
 @dataclass
@@ -98,7 +99,8 @@ def parse_chat_request(body: dict[str, Any], model_name: str, reads: set[str], w
     counts = {m: 0 for m in MEDIA_TYPES}
     # _part counts each medium and refuses the first past limit_mm_per_prompt
     messages = [_message(m, f"messages[{i}]", counts, reads, limits) for i, m in enumerate(raw)]
-    return ChatRequest(messages, _config(body), _max_tokens(body), _force(body, writes), stream)
+    return ChatRequest(messages, _config(body), _max_tokens(body), _force(body, writes), stream,
+                       _include_usage(body, stream))
 
 
 def parse_transcription_request(form: dict[str, str | bytes], model_name: str, reads: set[str],
@@ -145,6 +147,15 @@ def _typed(body: dict, key: str, kind: type | tuple[type, ...], default: Any) ->
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise RequestError(400, f"'{key}' must be {names}, got {json.dumps(value)[:80]}", param=key)
     return value
+
+
+def _include_usage(body: dict, stream: bool) -> bool:
+    options = _typed(body, "stream_options", dict, None)
+    if options is None:
+        return False
+    if not stream:
+        raise RequestError(400, "'stream_options' is only allowed with 'stream': true", param="stream_options")
+    return _typed(options, "include_usage", bool, False)
 
 
 def _max_tokens(body: dict) -> int | None:
