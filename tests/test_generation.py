@@ -7,6 +7,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from mllm.generation import GenerationConfig, HeadSampling, MediaSpan, TokenSampling, generate, greedy_generate
+from mllm.generation.engine import _Engine
 from mllm.generation.sampling import guided_logits, repetition_penalty, top_k_filter, top_p_filter
 from mllm.generation.spans import SpanRules
 from mllm.sequence import IGNORE_INDEX, Sample, pad_collate
@@ -82,6 +83,18 @@ def test_cache_gives_the_same_tokens_and_features_as_recomputation(arch):
     recomputed = generate(model, batch, GenerationConfig(**{**vars(config), "use_cache": False}))
     assert_same(cached, recomputed)
     assert [m.modality for g in cached for m in g.media] == ["audio", "image", "video"]
+
+
+def test_the_engine_keeps_the_input_embeddings_only_without_a_cache(monkeypatch):
+    """The whole prefill's [R, T, H] embeddings are read only to recompute every step without a cache."""
+    model = model_with_spans()
+    engines, prefill = [], _Engine._prefill
+    monkeypatch.setattr(_Engine, "_prefill", lambda self, inputs: (engines.append(self), prefill(self, inputs))[1])
+    batch = batch_of(prompts(model, "image", "video"))
+    cached = generate(model, batch, GenerationConfig(max_new_tokens=6))
+    recomputed = generate(model, batch, GenerationConfig(max_new_tokens=6, use_cache=False))
+    assert engines[0].embeds is None and engines[1].embeds.shape[1] == batch.input_ids.shape[1] + 6
+    assert_same(cached, recomputed)
 
 
 def test_greedy_output_is_what_one_full_forward_pass_predicts():

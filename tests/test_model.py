@@ -127,6 +127,21 @@ def test_slot_hidden_is_the_hidden_state_before_each_target(arch):
     assert torch.equal(out.slot_targets["image"], feats[3:])
 
 
+def test_the_lm_keeps_no_hidden_states_but_the_last(arch):
+    """Heads read only the last hidden state: asking the LM for output_hidden_states kept all L + 1 layers'."""
+    model, _ = wrapped(arch)
+    ids, feats = image_sequence(model.layout), {"image": torch.randn(6, IMAGE_DIM)}
+    targets = {"image": torch.tensor([False] * 3 + [True] * 3)}
+    asked = []
+    with torch.no_grad():
+        every = model.language_model(inputs_embeds=model.embed(ids, feats), output_hidden_states=True).hidden_states
+        model.language_model.register_forward_pre_hook(
+            lambda module, args, kwargs: asked.append(kwargs["output_hidden_states"]), with_kwargs=True)
+        out = model(ids, features=feats, feature_targets=targets, output_hidden_states=True)
+    assert asked == [False]
+    assert torch.equal(out.last_hidden_state, every[-1])
+
+
 def test_feature_count_mismatch_names_both_counts(arch):
     model, _ = wrapped(arch)
     ids = image_sequence(model.layout)

@@ -139,7 +139,7 @@ class _Engine:
         embeds = model.embed(ids, model.input_features(inputs.features, targets), queries)
         self.mask, self.positions = mask, (mask.cumsum(-1) - 1).clamp(min=0)
         self.next_block = int(self.blocks.max()) + 1  # block ids stay unique, prompt's included
-        self.embeds = embeds  # the whole input, kept only to recompute without a cache
+        self.embeds = None if self.config.use_cache else embeds  # the whole input, to recompute without a cache
         self.past = None
         self.any_queries = queries is not None
         return self._run_model(embeds, self.positions, 1, self.any_queries)
@@ -197,7 +197,8 @@ class _Engine:
             output_hidden_states=self.need_hidden,
         )
         self.past = out.past_key_values
-        hidden = out.last_hidden_state[:, -width:] if self.need_hidden else None
+        # a copy, not a view, which would keep the whole [R, T, H] (the prefill's) until the next step
+        hidden = out.last_hidden_state[:, -width:].clone() if self.need_hidden else None
         return out.logits[:, -1].float(), hidden
 
     # ---- one step: what each row writes next ---------------------------------------------------

@@ -321,13 +321,13 @@ class MultimodalLM(PreTrainedModel):
             attention_mask = block_causal_mask(padding, blocks, length, inputs_embeds.dtype, documents)
         if attention_mask is not None and attention_mask.dim() == 4:  # queries' blocks (also generate's) or packed rows
             refuse_flash_attention(self.language_model.config._attn_implementation, list(self.queries))
-        out = self.language_model(
+        out, hidden = self._run_language_model(
+            output_hidden_states or bool(feature_targets) or self.touch_idle_modules,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
-            output_hidden_states=output_hidden_states or bool(feature_targets) or self.touch_idle_modules,
             return_dict=True,
             **{self._cache_arg: past_key_values},
             **kwargs,
@@ -340,7 +340,7 @@ class MultimodalLM(PreTrainedModel):
                 if (cols == 0).any():
                     raise ValueError(f"{name}: a target slot at position 0 has no preceding hidden state")
                 cols = cols - 1
-            slot_hidden[name] = out.hidden_states[-1][rows, cols]  # [M, H]
+            slot_hidden[name] = hidden[rows, cols]  # [M, H]
             slot_targets[name] = features[name][is_target]  # [M, D]
         head_losses, idle = {}, {}
         for m, head in self.heads.items():  # a fixed order, the same on every rank
@@ -348,7 +348,7 @@ class MultimodalLM(PreTrainedModel):
                 head_losses[m] = head.loss(slot_hidden[m], slot_targets[m])
             elif self.touch_idle_modules:  # the first hidden state against a zero target, weighted 0 below
                 zero_target = inputs_embeds.new_zeros(1, self.layout[m].spec.feature_dim)
-                idle[m] = head.loss(out.hidden_states[-1][0, :1], zero_target)
+                idle[m] = head.loss(hidden[0, :1], zero_target)
         lm_loss = causal_lm_loss(out.logits, labels) if labels is not None else None
         transcript_loss = self.transcript_loss(input_ids, out.logits, transcripts) if transcripts else None
         weights = {m: self.config.heads[m]["loss_weight"] for m in head_losses} | dict.fromkeys(idle, 0.0)
@@ -358,11 +358,27 @@ class MultimodalLM(PreTrainedModel):
             past_key_values=getattr(out, self._cache_arg),
             lm_loss=lm_loss,
             head_losses=head_losses,
-            last_hidden_state=out.hidden_states[-1] if output_hidden_states else None,
+            last_hidden_state=hidden if output_hidden_states else None,
             slot_hidden=slot_hidden,
             slot_targets=slot_targets,
             transcript_loss=transcript_loss,
         )
+
+    def _run_language_model(self, need_hidden: bool, **inputs) -> tuple[object, torch.Tensor | None]:
+        """The LM's output and, with `need_hidden`, its last hidden state [B, T, H], caught as its decoder returns
+        it: output_hidden_states would also keep the other L layers' [B, T, H] (for a 7B model's 4k-token prefill
+        of 8 rows, 9 GB in bf16) for none to read them."""
+        if not need_hidden:
+            return self.language_model(**inputs, output_hidden_states=False), None
+        decoder, caught = self.language_model.get_decoder(), []
+        hook = decoder.register_forward_hook(lambda module, args, output: caught.append(output[0]))
+        try:
+            out = self.language_model(**inputs, output_hidden_states=False)
+        finally:
+            hook.remove()
+        if len(caught) != 1:
+            raise RuntimeError(f"{type(decoder).__name__}, the LM's decoder, ran {len(caught)} times in one forward pass")
+        return out, caught[0]
 
     def transcript_loss(
         self, input_ids: torch.Tensor | None, logits: torch.Tensor, transcripts: dict[str, list[torch.Tensor]]
