@@ -83,6 +83,24 @@ def _in_range(cast: Callable[[str], float], low: float, high: float | None, what
     return parse
 
 
+def _device(text: str) -> str:
+    """An argparse type: a torch device this machine has (cpu, cuda, cuda:1, mps, ...)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu, cuda or cuda:1, got {text!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: torch sees no CUDA device here (torch.cuda.is_available() is False)")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: torch sees no MPS device here (torch.backends.mps.is_available() is False)")
+    return text
+
+
 _count = _in_range(int, 1, None, "a whole number >= 1")
 _port = _in_range(int, 1, 65535, "a port from 1 to 65535")
 _non_negative = _in_range(float, 0, None, "a number >= 0")
@@ -319,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--on-bad", choices=["fail", "skip"], default="fail",
                     help="a bad item or unknown task stops the run, or is skipped")
     ev.add_argument("--overwrite", action="store_true", help="discard the cached predictions in --out")
-    ev.add_argument("--device", default=None, help="e.g. cuda; default: where the checkpoint loads (cpu)")
+    ev.add_argument("--device", type=_device, default=None, help="e.g. cuda; default: where the checkpoint loads (cpu)")
     ev.add_argument("--ctc-weight", type=_weight, default=None, metavar="W",
                     help="transcriptions by a model that spells speech at its audio slots: joint CTC/attention "
                          "decoding at this CTC weight (default 0.3; 0: greedy replies only)")
@@ -346,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-tokens", type=_count, default=256)
     chat.add_argument("--temperature", type=_non_negative, default=0.0)
     chat.add_argument("--seed", type=int, default=None)
-    chat.add_argument("--device", default=None)
+    chat.add_argument("--device", type=_device, default=None)
     chat.set_defaults(func=_chat)
 
     srv = sub.add_parser("serve", help="serve a checkpoint: OpenAI-compatible API and a web page")
@@ -354,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=_port, default=8000)
     srv.add_argument("--served-model-name", default=None, help="the API's model id (default: the directory name)")
-    srv.add_argument("--device", default=None)
+    srv.add_argument("--device", type=_device, default=None)
     defaults = _serve_defaults()
     srv.add_argument("--limit-mm-per-prompt", default=None, help='media items per request, e.g. \'{"image": 4}\' or image=4,audio=1')
     srv.add_argument("--max-request-bytes", type=int, default=defaults.max_request_bytes)

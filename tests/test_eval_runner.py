@@ -14,7 +14,7 @@ from mllm.checkpoint import MediaConfig, ModelConfig, build_model, save_checkpoi
 from mllm.cli import main
 from mllm.data.records import BadRecordError
 from mllm.eval.predictor import ModelPredictor
-from mllm.eval.runner import RunMismatchError, UnknownTaskError, resolve_tasks, run_eval
+from mllm.eval.runner import OutputFolderError, RunMismatchError, TaskListError, UnknownTaskError, resolve_tasks, run_eval
 from mllm.eval.tasks import TaskSpec, build_task
 from mllm.media import Image, MediaError, Video, load_image, load_video, save_image, save_video
 from tests.conftest import TINY_LMS
@@ -118,6 +118,41 @@ def test_an_unknown_task_name_fails_listing_the_known_ones_or_is_skipped(tmp_pat
     with pytest.raises(UnknownTaskError, match="unknown task 'popee'.*pope_proxy"):
         resolve_tasks(["popee"], corpora=tmp_path)
     assert resolve_tasks(["popee"], corpora=tmp_path, policy="skip") == []
+
+
+def test_a_task_list_that_makes_no_run_is_refused_naming_why(tmp_path, capsys):
+    with pytest.raises(TaskListError, match="task 'popee' is listed twice"):
+        resolve_tasks(["popee", "popee"], corpora=tmp_path)
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "mine.jsonl").write_text('{"id": "q", "question": "q?", "answer": "7"}\n')
+    with pytest.raises(TaskListError, match="two tasks are named 'mine'.*a/mine.jsonl and .*b/mine.jsonl"):
+        resolve_tasks([str(tmp_path / "a" / "mine.jsonl"), str(tmp_path / "b" / "mine.jsonl")], corpora=tmp_path)
+    eval_ = ["eval", "--model", str(tmp_path), "--out", str(tmp_path / "out")]
+    for extra, why in ((["--tasks", "pope_proxy", "pope_proxy"], "task 'pope_proxy' is listed twice"),
+                       (["--tasks", "nope", "--on-bad", "skip"], "no task to run: of those named ('nope'), every one was unknown")):
+        assert main([*eval_, *extra]) == 2
+        assert capsys.readouterr().err.startswith(f"mllm eval: {why}")
+
+
+def test_an_output_folder_that_is_a_file_is_refused_before_anything_runs(tmp_path, capsys):
+    file = tmp_path / "results.txt"
+    file.write_text("not a folder")
+    for out in (file, file / "run"):
+        assert main(["eval", "--model", str(tmp_path), "--tasks", "nope", "--out", str(out)]) == 2
+        assert capsys.readouterr().err.strip() == f"mllm eval: cannot make the output folder {out}: {file} is a file"
+    with pytest.raises(OutputFolderError, match="is a file"):
+        run_eval([jsonl_task(tmp_path, n=1)], CountingPredictor(), file, model="m", overwrite=True, progress=False)
+
+
+@pytest.mark.parametrize("device, why", [("bogus", "expected a torch device such as cpu, cuda or cuda:1, got 'bogus'"),
+                                         ("cuda", "'cuda': torch sees no CUDA device here")])
+def test_a_device_this_machine_lacks_is_refused_by_the_command_line(tmp_path, capsys, monkeypatch, device, why):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for command in (["eval", "--tasks", "nope", "--out", str(tmp_path)], ["chat"], ["serve"]):
+        with pytest.raises(SystemExit) as exit:
+            main([*command, "--device", device])
+        assert exit.value.code == 2 and why in capsys.readouterr().err
 
 
 # ---- the real predictor on a tiny model --------------------------------------------------------------------

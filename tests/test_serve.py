@@ -640,3 +640,17 @@ def test_include_usage_streams_the_usage_last(client):
     *chunks, last, done = sse(r)
     assert done == "[DONE]" and last["choices"] == [] and last["usage"] == usage and usage["prompt_tokens"] > 0
     assert all(c["usage"] is None for c in chunks) and chunks[-1]["choices"][0]["finish_reason"]
+
+
+def test_an_address_that_cannot_be_resolved_is_named_with_the_resolvers_reason(monkeypatch):
+    import socket
+
+    from mllm.serve.app import ListenError, listening_socket
+
+    def unresolvable(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "create_server", unresolvable)
+    with pytest.raises(ListenError) as error:
+        listening_socket("999.1.1.1", 8000)
+    assert str(error.value) == "cannot listen on 999.1.1.1:8000: Name or service not known"

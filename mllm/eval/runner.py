@@ -55,6 +55,14 @@ class RunMismatchError(InputError, ValueError):
     """The output directory holds the cache of another model or other task settings."""
 
 
+class TaskListError(InputError, ValueError):
+    """The tasks asked for make no run: one listed twice, two of one name, or none left to run."""
+
+
+class OutputFolderError(InputError):
+    """The output folder cannot be made: a file is in the way."""
+
+
 # ---- which tasks ---------------------------------------------------------------------------------------------
 
 
@@ -68,6 +76,9 @@ def resolve_tasks(
 ) -> list[Task]:
     """Task names (shipped specs in eval/tasks, built-in proxies), spec YAML files or JSONL files -> tasks.
     `generate` makes JSONL files generation tasks. An unknown name fails, or is skipped under "skip"."""
+    repeated = sorted({n for n in names if list(names).count(n) > 1})
+    if repeated:
+        raise TaskListError(f"task {repeated[0]!r} is listed twice: list each task once")
     tasks = []
     for name in names:
         path = Path(name)
@@ -89,7 +100,8 @@ def resolve_tasks(
     names_seen = [t.name for t in tasks]
     duplicates = sorted({n for n in names_seen if names_seen.count(n) > 1})
     if duplicates:
-        raise ValueError(f"two tasks are named {duplicates[0]!r}: give one a 'name' in its spec")
+        sources = [t.source for t in tasks if t.name == duplicates[0]]
+        raise TaskListError(f"two tasks are named {duplicates[0]!r} ({' and '.join(sources)}): give one a 'name' in its spec")
     return tasks
 
 
@@ -233,12 +245,11 @@ def run_eval(
     """Predict every unfinished item (the first `limit` of each task), score each task, write the outputs."""
     if batch_size < 1 or (limit is not None and limit < 1):
         raise ValueError(f"batch_size and limit must be positive, got {batch_size} and {limit}")
-    out = Path(out)
+    out = output_folder(out)
     if overwrite:
         shutil.rmtree(out / "cache", ignore_errors=True)
         shutil.rmtree(out / "media", ignore_errors=True)
         (out / "run.json").unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
     _check_run(out, model, tasks)
     chosen = {t.name: t.items[:limit] for t in tasks}
     caches = {t.name: ItemCache(out / "cache" / f"{_safe(t.name)}.jsonl") for t in tasks}
@@ -275,6 +286,17 @@ def run_eval(
 
         write_report(out, tasks, results, {t.name: {i.id: i for i in chosen[t.name]} for t in tasks}, lines)
     return results
+
+
+def output_folder(out: str | os.PathLike) -> Path:
+    """`out`, made if need be; an OutputFolderError naming the file in the way when it cannot be a folder."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        blocker = next((p for p in (out, *out.parents) if p.is_file()), out)
+        raise OutputFolderError(f"cannot make the output folder {out}: {blocker} is a file") from e
+    return out
 
 
 def _absolute(prediction: Prediction, out: Path) -> Prediction:
@@ -333,9 +355,11 @@ def evaluate(
 
     if model is None:
         raise FileNotFoundError("no --model given, and no embedded default model is installed yet: pass a checkpoint directory")
+    output_folder(out)  # before the slow part
     tasks = resolve_tasks(task_names, corpora=corpora, policy=policy, generate=generate)
     if not tasks:
-        raise ValueError("no task to run")
+        named = ", ".join(map(repr, task_names)) or "none"
+        raise TaskListError(f"no task to run: of those named ({named}), every one was unknown and skipped")
     pipeline = Pipeline.from_pretrained(model, device=device)
     ctc_weight = CTC_WEIGHT if ctc_weight is None else ctc_weight
     predictor = ModelPredictor(pipeline.model, pipeline.processor, rows_per_forward=batch_size,
