@@ -23,9 +23,11 @@ and the flow's starting noise, its only draw. Guidance mixes the two
 predictions of one batched forward, as MAR does on ε.
 
 The schedule is recomputed from its formula on each call (a thousand float64
-products), so the head holds no buffers. The process itself runs in fp32
-whatever the LM's dtype: bf16 rounds ᾱ near t = 0 to 1. It is written here rather than taken from diffusers: an MLP head
-needs about thirty lines of it, and `mllm.model` must import without diffusers.
+products), so the head holds no buffers. The process itself (noise, ᾱ, the
+sampler's steps) runs in fp32 whatever the LM's dtype, and only the net in
+the head's dtype: bf16 rounds ᾱ near t = 0 to 1. It is written here rather
+than taken from diffusers: an MLP head needs about thirty lines of it, and
+`mllm.model` must import without diffusers.
 """
 
 from __future__ import annotations
@@ -169,7 +171,7 @@ class DiffusionHead(Head):
 
     def loss(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         cond = hidden.repeat(self.config.batch_multiplier, 1)  # [m·M, H]
-        x = target.float().repeat(self.config.batch_multiplier, 1)  # [m·M, D]; see _denoise on the fp32
+        x = target.float().repeat(self.config.batch_multiplier, 1)  # [m·M, D], fp32: see _denoise
         noise = torch.randn_like(x)
         if self.config.sampler == "ddim":
             t = torch.randint(0, self.config.train_steps, (x.shape[0],), device=x.device)

@@ -243,8 +243,9 @@ class MultimodalLM(PreTrainedModel):
         marked = {m: slots[m] & queries for m in self.queries if m in slots} if queries is not None else {}
         if queries is not None:
             slots = {m: s & ~queries for m, s in slots.items()}
-        # Every count the checks need, in one device-to-host read: on a GPU each read waits for the device,
-        # and a decoding step would otherwise wait once per modality and check.
+        # Every count the checks need, in one device-to-host read (on a GPU each read waits for the device): a text
+        # decoding step reads nothing else here. Each projector that runs adds one, its features' NaN check (two when
+        # it sees whole items: their lengths), and each modality with query slots one, its longest span.
         sums = [s.sum() for s in slots.values()] + [q.sum() for q in marked.values()]
         counts = torch.stack(sums).tolist() if sums else []
         n_marked = dict(zip(marked, counts[len(slots):]))
@@ -283,7 +284,7 @@ class MultimodalLM(PreTrainedModel):
             raise ValueError(f"{name}: a parallel span longer than its {len(table)} query slots (tokens_per_item)")
         # F.embedding, not table[rank]: on a CPU the backward of indexing adds repeated rows with parallel atomic
         # adds, in a varying order, so two runs drift apart; the embedding's backward sums each row in a fixed order
-        return embeds + torch.where(marked.unsqueeze(-1), F.embedding(rank.clamp(max=len(table) - 1), table), 0)
+        return embeds + torch.where(marked.unsqueeze(-1), F.embedding(rank, table), 0)
 
     def forward(
         self,
