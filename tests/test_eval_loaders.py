@@ -88,6 +88,26 @@ def test_mmbench_uses_rotations_the_tsv_already_has(tmp_path, monkeypatch):
     assert task.score(task.items, preds(task, ["A", "A"])).metrics["circular_accuracy"] == 0.0
 
 
+def test_mmbench_scores_only_questions_with_every_rotation_answered(tmp_path, monkeypatch):
+    """A limit cuts question 1 after its first rotation; --on-bad skip drops a rotation row of the TSV's own: neither
+    is a CircularEval question, only counted. Question 0 is wrong in one rotation."""
+    monkeypatch.setenv("MLLM_CACHE", str(tmp_path / "cache"))
+    made = task_of("mmbench", mmbench_tsv(tmp_path / "made.tsv", [
+        {"index": 0, "question": "Which animal?", "A": "cat", "B": "dog", "C": "bird", "answer": "B"},
+        {"index": 1, "question": "Which colour?", "A": "red", "B": "blue", "answer": "A"},
+    ]))
+    first_four = made.items[:4]  # as --limit 4 leaves them
+    scores = made.score(first_four, [Prediction(i.id, text=t) for i, t in zip(first_four, ["B", "B", "C", "A"])])
+    assert scores.metrics == {"circular_accuracy": 0.0, "questions": 1, "incomplete_questions": 1, "accuracy": 1.0, "n": 4}
+    assert scores.categories["demo"] == {"circular_accuracy": 0.0, "questions": 1, "incomplete_questions": 1}
+    held = task_of("mmbench", mmbench_tsv(tmp_path / "held.tsv", [
+        {"index": 5, "question": "Q", "A": "x", "B": "y", "answer": "A"},
+        {"index": 1000005, "question": "Q", "A": "y", "B": "x", "answer": "Z"},  # a bad row
+    ]), policy="skip")
+    scores = held.score(held.items, preds(held, ["A"]))
+    assert scores.metrics["circular_accuracy"].startswith("skipped: no question") and scores.metrics["incomplete_questions"] == 1
+
+
 def test_seed_images_videos_segments_and_frame_folders(tmp_path):
     png(tmp_path / "SEED-Bench-image" / "1_2.jpg")
     mp4(tmp_path / "SEED-Bench-video" / "clip.mp4", frames=8)  # 2 s at 4 fps

@@ -6,6 +6,9 @@ Scored by CircularEval: each question is asked once per rotation of its
 options and counts only if every rotation is answered right. A TSV that
 already holds the rotations (rows with index + k·1e6, as the official dev
 files do) is used as it is; otherwise the loader makes them (`circular`).
+A question with some of its rotations unanswered (cut by a limit, or
+skipped as bad) is no CircularEval question: it is left out of
+`circular_accuracy` and counted in `incomplete_questions`.
 Free-form replies are matched to a letter by MMBench's rules, without its GPT
 fallback. Images are decoded once into the mllm cache.
 """
@@ -19,7 +22,7 @@ import hashlib
 import io
 import os
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,13 +78,29 @@ def _prompt(row: dict, choices: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _items(where: str, row: dict, rows_by_index: dict[str, dict], out: Path, tsv: Path, rotate: bool) -> list[Item]:
+def _index(row: dict) -> int:
+    return int(float(row["index"]))  # ValueError, or OverflowError for inf
+
+
+def _rotations_held(rows: list[tuple[str, dict]]) -> Counter[int]:
+    """Rows of each question (index mod the stride) in the TSV, bad ones too: the rotations it holds of each."""
+    held: Counter[int] = Counter()
+    for _, row in rows:
+        try:
+            held[_index(row) % CIRCULAR_STRIDE] += 1
+        except (KeyError, TypeError, ValueError, OverflowError):
+            pass  # a row _items refuses
+    return held
+
+
+def _items(where: str, row: dict, rows_by_index: dict[str, dict], out: Path, tsv: Path, rotate: bool,
+           held: Counter[int]) -> list[Item]:
     for key in ("index", "question", "answer"):
         if not _present(row.get(key)):
             raise BadRecordError("malformed_message", where, f"missing column {key!r}")
     try:
-        index = int(float(row["index"]))
-    except ValueError as e:
+        index = _index(row)
+    except (ValueError, OverflowError) as e:
         raise BadRecordError("malformed_message", where, f"index {row['index']!r} is not a number") from e
     choices = []
     for letter in LETTERS:
@@ -92,9 +111,10 @@ def _items(where: str, row: dict, rows_by_index: dict[str, dict], out: Path, tsv
         raise BadRecordError("malformed_message", where, f"needs options A, B, ... and an answer among them, got {row['answer']!r}")
     image = media("image", _image_file(row, rows_by_index, out, tsv, where), where)
     category = row.get("category") or None
-    meta = {"group": index % CIRCULAR_STRIDE, "l2_category": row.get("l2-category") or None}
-    answer = LETTERS.index(row["answer"])
     shifts = range(len(choices)) if rotate else [0]
+    group = index % CIRCULAR_STRIDE
+    meta = {"group": group, "rotations": len(shifts) if rotate else held[group], "l2_category": row.get("l2-category") or None}
+    answer = LETTERS.index(row["answer"])
     items = []
     for shift in shifts:
         options, right = rotate_choices(choices, answer, shift)
@@ -120,7 +140,8 @@ def load(name: str, path: Path, options: Options, bad: BadRecords) -> Task:
     by_index = {row.get("index", ""): row for _, row in rows}
     has_rotations = any(_present(i) and float(i) >= CIRCULAR_STRIDE for i in by_index)
     rotate = options.circular and not has_rotations
-    groups = collect(rows, lambda where, row: _items(where, row, by_index, out, path, rotate), bad)
+    held = _rotations_held(rows)
+    groups = collect(rows, lambda where, row: _items(where, row, by_index, out, path, rotate, held), bad)
     return Task(name, [item for group in groups for item in group], score, max_new_tokens=8, source=str(path))
 
 
@@ -134,12 +155,24 @@ def predicted_letter(item: Item, prediction: Prediction) -> str | None:
 def score(items: Sequence[Item], predictions: Sequence[Prediction]) -> Scores:
     per_item = {i.id: float(predicted_letter(i, p) == i.answer) for i, p in zip(items, predictions)}
     groups: dict[int, list[bool]] = defaultdict(list)
-    category_groups: dict[str, dict[int, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    rotations: dict[int, int] = {}
+    categories: dict[str, set[int]] = defaultdict(set)
     for item in items:
         groups[item.meta["group"]].append(per_item[item.id] == 1.0)
-        category_groups[item.category or "uncategorized"][item.meta["group"]].append(per_item[item.id] == 1.0)
+        rotations[item.meta["group"]] = item.meta["rotations"]
+        categories[item.category or "uncategorized"].add(item.meta["group"])
     first = [per_item[i.id] for i in items if int(i.id) < CIRCULAR_STRIDE]
-    metrics = {"circular_accuracy": circular_accuracy(groups), "accuracy": sum(first) / len(first), "questions": len(groups),
-               "n": len(items)}
-    categories = {c: {"circular_accuracy": circular_accuracy(g), "questions": len(g)} for c, g in sorted(category_groups.items())}
-    return Scores(metrics, per_item, categories)
+    metrics = _circular(groups, rotations) | {"accuracy": sum(first) / len(first), "n": len(items)}
+    return Scores(metrics, per_item, {c: _circular({g: groups[g] for g in sorted(gs)}, rotations)
+                                      for c, gs in sorted(categories.items())})
+
+
+def _circular(groups: dict[int, list[bool]], rotations: dict[int, int]) -> dict[str, float | int | str]:
+    """CircularEval over the questions with every rotation answered; the others are only counted: a question
+    asked in fewer rotations has had fewer chances to fail, so scoring it would flatter the model."""
+    complete = {g: passes for g, passes in groups.items() if len(passes) == rotations[g]}
+    metrics = {"circular_accuracy": circular_accuracy(complete) if complete else
+               "skipped: no question has all its rotations answered", "questions": len(complete)}
+    if len(complete) < len(groups):
+        metrics["incomplete_questions"] = len(groups) - len(complete)
+    return metrics
