@@ -98,6 +98,7 @@ def test_pope_parser_and_metrics_by_hand():
 
 def test_wer_is_normalised_and_corpus_level():
     assert normalize_transcript("Hello, World!  It's") == "hello world it's"
+    assert normalize_transcript("'Hello,' she said. DON'T 'tis rock 'n' roll''") == "hello she said don't tis rock n roll"
     # 8 reference words; "the" before "mat" deleted; case and punctuation ignored.
     got = word_error_rate(["the cat sat on the mat", "hello world"], ["The cat sat on mat.", "hello, World!"])
     assert got["wer"] == pytest.approx(1 / 8) and got["deletions"] == 1 and got["reference_words"] == 8

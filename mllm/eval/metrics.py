@@ -235,8 +235,10 @@ def rotate_choices(choices: Sequence[str], answer: int, shift: int) -> tuple[lis
 
 
 def normalize_transcript(text: str) -> str:
-    """Lower-case; every character but letters, digits and apostrophes becomes a space; spaces collapsed."""
-    return " ".join(re.sub(r"[^\w']|_", " ", text.lower()).split())
+    """Lower-case; every character but letters, digits and apostrophes within a word (don't) becomes a space, so
+    quote marks go; spaces collapsed."""
+    spaced = re.sub(r"[^\w']|_", " ", text.lower())
+    return " ".join(re.sub(r"(?<!\w)'|'(?!\w)", " ", spaced).split())
 
 
 def word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, float]:
