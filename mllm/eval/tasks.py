@@ -192,7 +192,7 @@ def shipped_specs() -> dict[str, Path]:
 
 
 def list_tasks() -> list[str]:
-    """Every task name `resolve_task` knows: the shipped specs and the built-in proxies."""
+    """Every task name `resolve_tasks` knows: the shipped specs and the built-in proxies."""
     from mllm.eval.proxies import PROXIES
 
     return sorted(set(shipped_specs()) | set(PROXIES))
