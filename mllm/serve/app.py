@@ -123,7 +123,11 @@ class _Server:
     async def prepared(self, slot: _Slot, deadline: float, prepare: Callable, *args) -> Any:
         """prepare(*args) in a worker thread, by the deadline. On any failure the slot is released, but not before
         the worker finishes: past the deadline it answers 504 while its media go on loading (they cannot be stopped)."""
-        work = asyncio.get_running_loop().run_in_executor(self.executor, prepare, *args)
+        try:
+            work = asyncio.get_running_loop().run_in_executor(self.executor, prepare, *args)
+        except RuntimeError:  # the executor is shutting down
+            slot.release()
+            raise
         try:
             return await asyncio.wait_for(asyncio.shield(work), _left(deadline))
         except BaseException:
