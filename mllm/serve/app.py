@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import socket
 import tempfile
 import threading
@@ -451,7 +452,9 @@ def listening_socket(host: str, port: int) -> socket.socket:
     try:
         return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     except OSError as e:
-        raise ListenError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None  # gaierror's errno is not errno's
+        # a resolver's gaierror has its own errno numbers; create_server adds the address to strerror
+        why = e.strerror if isinstance(e, socket.gaierror) else os.strerror(e.errno) if e.errno else e
+        raise ListenError(f"cannot listen on {host}:{port}: {why}") from None
 
 
 def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, limits: ServeLimits | None = None,
