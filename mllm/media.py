@@ -244,8 +244,10 @@ def _read(source: Source, limits: MediaLimits) -> tuple[str, bytes]:
     else:
         try:
             with open(name, "rb") as f:
-                _require(os.fstat(f.fileno()).st_size <= limits.max_bytes, name, too_large)
-                data = f.read(limits.max_bytes + 1)  # +1: catches a file that grew since fstat
+                size = os.fstat(f.fileno()).st_size
+                _require(size <= limits.max_bytes, name, too_large)
+                # the file's size, not the limit: read(n) allocates n bytes first; +1 catches a file that grew
+                data = f.read(min(size, limits.max_bytes) + 1)
         except FileNotFoundError as e:
             raise MediaError(name, "file not found") from e
         except IsADirectoryError as e:

@@ -4,6 +4,7 @@ import dataclasses
 import pickle
 import re
 import struct
+import tracemalloc
 import warnings
 import zlib
 
@@ -117,6 +118,18 @@ def test_media_error_shortens_a_huge_source_name():
         load_image("iVBORw0KGgo" * 500)  # base64 text taken for a path
     assert e.value.source == ("iVBORw0KGgo" * 6)[:60] + "…" and e.value.reason.startswith("cannot read file")
     assert pickle.loads(pickle.dumps(e.value)).source == e.value.source
+
+
+def test_reading_a_small_file_allocates_about_its_size_not_the_byte_limit(tmp_path):
+    path = tmp_path / "small.png"
+    PIL.Image.fromarray(gradient()).save(path)
+    tracemalloc.start()
+    try:
+        load_image(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20 < DEFAULT_LIMITS.max_bytes  # read(max_bytes + 1) had allocated 256 MiB first
 
 
 def test_default_limits():
