@@ -70,15 +70,16 @@ class Pipeline:
         decode_steps: int | None = None,
         on_text: Callable[[int, str], None] | None = None,
         on_media: Callable[[int, Media], None] | None = None,
-        on_finish: Callable[[int, str], None] | None = None,
+        on_finish: Callable[[int, str, int], None] | None = None,
     ) -> list[list[Item]]:
         """The assistant's next turn for each conversation, as text and decoded media in order.
 
         `force` ("image" | "audio" | "video") opens the reply with that modality's begin
         token, so it starts with a medium (text-to-image and the like). `decode_guidance` and
         `decode_steps` go to the de-tokenizers; None: each de-tokenizer's saved default.
-        `on_finish(row, reason)` learns why each reply ended: "eos", "stop", or "length" (out of
-        `max_new_tokens`, a medium left unfinished is dropped).
+        `on_finish(row, reason, tokens)` learns why each reply ended, "eos", "stop", or "length" (out of
+        `max_new_tokens`, a medium left unfinished is dropped), and how many tokens it generated (every
+        position counts, as against `max_new_tokens`: text, media markers and slots; not the end token).
         """
         config = self._defaults(config or GenerationConfig())
         batch = self._prompts(conversations, force)
@@ -100,7 +101,7 @@ class Pipeline:
         )
         if on_finish is not None:
             for row, result in enumerate(results):
-                on_finish(row, result.finish_reason)
+                on_finish(row, result.finish_reason, len(result.ids))
 
         def item(i: str | MediaSpan) -> Item:
             if isinstance(i, str):

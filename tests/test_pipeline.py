@@ -75,7 +75,7 @@ def test_chatml_reply_ends_at_im_end_though_eos_is_another_token(mistral_tokeniz
     head.weight.data.zero_()
     head.weight.data[im_end] = seen[0]  # the prompt's last position now writes <|im_end|>, and nothing else stands out
     finished = []
-    assert chat.chat(conversation, GenerationConfig(max_new_tokens=8), on_finish=lambda row, why: finished.append(why)) == [[]]
+    assert chat.chat(conversation, GenerationConfig(max_new_tokens=8), on_finish=lambda row, why, n: finished.append(why)) == [[]]
     assert finished == ["eos"]  # not "length": the reply ended where training labels the end of a turn
     assert chat.complete(conversation, max_new_tokens=8) == [""]
 

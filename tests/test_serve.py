@@ -642,6 +642,14 @@ def test_include_usage_streams_the_usage_last(client):
     assert all(c["usage"] is None for c in chunks) and chunks[-1]["choices"][0]["finish_reason"]
 
 
+@pytest.mark.parametrize("max_tokens", [3, 6])
+def test_usage_counts_the_generated_tokens_as_max_tokens_does(client, max_tokens):
+    body = client.post("/v1/chat/completions", json=request("Hello there.", seed=0, max_tokens=max_tokens)).json()
+    usage, finish = body["usage"], body["choices"][0]["finish_reason"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert usage["completion_tokens"] == max_tokens if finish == "length" else 0 < usage["completion_tokens"] < max_tokens
+
+
 def test_an_address_that_cannot_be_resolved_is_named_with_the_resolvers_reason(monkeypatch):
     import socket
 

@@ -42,7 +42,7 @@ from mllm.serve.limits import ServeLimits
 from mllm.serve.openai_schema import (ChatRequest, RequestError, TranscriptionRequest, parse_chat_request, parse_json,
                                       parse_transcription_request)
 
-Event = tuple[str, Any]  # ("text", str) | ("media", part) | ("done", (parts, finish reason)) | ("error", Exception)
+Event = tuple[str, Any]  # ("text", str) | ("media", part) | ("done", (parts, finish reason, tokens)) | ("error", Exception)
 TRANSCRIPT_TOKENS = 96  # at most this many new tokens per transcript
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 _FORMATS = {Image: ("image", "png", "image/png", save_image), Audio: ("audio", "wav", "audio/wav", save_audio),
@@ -181,7 +181,7 @@ class _Server:
     def generate(self, req: ChatRequest, max_new: int, emit: Callable[[Event], None], cancel: threading.Event,
                  slot: _Slot) -> None:
         """Worker thread: run the pipeline, emitting text deltas and encoded media, then ("done", (parts, finish
-        reason)): "length" when max_tokens ran out, "stop" otherwise, as OpenAI's API says."""
+        reason, generated tokens)): "length" when max_tokens ran out, "stop" otherwise, as OpenAI's API says."""
         encoded: dict[int, dict] = {}
         finish = []
 
@@ -202,8 +202,10 @@ class _Server:
                     raise _Cancelled
                 config = replace(req.config, max_new_tokens=max_new)
                 [reply] = self.pipeline.chat([req.messages], config, force=req.force, on_text=on_text, on_media=on_media,
-                                             on_finish=lambda row, reason: finish.append(reason))
-            emit(("done", ([self._part(item, encoded) for item in reply], "length" if finish == ["length"] else "stop")))
+                                             on_finish=lambda row, reason, tokens: finish.append((reason, tokens)))
+            [(reason, tokens)] = finish
+            emit(("done", ([self._part(item, encoded) for item in reply], "length" if reason == "length" else "stop",
+                           tokens)))
         except Exception as e:  # reported to the client as an error; the server stays up
             emit(("error", e))
         finally:
@@ -279,7 +281,7 @@ def create_app(pipeline: Pipeline, limits: ServeLimits | None = None, model_name
         events, cancel = _start(server, req, max_new, slot)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         if req.stream:
-            usage = {"prompt_tokens": prompt} if req.include_usage else None
+            usage = prompt if req.include_usage else None
             return StreamingResponse(_sse(events, cancel, meta, deadline, timeout, usage), media_type="text/event-stream")
         try:
             kind, value = await _reply(events, deadline, request)
@@ -291,9 +293,9 @@ def create_app(pipeline: Pipeline, limits: ServeLimits | None = None, model_name
             return _error(RequestError(499, "the client disconnected before the reply was ready", code="client_closed"))
         if kind == "error":
             return _error(_failure(value, timeout))
-        parts, finish = value
+        parts, finish, tokens = value
         choice = {"index": 0, "message": {"role": "assistant", "content": reply_content(parts)}, "finish_reason": finish}
-        return JSONResponse({**meta, "object": "chat.completion", "choices": [choice], "usage": {"prompt_tokens": prompt}})
+        return JSONResponse({**meta, "object": "chat.completion", "choices": [choice], "usage": _usage(prompt, tokens)})
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request) -> Response:
@@ -403,10 +405,10 @@ async def _reply(events: asyncio.Queue, deadline: float, request: Request) -> Ev
 
 
 async def _sse(events: asyncio.Queue, cancel: threading.Event, meta: dict, deadline: float, timeout: float,
-               usage: dict | None) -> AsyncIterator[str]:
+               usage: int | None) -> AsyncIterator[str]:
     """OpenAI chat.completion.chunk events: the role, text deltas, media parts as they decode, the finish, [DONE].
-    With `usage` (stream_options.include_usage), as OpenAI's: each chunk has "usage": null, and one more chunk
-    with no choices and the usage comes after the finish."""
+    With `usage`, the prompt's token count (stream_options.include_usage), as OpenAI's: each chunk has
+    "usage": null, and one more chunk with no choices and the usage comes after the finish."""
 
     def chunk(delta: dict, finish: str | None = None) -> str:
         body = {**meta, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
@@ -432,11 +434,15 @@ async def _sse(events: asyncio.Queue, cancel: threading.Event, meta: dict, deadl
             else:
                 yield chunk({}, finish=value[1])
                 if usage is not None:
-                    yield _data({**meta, "object": "chat.completion.chunk", "choices": [], "usage": usage})
+                    yield _data({**meta, "object": "chat.completion.chunk", "choices": [], "usage": _usage(usage, value[2])})
                 break
         yield "data: [DONE]\n\n"
     finally:
         cancel.set()  # a finished generation ignores it; an abandoned or timed-out one stops at its next token
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _data(body: dict) -> str:
