@@ -67,6 +67,8 @@ class MediaLimits:
     max_pixels: int = 40_000_000  # per image/frame, read from the header before decoding (decompression bombs)
     max_duration_s: float = 600.0  # audio and video, of what is decoded (after cropping)
     max_frames: int = 4096  # frames a loaded Video holds (after num_frames/fps sampling)
+    max_samples: int = 64 * 2**20  # audio samples, all channels together (256 MiB as float32): duration alone
+    # leaves a many-channel, high-rate file unbounded
 
 
 DEFAULT_LIMITS = MediaLimits()
@@ -287,6 +289,11 @@ def _check_duration(name: str, what: str, seconds: float, limits: MediaLimits) -
     _require(seconds <= limits.max_duration_s, name, f"too long: {what} exceeds {limits.max_duration_s:g} s")
 
 
+def _check_samples(name: str, frames: int, channels: int, limits: MediaLimits) -> None:
+    _require(frames * channels <= limits.max_samples, name,
+             f"too large: {frames} samples × {channels} channels exceed {limits.max_samples} samples")
+
+
 _IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 
 
@@ -326,6 +333,7 @@ def _decode_audio_sf(name: str, file: sf.SoundFile, crop_s: float | None, limits
     rate = file.samplerate
     n = file.frames if crop_s is None else min(file.frames, round(crop_s * rate))
     _check_duration(name, "audio", n / rate, limits)
+    _check_samples(name, n, file.channels, limits)
     chunks = []
     while n > 0:  # in blocks: never allocate more than the data holds, whatever the header claims
         chunk = file.read(min(n, 2**16), dtype="float32", always_2d=True)  # [n_i, C]
@@ -353,6 +361,7 @@ def _decode_audio_av(name: str, data: bytes, crop_s: float | None, limits: Media
             if keep is not None and n >= keep:
                 break
             _check_duration(name, "audio", n / rate, limits)  # while decoding: the header may lie or be silent
+            _check_samples(name, n, chunks[-1].shape[0] if chunks else 1, limits)
     _require(n > 0, name, "audio has no samples")
     return np.concatenate(chunks, axis=1)[:, :keep], rate
 

@@ -309,6 +309,17 @@ def test_crop_lets_long_audio_under_the_limit(tmp_path):
     assert load_audio(tmp_path / "a.wav", max_duration_s=1.5, limits=limits).duration == 1.5
 
 
+def test_many_channels_at_a_high_rate_are_refused_by_sample_count(tmp_path):
+    sf.write(tmp_path / "a.wav", np.zeros((48000, 8), np.float32), 48000)  # 1 s: far under max_duration_s
+    write_aac(tmp_path / "a.m4a", sine(440, 22050), 22050)  # the PyAV path counts while decoding
+    limits = MediaLimits(max_samples=100_000)
+    with pytest.raises(MediaError, match=r"48000 samples × 8 channels exceed 100000 samples"):
+        load_audio(tmp_path / "a.wav", limits=limits)
+    with pytest.raises(MediaError, match="exceed 10000 samples"):
+        load_audio(tmp_path / "a.m4a", limits=MediaLimits(max_samples=10_000))
+    assert load_audio(tmp_path / "a.wav", max_duration_s=0.2, limits=limits).num_samples == 9600  # cropped
+
+
 def test_audio_pyav_fallback(tmp_path):
     write_aac(tmp_path / "a.m4a", sine(440, 22050), 22050)
     with pytest.raises(sf.LibsndfileError):
