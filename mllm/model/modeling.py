@@ -14,6 +14,8 @@ A modality whose head is `parallel` (Divot-style, SEED-X's output queries)
 instead fills its target slots with N learned query embeddings, one per slot
 of the item (N = tokens_per_item): they attend to each other within their span
 (a 4D mask), and the hidden state at slot p itself predicts the feature at p.
+Flash attention cannot take that mask (it reads one as padding, and is always
+causal), so such a model refuses it and runs sdpa or eager.
 The queries must differ per slot: with one shared placeholder embedding a
 small LM gives every slot nearly the same hidden state, so the same feature.
 
