@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -109,6 +110,35 @@ def test_two_ranks_match_one_process(stage, setup):
     assert max((single[k] - sharded[k]).abs().max().item() for k in single) < 1e-4
     parts = sorted(p.name for p in (step_dir(out, STEPS) / "optimizer").iterdir())
     assert parts == ["rank-00000.json", "rank-00000.safetensors", "rank-00001.json", "rank-00001.safetensors"]
+
+
+def test_two_ranks_weigh_tokens_and_record_what_either_transcribed(setup):
+    """Two ranks of one sample each train like one process with both samples in one micro-batch, though the samples
+    hold different numbers of labelled tokens and target slots; and a modality transcribed only in rank 1's
+    micro-batches is recorded in the checkpoint (rank 0 writes it)."""
+    corpus = setup["tmp"] / "corpus"
+    said = [json.loads(line) for line in (corpus / "understand.jsonl").read_text().splitlines()]
+    records = len(said) + len((corpus / "generate.jsonl").read_text().splitlines())
+    order = np.random.default_rng([0, 0]).permutation(records)  # epoch 0's stream: micro-batch i goes to rank i % 2
+    first = next(i for p, i in enumerate(order[:6]) if p % 2 and i < len(said))  # an image question rank 1 trains on
+    said[first]["messages"][0]["content"][0]["transcript"] = "red"
+    (corpus / "said_once.jsonl").write_text("".join(json.dumps(r) + "\n" for r in said))
+    overrides = ["data.train=[said_once.jsonl, generate.jsonl]", "data.packing=false", "loss.transcripts=0.5",
+                 "train.max_steps=3", "train.save_every=0", "train.grad_accum=1"]
+    one = setup["tmp"] / "one_batch_of_two"
+    finetune(load_recipe(setup["recipe"], [*overrides, "data.batch_size=2", f"output_dir={one}"]))
+    two = setup["tmp"] / "two_ranks_of_one"
+    launch(setup, 2, two, *overrides, "data.batch_size=1")
+    for out in (one, two):
+        assert json.loads((step_dir(out, 3) / "trainer.json").read_text())["transcribed"] == ["image"]
+    keys = ("loss", "lm_loss", "image_loss", "transcript_loss", "grad_norm")
+    rows = [[json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] for out in (one, two)]
+    assert len(rows[0]) == len(rows[1]) == 3
+    for a, b in zip(*rows):
+        assert [k for k in keys if k in a] == [k for k in keys if k in b]
+        assert [b[k] for k in keys if k in b] == pytest.approx([a[k] for k in keys if k in a], rel=1e-5)
+    weights = [load_file(step_dir(out, 3) / "model.safetensors") for out in (one, two)]
+    assert max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0]) < 1e-4
 
 
 def test_a_sigterm_to_one_rank_stops_both_after_the_same_step_and_saves_it(setup):

@@ -37,7 +37,7 @@ from mllm.train.checkpointing import (
     save_step,
     step_dir,
 )
-from mllm.train.distributed import DistEnv
+from mllm.train.distributed import DistEnv, StepResult
 from mllm.train.loop import Finetune, NonFiniteLossError, cosine_lr
 from mllm.train.recipe import deepspeed_config, resolve_precision
 from mllm.train.recipe_data import encode_recipe_media
@@ -591,6 +591,64 @@ def test_a_language_model_export_killed_while_replacing_the_old_one_leaves_a_who
     assert (final / "config.json").read_text() == "v2"
     export("v3")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"] and (final / "model.safetensors").read_text() == "v3"
+
+
+def said_half(corpus: Path) -> str:
+    """understand.jsonl with every other picture saying its colour (a transcript, for the CTC term); its name."""
+    rows = [json.loads(line) for line in (corpus / "understand.jsonl").read_text().splitlines()]
+    for r in rows[::2]:
+        r["messages"][0]["content"][0]["transcript"] = r["messages"][1]["content"][0]["text"].split()[-1].strip(".")
+    (corpus / "said_half.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return "said_half.jsonl"
+
+
+def test_a_step_weighs_tokens_not_micro_batches(corpus, text_tokenizer, tmp_path):
+    """Two samples in one micro-batch, or one in each of two accumulated: the same losses, gradients and weights,
+    though the samples hold different numbers of labelled tokens, target slots and transcribed items."""
+    data = {"train": [said_half(corpus), "generate.jsonl", "text.jsonl"], "packing": False}
+    rows, weights = {}, {}
+    for batch_size, accum in ((2, 1), (1, 2)):
+        out = tmp_path / f"bs{batch_size}"
+        finetune(load_recipe(write(tmp_path, recipe(
+            corpus, text_tokenizer, out, data=data | {"batch_size": batch_size}, loss={"lm": 2.0, "transcripts": 0.5},
+            policy={"lora": {"r": 4, "dropout": 0.0}}, train={"max_steps": 4, "grad_accum": accum, "save_every": 0}))))
+        rows[batch_size] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        weights[batch_size] = load_file(step_dir(out, 4) / "model.safetensors")
+    keys = ("loss", "lm_loss", "image_loss", "transcript_loss", "grad_norm")
+    assert all(any(key in r for r in rows[2]) for key in keys)
+    for one, two in zip(rows[2], rows[1]):
+        assert [k for k in keys if k in one] == [k for k in keys if k in two]
+        assert [one[k] for k in keys if k in one] == pytest.approx([two[k] for k in keys if k in two], rel=1e-5)
+    assert all(torch.allclose(weights[2][k], weights[1][k], rtol=1e-4, atol=1e-6) for k in weights[2])
+
+
+def test_with_one_micro_batch_a_step_is_the_models_loss_unscaled(corpus, text_tokenizer, tmp_path):
+    """One rank and train.grad_accum 1 (the embedded default's recipes): the gradient and logged loss are those
+    of CE·loss.lm + Σ λ_m·head_m + loss.transcripts·CTC, bit for bit, as before the token weighting."""
+    data = {"train": [said_half(corpus), "generate.jsonl"], "packing": False, "batch_size": 4}
+    run = Finetune(load_recipe(write(tmp_path, recipe(
+        corpus, text_tokenizer, tmp_path / "out", data=data, loss={"lm": 2.0, "transcripts": 0.5, "heads": {"image": 0.7}},
+        policy={"lora": {"r": 4, "dropout": 0.0}}))), DistEnv())
+    try:
+        _, _, (batch,) = next(run.steps())
+        params = {n: p for n, p in run.engine.module.named_parameters() if p.requires_grad}
+        grads = []
+
+        def finish_step():
+            grads.append({n: p.grad.clone() for n, p in params.items()})
+            run.engine.optimizer.zero_grad(set_to_none=True)
+            return StepResult(True, 0.0)
+
+        run.engine.finish_step = finish_step
+        log = run.step([batch])
+        out = run.engine.forward(batch)
+        assert out.transcript_loss is not None and out.head_losses
+        loss = out.loss + (2.0 - 1.0) * out.lm_loss + 0.5 * out.transcript_loss  # out.loss has CE once, λ·head
+        loss.backward()
+        assert log["loss"] == loss.item() and log["lm_loss"] == out.lm_loss.item()
+        assert all(torch.equal(p.grad, grads[0][n]) for n, p in params.items())
+    finally:
+        run.close()
 
 
 def test_non_finite_steps_are_skipped_and_too_many_in_a_row_abort(corpus, text_tokenizer, tmp_path, monkeypatch):

@@ -178,7 +178,9 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def backward(self, loss: torch.Tensor, *, boundary: bool) -> None:
-        """Accumulate the gradient of one micro-batch's loss; `boundary` on the step's last one."""
+        """Accumulate the gradient of one micro-batch's loss divided by the step's micro-batches (÷ grad_accum
+        here; DDP and ZeRO average over ranks); `boundary` on the step's last one. The loop scales each loss by
+        its micro-batch's share of the step's tokens, so the step's gradient is the mean over its tokens."""
 
     @abc.abstractmethod
     def finish_step(self) -> StepResult:

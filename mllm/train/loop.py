@@ -9,7 +9,10 @@ come from one stream per epoch that every rank builds alike: the records
 shuffled by (seed, epoch), encoded and packed. Step k takes the next
 grad_accum × ranks of them and rank r the r-th of every `ranks`, so the
 batches of a step, and hence its loss, do not depend on how many ranks share
-it. The data position is (epoch, index of the next micro-batch).
+it. Each loss term is a mean over the whole step's tokens (head target slots,
+transcribed items) on every rank, not a mean of micro-batch means (`step`), so
+neither does it depend on the batch size, accumulation or packing. The data
+position is (epoch, index of the next micro-batch).
 
 A micro-batch whose loss is not finite gets a NaN gradient, and the engine
 skips an update whose gradient is not finite; `train.max_bad_steps` such
@@ -48,7 +51,7 @@ from mllm.data.input_augment import InputAugment
 from mllm.data.loader import MultimodalLoader
 from mllm.data.records import BadRecords, iter_records, read_records, record_files
 from mllm.plots import save_loss_curves
-from mllm.sequence import MultimodalBatch
+from mllm.sequence import IGNORE_INDEX, MultimodalBatch
 from mllm.tokenizers.text import train_text_tokenizer
 from mllm.train.checkpointing import (
     TrainerState,
@@ -129,6 +132,8 @@ class Finetune:
         if cfg.train.gradient_checkpointing:
             enable_checkpointing(model)
         self.heads = sorted(model.config.heads)
+        self.head_weights = {m: model.config.heads[m]["loss_weight"] for m in self.heads}  # λ_m in the model's loss
+        self.continuous = sorted(model.projectors)  # the modalities whose items may carry transcripts
         self.attn_implementation = model.config._attn_implementation
         hidden_size = model.config.text_config.hidden_size
         trained = apply_policy(model, cfg.policy)
@@ -318,45 +323,67 @@ class Finetune:
         if in_a_row >= self.cfg.train.max_bad_steps:
             raise NonFiniteLossError(f"{in_a_row} steps in a row had a non-finite loss or gradient; the last was {where}: {cause}")
 
-    def _record_transcribed(self, batch: MultimodalBatch) -> None:
-        """Note the modalities whose slots learn to spell transcripts; the export names them in config.json."""
-        spelled = {m for m, texts in batch.transcripts.items() if any(t.numel() for t in texts)}
-        self.state.transcribed = sorted(spelled | set(self.state.transcribed))
+    def _units(self, batch: MultimodalBatch) -> list[int]:
+        """What each loss term of `batch` is a mean over: [labelled (shifted) tokens, each head's target slots,
+        each continuous modality's transcribed items] (heads and modalities in sorted order)."""
+        labelled = 0 if batch.labels is None else int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+        slots = [int(batch.feature_targets[m].sum()) if m in batch.feature_targets else 0 for m in self.heads]
+        said = [sum(t.numel() > 0 for t in batch.transcripts.get(m, [])) for m in self.continuous]
+        return [labelled, *slots, *said]
 
     def step(self, batches: list[MultimodalBatch]) -> dict:
-        """One optimizer step over this rank's micro-batches; the returned numbers are over all ranks."""
+        """One optimizer step over this rank's micro-batches; the returned numbers are over all ranks.
+
+        The model's terms are means over their own micro-batch: CE over its labelled tokens, head m over its
+        target slots, CTC over its transcribed items (each already per label). The engines average the step's
+        micro-batches (÷ grad_accum, then the mean over ranks), so each term is scaled by its units' share of
+        the step's × the step's micro-batches: the gradient is then the mean over every token (slot, item) of the
+        step, whatever the batch size, accumulation, ranks or packing. With one micro-batch every scale is 1.
+        """
         e, world, rank = self.engine, self.env.world_size, self.env.rank
         lr = cosine_lr(self.state.step, self.cfg)
         e.set_lr(lr)
+        heads = len(self.heads)
+        units = torch.tensor([self._units(b) for b in batches], dtype=torch.float64)  # [J, 1 + heads + continuous]
+        step_units = all_reduce_sum(units.sum(0).to(e.device)).cpu()  # [1 + heads + continuous], every rank's
+        said = step_units[1 + heads:]
+        self.state.transcribed = sorted(set(self.state.transcribed) | {m for m, n in zip(self.continuous, said.tolist()) if n})
+        # per term (CE, heads, CTC with every modality's items together): [J, 2 + heads] and [2 + heads]
+        units = torch.cat([units[:, : 1 + heads], units[:, 1 + heads:].sum(1, keepdim=True)], 1)
+        step_units = torch.cat([step_units[: 1 + heads], said.sum(0, keepdim=True)])
+        shares = (units * (len(batches) * world) / step_units.clamp(min=1)).tolist()
+
         names = ["loss", "lm_loss", *(f"{m}_loss" for m in self.heads), "transcript_loss"]
-        sums = torch.zeros(2 * len(names) + 1, dtype=torch.float64)  # (sum, count) per name, then tokens
+        sums = torch.zeros(len(names) + 1, dtype=torch.float64)  # Σ value × units per name (1 for loss), then tokens
         bad = torch.zeros(len(batches) * world, dtype=torch.float64)  # the step's micro-batches with a non-finite loss
         for j, batch in enumerate(batches):
             out = e.forward(batch.to(e.device, dtype=e.feature_dtype))
-            loss = out.loss
-            lm_loss = getattr(out, "lm_loss", None)
-            if self.cfg.loss.lm != 1.0 and lm_loss is not None:
-                loss = loss + (self.cfg.loss.lm - 1.0) * lm_loss  # the model's total counts CE once
-            transcript_loss = getattr(out, "transcript_loss", None)  # only on batches with transcribed media
-            if transcript_loss is not None:
-                loss = loss + self.cfg.loss.transcripts * transcript_loss
-                self._record_transcribed(batch)
+            lm_share, *head_shares, said_share = shares[j]
+            loss = out.loss  # CE + Σ_m λ_m · head_m
+            parts = {"lm_loss": getattr(out, "lm_loss", None), "transcript_loss": getattr(out, "transcript_loss", None)}
+            parts |= {f"{m}_loss": v for m, v in (getattr(out, "head_losses", None) or {}).items()}
+            if parts["lm_loss"] is not None and (c := self.cfg.loss.lm * lm_share - 1.0):
+                loss = loss + c * parts["lm_loss"]
+            for m, share in zip(self.heads, head_shares):
+                if parts.get(f"{m}_loss") is not None and (c := self.head_weights[m] * (share - 1.0)):
+                    loss = loss + c * parts[f"{m}_loss"]
+            if parts["transcript_loss"] is not None:  # only on batches with transcribed media
+                loss = loss + self.cfg.loss.transcripts * said_share * parts["transcript_loss"]
             if not torch.isfinite(loss):
                 bad[j * world + rank] = 1
                 loss = loss * math.nan  # a NaN gradient makes every rank skip this update
             e.backward(loss, boundary=j == len(batches) - 1)
-            parts = {"loss": loss, "lm_loss": lm_loss, "transcript_loss": transcript_loss}
-            parts |= {f"{m}_loss": v for m, v in (getattr(out, "head_losses", None) or {}).items()}
-            for i, name in enumerate(names):
+            parts["loss"] = loss
+            for i, (name, n) in enumerate(zip(names, [1.0, *units[j].tolist()])):
                 if parts.get(name) is not None:
-                    sums[2 * i] += parts[name].item()
-                    sums[2 * i + 1] += 1
+                    sums[i] += parts[name].item() * n
             sums[-1] += batch.input_ids.numel()
         result = e.finish_step()
         stop = torch.tensor([float(self.stopping)], dtype=torch.float64)  # any rank's SIGTERM stops them all here
         totals = all_reduce_sum(torch.cat([sums, bad, stop]).to(e.device)).cpu()
-        log = {name: totals[2 * i].item() / totals[2 * i + 1].item()
-               for i, name in enumerate(names) if totals[2 * i + 1] > 0}
+        # the token-weighted means; `loss` is the step's objective: Σ scaled losses / micro-batches
+        counts = [len(batches) * world, *step_units.tolist()]
+        log = {name: totals[i].item() / n for i, (name, n) in enumerate(zip(names, counts)) if n > 0}
         return log | {"lr": lr, "grad_norm": result.grad_norm, "skipped": not result.applied,
                       "tokens": totals[len(sums) - 1].item(),
                       "bad_batches": [i for i, b in enumerate(totals[len(sums):-1].tolist()) if b],
