@@ -24,8 +24,7 @@ import torch
 
 from mllm.checkpoint import load_checkpoint, load_detokenizers, save_checkpoint
 from mllm.detokenizers import DeTokenizer
-from mllm.generation import (GenerationConfig, MediaSpan, ctc_log_likelihood, ctc_prefix_beam_search, generate,
-                             greedy_generate)
+from mllm.generation import GenerationConfig, MediaSpan, ctc_log_likelihood, ctc_prefix_beam_search, generate
 from mllm.media import Audio, Image, Video
 from mllm.model import MultimodalLM
 from mllm.processor import Processor
@@ -191,9 +190,8 @@ class Pipeline:
 
     @torch.no_grad()
     def _greedy(self, batch: MultimodalBatch, max_new_tokens: int) -> list[str]:
-        eos = self.processor.end_of_turn_id
-        ids = greedy_generate(self.model, batch, max_new_tokens=max_new_tokens, eos_token_id=-1 if eos is None else eos)
-        return [self.processor.decode_text(row).strip() for row in ids]
+        results = generate(self.model, batch, self._defaults(GenerationConfig(max_new_tokens=max_new_tokens)))
+        return [self.processor.decode_text(result.ids).strip() for result in results]
 
     def _spelled_medium(self, conversation: list[dict]) -> str | None:
         """The modality of the last user turn's only medium (messages already validated), if the model learned to
@@ -216,8 +214,10 @@ class Pipeline:
         return batch.to(self.device)
 
     def _defaults(self, config: GenerationConfig) -> GenerationConfig:
-        if config.eos_token_id is None:  # the end of turn training labelled (e.g. ChatML's <|im_end|>)
-            config = replace(config, eos_token_id=self.processor.end_of_turn_id)
+        if config.eos_token_id is None:  # the end of turn training labelled (e.g. ChatML's <|im_end|>), and eos
+            end, eos = self.processor.end_of_turn_id, self.processor.tokenizer.eos_token_id
+            stops = [*config.stop_token_ids, *([eos] if eos not in (None, end) else [])]
+            config = replace(config, eos_token_id=end, stop_token_ids=stops)
         if config.pad_token_id is None:
             config = replace(config, pad_token_id=self.processor.pad_id)
         return config

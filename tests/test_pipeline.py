@@ -59,7 +59,8 @@ def test_generate_media_and_save_load_round_trip(pipeline, tmp_path):
     assert (before.pixels == after.pixels).all()
 
 
-def test_chatml_reply_ends_at_im_end_though_eos_is_another_token(mistral_tokenizer_dir, tmp_path):
+@pytest.mark.parametrize("end", ["<|im_end|>", "</s>"])
+def test_chatml_reply_ends_at_im_end_and_at_the_tokenizers_eos(mistral_tokenizer_dir, tmp_path, end):
     tokenizer = AutoTokenizer.from_pretrained(mistral_tokenizer_dir)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tokenizer.save_pretrained(tmp_path)
@@ -71,12 +72,12 @@ def test_chatml_reply_ends_at_im_end_though_eos_is_another_token(mistral_tokeniz
     hook = head.register_forward_hook(lambda module, args, out: seen.append(args[0][0, -1].clone()))
     chat.chat(conversation, GenerationConfig(max_new_tokens=1))
     hook.remove()
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     head.weight.data.zero_()
-    head.weight.data[im_end] = seen[0]  # the prompt's last position now writes <|im_end|>, and nothing else stands out
+    head.weight.data[tokenizer.convert_tokens_to_ids(end)] = seen[0]  # the prompt's last position now writes it
+    assert tokenizer.eos_token == "</s>"
     finished = []
     assert chat.chat(conversation, GenerationConfig(max_new_tokens=8), on_finish=lambda row, why, n: finished.append(why)) == [[]]
-    assert finished == ["eos"]  # not "length": the reply ended where training labels the end of a turn
+    assert finished == ["eos"]  # not "length": training labels <|im_end|> the end of a turn; a base LM writes eos
     assert chat.complete(conversation, max_new_tokens=8) == [""]
 
 

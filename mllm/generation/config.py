@@ -35,6 +35,7 @@ class HeadSampling:
 class GenerationConfig:
     max_new_tokens: int = 256  # every position counts: text, markers, codes, features
     eos_token_id: int | None = None
+    stop_token_ids: list[int] = field(default_factory=list)  # more ids that end a reply as eos does
     pad_token_id: int | None = None  # fed to finished rows and used for padding; default eos, else 0
     stop_strings: list[str] = field(default_factory=list)  # end a row once its text contains one (needs decode_text)
     text: TokenSampling = field(default_factory=TokenSampling)
@@ -46,6 +47,8 @@ class GenerationConfig:
     def __post_init__(self):
         if self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be token ids (non-negative integers), got {self.stop_token_ids}")
 
     @property
     def guided(self) -> bool:

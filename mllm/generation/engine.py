@@ -108,6 +108,7 @@ class _Engine:
         self.decode_text, self.on_text, self.on_media = decode_text, on_text, on_media
         eos = config.eos_token_id
         self.pad = config.pad_token_id if config.pad_token_id is not None else (eos if eos is not None else 0)
+        self.ends = {eos, *config.stop_token_ids} - {None}
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -285,7 +286,7 @@ class _Engine:
             return self._finish(r, row, "length")
         if self.seen is not None:
             self.seen[r, feed.token] = True
-        if row.span is None and feed.token == self.config.eos_token_id:
+        if row.span is None and feed.token in self.ends:
             return self._finish(r, row, "eos")
         row.ids += [feed.token] * n
         if feed.queries:
