@@ -236,7 +236,7 @@ def test_training_data_of_only_bad_records_says_so(corpus, text_tokenizer, tmp_p
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": [{"type": "image", "path": "nope.png"}]},
                                             {"role": "assistant", "content": "No."}]}) + "\n")
     cfg = load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, tmp_path / "out", data={"train": [str(bad)]})))
-    with pytest.raises(ValueError, match=r"make 0 micro-batches .* the pass skipped 1 of 1 records \(missing_media 1\)"):
+    with pytest.raises(ValueError, match=r"make 0 micro-batches .* data pass: skipped 1 of 1 records \(missing_media 1\)"):
         finetune(cfg)
 
 
@@ -400,7 +400,7 @@ def test_validation_that_leaves_a_rank_without_a_micro_batch_is_refused_at_setup
     data = {"train": ["understand.jsonl"], "validation": ["generate.jsonl"], "tasks": ["image_caption"]}
     cfg = load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, tmp_path / "a", data=data,
                                              train={"eval_every": 1})))
-    with pytest.raises(ConfigError, match=r"make 0 micro-batches, fewer than the 1 ranks .* among 0\)") as e:
+    with pytest.raises(ConfigError, match=r"its 0 records \(after data.tasks\) make 0 micro-batches, fewer than the 1 ranks") as e:
         finetune(cfg)  # data.tasks leaves no validation record
     assert e.value.key == "data.validation"
     data = {"train": ["understand.jsonl"], "validation": ["understand.jsonl"], "batch_size": 64}  # one micro-batch
@@ -408,7 +408,7 @@ def test_validation_that_leaves_a_rank_without_a_micro_batch_is_refused_at_setup
                                                       train={"eval_every": 1}))), DistEnv())
     try:
         run.env = DistEnv(rank=0, local_rank=0, world_size=2)  # what each of two ranks sees
-        with pytest.raises(ConfigError, match="make 1 micro-batches, fewer than the 2 ranks"):
+        with pytest.raises(ConfigError, match="its 24 records .* make 1 micro-batches, fewer than the 2 ranks"):
             run._check_validation()
     finally:
         run.close()

@@ -211,8 +211,9 @@ class Finetune:
         world = self.env.world_size
         seen = sum(1 for _ in islice(self.micro_batches(self.validation_records, seed=0, train=False), world))
         if seen < world:  # the pass ran to its end: last_pass counts its records
-            raise ConfigError("data.validation", f"its records make {seen} micro-batches, fewer than the {world} ranks "
-                              f"that each evaluate one (the pass {self.last_pass.summary()})")
+            raise ConfigError("data.validation", f"its {len(self.validation_records)} records (after data.tasks) make "
+                              f"{seen} micro-batches, fewer than the {world} ranks that each evaluate one "
+                              f"(data pass: {self.last_pass.summary()})")
 
     def _repeat_rates(self) -> np.ndarray | None:
         """[R] each train record's `data.repeat` rate (`data.repeat_default` for a task not named); None when
@@ -268,7 +269,7 @@ class Finetune:
             if start == 0 and seen < per_step:
                 raise ValueError(f"the training data make {seen} micro-batches per epoch, fewer than one step "
                                  f"takes ({per_step}: train.grad_accum {self.cfg.train.grad_accum} × {world} ranks); "
-                                 f"the pass {self.last_pass.summary()}")
+                                 f"data pass: {self.last_pass.summary()}")
             epoch, start = epoch + 1, 0
 
     # ---- training -------------------------------------------------------------------------------
