@@ -158,15 +158,42 @@ def save_checkpoint(
         processor.save_pretrained(tmp)
         for name, detokenizer in (detokenizers or {}).items():
             detokenizer.save_pretrained(tmp / DETOKENIZERS_DIR / name)
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        publish_directory(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def publish_directory(tmp: Path, path: Path) -> None:
+    """Put the complete directory `tmp` (a sibling) in place of `path`: flushed to disk first, so the rename
+    publishes whole files; the old copy moves aside to `.<name>.old`, then goes. A kill between the two renames
+    leaves that old copy, whole; the next publish of `path` removes it."""
+    fsync_tree(tmp)
+    old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    fsync(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def fsync(path: Path) -> None:
+    """Flush a file or a directory (its entries: renames, new files) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file and directory under `root` to disk."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fsync(Path(dirpath) / name)
+        fsync(Path(dirpath))
 
 
 def load_checkpoint(

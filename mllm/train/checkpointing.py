@@ -40,7 +40,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mllm.checkpoint import build_model, load_checkpoint, save_checkpoint
+from mllm.checkpoint import build_model, fsync, fsync_tree, load_checkpoint, publish_directory, save_checkpoint
 from mllm.config import ConfigError, save_config, to_dict
 from mllm.model import MultimodalLM
 from mllm.processor import Processor
@@ -116,10 +116,10 @@ def save_step(engine: Engine, env: DistEnv, cfg: FinetuneConfig, state: TrainerS
     _write_json(tmp / "rng" / f"rank-{env.rank:05d}.json", rng_state())
     barrier()
     if env.is_main:
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         os.replace(tmp, final)
         _write_json(final / COMPLETE, {"step": state.step})
-        _fsync(final.parent)
+        fsync(final.parent)
         for old in complete_checkpoints(cfg.output_dir)[: -cfg.train.keep_last]:
             _delete_dir(old)
     barrier()
@@ -192,17 +192,11 @@ def export_checkpoint(
 def _save_language_model(model: MultimodalLM, processor: Processor, out: Path) -> Path:
     """Write the LM and its tokenizer into `out` atomically: the old `out` stays whole until the new one is in."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
-    for leftover in (tmp, old):  # of an export killed earlier
-        shutil.rmtree(leftover, ignore_errors=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # of an export killed earlier
     model.language_model.save_pretrained(tmp)
     processor.tokenizer.save_pretrained(tmp)
-    _fsync_tree(tmp)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    _fsync(out.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    publish_directory(tmp, out)
     return out
 
 
@@ -292,14 +286,6 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _delete_dir(path: Path) -> None:
     """Rename `path` to a hidden `.<name>.deleting` sibling, then delete that: a kill mid-way leaves no directory
     under the old name with some of its files gone (a checkpoint marked COMPLETE without its weights)."""
@@ -308,14 +294,5 @@ def _delete_dir(path: Path) -> None:
         os.replace(path, doomed)
     except FileNotFoundError:
         return
-    _fsync(path.parent)
+    fsync(path.parent)
     shutil.rmtree(doomed)
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush every file and directory under root to disk, so the rename publishes complete data."""
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            _fsync(Path(dirpath) / name)
-        _fsync(Path(dirpath))
-
