@@ -20,7 +20,7 @@ from mllm.model import MultimodalLM
 from mllm.model.modeling import item_lengths
 from mllm.processor import MessageError, Processor
 from mllm.train import finetune, load_recipe
-from tests.test_finetune import corpus, recipe, text_tokenizer, write  # noqa: F401  (corpus, text_tokenizer: fixtures)
+from tests.finetune_setup import corpus, recipe, text_tokenizer, write  # noqa: F401  (corpus, text_tokenizer: fixtures)
 from tests.test_input_augment import VOICES, processor  # noqa: F401  (processor: a fixture)
 from tests.test_input_augment import corpus as spoken  # noqa: F401  (a fixture)
 from tests.test_model import IMAGE_DIM, image_sequence, layout_for, tiny_lm

@@ -24,10 +24,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mllm.tokenizers.text import train_text_tokenizer
 from mllm.train import finetune, load_recipe
 from mllm.train.checkpointing import complete_checkpoints, step_dir
 from mllm.train.distributed import SHM_DIR, STALE_LOCK_S, DistEnv, refuse_stale_build_locks, release_shared_memory_names
-from tests.test_finetune import losses, recipe, train_text_tokenizer, write, write_corpus
+from tests.finetune_setup import losses, recipe, write, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 10
