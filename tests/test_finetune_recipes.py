@@ -9,11 +9,14 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from mllm import checkpoint
+from mllm.checkpoint import build_model, save_checkpoint
 from mllm.cli import main as cli
 from mllm.config import ConfigError
 from mllm.tokenizers import build_media_tokenizer
 from mllm.train import finetune, load_recipe
 from mllm.train.distributed import DistEnv
+from mllm.train.checkpointing import build_from_recipe
 from mllm.train.loop import Finetune, cosine_lr
 from mllm.train.recipe import deepspeed_config, resolve_precision
 from mllm.train.recipe_data import encode_recipe_media
@@ -207,3 +210,18 @@ def test_media_encoded_ahead_of_a_run_are_found_cached_by_it(corpus, text_tokeni
         assert sorted(f.name for f in store.glob("shard-*")) == ["shard-00000.safetensors"]  # nothing encoded again
     finally:
         run.close()
+
+
+def test_a_recipe_that_makes_a_head_parallel_loads_its_checkpoint_with_sdpa(corpus, text_tokenizer, tmp_path,
+                                                                            monkeypatch):
+    """Flash attention cannot mask a parallel head's block, and "auto" reads the checkpoint's heads: the recipe's
+    new_heads count too."""
+    data = recipe(corpus, text_tokenizer, tmp_path / "out")
+    data["model"]["media"]["image"]["tokens_per_item"] = 4  # a parallel head writes a whole item: N = 4 slots
+    save_checkpoint(*build_model(load_recipe(write(tmp_path, data)).model), tmp_path / "ckpt")  # a sequential head
+    monkeypatch.setattr(checkpoint, "flash_attention_available", lambda: True)  # as on CUDA with flash-attn
+    del data["model"]
+    head = {"name": "gmm", "options": {"width": 32, "num_components": 2}, "parallel": True}
+    data.update(init_from=str(tmp_path / "ckpt"), new_heads={"image": head})
+    model, _ = build_from_recipe(load_recipe(write(tmp_path, data, "parallel.yaml")))
+    assert model.is_parallel("image") and model.language_model.config._attn_implementation == "sdpa"

@@ -69,7 +69,9 @@ def build_from_recipe(cfg: FinetuneConfig) -> tuple[MultimodalLM, Processor]:
     if cfg.model is not None:
         model, processor = build_model(cfg.model)
     else:
-        model, processor = load_checkpoint(cfg.init_from)
+        # a head the recipe makes parallel needs sdpa's block mask, whatever the checkpoint's own heads are
+        parallel = any(head.parallel for head in cfg.new_heads.values())
+        model, processor = load_checkpoint(cfg.init_from, attn_implementation="sdpa" if parallel else "auto")
     for m, head in cfg.new_heads.items():  # e.g. a diffusion head in place of a GMM head, on the same LM
         if m not in model.config.heads:
             raise ConfigError(f"new_heads.{m}", f"the model has no head for it (heads: {sorted(model.config.heads)})")
