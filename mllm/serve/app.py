@@ -281,8 +281,8 @@ def create_app(pipeline: Pipeline, limits: ServeLimits | None = None, model_name
         events, cancel = _start(server, req, max_new, slot)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         if req.stream:
-            usage = prompt if req.include_usage else None
-            return StreamingResponse(_sse(events, cancel, meta, deadline, timeout, usage), media_type="text/event-stream")
+            usage_of = prompt if req.include_usage else None
+            return StreamingResponse(_sse(events, cancel, meta, deadline, timeout, usage_of), media_type="text/event-stream")
         try:
             kind, value = await _reply(events, deadline, request)
         except asyncio.TimeoutError:
@@ -405,14 +405,14 @@ async def _reply(events: asyncio.Queue, deadline: float, request: Request) -> Ev
 
 
 async def _sse(events: asyncio.Queue, cancel: threading.Event, meta: dict, deadline: float, timeout: float,
-               usage: int | None) -> AsyncIterator[str]:
+               usage_of: int | None) -> AsyncIterator[str]:
     """OpenAI chat.completion.chunk events: the role, text deltas, media parts as they decode, the finish, [DONE].
-    With `usage`, the prompt's token count (stream_options.include_usage), as OpenAI's: each chunk has
+    With `usage_of`, the prompt's token count (stream_options.include_usage), as OpenAI's: each chunk has
     "usage": null, and one more chunk with no choices and the usage comes after the finish."""
 
     def chunk(delta: dict, finish: str | None = None) -> str:
         body = {**meta, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-        if usage is not None:
+        if usage_of is not None:
             body["usage"] = None
         return _data(body)
 
@@ -433,8 +433,8 @@ async def _sse(events: asyncio.Queue, cancel: threading.Event, meta: dict, deadl
                 break
             else:
                 yield chunk({}, finish=value[1])
-                if usage is not None:
-                    yield _data({**meta, "object": "chat.completion.chunk", "choices": [], "usage": _usage(usage, value[2])})
+                if usage_of is not None:
+                    yield _data({**meta, "object": "chat.completion.chunk", "choices": [], "usage": _usage(usage_of, value[2])})
                 break
         yield "data: [DONE]\n\n"
     finally:
