@@ -1,7 +1,7 @@
 """A complete mllm checkpoint: built from a config, saved and loaded as one directory.
 
     model, processor = build_model(ModelConfig(base="path/to/Mistral-7B", media={...}))
-    save_checkpoint(model, processor, "runs/x/checkpoint")   # atomic: tmp dir, then rename
+    save_checkpoint(model, processor, "runs/x/checkpoint")   # atomic: `.checkpoint.tmp-<pid>`, then rename
     model, processor = load_checkpoint("runs/x/checkpoint")
 
 The directory holds `config.json` + `model.safetensors` (the LM with its grown
@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -152,7 +151,9 @@ def save_checkpoint(
     checkpoint, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    remove_stale_tmp(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.mkdir()
     try:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
@@ -163,6 +164,24 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def remove_stale_tmp(path: Path) -> None:
+    """Delete the `.<name>.tmp-<pid>` siblings of `path` that saves killed mid-way left: those whose process is
+    gone, and this process's own (a pid the system gave again after such a kill)."""
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit():
+            continue
+        if int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+                continue  # a save still running
+            except ProcessLookupError:
+                pass
+            except PermissionError:  # another user's live process
+                continue
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def publish_directory(tmp: Path, path: Path) -> None:

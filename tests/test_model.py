@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import warnings
 
 import pytest
@@ -190,6 +191,21 @@ def test_save_load_round_trip_is_bit_identical(arch, tmp_path, mistral_tokenizer
     auto = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
     assert isinstance(auto, MultimodalLM)
     assert not list((tmp_path).glob(".ckpt.tmp-*")), "temporary directory left behind"
+
+
+def test_save_removes_what_killed_saves_left(tmp_path, mistral_tokenizer_dir):
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid whose process has exited: a save killed mid-way
+    alive = subprocess.Popen(["sleep", "60"])  # a save still running
+    try:
+        for pid in (gone.pid, alive.pid):
+            (tmp_path / f".ckpt.tmp-{pid}").mkdir()
+            (tmp_path / f".ckpt.tmp-{pid}" / "model.safetensors").write_bytes(b"half")
+        save_checkpoint(*build_model(_model_config("llama", mistral_tokenizer_dir)), tmp_path / "ckpt")
+        assert sorted(p.name for p in tmp_path.glob(".ckpt.tmp-*")) == [f".ckpt.tmp-{alive.pid}"]
+    finally:
+        alive.kill()
+        alive.wait()
 
 
 def _model_config(arch: str, tokenizer_dir) -> ModelConfig:
