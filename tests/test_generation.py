@@ -209,6 +209,20 @@ def test_a_prompt_may_end_inside_a_span():
     assert torch.equal(feats.media[0].tokens[:2], given)
 
 
+def test_a_continued_span_is_in_the_models_dtype():
+    """The given features arrive in fp32, as the processor makes them; the span a bf16 model finishes is bf16
+    throughout, as one it writes whole is."""
+    model = model_with_spans().to(torch.bfloat16)
+    image = model.layout["image"]
+    given = torch.randn(2, IMAGE_DIM)
+    sample = Sample(torch.tensor([5, image.begin_id, image.placeholder_id, image.placeholder_id]),
+                    torch.zeros(4, dtype=torch.long), {"image": given}, {"image": torch.zeros(2, dtype=torch.bool)})
+    out = generate(model, batch_of([sample]), GenerationConfig(max_new_tokens=4))[0]
+    (span,) = out.media
+    assert span.tokens.dtype == torch.bfloat16 and span.tokens.shape == (N["image"], IMAGE_DIM)
+    assert torch.equal(span.tokens[:2], given.to(torch.bfloat16))
+
+
 def test_prompt_target_flags_must_be_bool():
     model = model_with_spans()
     video = model.layout["video"]

@@ -362,7 +362,7 @@ class _Engine:
         elif count:
             slots = (batch.input_ids == rule.placeholder_id) & batch.attention_mask.bool()
             end = int(slots[: r + 1].sum())  # this row's slots end here, in reading order
-            row.body = list(batch.features[rule.modality][end - count : end])
+            row.body = list(batch.features[rule.modality][end - count : end].to(self.model.dtype))  # as the head's
 
     def _seen(self, batch: MultimodalBatch) -> torch.Tensor | None:
         """[B, V] bool: the ids each row has seen, for the repetition penalty (None when it is off)."""
