@@ -11,11 +11,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import mllm.tokenize  # noqa: F401  (registers the image tokenizers, de-tokenizers and recipes)
 from mllm.detokenizers import build_detokenizer, list_detokenizers, load_detokenizer
 from mllm.judges import DigitJudge, digit_images
-from mllm.media import Image, MediaError, load_image
+from mllm.media import Image, MediaError, load_image, save_image
 from mllm.tokenize import commands
 from mllm.tokenize.recipes import list_recipes
 from mllm.tokenizers import MediaTokenizer, build_media_tokenizer, list_media_tokenizers, load_media_tokenizer
@@ -400,3 +401,16 @@ def test_ink_invariance_computes_each_mediums_targets_once_and_reuses_them_exact
     assert teacher.calls == 1  # every target was cached
     module.training_losses(([0, 2], [media[0], media[2]]))  # one new medium: the whole batch goes through again
     assert teacher.calls == 2 and torch.allclose(module.targets[2], teacher.features(media[2:3])[0], atol=1e-6)
+
+
+def test_encode_command_refuses_two_files_of_one_name(tmp_path):
+    build_media_tokenizer("patch", dict(image_size=8, patch_size=4)).save_pretrained(tmp_path / "patch")
+    first, second = tmp_path / "a" / "x.png", tmp_path / "b" / "x.png"
+    for path, image in zip((first, second), images(2)):
+        path.parent.mkdir()
+        save_image(image, path)
+    with pytest.raises(MediaError, match=r"b/x\.png: has the file name of .*a/x\.png"):
+        commands.encode(tmp_path / "patch", [first, second], tmp_path / "t.safetensors")
+    assert not (tmp_path / "t.safetensors").exists()
+    tokens = load_file(commands.encode(tmp_path / "patch", [first, first], tmp_path / "t.safetensors"))
+    assert list(tokens) == ["x.png"] and tokens["x.png"].shape == (4, 48)

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from mllm.config import to_dict
 from mllm.data.corpora import atomic_write_text
 from mllm.detokenizers import load_detokenizer
-from mllm.media import Audio, Image, Video, load_media, save_audio, save_image, save_video
+from mllm.media import Audio, Image, MediaError, Video, load_media, save_audio, save_image, save_video
 from mllm.tokenize.recipes import RECIPE_FILE, RECIPES, load_recipe
 from mllm.tokenizers import load_media_tokenizer
 
@@ -46,10 +46,14 @@ def evaluate(trained: Path, corpora: Path, report: Path, limit: int | None = Non
 def encode(tokenizer_dir: Path, files: list[Path], out: Path) -> Path:
     """Encode media files into one safetensors file keyed by file name."""
     tokenizer = load_media_tokenizer(tokenizer_dir)
+    named: dict[str, Path] = {}
+    for path in map(Path, files):  # before any encoding: one key per name, or a file would be lost
+        if named.setdefault(path.name, path) != path:
+            raise MediaError(str(path), f"has the file name of {named[path.name]}: the token file keys entries by name")
     tokens = {}
     with torch.no_grad():
-        for path in tqdm(files, desc=f"encode {tokenizer.modality}"):
-            tokens[Path(path).name] = tokenizer.encode(load_media(path, tokenizer.modality)).contiguous()
+        for name, path in tqdm(named.items(), desc=f"encode {tokenizer.modality}"):
+            tokens[name] = tokenizer.encode(load_media(path, tokenizer.modality)).contiguous()
     save_file(tokens, out)
     return out
 
