@@ -16,6 +16,7 @@ import pytest
 from mllm.cli import main
 from mllm.data.corpora.build import FORMAT_VERSION, CorporaError
 from mllm.default.build import SIDE_BY_SIDE, Build, DefaultBuildConfig, Stage, side_by_side
+from mllm.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -171,3 +172,18 @@ def test_missing_or_older_corpora_are_refused_before_any_stage_with_what_to_run(
         done.parent.mkdir(parents=True, exist_ok=True)
         done.touch()
     build.check_corpora()
+
+
+def test_an_override_of_no_stage_or_a_tokenizer_of_no_modality_is_refused_before_any_work(tmp_path, capsys):
+    corpora, out = tmp_path / "corpora", tmp_path / "out"
+    for extra, said in ((["multimodl:train.max_steps=1"], "overrides for 'multimodl': no such stage (stages: "),
+                        (["train.max_steps=1"], "overrides for 'train.max_steps=1': no such stage"),
+                        (["--tokenizer", f"imgae={tmp_path}"], "a given tokenizer for 'imgae': no such modality")):
+        assert main(["default", "train", "--data", str(corpora), "--out", str(out), *extra]) == 2
+        assert f"mllm default train: {said}" in capsys.readouterr().err
+    assert not out.exists()
+    given = Build(DefaultBuildConfig(corpora=corpora, out=out, tokenizers={"image": tmp_path},
+                                     overrides={"multimodal": ["train.max_steps=1"], "audio_tokenizer": ["steps=1"]}))
+    with pytest.raises(InputError, match="'image_tokenizer': no such stage"):  # the given tokenizer is not trained
+        Build(DefaultBuildConfig(corpora=corpora, out=out, tokenizers=given.cfg.tokenizers,
+                                 overrides={"image_tokenizer": ["steps=1"]}))

@@ -55,6 +55,7 @@ from mllm.data.corpora.build import check_corpora
 from mllm.default.corpus import prepare_corpora
 from mllm.default.paths import CHECKPOINTS
 from mllm.default.ship import ship, size_mb
+from mllm.errors import InputError
 from mllm.tokenize import commands as tokenize
 from mllm.train import FinetuneConfig, finetune, load_recipe
 from mllm.train.distributed import on_sigterm
@@ -229,8 +230,20 @@ def side_by_side(stages: list[Stage], logs: Path, processes: int = 2,
 class Build:
     def __init__(self, cfg: DefaultBuildConfig):
         self.cfg, self.out = cfg, cfg.out.absolute()
+        self.check_options()
         self.times_file = self.out / "stages.json"
         self.times = json.loads(self.times_file.read_text()) if self.times_file.is_file() else {}
+
+    def check_options(self) -> None:
+        """Refuse a given tokenizer of no modality and overrides of no stage: either would be ignored, and the
+        build would train for hours on what it was told not to."""
+        if unknown := [m for m in self.cfg.tokenizers if m not in MODALITIES]:
+            raise InputError(f"a given tokenizer for {unknown[0]!r}: no such modality (modalities: "
+                             f"{', '.join(MODALITIES)}; give one as MODALITY=DIR)")
+        stages = self.stages()
+        if unknown := [s for s in self.cfg.overrides if s not in stages]:
+            raise InputError(f"overrides for {unknown[0]!r}: no such stage (stages: {', '.join(stages)}; "
+                             "an override is STAGE:KEY=VALUE)")
 
     def record(self, times: dict[str, float]) -> None:
         self.times.update(times)
