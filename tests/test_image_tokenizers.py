@@ -414,3 +414,19 @@ def test_encode_command_refuses_two_files_of_one_name(tmp_path):
     assert not (tmp_path / "t.safetensors").exists()
     tokens = load_file(commands.encode(tmp_path / "patch", [first, first], tmp_path / "t.safetensors"))
     assert list(tokens) == ["x.png"] and tokens["x.png"].shape == (4, 48)
+
+
+def test_encode_command_never_leaves_a_half_written_token_file(tmp_path, monkeypatch):
+    build_media_tokenizer("patch", dict(image_size=8, patch_size=4)).save_pretrained(tmp_path / "patch")
+    save_image(images(1)[0], tmp_path / "x.png")
+    out = commands.encode(tmp_path / "patch", [tmp_path / "x.png"], tmp_path / "t.safetensors")
+    before = out.read_bytes()
+
+    def killed(tokens, path):  # the write dies halfway
+        open(path, "wb").write(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(commands, "save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        commands.encode(tmp_path / "patch", [tmp_path / "x.png"], out)
+    assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

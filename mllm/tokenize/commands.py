@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from mllm.config import to_dict
+from mllm.data.cache import atomic_write
 from mllm.data.corpora import atomic_write_text
 from mllm.detokenizers import load_detokenizer
 from mllm.media import Audio, Image, MediaError, Video, load_media, save_audio, save_image, save_video
@@ -26,7 +28,7 @@ def train(recipe_path: str | os.PathLike, corpora: Path, out: Path, overrides: l
     """Validate the recipe before any work, train, and record the recipe beside the weights."""
     recipe, cfg = load_recipe(recipe_path, overrides)
     out.mkdir(parents=True, exist_ok=True)
-    (out / RECIPE_FILE).write_text(yaml.safe_dump({"recipe": recipe.name, "config": to_dict(cfg)}, sort_keys=False))
+    atomic_write_text(out / RECIPE_FILE, yaml.safe_dump({"recipe": recipe.name, "config": to_dict(cfg)}, sort_keys=False))
     metrics = recipe.train(cfg, corpora, out)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))  # last: it marks the training done
     return metrics
@@ -39,7 +41,7 @@ def evaluate(trained: Path, corpora: Path, report: Path, limit: int | None = Non
     meta = yaml.safe_load((trained / RECIPE_FILE).read_text())
     metrics = {"split": split, **RECIPES.build(meta["recipe"]).evaluate(trained, corpora, report, limit, split)}
     report.mkdir(parents=True, exist_ok=True)
-    (report / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write_text(report / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
 
 
@@ -54,7 +56,7 @@ def encode(tokenizer_dir: Path, files: list[Path], out: Path) -> Path:
     with torch.no_grad():
         for name, path in tqdm(named.items(), desc=f"encode {tokenizer.modality}"):
             tokens[name] = tokenizer.encode(load_media(path, tokenizer.modality)).contiguous()
-    save_file(tokens, out)
+    atomic_write(Path(out), partial(save_file, tokens))
     return out
 
 
