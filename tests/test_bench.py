@@ -5,6 +5,7 @@ No timing is asserted: figures depend on the machine and its load.
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 
 from mllm import cli
 from mllm.bench import generation, models, training
+from mllm.bench.options import add_arguments
 from mllm.bench.report import Figure, Results, markdown, rate_figure
 from mllm.bench.timing import Timing, alternate
 
@@ -104,3 +106,11 @@ def test_cli_runs_a_section_and_writes_results(tmp_path):
     assert data["meta"]["errors"] == {} and set(data["meta"]["sections"]) == {"machine"}
     assert [f["section"] for f in data["figures"]] == ["1. machine"]
     assert "| 1. machine |" in (tmp_path / "b" / "results.md").read_text()
+
+
+@pytest.mark.parametrize("repeats", ["0", "-2", "two"])
+def test_repeats_must_be_a_positive_integer(repeats, capsys):
+    # 0 used to mean the default (`args.repeats or 5`) and a negative count failed every section
+    with pytest.raises(SystemExit) as exit:
+        add_arguments(argparse.ArgumentParser()).parse_args(["--repeats", repeats])
+    assert exit.value.code == 2 and "--repeats: expected a positive integer" in capsys.readouterr().err

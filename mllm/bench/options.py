@@ -8,11 +8,22 @@ from pathlib import Path
 SECTIONS = ("machine", "training", "packing", "cache", "generation", "tokenizers", "memory", "scale")
 
 
+def positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="small sizes, 3 repeats: ≤ 15 minutes on 2 cores")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=None, metavar="SECTION",
                         help=f"run only these sections ({', '.join(SECTIONS)})")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per alternation (default 3 quick, 5)")
+    parser.add_argument("--repeats", type=positive_int, default=None,
+                        help="timed rounds per alternation (default 3 quick, 5)")
     parser.add_argument("--out", type=Path, default=Path("bench"), help="where results.json and results.md go")
     parser.add_argument("--data", type=Path, default=None,
                         help="built corpora (default: $MLLM_CACHE/corpora if built, else data/build_small.yaml)")
