@@ -114,3 +114,18 @@ def test_repeats_must_be_a_positive_integer(repeats, capsys):
     with pytest.raises(SystemExit) as exit:
         add_arguments(argparse.ArgumentParser()).parse_args(["--repeats", repeats])
     assert exit.value.code == 2 and "--repeats: expected a positive integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, make, message", [
+    ("--out", lambda p: p.write_text("x"), "is a file, not a folder"),
+    ("--work", lambda p: p.write_text("x"), "is a file, not a folder"),
+    ("--data", lambda p: p.mkdir(), "no built corpora at"),
+    ("--model", lambda p: p.mkdir(), "not a checkpoint directory (no config.json)"),
+])
+def test_path_options_are_checked_before_any_section_runs(tmp_path, capsys, option, make, message):
+    # a wrong --out was found only when writing the results, after the whole run; a wrong --data silently
+    # measured data/build_small.yaml instead, and a wrong --model failed the memory section as a bare exit status
+    make(tmp_path / "given")
+    with pytest.raises(SystemExit) as exit:
+        add_arguments(argparse.ArgumentParser()).parse_args([option, str(tmp_path / "given")])
+    assert exit.value.code == 2 and f"{option}: " in (err := capsys.readouterr().err) and message in err

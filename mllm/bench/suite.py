@@ -60,6 +60,7 @@ def run_suite(s: Settings, sections: list[str]) -> Results:
 
 def run_from_args(args: argparse.Namespace) -> int:
     repeats = args.repeats or (3 if args.quick else 5)
+    args.out.mkdir(parents=True, exist_ok=True)  # now: results are written only once every section has run
     with tempfile.TemporaryDirectory(prefix="mllm-bench-") as tmp:
         data = args.data or cache_dir() / "corpora"
         s = Settings(quick=args.quick, repeats=repeats, data=data, model=args.model, work=args.work or Path(tmp))
