@@ -251,6 +251,25 @@ def test_judge_trains_once_and_is_cached(tmp_path):
     assert len(list((tmp_path / "cache").iterdir())) == 2
 
 
+def test_judge_killed_while_caching_leaves_no_half_judge(tmp_path, monkeypatch):
+    import mllm.module
+
+    write_corpus(tmp_path / "corpora")
+    cfg = JudgeConfig(epochs=1, batch_size=10)
+
+    def dies_mid_write(tensors, path):
+        Path(path).write_bytes(b"\0" * 10)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(mllm.module, "save_file", dies_mid_write)
+        with pytest.raises(KeyboardInterrupt):
+            SpokenDigitJudge.load_or_train(tmp_path / "corpora", cfg, cache_dir=tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []  # neither the half-written judge nor its temporary directory
+    judge = SpokenDigitJudge.load_or_train(tmp_path / "corpora", cfg, cache_dir=tmp_path / "cache")  # trained again
+    assert len(judge.predict([tone(0.3)])) == 1
+
+
 @pytest.fixture(scope="module")
 def corpora(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("corpora")

@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,8 +151,23 @@ class SpokenDigitJudge(ConfiguredModule):
             return cls.from_pretrained(path)
         judge = cls(config)
         judge.fit(train)
-        judge.save_pretrained(path)
+        judge.save_cached(path)
         return judge
+
+    def save_cached(self, path: Path) -> Path:
+        """`save_pretrained` into a temporary sibling of `path`, then renamed into place: a reader of the cache
+        finds a whole judge or none."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+        try:
+            self.save_pretrained(tmp)
+            if path.exists():  # a judge directory without its weights
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
 
     def fit(self, clips: list[tuple[Path, int]]) -> None:
         """Train on original (path, digit) clips, with augmentation of those originals only."""
