@@ -244,6 +244,35 @@ def test_ship_can_replace_a_media_tokenizer_of_the_checkpoint(tmp_path):
     assert not (tmp_path / "bad").exists() and not (tmp_path / ".bad.tmp").exists()
 
 
+def test_a_ship_or_install_that_fails_half_way_leaves_the_checkpoint_that_was_there(tmp_path, monkeypatch):
+    import shutil
+
+    from mllm.default import ship as shipping
+
+    checkpoint, installed = tmp_path / "final", tmp_path / "package" / "checkpoint"
+    (checkpoint / "gmm").mkdir(parents=True)
+    (checkpoint / "gmm" / "config.json").write_text(json.dumps({"x": 2}))
+    (installed / "gmm").mkdir(parents=True)
+    (installed / "gmm" / "config.json").write_text(json.dumps({"x": 1}))
+    copytree = shutil.copytree
+
+    def copy_then_fail(src, dst, *args, **kwargs):
+        copytree(src, dst, *args, **kwargs)
+        if Path(dst).name.endswith(".tmp"):  # the whole copy, not one of its sub-folders
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shipping.shutil, "copytree", copy_then_fail)
+    for attempt in (lambda: shipping.install(checkpoint, installed), lambda: shipping.ship(checkpoint, {}, installed)):
+        with pytest.raises(OSError, match="No space left"):
+            attempt()
+        assert json.loads((installed / "gmm" / "config.json").read_text()) == {"x": 1}
+        assert sorted(p.name for p in installed.parent.iterdir()) == ["checkpoint"]
+    monkeypatch.setattr(shipping.shutil, "copytree", copytree)
+    shipping.install(checkpoint, installed)
+    assert json.loads((installed / "gmm" / "config.json").read_text()) == {"x": 2}
+    assert sorted(p.name for p in installed.parent.iterdir()) == ["checkpoint"]
+
+
 def test_missing_default_model_says_how_to_remake_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="mllm default train"):
         default_checkpoint(root=tmp_path)

@@ -35,7 +35,6 @@ import json
 import multiprocessing
 import multiprocessing.connection
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -54,7 +53,7 @@ from mllm.data.corpora import atomic_write_text
 from mllm.data.corpora.build import check_corpora
 from mllm.default.corpus import prepare_corpora
 from mllm.default.paths import CHECKPOINTS
-from mllm.default.ship import ship, size_mb
+from mllm.default.ship import install, ship, size_mb
 from mllm.errors import InputError
 from mllm.tokenize import commands as tokenize
 from mllm.train import FinetuneConfig, finetune, load_recipe
@@ -324,7 +323,6 @@ class Build:
         ship(self.out / "diffusion_head" / "final", detokenizers, shipped / "diffusion", shared=shipped / "gmm")
         print(f"[default] checkpoints: {shipped} ({size_mb(shipped):.1f} MB)")
         if self.cfg.ship:
-            shutil.rmtree(CHECKPOINTS, ignore_errors=True)
-            shutil.copytree(shipped, CHECKPOINTS)
+            install(shipped, CHECKPOINTS)
             print(f"[default] installed into the package: {CHECKPOINTS} ({size_mb(CHECKPOINTS):.1f} MB)")
         return self.times

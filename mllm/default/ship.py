@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from mllm.checkpoint import DETOKENIZERS_DIR
+from mllm.checkpoint import DETOKENIZERS_DIR, publish_directory
 from mllm.default.paths import SHARED_DIRS, SHARED_FILE, WEIGHTS_FILE
 from mllm.processor import MEDIA_TOKENIZERS_DIR
 
@@ -69,27 +69,44 @@ def ship(checkpoint: Path, detokenizers: dict[str, Path], out: Path, shared: Pat
             raise ValueError(f"ship: {checkpoint} has no {modality} media tokenizer to replace with {src}")
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(checkpoint, tmp)
-    if shared is None:
-        for modality, src in detokenizers.items():
-            shutil.copytree(src, tmp / DETOKENIZERS_DIR / modality)
-        for modality, src in (media_tokenizers or {}).items():
-            shutil.rmtree(tmp / MEDIA_TOKENIZERS_DIR / modality)
-            shutil.copytree(src, tmp / MEDIA_TOKENIZERS_DIR / modality)
-    else:
-        for name in SHARED_DIRS:
-            shutil.rmtree(tmp / name, ignore_errors=True)
-    for file in tmp.rglob("*.safetensors"):
-        to_float16(file)
-    if shared is not None:
-        borrowed = drop_equal_tensors(tmp / WEIGHTS_FILE, shared / WEIGHTS_FILE)
-        (tmp / SHARED_FILE).write_text(json.dumps({"media_from": os.path.relpath(shared, out),
-                                                   "borrowed_tensors": borrowed}, indent=1) + "\n")
-    for file in tmp.rglob("config.json"):
-        file.write_text(json.dumps(drop_build_paths(json.loads(file.read_text())), indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    try:
+        shutil.copytree(checkpoint, tmp)
+        if shared is None:
+            for modality, src in detokenizers.items():
+                shutil.copytree(src, tmp / DETOKENIZERS_DIR / modality)
+            for modality, src in (media_tokenizers or {}).items():
+                shutil.rmtree(tmp / MEDIA_TOKENIZERS_DIR / modality)
+                shutil.copytree(src, tmp / MEDIA_TOKENIZERS_DIR / modality)
+        else:
+            for name in SHARED_DIRS:
+                shutil.rmtree(tmp / name, ignore_errors=True)
+        for file in tmp.rglob("*.safetensors"):
+            to_float16(file)
+        if shared is not None:
+            borrowed = drop_equal_tensors(tmp / WEIGHTS_FILE, shared / WEIGHTS_FILE)
+            (tmp / SHARED_FILE).write_text(json.dumps({"media_from": os.path.relpath(shared, out),
+                                                       "borrowed_tensors": borrowed}, indent=1) + "\n")
+        for file in tmp.rglob("config.json"):
+            file.write_text(json.dumps(drop_build_paths(json.loads(file.read_text())), indent=2) + "\n")
+        publish_directory(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
+
+
+def install(shipped: Path, dst: Path) -> Path:
+    """Copy the shipped variants `shipped` into `dst` (the package's checkpoint directory) whole or not at all:
+    a copy that fails half-way leaves the checkpoint that was there."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shutil.copytree(shipped, tmp)
+        publish_directory(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
 
 
 def size_mb(path: Path) -> float:
