@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 
 import pytest
 import torch
 
 from mllm import cli
-from mllm.bench import generation, models, training
+from mllm.bench import generation, memory, models, training
 from mllm.bench.options import add_arguments
 from mllm.bench.report import Figure, Results, markdown, rate_figure
 from mllm.bench.timing import Timing, alternate
@@ -129,3 +130,12 @@ def test_path_options_are_checked_before_any_section_runs(tmp_path, capsys, opti
     with pytest.raises(SystemExit) as exit:
         add_arguments(argparse.ArgumentParser()).parse_args([option, str(tmp_path / "given")])
     assert exit.value.code == 2 and f"{option}: " in (err := capsys.readouterr().err) and message in err
+
+
+def test_a_failed_memory_stage_reports_its_error(tmp_path, monkeypatch):
+    # the stage's stderr was captured and dropped: meta.errors said only "returned non-zero exit status 1"
+    failed = subprocess.CompletedProcess([], 1, "", "Traceback (most recent call last):\n...\n"
+                                         "FileNotFoundError: ckpt: not a checkpoint directory (no config.json)\n")
+    monkeypatch.setattr(memory.subprocess, "run", lambda *a, **k: failed)
+    with pytest.raises(RuntimeError, match=r"memory stage 'train' on .* exited with status 1: FileNotFoundError: ckpt"):
+        memory.measure("train", tmp_path / "ckpt", tmp_path)

@@ -84,10 +84,13 @@ def status_mib(field: str) -> float:
 
 
 def measure(stage: str, checkpoint: Path, corpora: Path) -> dict[str, float]:
-    """Run `stage` in a fresh interpreter: {"floor_mib", "peak_rss_mib"}."""
+    """Run `stage` in a fresh interpreter: {"floor_mib", "peak_rss_mib"}; its failure names the stage and its error."""
     cmd = [sys.executable, "-m", "mllm.bench.memory", stage, str(checkpoint), str(corpora)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        error = done.stderr.strip().splitlines()[-1:] or ["no output"]  # a traceback's last line: the exception
+        raise RuntimeError(f"memory stage {stage!r} on {checkpoint} exited with status {done.returncode}: {error[0]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def run(s: Settings) -> list[Figure]:
