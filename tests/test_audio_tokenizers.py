@@ -251,6 +251,14 @@ def test_judge_trains_once_and_is_cached(tmp_path):
     assert len(list((tmp_path / "cache").iterdir())) == 2
 
 
+def test_judge_accuracy_needs_one_digit_per_clip():
+    judge = SpokenDigitJudge(JudgeConfig()).eval()
+    clips = [tone(0.3, freq=300 + 150 * d) for d in range(3)]
+    with pytest.raises(ValueError, match="1 for 3 clips"):
+        judge.accuracy(clips, [judge.predict(clips)[0]])  # one digit is not broadcast over the three clips
+    assert math.isnan(judge.accuracy([], []))
+
+
 def test_judge_killed_while_caching_leaves_no_half_judge(tmp_path, monkeypatch):
     import mllm.module
 

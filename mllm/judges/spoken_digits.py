@@ -134,6 +134,9 @@ class SpokenDigitJudge(ConfiguredModule):
         return self(torch.from_numpy(np.stack(waves))).argmax(-1).tolist()
 
     def accuracy(self, clips: list[Audio], digits: list[int]) -> float:
+        """Share of clips whose digit the judge hears right; NaN for no clips."""
+        if len(clips) != len(digits):  # numpy would broadcast a single digit over every clip
+            raise ValueError(f"spoken-digit judge: need one digit per clip, got {len(digits)} for {len(clips)} clips")
         return float(np.mean(np.array(self.predict(clips)) == np.array(digits))) if clips else float("nan")
 
     # ---------------------------------------------------------------- training and the cache
