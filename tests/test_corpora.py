@@ -96,6 +96,42 @@ def test_configs_load_strictly(tmp_path):
             load_build_config(bad)
 
 
+def test_settings_a_build_would_crash_or_hang_on_are_refused_by_name(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    for yaml, error in [
+        ("stamps: {max_stamps: 0}", "stamps in .*: max_stamps 0 must be at least 1"),  # was a ZeroDivisionError
+        ("sounds: {max_sounds: -2}", "sounds in .*: max_sounds -2 must be at least 1"),  # dropped the last two
+        ("text: {max_glosses: 0}", "text in .*: max_glosses 0 must be at least 1"),
+        ("sounds: {max_seconds: 0}", "sounds in .*: max_seconds 0.0 must be above 0"),
+        ("stamps: {num_choices: 1}", "stamps in .*: num_choices 1 must be between 2 and 26"),
+        ("sounds: {num_choices: 27}", "sounds in .*: num_choices 27 must be between 2 and 26"),
+        ("stamps: {train_variants: 0}", "stamps in .*: train_variants 0 must be at least 1"),
+        ("digits: {image_size: 0}", "digits in .*: image_size 0 must be at least 1"),
+        ("speech: {mix: {digits: 0, words: 0, sentences: 0, questions: 0}}", "speech.mix in .*: every share is 0"),
+        ("speech: {mix: {digits: -1}}", "speech.mix in .*: digits -1.0 must be at least 0"),
+        ("speech: {max_digits: 0}", "speech in .*: max_digits 0 must be at least 1"),
+        ("speech: {max_digits: 1}", "speech.max_digits 1: the interleaved corpus asks for numbers of 2 or more"),
+        ("video: {digit_size: 40}", "video in .*: digit_size 40 does not fit in a frame of size 32"),
+        ("video: {max_digits: 11}", "video in .*: max_digits 11: a clip shows distinct digits, at most 10"),
+        ("video: {frames: 0}", "video in .*: frames 0 must be at least 1"),
+        ("video: {fps: 0}", "video in .*: fps 0.0 must be above 0"),
+        ("digits: {fractions: {train: 0.9, validation: 0, test: 0.1}}",
+         "video.clips validation and interleaved.samples validation need MNIST digits of that split, but "
+         "digits.fractions.validation is 0"),
+        ("voices: {rate: [210, 130]}", "voices in .*: rate .210, 130.: the low end is above the high end"),
+        ("voices: {rate: [0, 130]}", "voices in .*: rate .0, 130.: a rate is at least 1 word per minute"),
+        ("voices: {noise_prob: 1.5}", "voices in .*: noise_prob 1.5 is not a share"),
+        ("sample_rate: 0", "sample_rate 0 must be at least 1"),
+    ]:
+        bad.write_text(yaml + "\n")
+        with pytest.raises(ConfigError, match=error):
+            load_build_config(bad)
+    bad.write_text("speech: {max_digits: 1}\ninterleaved: {enabled: false}\n"
+                   "digits: {fractions: {train: 0.9, validation: 0, test: 0.1}}\n"
+                   "video: {clips: {train: 1, validation: 0, test: 1}}\n")
+    load_build_config(bad)  # what would crash is not built
+
+
 def test_layout_and_counts(built):
     out, manifest = built
     cfg = load_build_config(SMALL)

@@ -63,6 +63,27 @@ class Counts:
         return int(getattr(self, split))
 
 
+def _check_at_least(cfg, low: float, *names: str) -> None:
+    """Refuse a setting of `cfg` below `low` by name (None, where allowed, means all and passes)."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and value < low:
+            raise ValueError(f"{name} {value} must be at least {low:g}")
+
+
+def _check_ranges(cfg, *names: str) -> None:
+    """Refuse a (low, high) setting of `cfg` whose low end is above its high end, by name."""
+    for name in names:
+        low, high = getattr(cfg, name)
+        if low > high:
+            raise ValueError(f"{name} {list(getattr(cfg, name))}: the low end is above the high end")
+
+
+def _check_choices(n: int) -> None:
+    if not 2 <= n <= 26:  # answered with a letter, A to Z
+        raise ValueError(f"num_choices {n} must be between 2 and 26")
+
+
 @dataclass
 class VoicesConfig:
     """espeak-ng voices: an accent (`en-us`) plus a variant (`m3`) give `en-us+m3`.
@@ -122,6 +143,11 @@ class VoicesConfig:
                                      or self.learner_phonemes in self.held_out_accents):
             raise ValueError(f"learner_phonemes {self.learner_phonemes!r} must be one of the accents that train "
                              "uses: a held-out accent's phonemes would leak it into training")
+        _check_ranges(self, "rate", "pitch", "word_gap", "gain", "snr_db")
+        if self.rate[0] < 1:
+            raise ValueError(f"rate {list(self.rate)}: a rate is at least 1 word per minute")
+        if not 0.0 <= self.noise_prob <= 1.0:
+            raise ValueError(f"noise_prob {self.noise_prob} is not a share between 0 and 1")
 
 
 @dataclass
@@ -132,6 +158,9 @@ class DigitsConfig:
     image_size: int = 32
     tasks: list[Literal["image_qa", "image_caption", "image_generation"]] = field(
         default_factory=lambda: ["image_qa", "image_caption", "image_generation"])
+
+    def __post_init__(self):
+        _check_at_least(self, 1, "image_size")
 
 
 @dataclass
@@ -145,6 +174,10 @@ class StampsConfig:
     tasks: list[Literal["image_caption", "image_qa", "image_mcq", "image_generation"]] = field(
         default_factory=lambda: ["image_caption", "image_qa", "image_mcq", "image_generation"])
 
+    def __post_init__(self):
+        _check_at_least(self, 1, "max_stamps", "image_size", "train_variants")
+        _check_choices(self.num_choices)
+
 
 @dataclass
 class SpeechMix:
@@ -154,6 +187,11 @@ class SpeechMix:
     words: float = 0.25
     sentences: float = 0.2
     questions: float = 0.15
+
+    def __post_init__(self):
+        _check_at_least(self, 0, "digits", "words", "sentences", "questions")
+        if not self.digits + self.words + self.sentences + self.questions > 0:
+            raise ValueError("every share is 0: nothing to say")
 
 
 @dataclass
@@ -166,6 +204,9 @@ class SpeechConfig:
     workers: int = 2
     tasks: list[Literal["asr", "speech_qa", "tts"]] = field(default_factory=lambda: ["asr", "speech_qa", "tts"])
 
+    def __post_init__(self):
+        _check_at_least(self, 1, "max_digits")
+
 
 @dataclass
 class SoundsConfig:
@@ -177,6 +218,12 @@ class SoundsConfig:
     tasks: list[Literal["sound_caption", "sound_qa", "sound_generation"]] = field(
         default_factory=lambda: ["sound_caption", "sound_qa", "sound_generation"])
     spoken_numbers: bool = True  # the eval-only corpus `spoken_numbers` (test split only)
+
+    def __post_init__(self):
+        _check_at_least(self, 1, "max_sounds")
+        if not self.max_seconds > 0:
+            raise ValueError(f"max_seconds {self.max_seconds} must be above 0")
+        _check_choices(self.num_choices)
 
 
 @dataclass
@@ -191,6 +238,15 @@ class VideoConfig:
     # video_lane_qa: one question per lane of a clip of several digits ("Which digit is on the top?")
     tasks: list[Literal["video_qa", "video_lane_qa", "video_caption", "video_generation"]] = field(
         default_factory=lambda: ["video_qa", "video_caption", "video_generation"])
+
+    def __post_init__(self):
+        _check_at_least(self, 1, "frames", "size", "digit_size", "max_digits")
+        if self.digit_size > self.size:
+            raise ValueError(f"digit_size {self.digit_size} does not fit in a frame of size {self.size}")
+        if self.max_digits > 10:  # a clip's digits are distinct
+            raise ValueError(f"max_digits {self.max_digits}: a clip shows distinct digits, at most 10")
+        if not self.fps > 0:
+            raise ValueError(f"fps {self.fps} must be above 0")
 
 
 @dataclass
@@ -207,6 +263,9 @@ class TextConfig:
     max_glosses: int | None = None
     corpus_text: bool = True  # add the captions, questions and answers of the other corpora
 
+    def __post_init__(self):
+        _check_at_least(self, 1, "max_glosses")
+
 
 @dataclass
 class BuildConfig:
@@ -220,6 +279,18 @@ class BuildConfig:
     video: VideoConfig = field(default_factory=VideoConfig)
     interleaved: InterleavedConfig = field(default_factory=InterleavedConfig)
     text: TextConfig = field(default_factory=TextConfig)
+
+    def __post_init__(self):
+        _check_at_least(self, 1, "sample_rate")
+        if self.interleaved.enabled and self.speech.max_digits < 2:
+            raise ValueError(f"speech.max_digits {self.speech.max_digits}: the interleaved corpus asks for numbers "
+                             "of 2 or more digits (disable it, or allow 2 digits)")
+        for split in SPLITS:  # the clips and the interleaved samples show the digits of their own split
+            wanted = [f"{name}.{counts} {split}" for name, counts in (("video", "clips"), ("interleaved", "samples"))
+                      if getattr(self, name).enabled and getattr(getattr(self, name), counts).get(split)]
+            if wanted and not getattr(self.digits.fractions, split):
+                raise ValueError(f"{' and '.join(wanted)} need MNIST digits of that split, but "
+                                 f"digits.fractions.{split} is 0")
 
     def enabled(self, corpus: str) -> bool:
         if corpus == "spoken_numbers":
