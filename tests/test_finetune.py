@@ -146,13 +146,32 @@ def test_an_evaluation_that_ran_no_micro_batch_is_nan_not_zero(corpus, text_toke
     run = Finetune(load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, tmp_path / "out", data=data,
                                                       train={"eval_every": 1}))), DistEnv())
     try:
-        assert np.isfinite(run.evaluate())
+        assert np.isfinite(run.evaluate()["eval_loss"])
         run.validation_records = run.validation_records.select([])
         with caplog.at_level("WARNING"):
-            assert np.isnan(run.evaluate())
+            assert all(np.isnan(v) for v in run.evaluate().values())
         assert "no validation micro-batch ran on any rank: eval_loss is NaN" in caplog.text
     finally:
         run.close()
+
+
+def test_an_evaluation_weighs_tokens_not_micro_batches(corpus, text_tokenizer, tmp_path):
+    """The validation set in micro-batches of 2 samples or in one: the same CE per labelled token and head loss
+    per target slot, though the micro-batches hold different numbers of them."""
+    data = {"train": ["understand.jsonl"], "validation": ["generate.jsonl", "understand.jsonl"], "packing": False}
+    results = []
+    for batch_size in (2, 64):
+        run = Finetune(load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, tmp_path / f"bs{batch_size}",
+                                                          data=data | {"batch_size": batch_size},
+                                                          train={"eval_every": 1, "eval_batches": 100}))), DistEnv())
+        try:
+            results.append(run.evaluate())
+        finally:
+            run.close()
+    pairs, whole = results
+    assert sorted(whole) == ["eval_image_loss", "eval_lm_loss", "eval_loss"]
+    assert pairs == pytest.approx(whole, rel=1e-5)
+    assert whole["eval_loss"] == pytest.approx(whole["eval_lm_loss"] + whole["eval_image_loss"], rel=1e-6)
 
 
 def test_interrupted_and_resumed_run_reproduces_the_uninterrupted_one(lora_run, corpus, text_tokenizer, tmp_path, monkeypatch):

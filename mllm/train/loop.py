@@ -298,7 +298,7 @@ class Finetune:
             log |= {"step": step, "epoch": epoch, "batch": first, "seconds": time.perf_counter() - started}
             log["tokens_per_s"] = log.pop("tokens") / log["seconds"]
             if t.eval_every and step % t.eval_every == 0:
-                log["eval_loss"] = self.evaluate()
+                log |= self.evaluate()
             self._log(log)
             bad_in_a_row = bad_in_a_row + 1 if log["skipped"] else 0
             if log["skipped"]:
@@ -391,9 +391,11 @@ class Finetune:
                       "stop": totals[-1].item() > 0}
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss over the first train.eval_batches validation micro-batches (whole rounds of ranks); NaN, with a
-        warning, when none ran."""
+    def evaluate(self) -> dict[str, float]:
+        """The loss over the first train.eval_batches validation micro-batches (whole rounds of ranks), weighted as a
+        step's: `eval_lm_loss` over every labelled token, `eval_<modality>_loss` over every target slot, and
+        `eval_loss` = CE + Σ λ_m · head_m of those (no `loss.lm` weight, no CTC: comparable across recipes). All NaN,
+        with a warning, when no micro-batch ran."""
         e, world, rank = self.engine, self.env.world_size, self.env.rank
         limit = max(self.cfg.train.eval_batches // world, 1) * world
         mine, seen = [], 0
@@ -404,17 +406,29 @@ class Finetune:
             if index % world == rank:
                 mine.append(batch())
         mine = mine[: seen // world]  # every rank runs as many forwards (ZeRO-3 gathers weights collectively)
+        names = ["lm_loss", *(f"{m}_loss" for m in self.heads)]
+        totals = torch.zeros(2 * len(names) + 1, dtype=torch.float64)  # Σ term × units, Σ units, micro-batches
         e.train(False)
-        total = torch.zeros(2, dtype=torch.float64)
         for batch in mine:
-            total += torch.tensor([e.forward(batch.to(e.device, dtype=e.feature_dtype)).loss.item(), 1.0])
+            out = e.forward(batch.to(e.device, dtype=e.feature_dtype))
+            parts = {"lm_loss": getattr(out, "lm_loss", None)}
+            parts |= {f"{m}_loss": v for m, v in (getattr(out, "head_losses", None) or {}).items()}
+            for i, (name, n) in enumerate(zip(names, self._units(batch))):
+                if parts.get(name) is not None and n:
+                    totals[i] += parts[name].item() * n
+                    totals[len(names) + i] += n
+            totals[-1] += 1
         e.train(True)
-        total = all_reduce_sum(total.to(e.device)).cpu()
-        if total[1] == 0:
+        totals = all_reduce_sum(totals.to(e.device)).cpu()
+        if totals[-1] == 0:
             logger.warning("no validation micro-batch ran on any rank: eval_loss is NaN (data.validation %s)",
                            self.cfg.data.validation)
-            return math.nan
-        return total[0].item() / total[1].item()
+            return {"eval_loss": math.nan} | {f"eval_{name}": math.nan for name in names}
+        means = {f"eval_{name}": (totals[i] / totals[len(names) + i]).item()
+                 for i, name in enumerate(names) if totals[len(names) + i] > 0}
+        weights = [1.0, *(self.head_weights[m] for m in self.heads)]
+        means["eval_loss"] = sum(w * means.get(f"eval_{name}", 0.0) for w, name in zip(weights, names))
+        return means
 
     def _log(self, log: dict) -> None:
         if not self.env.is_main:
