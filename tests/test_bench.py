@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mllm import cli
-from mllm.bench import generation, memory, models, training
+from mllm.bench import corpus, generation, memory, models, training
 from mllm.bench.options import add_arguments
 from mllm.bench.report import Figure, Results, markdown, rate_figure
 from mllm.bench.timing import Timing, alternate
@@ -139,3 +139,14 @@ def test_a_failed_memory_stage_reports_its_error(tmp_path, monkeypatch):
     monkeypatch.setattr(memory.subprocess, "run", lambda *a, **k: failed)
     with pytest.raises(RuntimeError, match=r"memory stage 'train' on .* exited with status 1: FileNotFoundError: ckpt"):
         memory.measure("train", tmp_path / "ckpt", tmp_path)
+
+
+def test_corpora_of_an_older_mllm_are_not_measured(tmp_path, monkeypatch):
+    # is_complete alone took an older format's build (other records, other fields) as the corpora to read
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "manifest.json").write_text(json.dumps({"format_version": 1, "corpora": {}}))
+    built = []
+    monkeypatch.setattr(corpus, "build_corpora", lambda config, out, **kw: built.append(out))
+    assert corpus.corpora(old, tmp_path / "work") == tmp_path / "work" / "corpora"
+    assert built == [tmp_path / "work" / "corpora"]

@@ -1,6 +1,6 @@
 """The real data and tokenizers that the packing, cache and memory sections read.
 
-The built-in corpora (`mllm data build`, $MLLM_CACHE/corpora) when given and complete, else
+The built-in corpora (`mllm data build`, $MLLM_CACHE/corpora) when given and built by this mllm, else
 data/build_small.yaml built into the work folder (under a minute). Text goes through the
 Mistral v1 SentencePiece tokenizer shipped in the mistral-common wheel; images through raw
 patches; audio and video through the first registered tokenizer of each that builds
@@ -20,7 +20,7 @@ import datasets
 from mllm.bench.settings import Settings
 from mllm.checkpoint import MediaConfig, ModelConfig, build_model
 from mllm.data.cache import TokenCache
-from mllm.data.corpora.build import build_corpora, is_complete
+from mllm.data.corpora.build import build_corpora, is_current
 from mllm.data.records import read_records
 from mllm.model import MultimodalLM
 from mllm.processor import Processor
@@ -33,11 +33,11 @@ SMALL_BUILD = Path(__file__).resolve().parents[2] / "data" / "build_small.yaml"
 
 
 def corpora(data: Path | None, work: Path) -> Path:
-    if data is not None and is_complete(data):
+    if data is not None and is_current(data):
         return data
     out = work / "corpora"
-    if not is_complete(out):
-        print(f"bench: no complete corpora at {data}; building {SMALL_BUILD.name} into {out}", flush=True)
+    if not is_current(out):  # an older mllm's build has other records
+        print(f"bench: no corpora of this mllm at {data}; building {SMALL_BUILD.name} into {out}", flush=True)
         build_corpora(SMALL_BUILD, out, progress=False, overwrite=True)
     return out
 
