@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import mllm.tokenize  # noqa: F401  (registers the image tokenizers, de-tokenizers and recipes)
 from mllm.detokenizers import build_detokenizer, list_detokenizers, load_detokenizer
@@ -430,3 +430,15 @@ def test_encode_command_never_leaves_a_half_written_token_file(tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         commands.encode(tmp_path / "patch", [tmp_path / "x.png"], out)
     assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_decode_command_refuses_two_entries_that_decode_to_one_file(tmp_path):
+    build_detokenizer("patch", dict(image_size=8, patch_size=4)).save_pretrained(tmp_path / "patch")
+    features = torch.zeros(4, 48)
+    save_file({"x.png": features, "x.jpg": features.clone()}, tmp_path / "t.safetensors")
+    with pytest.raises(MediaError, match=r"t\.safetensors: entries 'x\.jpg' and 'x\.png' would both decode to x\.png"):
+        commands.decode(tmp_path / "patch", tmp_path / "t.safetensors", tmp_path / "out", None, None, 0)
+    assert not (tmp_path / "out").exists()
+    save_file({"x.png": features, "y.jpg": features.clone()}, tmp_path / "t.safetensors")
+    written = commands.decode(tmp_path / "patch", tmp_path / "t.safetensors", tmp_path / "out", None, None, 0)
+    assert [p.name for p in written] == ["x.png", "y.png"] and load_image(written[1]).pixels.shape == (8, 8, 3)

@@ -63,16 +63,18 @@ def encode(tokenizer_dir: Path, files: list[Path], out: Path) -> Path:
 def decode(detokenizer_dir: Path, tokens_file: Path, out: Path, guidance: float | None, steps: int | None, seed: int) -> list[Path]:
     """Decode every entry of a safetensors token file into a media file under `out`."""
     detokenizer = load_detokenizer(detokenizer_dir)
+    entries = load_file(tokens_file)
+    paths: dict[Path, str] = {}
+    for key in entries:  # before any decoding: x.png and x.jpg would both become x.png
+        path = out / (Path(key).stem + SUFFIX[detokenizer.modality])
+        if paths.setdefault(path, key) != key:
+            raise MediaError(f"{tokens_file}", f"entries {paths[path]!r} and {key!r} would both decode to {path.name}")
     out.mkdir(parents=True, exist_ok=True)
-    written = []
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for key, tokens in tqdm(load_file(tokens_file).items(), desc=f"decode {detokenizer.modality}"):
-            media = detokenizer.decode(tokens, guidance=guidance, steps=steps, generator=generator)
-            path = out / (Path(key).stem + SUFFIX[detokenizer.modality])
-            _save(media, path)
-            written.append(path)
-    return written
+        for path, key in tqdm(paths.items(), desc=f"decode {detokenizer.modality}"):
+            _save(detokenizer.decode(entries[key], guidance=guidance, steps=steps, generator=generator), path)
+    return list(paths)
 
 
 def _save(media: Image | Audio | Video, path: Path) -> None:
