@@ -118,6 +118,8 @@ def test_settings_a_build_would_crash_or_hang_on_are_refused_by_name(tmp_path):
         ("digits: {fractions: {train: 0.9, validation: 0, test: 0.1}}",
          "video.clips validation and interleaved.samples validation need MNIST digits of that split, but "
          "digits.fractions.validation is 0"),
+        ("speech: {text_fractions: {train: 0.9, validation: 0, test: 0.1}}",  # interleaved looped forever
+         "interleaved.samples validation need numbers of that split, but speech.text_fractions.validation is 0"),
         ("voices: {rate: [210, 130]}", "voices in .*: rate .210, 130.: the low end is above the high end"),
         ("voices: {rate: [0, 130]}", "voices in .*: rate .0, 130.: a rate is at least 1 word per minute"),
         ("voices: {noise_prob: 1.5}", "voices in .*: noise_prob 1.5 is not a share"),
@@ -126,7 +128,8 @@ def test_settings_a_build_would_crash_or_hang_on_are_refused_by_name(tmp_path):
         bad.write_text(yaml + "\n")
         with pytest.raises(ConfigError, match=error):
             load_build_config(bad)
-    bad.write_text("speech: {max_digits: 1}\ninterleaved: {enabled: false}\n"
+    bad.write_text("speech: {max_digits: 1, text_fractions: {train: 0.9, validation: 0, test: 0.1}}\n"
+                   "interleaved: {enabled: false}\n"
                    "digits: {fractions: {train: 0.9, validation: 0, test: 0.1}}\n"
                    "video: {clips: {train: 1, validation: 0, test: 1}}\n")
     load_build_config(bad)  # what would crash is not built

@@ -291,6 +291,11 @@ class BuildConfig:
             if wanted and not getattr(self.digits.fractions, split):
                 raise ValueError(f"{' and '.join(wanted)} need MNIST digits of that split, but "
                                  f"digits.fractions.{split} is 0")
+            # its number_then_show samples say a number of 2+ digits held out to their split
+            if self.interleaved.enabled and self.interleaved.samples.get(split) \
+                    and not getattr(self.speech.text_fractions, split):
+                raise ValueError(f"interleaved.samples {split} need numbers of that split, but "
+                                 f"speech.text_fractions.{split} is 0")
 
     def enabled(self, corpus: str) -> bool:
         if corpus == "spoken_numbers":
