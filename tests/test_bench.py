@@ -150,3 +150,9 @@ def test_corpora_of_an_older_mllm_are_not_measured(tmp_path, monkeypatch):
     monkeypatch.setattr(corpus, "build_corpora", lambda config, out, **kw: built.append(out))
     assert corpus.corpora(old, tmp_path / "work") == tmp_path / "work" / "corpora"
     assert built == [tmp_path / "work" / "corpora"]
+
+
+def test_small_ratios_keep_their_digits():
+    # an audio real-time factor (0.003 s/s against real time, 1) printed as "0.00×"
+    rtf = Figure("6. tokenizers", "audio codec: encode real-time factor", "s/s", 0.003, 0.0025, "real time", 1.0, 1.0)
+    assert "| real time: 1 | 0.003× | 0.0025× |  |" in markdown(Results({"wall_s": 1.0}, [rtf]))

@@ -102,10 +102,18 @@ def number(x: float | None) -> str:
     return f"{x:.3g}"
 
 
+def times(ratio: float | None) -> str:
+    """Two decimals; two significant digits below 0.1, where two decimals would print an audio real-time
+    factor of 0.0027 as 0.00×."""
+    if ratio is None:
+        return ""
+    return f"{ratio:.2f}×" if abs(ratio) >= 0.1 else f"{ratio:.2g}×"
+
+
 def missed(f: Figure) -> str:
     if f.target_on == "value":
         return f"{number(f.value)} < {f.target:g}"
-    return f"{f.ratio:.2f}× < {f.target:g}×"
+    return f"{times(f.ratio)} < {f.target:g}×"
 
 
 def markdown(results: Results) -> str:
@@ -123,10 +131,8 @@ def markdown(results: Results) -> str:
         base = f"{f.baseline_name}: {number(f.baseline)}" if f.baseline is not None else f.baseline_name
         on = "" if f.target_on == "ratio" else "value "
         target = "" if f.target is None else f"{on}≥ {f.target:g} {'met' if f.met else '**missed**'}"
-        ratio = "" if f.ratio is None else f"{f.ratio:.2f}×"
-        ratio_best = "" if f.ratio_best is None else f"{f.ratio_best:.2f}×"
         lines.append(f"| {f.section} | {f.name} | {number(f.value)} {f.unit} | {number(f.best)} | {base} | "
-                     f"{ratio} | {ratio_best} | {target} |")
+                     f"{times(f.ratio)} | {times(f.ratio_best)} | {target} |")
     lines += ["", "Targets missed:" if results.missed else "Every target was met."]
     lines += [f"- {f.section} / {f.name}: {missed(f)}. {f.note}" for f in results.missed]
     notes = [f for f in results.figures if f.note and f.met is not False]
