@@ -160,6 +160,9 @@ def test_bad_tokens_raise_value_errors(codec, mel_pair):
         mel_pair[1].decode(torch.zeros(5, 8))
     with pytest.raises(ValueError, match="NaN"):
         mel_pair[1].decode(torch.full((5, 16), float("nan")))
+    for steps in (0, -1):  # 0 is no default: it was taken for "not given"
+        with pytest.raises(ValueError, match=f"steps must be >= 1, got {steps}"):
+            mel_pair[1].decode(torch.zeros(5, 16), steps=steps)
 
 
 # ---------------------------------------------------------------- pretrained codecs (tiny random configs)

@@ -108,8 +108,11 @@ class MelDiffusionDecoder(DeTokenizer):
     def render_mel(self, latents: torch.Tensor, *, guidance: float | None = None, steps: int | None = None,
                    generator: torch.Generator | None = None) -> torch.Tensor:
         """Latents [B, D, N] -> normalised log-mel [B, M, N · r]: μ plus a residual sampled with DPM-Solver++ and CFG."""
+        steps = self.config.steps if steps is None else steps
+        if steps < 1:
+            raise ValueError(f"{self.name}: steps must be >= 1, got {steps}")
         sampler = DPMSolverMultistepScheduler.from_config(self.scheduler.config)
-        sampler.set_timesteps(steps or self.config.steps)
+        sampler.set_timesteps(steps)
         guidance = self.resolve_guidance(guidance)
         frames = latents.shape[-1] * self.config.latents.downsample
         x = torch.randn(len(latents), self.config.latents.mel.n_mels, frames, generator=generator)
