@@ -442,3 +442,10 @@ def test_decode_command_refuses_two_entries_that_decode_to_one_file(tmp_path):
     save_file({"x.png": features, "y.jpg": features.clone()}, tmp_path / "t.safetensors")
     written = commands.decode(tmp_path / "patch", tmp_path / "t.safetensors", tmp_path / "out", None, None, 0)
     assert [p.name for p in written] == ["x.png", "y.png"] and load_image(written[1]).pixels.shape == (8, 8, 3)
+
+
+def test_eval_command_names_a_directory_that_train_did_not_write(tmp_path):
+    from mllm.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'recipe.yaml'}: cannot read recipe")):
+        commands.evaluate(tmp_path, tmp_path, tmp_path / "report")

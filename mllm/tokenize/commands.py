@@ -17,7 +17,7 @@ from mllm.data.cache import atomic_write
 from mllm.data.corpora import atomic_write_text
 from mllm.detokenizers import load_detokenizer
 from mllm.media import Audio, Image, MediaError, Video, load_media, save_audio, save_image, save_video
-from mllm.tokenize.recipes import RECIPE_FILE, RECIPES, load_recipe
+from mllm.tokenize.recipes import RECIPE_FILE, load_recipe
 from mllm.tokenizers import load_media_tokenizer
 
 SUFFIX = {"image": ".png", "audio": ".wav", "video": ".mp4"}
@@ -38,8 +38,8 @@ def evaluate(trained: Path, corpora: Path, report: Path, limit: int | None = Non
     """A trained directory's recipe evaluation on a held-out split of the built corpora, saved as report/metrics.json."""
     if split not in EVAL_SPLITS:
         raise ValueError(f"split must be one of {', '.join(EVAL_SPLITS)}, got {split!r}")
-    meta = yaml.safe_load((trained / RECIPE_FILE).read_text())
-    metrics = {"split": split, **RECIPES.build(meta["recipe"]).evaluate(trained, corpora, report, limit, split)}
+    recipe, _ = load_recipe(trained / RECIPE_FILE)  # a ConfigError names a directory `train` did not write
+    metrics = {"split": split, **recipe.evaluate(trained, corpora, report, limit, split)}
     report.mkdir(parents=True, exist_ok=True)
     atomic_write_text(report / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
