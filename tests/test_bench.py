@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 
 import pytest
@@ -156,3 +157,17 @@ def test_small_ratios_keep_their_digits():
     # an audio real-time factor (0.003 s/s against real time, 1) printed as "0.00×"
     rtf = Figure("6. tokenizers", "audio codec: encode real-time factor", "s/s", 0.003, 0.0025, "real time", 1.0, 1.0)
     assert "| real time: 1 | 0.003× | 0.0025× |  |" in markdown(Results({"wall_s": 1.0}, [rtf]))
+
+
+def test_a_failed_results_write_leaves_the_old_results_and_no_temporary_file(tmp_path, monkeypatch):
+    Results({"wall_s": 1.0}, [Figure("1. a", "x", "ms", 1.0)]).write(tmp_path)
+    before = (tmp_path / "results.json").read_text()
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        Results({"wall_s": 2.0}, [Figure("1. a", "x", "ms", 2.0)]).write(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md"]
+    assert (tmp_path / "results.json").read_text() == before

@@ -12,12 +12,12 @@ says so); `met` is null where none is set.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mllm.bench.timing import Timing
+from mllm.data.cache import atomic_write
 
 SCHEMA = 1
 
@@ -84,13 +84,11 @@ class Results:
         return cls(data["meta"], [Figure.from_dict(f) for f in data["figures"]])
 
     def write(self, out: Path) -> tuple[Path, Path]:
-        """out/results.json and out/results.md, each written whole then renamed into place."""
+        """out/results.json and out/results.md, each written whole, flushed, then renamed into place."""
         out.mkdir(parents=True, exist_ok=True)
         paths = out / "results.json", out / "results.md"
         for path, text in zip(paths, (json.dumps(self.to_dict(), indent=2) + "\n", markdown(self))):
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+            atomic_write(path, lambda tmp, text=text: tmp.write_text(text))
         return paths
 
 
