@@ -406,6 +406,20 @@ def test_refuses_to_overwrite(built, tmp_path):
         build_corpora(SMALL, tmp_path / "junk", progress=False)
 
 
+def test_an_unreadable_manifest_is_refused_by_path_with_what_to_run(tmp_path):
+    from mllm.data.corpora.build import CorporaError, check_corpora
+
+    out = tmp_path / "corpora"
+    out.mkdir()
+    for text, why in (("", "is not a readable manifest .Expecting value"), ("[1]", "is not a manifest .a JSON mapping., it holds a list"),
+                      (b"\xff", "is not a readable manifest .'utf-8' codec")):
+        path = out / "manifest.json"
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        for attempt in (lambda: check_corpora(out), lambda: build_corpora(SMALL, out, progress=False)):
+            with pytest.raises(CorporaError, match=f"{re.escape(str(path))} {why}.*`mllm data build --overwrite`"):
+                attempt()
+
+
 @pytest.mark.parametrize(
     "env, corpus, package, install",
     [

@@ -326,6 +326,10 @@ def built_settings(stored: object) -> dict | None:
 # ---------------------------------------------------------------- manifest
 
 
+class CorporaError(InputError):
+    """The corpora a command reads are missing, unreadable or an older mllm's; the message says what to run."""
+
+
 @dataclass
 class Manifest:
     """`OUT/manifest.json`: seed, config, and per corpus its sources, licences and counts."""
@@ -343,7 +347,14 @@ class Manifest:
     @classmethod
     def load(cls, out: str | os.PathLike) -> "Manifest":
         path = Path(out) / MANIFEST
-        return cls(path, json.loads(path.read_text()))
+        rebuild = "rebuild the corpora with `mllm data build --overwrite`"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as e:  # not UTF-8, or not JSON
+            raise CorporaError(f"{path} is not a readable manifest ({e}): {rebuild}") from None
+        if not isinstance(data, dict):
+            raise CorporaError(f"{path} is not a manifest (a JSON mapping), it holds a {type(data).__name__}: {rebuild}")
+        return cls(path, data)
 
 
 def is_complete(out: str | os.PathLike) -> bool:
@@ -354,10 +365,6 @@ def is_complete(out: str | os.PathLike) -> bool:
 def is_current(out: str | os.PathLike) -> bool:
     """True when `out` holds a finished build in the format this mllm writes."""
     return is_complete(out) and Manifest.load(out).data.get("format_version") == FORMAT_VERSION
-
-
-class CorporaError(InputError):
-    """The corpora a command reads are missing or an older mllm's; the message says what to run."""
 
 
 def check_corpora(out: str | os.PathLike) -> None:
