@@ -16,8 +16,10 @@ from mllm.detokenizers.audio_codec import CodecDecoder
 from mllm.detokenizers.diffusion_mel import MelDiffusionConfig, MelDiffusionDecoder
 from mllm.detokenizers.hf_codec import HFCodecDecoder
 from mllm.judges.spoken_digits import DIGIT_WORDS, JudgeConfig, SpokenDigitJudge
+from mllm.errors import InputError
 from mllm.media import Audio, MediaError, save_audio
 from mllm.tokenize import commands
+from mllm.tokenize.audio_recipes import AudioData, load_train_clips
 from mllm.tokenizers import load_media_tokenizer
 from mllm.tokenizers.audio_codec import CodecConfig, CodecTokenizer
 from mllm.tokenizers.hf_codec import HFCodecConfig, HFCodecTokenizer
@@ -314,6 +316,20 @@ def test_recipe_train_eval_encode_decode(recipe, overrides, corpora, tmp_path, m
     tokens = commands.encode(out / "media_tokenizer", wavs, tmp_path / "tokens.safetensors")
     written = commands.decode(out / "detokenizer", tokens, tmp_path / "decoded", guidance=1.5, steps=2, seed=0)
     assert [p.name for p in written] == ["03.wav"]
+
+
+@pytest.mark.parametrize("max_clips", [0, -1])
+def test_audio_data_refuses_a_cap_below_one_clip(max_clips):
+    with pytest.raises(ValueError, match=f"max_clips must be >= 1.*got {max_clips}"):
+        AudioData(max_clips=max_clips)
+
+
+def test_no_train_audio_is_named(tmp_path):
+    for corpus in ("speech", "sounds"):
+        (tmp_path / corpus).mkdir()
+        (tmp_path / corpus / "train.jsonl").write_text("")
+    with pytest.raises(InputError, match="train splits of speech, sounds name no audio files"):
+        load_train_clips(tmp_path, AudioData(), 16000)
 
 
 def test_codec_decode_command_rejects_bad_tokens(codec, tmp_path):

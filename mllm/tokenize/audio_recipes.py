@@ -41,6 +41,7 @@ from tqdm import tqdm
 from mllm.detokenizers import DeTokenizer, load_detokenizer
 from mllm.detokenizers.audio_codec import CodecDecoder
 from mllm.detokenizers.diffusion_mel import MelDiffusionConfig, MelDiffusionDecoder
+from mllm.errors import InputError
 from mllm.judges.spoken_digits import SpokenDigitJudge, single_digit_clips
 from mllm.losses import ctc_loss
 from mllm.media import Audio, load_audio, save_audio
@@ -68,6 +69,8 @@ class AudioData:
             raise ValueError(f"audio recipes train on {list(TRAIN_CORPORA)} only, got {self.corpora}")
         if self.crop_seconds <= 0:
             raise ValueError(f"crop_seconds must be positive, got {self.crop_seconds}")
+        if self.max_clips is not None and self.max_clips < 1:  # a slice [:-1] would drop the last clip
+            raise ValueError(f"max_clips must be >= 1 (or null: all), got {self.max_clips}")
 
 
 # ---------------------------------------------------------------- data
@@ -81,6 +84,8 @@ def audio_paths(corpora_dir: Path, corpus: str, split: str) -> list[Path]:
 def load_train_clips(corpora_dir: Path, data: AudioData, sample_rate: int) -> list[torch.Tensor]:
     """Mono waveforms [N] at sample_rate of the train split of each corpus in data.corpora."""
     paths = [p for c in data.corpora for p in audio_paths(corpora_dir, c, "train")[: data.max_clips]]
+    if not paths:
+        raise InputError(f"{corpora_dir}: the train splits of {', '.join(data.corpora)} name no audio files")
     return [torch.from_numpy(load_audio(p, sample_rate=sample_rate).samples[0]) for p in tqdm(paths, desc="load audio")]
 
 
