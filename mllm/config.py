@@ -88,6 +88,8 @@ def read_yaml(path: str | os.PathLike, what: str = "config") -> Any:
         return yaml.safe_load(path.read_text()) or {}
     except OSError as e:
         raise ConfigError("", f"cannot read {what}: {e.strerror}", str(path)) from e
+    except UnicodeDecodeError as e:
+        raise ConfigError("", f"cannot read {what}: not UTF-8 text (byte {e.start})", str(path)) from e
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)  # 0-based
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)

@@ -71,3 +71,10 @@ def test_post_init_validation_is_reported_as_config_error():
 
     with pytest.raises(ConfigError, match="exactly one of 'base'"):
         from_dict(ModelConfig, {"tokenizer": "t"}, source="recipe.yaml")
+
+
+def test_a_binary_file_is_a_config_error(tmp_path):
+    # read_text's UnicodeDecodeError escaped as a traceback that named neither the file nor the problem
+    (tmp_path / "m.yaml").write_bytes(b"\xff\xfe\x00n\x00a\x00m\x00e")
+    with pytest.raises(ConfigError, match=r"m.yaml: cannot read config: not UTF-8 text \(byte 0\)"):
+        load_config(Model, tmp_path / "m.yaml")
