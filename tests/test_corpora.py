@@ -406,6 +406,15 @@ def test_refuses_to_overwrite(built, tmp_path):
         build_corpora(SMALL, tmp_path / "junk", progress=False)
 
 
+def test_asking_for_a_corpus_the_config_turns_off_is_refused(tmp_path):
+    cfg = load_build_config(SMALL)
+    cfg.video.enabled = cfg.sounds.spoken_numbers = False
+    for name, switch in (("video", "video.enabled"), ("spoken_numbers", "sounds.enabled and sounds.spoken_numbers")):
+        with pytest.raises(ConfigError, match=f"{switch}: off in the config, so the {name} corpus asked for is not"):
+            build_corpora(cfg, tmp_path / "out", only=["digits", name], progress=False)
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
 def test_an_unreadable_manifest_is_refused_by_path_with_what_to_run(tmp_path):
     from mllm.data.corpora.build import CorporaError, check_corpora
 

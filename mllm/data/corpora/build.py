@@ -405,6 +405,10 @@ def build_corpora(
         unknown = [n for n in only if n not in names]
         if unknown:
             raise UnknownNameError(f"unknown corpus {unknown[0]!r} (known: {', '.join(names)})")
+        if disabled := [n for n in only if not cfg.enabled(n)]:
+            switch = "sounds.enabled and sounds.spoken_numbers" if disabled[0] == "spoken_numbers" \
+                else f"{disabled[0]}.enabled"
+            raise ConfigError(switch, f"off in the config, so the {disabled[0]} corpus asked for is not built")
     selected = [n for n in names if cfg.enabled(n) and (only is None or n in only)]
 
     if out.exists() and any(out.iterdir()) and not overwrite:
