@@ -41,7 +41,7 @@ def from_dict(cls: type[T], data: Any, *, source: str | None = None, _key: str =
         raise ConfigError(_key, f"expected a mapping for {cls.__name__}, got {type(data).__name__}", source)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)  # YAML keys may be numbers
     if unknown:
         raise ConfigError(_join(_key, unknown[0]), f"unknown key (known: {', '.join(sorted(fields))})", source)
     kwargs = {}

@@ -43,6 +43,7 @@ def test_dotted_overrides_are_parsed_as_yaml(tmp_path):
     "text, overrides, match",
     [
         ("name: x\nlora: {rank: 4}\n", [], r"lora.rank in .*m.yaml: unknown key"),
+        ("name: x\n1: y\nzz: 2\n", [], r"^1 in .*m.yaml: unknown key"),  # sorting int and str keys raised TypeError
         ("name: x\nlora: {r: four}\n", [], r"lora.r in .*m.yaml: expected int, got str"),
         ("name: x\nlora: {r: true}\n", [], r"lora.r .*expected int, got bool"),
         ("name: x\ndtype: fp8\n", [], r"dtype .*must be one of \['float32', 'bfloat16'\]"),
