@@ -75,8 +75,9 @@ def to_dict(cfg: Any) -> Any:
 def load_config(cls: type[T], path: str | os.PathLike, overrides: list[str] | None = None) -> T:
     """Read YAML `path` into `cls`, then apply dotted `key=value` overrides."""
     data = read_yaml(path)
-    for item in overrides or []:
-        apply_override(data, item)
+    if isinstance(data, dict):  # from_dict refuses anything else, naming the file
+        for item in overrides or []:
+            apply_override(data, item)
     return from_dict(cls, data, source=str(path))
 
 

@@ -52,6 +52,7 @@ def test_dotted_overrides_are_parsed_as_yaml(tmp_path):
         ("name: x\nlora: {targets: [1]}\n", [], r"lora.targets\[0\] .*expected str"),
         ("name: x\n", ["lora.r"], r"key.path=value"),
         ("name: x\n", ["name.sub=1"], r"'name' is not a section"),
+        ("- 1\n- 2\n", ["lora.r=4"], r"m.yaml: expected a mapping for Model, got list"),  # was a TypeError
         ("name: [unclosed\n", [], r"m.yaml:2:1: invalid YAML: while parsing a flow sequence"),
         ("name: x\n  lora: 2\n", [], r"m.yaml:2:7: invalid YAML: mapping values are not allowed here"),
     ],
