@@ -449,3 +449,20 @@ def test_eval_command_names_a_directory_that_train_did_not_write(tmp_path):
 
     with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'recipe.yaml'}: cannot read recipe")):
         commands.evaluate(tmp_path, tmp_path, tmp_path / "report")
+
+
+def test_image_diffusion_trains_without_a_token_pretraining_stage(tmp_path, monkeypatch):
+    from mllm.config import from_dict
+    from mllm.tokenize import image_recipes
+
+    paths = [tmp_path / f"{i}.png" for i in range(2)]
+    for path, image in zip(paths, images(2)):
+        save_image(image, path)
+    monkeypatch.setattr(image_recipes, "train_images", lambda corpora, data: paths)
+    tiny = dict(steps=1, batch_size=2, warmup_steps=1)
+    cfg = from_dict(image_recipes.DiffusionRecipeConfig, dict(
+        tokenizer=dict(options=TINY["resampler_image"]),
+        pretraining=dict(optim=dict(tiny, steps=0), decoder=dict(patch_size=8, width=32, depth=1)), image_size=16,
+        dit=dict(patch_size=4, width=32, depth=1, head_dim=16), optim=tiny))
+    metrics = image_recipes.train_diffusion(cfg, tmp_path, tmp_path)
+    assert metrics["steps"] == 1 and (tmp_path / "detokenizer" / "model.safetensors").is_file()

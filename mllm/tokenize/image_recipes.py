@@ -291,7 +291,7 @@ def train_diffusion(cfg: DiffusionRecipeConfig, corpora: Path, out: Path) -> dic
     tokenizer.save_pretrained(out / "media_tokenizer")
     detokenizer.eval().save_pretrained(out / "detokenizer")
     history = {f"tokens_{k}": v for k, v in stage1.items() if k != "loss"} | {"diffusion": stage2["loss"]}
-    return training_metrics(out, history, len(stage1["loss"]) + len(stage2["loss"]), clock,
+    return training_metrics(out, history, len(stage1.get("loss", [])) + len(stage2["loss"]), clock,  # stage 1 may have 0 steps
                    {"tokenizer": tokenizer, "detokenizer": detokenizer}, "image_diffusion")
 
 
