@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from mllm.config import ConfigError, from_dict
 from mllm.detokenizers import load_detokenizer
 from mllm.detokenizers.audio_codec import CodecDecoder
 from mllm.detokenizers.diffusion_mel import MelDiffusionConfig, MelDiffusionDecoder
@@ -19,7 +20,7 @@ from mllm.judges.spoken_digits import DIGIT_WORDS, JudgeConfig, SpokenDigitJudge
 from mllm.errors import InputError
 from mllm.media import Audio, MediaError, save_audio
 from mllm.tokenize import commands
-from mllm.tokenize.audio_recipes import AudioData, load_train_clips
+from mllm.tokenize.audio_recipes import AudioData, CodecLoss, load_train_clips
 from mllm.tokenizers import load_media_tokenizer
 from mllm.tokenizers.audio_codec import CodecConfig, CodecTokenizer
 from mllm.tokenizers.hf_codec import HFCodecConfig, HFCodecTokenizer
@@ -322,6 +323,15 @@ def test_recipe_train_eval_encode_decode(recipe, overrides, corpora, tmp_path, m
 def test_audio_data_refuses_a_cap_below_one_clip(max_clips):
     with pytest.raises(ValueError, match=f"max_clips must be >= 1.*got {max_clips}"):
         AudioData(max_clips=max_clips)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"stft_resolutions": []}, "one or more"), ({"stft_resolutions": [[256, 512]]}, "hop <= n_fft"),
+    ({"floor": 0.0}, "floor > 0"), ({"mel_weight": -1.0}, "mel_weight >= 0"),
+])
+def test_codec_loss_refuses_bad_settings(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        from_dict(CodecLoss, bad, source="recipe.yaml")
 
 
 def test_no_train_audio_is_named(tmp_path):

@@ -145,6 +145,13 @@ class CodecLoss:
     floor: float = 1e-3  # STFT magnitudes are clamped to it before the log (about 50 dB below quiet speech)
     mel_weight: float = 2.0  # log-mel L1 (the codec's own mel, normalised) next to the STFT loss
 
+    def __post_init__(self):
+        if not self.stft_resolutions or any(len(r) != 2 or not 0 < r[1] <= r[0] for r in self.stft_resolutions):
+            raise ValueError(f"stft_resolutions must be one or more (n_fft, hop) with 0 < hop <= n_fft, "
+                             f"got {self.stft_resolutions}")
+        if self.floor <= 0 or self.mel_weight < 0:  # a zero floor takes the log of digital silence: -inf
+            raise ValueError(f"need floor > 0 and mel_weight >= 0, got {self.floor}, {self.mel_weight}")
+
 
 class CodecPair(nn.Module):
     """Encoder+quantizer and decoder, trained together through FSQ's straight-through rounding."""
