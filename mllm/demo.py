@@ -8,7 +8,8 @@ same items every run; generation is seeded, so the page is reproducible. It
 writes `<out>/index.html` (every medium inline, also saved under
 `<out>/media/`) and prints one line per path. A path whose modality the
 checkpoint cannot read or write (video, for a default without a video
-tokenizer) is listed as not available, never faked.
+tokenizer), or whose corpus is not built, is listed as not available, never
+faked.
 """
 
 from __future__ import annotations
@@ -92,47 +93,63 @@ class Demo:
             show.seconds = time.perf_counter() - started
         return show
 
+    def missing(self, corpus: str) -> str:
+        """'' if the corpus's test split is built (`mllm data build --only` may leave it out), else that it is not."""
+        return "" if (self.corpora / corpus / "test.jsonl").is_file() else f"the {corpus} corpus is not built"
+
     def all(self) -> list[Showcase]:
-        c = self.corpora
+        return [*self.digits(self.corpora), *self.speech(self.corpora), self.sound(self.corpora),
+                *self.video(self.corpora), self.conversation(self.corpora)]
+
+    def digits(self, c: Path) -> list[Showcase]:
+        paths = ("image → caption", "image → answer", "text → image (GMM head)", "text → image (diffusion head)")
+        if reason := self.missing("digits"):
+            return [Showcase(path, unavailable=reason) for path in paths]
         caption = first_test_record(c, "digits", "image_caption")
         qa = first_test_record(c, "digits", "image_qa", lambda r: r["meta"]["question_type"] == "digit")
         draw = first_test_record(c, "digits", "image_generation")
+        return [
+            self.run(paths[0], caption, _user_parts(caption, c), caption["meta"]["caption"], needs=("image",)),
+            self.run(paths[1], qa, _user_parts(qa, c), qa["meta"]["answer"], needs=("image",)),
+            self.run(paths[2], draw, _user_parts(draw, c), f"a {draw['meta']['label']}",
+                     force="image", max_new_tokens=80, needs=("image",)),
+            self.run(paths[3], draw, _user_parts(draw, c), f"a {draw['meta']['label']}",
+                     variant="diffusion", force="image", max_new_tokens=80, needs=("image",)),
+        ]
+
+    def speech(self, c: Path) -> list[Showcase]:
+        paths = ("speech → text", "text → speech")
+        if reason := self.missing("speech"):
+            return [Showcase(path, unavailable=reason) for path in paths]
         asr = first_test_record(c, "speech", "asr", lambda r: r["meta"]["kind"] == "digits")
         tts = first_test_record(c, "speech", "tts", lambda r: r["meta"]["transcript"] in DIGIT_WORDS)
-        sound = first_test_record(c, "sounds", "sound_caption")
-        shows = [
-            self.run("image → caption", caption, _user_parts(caption, c), caption["meta"]["caption"], needs=("image",)),
-            self.run("image → answer", qa, _user_parts(qa, c), qa["meta"]["answer"], needs=("image",)),
-            self.run("text → image (GMM head)", draw, _user_parts(draw, c), f"a {draw['meta']['label']}",
-                     force="image", max_new_tokens=80, needs=("image",)),
-            self.run("text → image (diffusion head)", draw, _user_parts(draw, c), f"a {draw['meta']['label']}",
-                     variant="diffusion", force="image", max_new_tokens=80, needs=("image",)),
-            self.run("speech → text", asr, _user_parts(asr, c), asr["meta"]["transcript"], needs=("audio",),
-                     transcribe=True),
-            self.run("text → speech", tts, _user_parts(tts, c), f"the word {tts['meta']['transcript']!r}",
+        return [
+            self.run(paths[0], asr, _user_parts(asr, c), asr["meta"]["transcript"], needs=("audio",), transcribe=True),
+            self.run(paths[1], tts, _user_parts(tts, c), f"the word {tts['meta']['transcript']!r}",
                      force="audio", max_new_tokens=80, needs=("audio",)),
-            self.run("sound → caption", sound, _user_parts(sound, c), sound["meta"]["caption"], needs=("audio",)),
         ]
-        shows += self.video(c)
-        shows.append(self.conversation(c))
-        return shows
+
+    def sound(self, c: Path) -> Showcase:
+        if reason := self.missing("sounds"):
+            return Showcase("sound → caption", unavailable=reason)
+        sound = first_test_record(c, "sounds", "sound_caption")
+        return self.run("sound → caption", sound, _user_parts(sound, c), sound["meta"]["caption"], needs=("audio",))
 
     def video(self, c: Path) -> list[Showcase]:
-        shows = []
-        unavailable = self.can("gmm", "video")
-        if unavailable or not (c / "video" / "test.jsonl").is_file():
-            reason = unavailable or "the video corpus is not built"
-            return [Showcase("video → answer", unavailable=reason), Showcase("text → video", unavailable=reason)]
+        paths = ("video → answer", "text → video")
+        if reason := self.can("gmm", "video") or self.missing("video"):
+            return [Showcase(path, unavailable=reason) for path in paths]
         qa = first_test_record(c, "video", "video_qa", lambda r: r["meta"]["question_type"] == "direction")
         make = first_test_record(c, "video", "video_generation", lambda r: r["meta"]["num_digits"] == 1)
-        shows.append(self.run("video → answer", qa, _user_parts(qa, c), qa["meta"]["answer"], needs=("video",)))
-        shows.append(self.run("text → video", make, _user_parts(make, c), make["meta"]["prompt"],
-                              force="video", max_new_tokens=80, needs=("video",)))
-        return shows
+        return [self.run(paths[0], qa, _user_parts(qa, c), qa["meta"]["answer"], needs=("video",)),
+                self.run(paths[1], make, _user_parts(make, c), make["meta"]["prompt"],
+                         force="video", max_new_tokens=80, needs=("video",))]
 
     def conversation(self, c: Path) -> Showcase:
         """A two-turn test conversation: read a digit and say it; then draw another. The model opens every medium
         itself."""
+        if reason := self.missing("interleaved"):
+            return Showcase("interleaved conversation", unavailable=reason)
         record = first_test_record(c, "interleaved", "interleaved", lambda r: r["meta"]["template"] == "read_then_draw")
         read, drawn = record["meta"]["digits"]
         show = Showcase("interleaved conversation", [Turn("user", _user_parts(record, c))],

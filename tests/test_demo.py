@@ -38,3 +38,18 @@ def test_demo_writes_a_page_with_every_path(corpora, tmp_path, capsys):
 def test_demo_without_corpora_says_how_to_build_them(tmp_path, capsys):
     assert main(["demo", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "demo")]) == 2
     assert f"mllm demo: no built corpora at {tmp_path / 'none'}: run `mllm data build` first" in capsys.readouterr().err
+
+
+def test_a_path_whose_corpus_is_not_built_is_listed_as_not_available(tmp_path):
+    from types import SimpleNamespace
+
+    from mllm.demo import Demo, write_page
+
+    reads_all = SimpleNamespace(processor=SimpleNamespace(layout=SimpleNamespace(modalities={"image", "audio", "video"})))
+    shows = Demo(tmp_path, {"gmm": reads_all, "diffusion": reads_all}, seed=0).all()  # no corpus is built
+    assert len(shows) == 10 and all(show.unavailable for show in shows)
+    _, lines = write_page(shows, tmp_path / "demo", "demo")
+    for path, corpus in (("image → caption", "digits"), ("text → image (diffusion head)", "digits"),
+                         ("speech → text", "speech"), ("sound → caption", "sounds"), ("text → video", "video"),
+                         ("interleaved conversation", "interleaved")):
+        assert f"  {path:<30} not available: the {corpus} corpus is not built" in lines
