@@ -587,6 +587,22 @@ def test_chat_shows_the_examples_for_the_embedded_default_model(digits, monkeypa
     assert session.out.getvalue().endswith(f"\n{shown[0]}\n\n")
 
 
+def test_an_example_that_attaches_numbers_offers_a_recording_of_numbers(tmp_path):
+    from mllm.default.examples import EXAMPLES, example_medium
+
+    def asr(k: int, kind: str) -> dict:
+        return {"id": f"speech-test-{k:06d}", "task": "asr", "meta": {"kind": kind},
+                "messages": [{"role": "user", "content": [{"type": "audio", "path": f"media/test/{k:06d}.wav"}]}]}
+
+    (tmp_path / "speech").mkdir()
+    (tmp_path / "speech" / "test.jsonl").write_text("".join(json.dumps(asr(k, kind)) + "\n"
+                                                            for k, kind in enumerate(("words", "digits"))))
+    numbers = [e for e in EXAMPLES if e.attach == "a recording of numbers"]
+    assert len(numbers) == 2
+    for example in numbers:
+        assert example_medium(tmp_path, example) == tmp_path / "speech" / "media" / "test" / "000001.wav"
+
+
 def test_the_readme_lists_every_example_request():
     from mllm.default.examples import EXAMPLES
 

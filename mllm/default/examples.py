@@ -21,6 +21,7 @@ class Example:
     replies: tuple[str, ...]  # the kinds of part the reply holds, in order: text, image, audio, video
     attach: str | None = None  # what to attach first, in words; None: the request alone
     test_file: tuple[str, str] | None = None  # (corpus, task): a test record of it holds such a medium
+    test_meta: tuple[tuple[str, str], ...] = ()  # (key, value) pairs of that record's meta: the medium `attach` names
 
     def to_dict(self) -> dict[str, str | None]:
         """What the web page shows: the request, what to attach first, what comes back."""
@@ -33,20 +34,23 @@ EXAMPLES = (
     Example(video.GEN_PROMPTS[0].format(what="the digit 4", d="left"), "a clip of a 4 moving left", ("video",)),
     Example("Show me a 3, then say it.", "a handwritten 3, then the word spoken", ("image", "audio")),
     Example(digits.QA_QUESTIONS[0], "the digit", ("text",), "a digit image", ("digits", "image_qa")),
-    Example(speech.ASR_PROMPTS[0], "the words", ("text",), "a recording of numbers", ("speech", "asr")),
-    Example(speech.NUMBER_PROMPTS[0], "the number, in digits", ("text",), "a recording of numbers", ("speech", "asr")),
+    Example(speech.ASR_PROMPTS[0], "the words", ("text",), "a recording of numbers", ("speech", "asr"),
+            (("kind", "digits"),)),
+    Example(speech.NUMBER_PROMPTS[0], "the number, in digits", ("text",), "a recording of numbers", ("speech", "asr"),
+            (("kind", "digits"),)),
     Example(video.DIGITS_QUESTION, "the digits", ("text",), "a clip of moving digits", ("video", "video_qa")),
 )
 
 
 def example_medium(corpora: Path, example: Example) -> Path | None:
-    """The medium of the first test record of the example's (corpus, task) in the built `corpora`; None when
-    the example reads none, or the corpora are not built."""
+    """The medium of the first test record of the example's (corpus, task) and `test_meta` in the built `corpora`;
+    None when the example reads none, or the corpora are not built."""
     if example.test_file is None:
         return None
     corpus, task = example.test_file
     try:
-        record = first_test_record(corpora, corpus, task)
+        record = first_test_record(corpora, corpus, task,
+                                   lambda r: all(r["meta"].get(key) == value for key, value in example.test_meta))
     except (OSError, ValueError, LookupError):
         return None
     return next((corpora / corpus / p["path"] for p in record["messages"][0]["content"] if p["type"] != "text"), None)
