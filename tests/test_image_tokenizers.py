@@ -466,3 +466,18 @@ def test_image_diffusion_trains_without_a_token_pretraining_stage(tmp_path, monk
         dit=dict(patch_size=4, width=32, depth=1, head_dim=16), optim=tiny))
     metrics = image_recipes.train_diffusion(cfg, tmp_path, tmp_path)
     assert metrics["steps"] == 1 and (tmp_path / "detokenizer" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("override, reason", [
+    ("optim.batch_size=0", "batch_size >= 1"), ("optim.steps=-1", "steps >= 0"), ("optim.lr=-0.001", "lr > 0"),
+    ("optim.betas=[0.9, 1.5]", "betas in"), ("evaluation.batch_size=0", "batch_size >= 1"),
+    ("evaluation.steps=0", "steps >= 1"), ("evaluation.guidance=-2", "guidance must be"),
+    ("evaluation.guidance=.nan", "guidance must be"),
+])
+def test_recipes_refuse_bad_optimiser_and_evaluation_options_by_key(override, reason):
+    from mllm.config import ConfigError
+    from mllm.tokenize.recipes import load_recipe
+
+    key = override.split(".")[0]
+    with pytest.raises(ConfigError, match=rf"^{key} in tokenizers/image_diffusion_tiny\.yaml: .*{re.escape(reason)}"):
+        load_recipe("tokenizers/image_diffusion_tiny.yaml", [override])

@@ -34,6 +34,14 @@ class OptimConfig:
     max_bad_steps: int = 10
     seed: int = 0
 
+    def __post_init__(self):
+        if self.steps < 0 or self.batch_size < 1 or self.warmup_steps < 0 or self.max_bad_steps < 1:
+            raise ValueError(f"need steps >= 0, batch_size >= 1, warmup_steps >= 0 and max_bad_steps >= 1, got "
+                             f"{self.steps}, {self.batch_size}, {self.warmup_steps}, {self.max_bad_steps}")
+        if not (self.lr > 0 and self.grad_clip > 0 and self.weight_decay >= 0 and all(0 <= b < 1 for b in self.betas)):
+            raise ValueError(f"need lr > 0, grad_clip > 0, weight_decay >= 0 and betas in [0, 1), got {self.lr}, "
+                             f"{self.grad_clip}, {self.weight_decay}, {list(self.betas)}")
+
 
 @dataclass
 class EvalConfig:
@@ -43,6 +51,12 @@ class EvalConfig:
     guidance: float | None = None  # diffusion de-tokenizers: classifier-free guidance (None: the de-tokenizer's own)
     steps: int | None = None  # diffusion steps (None: the de-tokenizer's default)
     seed: int = 0
+
+    def __post_init__(self):
+        if self.batch_size < 1 or (self.steps is not None and self.steps < 1):
+            raise ValueError(f"need batch_size >= 1 and steps >= 1 (or null), got {self.batch_size}, {self.steps}")
+        if self.guidance is not None and not 0 <= self.guidance < math.inf:
+            raise ValueError(f"guidance must be a finite number >= 0 (or null), got {self.guidance}")
 
 
 def cosine_schedule(step: int, total: int, warmup: int) -> float:
