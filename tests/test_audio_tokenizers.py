@@ -20,7 +20,7 @@ from mllm.judges.spoken_digits import DIGIT_WORDS, JudgeConfig, SpokenDigitJudge
 from mllm.errors import InputError
 from mllm.media import Audio, MediaError, save_audio
 from mllm.tokenize import commands
-from mllm.tokenize.audio_recipes import AudioData, CodecLoss, load_train_clips
+from mllm.tokenize.audio_recipes import AudioData, AudioMelDiffusionRecipe, CodecLoss, load_train_clips
 from mllm.tokenizers import load_media_tokenizer
 from mllm.tokenizers.audio_codec import CodecConfig, CodecTokenizer
 from mllm.tokenizers.hf_codec import HFCodecConfig, HFCodecTokenizer
@@ -332,6 +332,14 @@ def test_audio_data_refuses_a_cap_below_one_clip(max_clips):
 def test_codec_loss_refuses_bad_settings(bad, match):
     with pytest.raises(ConfigError, match=match):
         from_dict(CodecLoss, bad, source="recipe.yaml")
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"steps": 0}, "steps >= 1"), ({"guidance": -1.0}, "guidance >= 0"), ({"kl_weight": -0.1}, "kl_weight must be >= 0"),
+])
+def test_mel_diffusion_recipe_refuses_bad_settings_before_training(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        from_dict(AudioMelDiffusionRecipe, bad, source="recipe.yaml")
 
 
 def test_no_train_audio_is_named(tmp_path):

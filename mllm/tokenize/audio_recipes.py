@@ -253,6 +253,12 @@ class AudioMelDiffusionRecipe:
     def __post_init__(self):
         if self.transcripts < 0 or self.transcript_batch < 1:
             raise ValueError(f"need transcripts >= 0 and transcript_batch >= 1, got {self.transcripts}, {self.transcript_batch}")
+        if self.kl_weight < 0:
+            raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
+        # checked here, not when `mllm tokenize eval` first decodes: after the whole training
+        if (self.steps is not None and self.steps < 1) or (self.guidance is not None and self.guidance < 0):
+            raise ValueError(f"need steps >= 1 and guidance >= 0 (or null: the de-tokenizer's own), got {self.steps}, "
+                             f"{self.guidance}")
 
 
 def null_latent(tokenizer: MelLatentTokenizer) -> torch.Tensor:
