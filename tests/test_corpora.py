@@ -415,6 +415,22 @@ def test_asking_for_a_corpus_the_config_turns_off_is_refused(tmp_path):
     assert not list(tmp_path.iterdir())  # refused before anything was written
 
 
+def test_a_broken_mnist_file_is_refused_by_path(tmp_path, monkeypatch):
+    from mllm.data.corpora import digits
+    from mllm.errors import InputError
+
+    files = [tmp_path / f"{d}.json" for d in range(10)]
+    for f in files:
+        f.write_text(json.dumps({"data": [0.5] * 28 * 28 * 2}))
+    monkeypatch.setattr(sources, "mnist_digit_files", lambda: files)
+    assert [len(a) for a in digits.load_mnist()] == [2] * 10
+    for text, why in (("{", "JSONDecodeError"), ('{"label": 3}', "KeyError"), ('{"data": [0.5]}', "holds no 28x28")):
+        files[3] = tmp_path / f"3-{len(text)}.json"
+        files[3].write_text(text)
+        with pytest.raises(InputError, match=f"{re.escape(str(files[3]))}: .*{why}.*reinstall"):
+            digits.load_mnist()
+
+
 def test_an_unreadable_manifest_is_refused_by_path_with_what_to_run(tmp_path):
     from mllm.data.corpora.build import CorporaError, check_corpora
 

