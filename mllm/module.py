@@ -16,8 +16,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mllm.config import from_dict, to_dict
-from mllm.registry import Registry
+from mllm.config import ConfigError, from_dict, read_yaml, to_dict
+from mllm.registry import Registry, UnknownNameError
 
 WEIGHTS_FILE = "model.safetensors"
 M = TypeVar("M", bound="ConfiguredModule")
@@ -43,15 +43,20 @@ class ConfiguredModule(nn.Module, metaclass=abc.ABCMeta):
         """Load a directory written by `save_pretrained`; weights must match exactly. A family's base class
         (`MediaTokenizer`) builds whichever variant the directory names; a variant's class refuses another's."""
         path = Path(path)
+        kind = cls.__name__ if cls.registry is None else cls.registry.kind
+        source = path / cls.config_file
+        if not source.is_file():
+            raise FileNotFoundError(f"{path}: not a {kind} directory (no {cls.config_file})")
+        meta = read_yaml(source, kind)
+        if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
+            raise ConfigError("name", f"expected the {kind}'s registry name, got {meta!r}", str(source))
         try:
-            meta = yaml.safe_load((path / cls.config_file).read_text())
-        except OSError as e:
-            kind = cls.__name__ if cls.registry is None else cls.registry.kind
-            raise FileNotFoundError(f"{path}: not a {kind} directory (no {cls.config_file})") from e
-        variant = cls if cls.registry is None else cls.registry.get(meta["name"])
+            variant = cls if cls.registry is None else cls.registry.get(meta["name"])
+        except UnknownNameError as e:
+            raise UnknownNameError(f"{source}: {e}") from None
         if not issubclass(variant, cls) or variant.name != meta["name"]:
             raise TypeError(f"{path}: holds a '{meta['name']}', not a {cls.__name__}")
-        module = variant.from_options(meta.get("config"), source=str(path / cls.config_file))
+        module = variant.from_options(meta.get("config"), source=str(source))
         if (path / WEIGHTS_FILE).exists():
             module.load_state_dict(load_file(path / WEIGHTS_FILE), strict=True)
         return module.eval()

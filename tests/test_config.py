@@ -8,6 +8,7 @@ from typing import Literal
 import pytest
 
 from mllm.config import ConfigError, from_dict, load_config, save_config, to_dict
+from mllm.registry import UnknownNameError
 
 
 @dataclass
@@ -80,3 +81,19 @@ def test_a_binary_file_is_a_config_error(tmp_path):
     (tmp_path / "m.yaml").write_bytes(b"\xff\xfe\x00n\x00a\x00m\x00e")
     with pytest.raises(ConfigError, match=r"m.yaml: cannot read config: not UTF-8 text \(byte 0\)"):
         load_config(Model, tmp_path / "m.yaml")
+
+
+@pytest.mark.parametrize("text, error, match", [
+    ("name: [patch\n", ConfigError, r"media_tokenizer.yaml:2:1: invalid YAML"),  # was yaml's ParserError
+    ("- patch\n", ConfigError, r"name in .*media_tokenizer.yaml: expected the media tokenizer's registry name"),
+    ("config: {}\n", ConfigError, r"name in .*media_tokenizer.yaml: expected"),  # was KeyError: 'name'
+    ("name: nope\n", UnknownNameError, r"media_tokenizer.yaml: unknown media tokenizer 'nope'"),
+])
+def test_a_saved_modules_broken_config_file_is_named(tmp_path, text, error, match):
+    from mllm.tokenizers import build_media_tokenizer, load_media_tokenizer
+
+    saved = build_media_tokenizer("patch", {"image_size": 16, "patch_size": 8}).save_pretrained(tmp_path / "tok")
+    (saved / "media_tokenizer.yaml").write_text(text)
+    with pytest.raises(error, match=match):
+        load_media_tokenizer(saved)
+
