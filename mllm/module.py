@@ -13,14 +13,20 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mllm.config import ConfigError, from_dict, read_yaml, to_dict
+from mllm.errors import InputError
 from mllm.registry import Registry, UnknownNameError
 
 WEIGHTS_FILE = "model.safetensors"
 M = TypeVar("M", bound="ConfiguredModule")
+
+
+class WeightsError(InputError, ValueError):
+    """A weights file that does not load into its module; the message names the file."""
 
 
 class ConfiguredModule(nn.Module, metaclass=abc.ABCMeta):
@@ -58,7 +64,10 @@ class ConfiguredModule(nn.Module, metaclass=abc.ABCMeta):
             raise TypeError(f"{path}: holds a '{meta['name']}', not a {cls.__name__}")
         module = variant.from_options(meta.get("config"), source=str(source))
         if (path / WEIGHTS_FILE).exists():
-            module.load_state_dict(load_file(path / WEIGHTS_FILE), strict=True)
+            try:
+                module.load_state_dict(load_file(path / WEIGHTS_FILE), strict=True)
+            except (SafetensorError, RuntimeError) as e:  # truncated, or written for another config
+                raise WeightsError(f"{path / WEIGHTS_FILE}: {' '.join(str(e).split())}") from e  # on one line
         return module.eval()
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:

@@ -97,3 +97,19 @@ def test_a_saved_modules_broken_config_file_is_named(tmp_path, text, error, matc
     with pytest.raises(error, match=match):
         load_media_tokenizer(saved)
 
+
+def test_a_saved_modules_broken_weights_are_named(tmp_path):
+    # load_file's SafetensorError and load_state_dict's RuntimeError named neither the file nor the directory
+    from mllm.heads import build_head, load_head
+    from mllm.module import WeightsError
+
+    options = {"hidden_size": 8, "feature_dim": 4, "width": 8, "depth": 1}
+    saved = build_head("regression", options).save_pretrained(tmp_path / "head")
+    wider = build_head("regression", options | {"width": 16}).save_pretrained(tmp_path / "wider")
+    (saved / "model.safetensors").replace(tmp_path / "small.safetensors")
+    (wider / "model.safetensors").replace(saved / "model.safetensors")
+    with pytest.raises(WeightsError, match=r"head/model.safetensors: .*size mismatch"):
+        load_head(saved)
+    (saved / "model.safetensors").write_bytes((tmp_path / "small.safetensors").read_bytes()[:40])
+    with pytest.raises(WeightsError, match=r"head/model.safetensors: "):
+        load_head(saved)
