@@ -481,3 +481,21 @@ def test_recipes_refuse_bad_optimiser_and_evaluation_options_by_key(override, re
     key = override.split(".")[0]
     with pytest.raises(ConfigError, match=rf"^{key} in tokenizers/image_diffusion_tiny\.yaml: .*{re.escape(reason)}"):
         load_recipe("tokenizers/image_diffusion_tiny.yaml", [override])
+
+
+def test_diffusion_refuses_guidance_and_steps_it_cannot_sample_with():
+    from mllm.config import ConfigError
+
+    detok, good = diffusion(), torch.randn(4, 16)
+    for guidance in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"diffusion_image: guidance must be a finite number >= 0, got {guidance}"):
+            detok.decode(good, guidance=guidance)
+    ddim = build_detokenizer("diffusion_image", dict(
+        image_size=16, num_tokens=4, token_dim=16, dit=dict(patch_size=4, width=32, depth=1, head_dim=16),
+        diffusion=dict(scheduler="ddim", train_timesteps=10, steps=3)))
+    with pytest.raises(ValueError, match=r"steps must be >= 1 and <= train_timesteps 10 \(ddim\), got 11"):
+        ddim.decode(good, steps=11)
+    with pytest.raises(ConfigError, match=r"^diffusion in de-tokenizer 'diffusion_image': steps must be .* got 20"):
+        build_detokenizer("diffusion_image", dict(diffusion=dict(scheduler="ddpm", train_timesteps=10, steps=20)))
+    with pytest.raises(ConfigError, match="guidance must be a finite number >= 0, got nan"):
+        build_detokenizer("diffusion_image", dict(diffusion=dict(guidance=float("nan"))))

@@ -23,6 +23,7 @@ guidance 1 is plain conditional sampling.
 from __future__ import annotations
 
 import abc
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -47,10 +48,20 @@ class DiffusionConfig:
     def __post_init__(self):
         if self.train_timesteps < 2 or self.steps < 1:
             raise ValueError(f"need train_timesteps >= 2 and steps >= 1, got {self.train_timesteps}, {self.steps}")
+        if problem := sampling_problem(self, self.guidance, self.steps):
+            raise ValueError(problem)
         if not 0 <= self.cond_dropout < 1:
             raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
-        if self.guidance < 0:
-            raise ValueError(f"guidance must be >= 0, got {self.guidance}")
+
+
+def sampling_problem(cfg: DiffusionConfig, guidance: float, steps: int) -> str | None:
+    """Why `cfg`'s schedule cannot sample with `guidance` and `steps`, or None."""
+    if not 0 <= guidance < math.inf:
+        return f"guidance must be a finite number >= 0, got {guidance}"
+    if steps < 1 or (cfg.scheduler != "flow_matching" and steps > cfg.train_timesteps):
+        bound = "" if cfg.scheduler == "flow_matching" else f" and <= train_timesteps {cfg.train_timesteps} ({cfg.scheduler})"
+        return f"steps must be >= 1{bound}, got {steps}"
+    return None
 
 
 def make_scheduler(cfg: DiffusionConfig) -> SchedulerMixin:
@@ -158,8 +169,8 @@ class DiffusionDeTokenizer(DeTokenizer):
         self.check_tokens(tokens)
         steps = self.config.diffusion.steps if steps is None else steps
         guidance = self.resolve_guidance(guidance)
-        if steps < 1:
-            raise ValueError(f"{self.name}: steps must be >= 1, got {steps}")
+        if problem := sampling_problem(self.config.diffusion, guidance, steps):
+            raise ValueError(f"{self.name}: {problem}")
         b = len(tokens)
         scheduler = make_scheduler(self.config.diffusion)
         scheduler.set_timesteps(steps)
