@@ -153,6 +153,12 @@ def test_silence_clipping_and_one_sample(codec, mel_pair):
     assert tokenizer.num_tokens(one) == len(tokenizer.encode(one)) == 1
 
 
+@pytest.mark.parametrize("bad", [{"n_mels": 0}, {"floor": 0.0}, {"norm_std": 0.0}])
+def test_mel_config_refuses_settings_that_break_the_log_mel(bad):
+    with pytest.raises(ConfigError, match="need n_mels >= 1, floor > 0 and norm_std > 0"):
+        from_dict(MelLatentConfig, {"mel": bad}, source="tokenizer.yaml")
+
+
 def test_bad_tokens_raise_value_errors(codec, mel_pair):
     decoder = codec[1]
     for bad, match in [(torch.zeros(2, 3, dtype=torch.long), r"\(2, 3\)"), (torch.zeros(4), r"\(4,\)"),

@@ -58,6 +58,9 @@ class MelConfig:
             raise ValueError(f"need 0 < hop_length {self.hop_length} <= win_length {self.win_length} <= n_fft {self.n_fft}")
         if not 0 <= self.f_min < self.f_max <= self.sample_rate / 2:
             raise ValueError(f"need 0 <= f_min {self.f_min} < f_max {self.f_max} <= sample_rate / 2")
+        if self.n_mels < 1 or self.floor <= 0 or self.norm_std <= 0:  # floor 0: log(0) of silence; norm_std 0: x / 0
+            raise ValueError(f"need n_mels >= 1, floor > 0 and norm_std > 0, got {self.n_mels}, {self.floor}, "
+                             f"{self.norm_std}")
 
 
 def prepare_audio(media: Audio, sample_rate: int, who: str) -> torch.Tensor:
