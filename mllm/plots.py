@@ -16,12 +16,14 @@ from mllm.media import Audio, Image, Video
 
 
 def save_loss_curves(history: dict[str, list[float]], path: str | os.PathLike, title: str = "training") -> Path:
-    """One line per named series (e.g. {"loss": [...], "recon": [...]}) against the step, log scale."""
+    """One line per named series (e.g. {"loss": [...], "recon": [...]}) against the step; log scale unless a
+    value is zero or negative (a GMM head's NLL goes below zero), which a log axis would silently leave out."""
     fig = Figure(figsize=(6.4, 3.6), layout="tight")
     ax = fig.add_subplot()
     for name, values in history.items():
         ax.plot(np.arange(1, len(values) + 1), values, lw=1, label=name)
-    ax.set(xlabel="step", ylabel="value", title=title, yscale="log")
+    ys = np.asarray([v for values in history.values() for v in values], dtype=float)
+    ax.set(xlabel="step", ylabel="value", title=title, yscale="log" if (ys[np.isfinite(ys)] > 0).all() else "linear")
     if len(history) > 1:
         ax.legend()
     return _save(fig, path)

@@ -1,0 +1,17 @@
+"""The pictures of mllm.plots: what their axes show."""
+
+from __future__ import annotations
+
+import math
+
+from mllm import plots
+
+
+def test_loss_curves_below_zero_are_drawn_on_a_linear_axis(tmp_path, monkeypatch):
+    # a log axis left out every value <= 0: a GMM head's NLL (finetune's instruct_generate ends at -0.12)
+    scales = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: scales.append(fig.axes[0].get_yscale()) or save(fig, path))
+    plots.save_loss_curves({"loss": [3.7, 1.0, -0.12], "lm_loss": [math.nan, 1.0, 0.65]}, tmp_path / "a.png")
+    plots.save_loss_curves({"loss": [3.7, 1.0, 0.12], "lm_loss": [math.nan, 1.0, 0.65]}, tmp_path / "b.png")
+    assert scales == ["linear", "log"] and (tmp_path / "a.png").stat().st_size > 0
