@@ -69,7 +69,15 @@ def save_spectrograms(clips: list[Audio], path: str | os.PathLike, titles: list[
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> Path:
+    """Written whole to a sibling, flushed, then renamed over `path`: a killed run leaves the old picture or none."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # the suffix names the format
+    try:
+        fig.savefig(tmp, dpi=120)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
