@@ -499,3 +499,28 @@ def test_diffusion_refuses_guidance_and_steps_it_cannot_sample_with():
         build_detokenizer("diffusion_image", dict(diffusion=dict(scheduler="ddpm", train_timesteps=10, steps=20)))
     with pytest.raises(ConfigError, match="guidance must be a finite number >= 0, got nan"):
         build_detokenizer("diffusion_image", dict(diffusion=dict(guidance=float("nan"))))
+
+
+def test_ink_invariance_report_draws_back_with_the_evaluation_guidance_and_steps(tmp_path, monkeypatch):
+    import yaml
+
+    from mllm.detokenizers.diffusion_image import DiffusionImageDeTokenizer
+    from mllm.tokenize import image_recipes, ink_invariance
+
+    teacher, trained = tmp_path / "teacher", tmp_path / "trained"
+    for path in (teacher, trained):
+        tokenizer("resampler_image").save_pretrained(path / "media_tokenizer")
+        diffusion(layout="sequence").save_pretrained(path / "detokenizer")
+    (trained / "recipe.yaml").write_text(yaml.safe_dump({"recipe": "image_ink_invariance", "config": {
+        "teacher": str(teacher), "data": {"corpora": ["digits"]},
+        "evaluation": {"guidance": 2.0, "steps": 1, "batch_size": 4}}}))
+    grays = [Image(np.repeat(image.pixels[..., :1], 3, axis=2)) for image in images(4)]
+    monkeypatch.setattr(ink_invariance, "eval_set", lambda *a: image_recipes.EvalSet(grays, [0, 1, 2, 3]))
+    monkeypatch.setattr(ink_invariance, "digit_reader", lambda *a: lambda tokens: torch.zeros(len(tokens)))
+    monkeypatch.setattr(DigitJudge, "load_or_train", lambda *a: type("Judge", (), {"accuracy": lambda *a: 0.5})())
+    calls, decode_batch = [], DiffusionImageDeTokenizer.decode_batch
+    monkeypatch.setattr(DiffusionImageDeTokenizer, "decode_batch",
+                        lambda self, tokens, **kw: calls.append(kw) or decode_batch(self, tokens, **kw))
+    report = commands.evaluate(trained, tmp_path, tmp_path / "report")
+    assert report["judge_drawn_from_student_recoloured"] == 0.5 and len(calls) == 3
+    assert all(kw["guidance"] == 2.0 and kw["steps"] == 1 for kw in calls)

@@ -217,7 +217,8 @@ def evaluate_ink_invariance(trained: Path, corpora: Path, report: Path, limit: i
         decoded = {"teacher_originals": target} | {name: readings[name] for name in
                                                    ("teacher_recoloured", "student_recoloured", "student_moved")
                                                    if name in readings}
-        drawn = {name: detokenizer.decode_batch(got[judged], generator=generator) for name, got in decoded.items()}
+        drawn = {name: detokenizer.decode_batch(got[judged], guidance=e.guidance, steps=e.steps, generator=generator)
+                 for name, got in decoded.items()}
         for name, images in drawn.items():
             metrics[f"judge_drawn_from_{name}"] = round(judge.accuracy(images, [test.labels[i] for i in judged]), 4)
         shown = range(0, len(judged), -(-len(judged) // (2 * GRID_COLUMNS)))  # of `judged`: every digit shows
