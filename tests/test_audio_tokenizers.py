@@ -159,6 +159,16 @@ def test_mel_config_refuses_settings_that_break_the_log_mel(bad):
         from_dict(MelLatentConfig, {"mel": bad}, source="tokenizer.yaml")
 
 
+@pytest.mark.parametrize("bad, match", [
+    ({"channels": [12, 16]}, r"multiples of 8, got \[12, 16\]"), ({"cond_channels": 0}, "cond_channels >= 1"),
+    ({"train_timesteps": 1}, "train_timesteps >= 2"), ({"griffin_lim_iters": -1}, "griffin_lim_iters >= 0"),
+    ({"p_uncond": 1.0}, r"p_uncond < 1.*got \[96, 128, 192\], 1.0"),
+])
+def test_mel_diffusion_config_refuses_what_the_unet_cannot_build(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        from_dict(MelDiffusionConfig, bad, source="detokenizer.yaml")
+
+
 def test_bad_tokens_raise_value_errors(codec, mel_pair):
     decoder = codec[1]
     for bad, match in [(torch.zeros(2, 3, dtype=torch.long), r"\(2, 3\)"), (torch.zeros(4), r"\(4,\)"),

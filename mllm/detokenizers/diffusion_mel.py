@@ -39,7 +39,7 @@ from mllm.tokenizers.mel_latent import LogMel, MelLatentConfig, convnext_stack
 @dataclass
 class MelDiffusionConfig:
     latents: MelLatentConfig = field(default_factory=MelLatentConfig)  # the tokenizer whose latents condition this
-    channels: list[int] = field(default_factory=lambda: [96, 128, 192])  # UNet widths, one level each
+    channels: list[int] = field(default_factory=lambda: [96, 128, 192])  # UNet widths, one level each: multiples of 8
     cond_channels: int = 32
     train_timesteps: int = 1000
     steps: int = 10  # default sampling steps
@@ -49,7 +49,13 @@ class MelDiffusionConfig:
 
     def __post_init__(self):
         if len(self.channels) < 2 or not 0 <= self.p_uncond < 1 or self.steps < 1 or self.guidance < 0:
-            raise ValueError("need >= 2 UNet levels, 0 <= p_uncond < 1, steps >= 1 and guidance >= 0")
+            raise ValueError(f"need >= 2 UNet levels, 0 <= p_uncond < 1, steps >= 1 and guidance >= 0, got "
+                             f"{self.channels}, {self.p_uncond}, {self.steps}, {self.guidance}")
+        if any(c < 8 or c % 8 for c in self.channels):  # the UNet's GroupNorm splits each level into 8 groups
+            raise ValueError(f"channels must be multiples of 8, got {self.channels}")
+        if self.cond_channels < 1 or self.train_timesteps < 2 or self.griffin_lim_iters < 0:
+            raise ValueError(f"need cond_channels >= 1, train_timesteps >= 2 and griffin_lim_iters >= 0, got "
+                             f"{self.cond_channels}, {self.train_timesteps}, {self.griffin_lim_iters}")
 
 
 @register
