@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mllm import cli
-from mllm.bench import corpus, generation, memory, models, training
+from mllm.bench import corpus, generation, memory, models, suite, training
 from mllm.bench.options import add_arguments
 from mllm.bench.report import Figure, Results, markdown, rate_figure
 from mllm.bench.timing import Timing, alternate
@@ -171,3 +171,12 @@ def test_a_failed_results_write_leaves_the_old_results_and_no_temporary_file(tmp
         Results({"wall_s": 2.0}, [Figure("1. a", "x", "ms", 2.0)]).write(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md"]
     assert (tmp_path / "results.json").read_text() == before
+
+
+def test_a_section_named_twice_runs_once(tmp_path, monkeypatch):
+    # `--only machine machine` ran it twice: its figures twice over, meta.sections holding the second time only
+    ran = []
+    monkeypatch.setattr(suite, "run_suite", lambda s, sections: ran.append(sections) or Results({"errors": {}}))
+    args = add_arguments(argparse.ArgumentParser()).parse_args(
+        ["--only", "scale", "machine", "scale", "--out", str(tmp_path / "b"), "--work", str(tmp_path / "w")])
+    assert suite.run_from_args(args) == 0 and ran == [["scale", "machine"]]

@@ -64,7 +64,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="mllm-bench-") as tmp:
         data = args.data or cache_dir() / "corpora"
         s = Settings(quick=args.quick, repeats=repeats, data=data, model=args.model, work=args.work or Path(tmp))
-        results = run_suite(s, args.only or list(SECTIONS))
+        results = run_suite(s, list(dict.fromkeys(args.only or SECTIONS)))  # a section named twice runs once
     json_path, md_path = results.write(args.out)
     print(markdown(results))
     print(f"bench: {json_path}, {md_path}")
