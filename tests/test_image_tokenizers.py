@@ -351,7 +351,7 @@ def test_image_diffusion_recipe_with_caption_words(corpora, cache, tmp_path):
 def test_ink_invariance_teaches_a_copy_the_teachers_tokens_for_recoloured_digits(corpora, cache, tmp_path):
     teacher, out = tmp_path / "teacher", tmp_path / "ink"
     commands.train("tokenizers/image_diffusion_tiny.yaml", corpora, teacher, RECIPES["image_diffusion_tiny"])
-    with pytest.raises(ValueError, match="teacher must be a trained image tokenizer directory"):
+    with pytest.raises(ValueError, match="teacher in image_ink_invariance: must be a trained image tokenizer directory"):
         commands.train("tokenizers/image_ink_invariance_tiny.yaml", corpora, out, [f"teacher={tmp_path / 'none'}"])
     metrics = commands.train("tokenizers/image_ink_invariance_tiny.yaml", corpora, out, [
         f"teacher={teacher}", "data.corpora=[digits]", "optim.steps=40", "optim.batch_size=16", "optim.warmup_steps=5"])
@@ -524,3 +524,16 @@ def test_ink_invariance_report_draws_back_with_the_evaluation_guidance_and_steps
     report = commands.evaluate(trained, tmp_path, tmp_path / "report")
     assert report["judge_drawn_from_student_recoloured"] == 0.5 and len(calls) == 3
     assert all(kw["guidance"] == 2.0 and kw["steps"] == 1 for kw in calls)
+
+
+def test_ink_invariance_names_a_missing_or_discrete_teacher(tmp_path):
+    from mllm.config import ConfigError
+
+    recipe = "tokenizers/image_ink_invariance_tiny.yaml"
+    with pytest.raises(ConfigError, match=r"^teacher in image_ink_invariance: must be a trained image tokenizer"):
+        commands.train(recipe, tmp_path, tmp_path / "out", [f"teacher={tmp_path / 'none'}"])
+    tok = tokenizer("fsq_image")
+    tok.save_pretrained(tmp_path / "fsq" / "media_tokenizer")
+    vq_decoder(tok).save_pretrained(tmp_path / "fsq" / "detokenizer")
+    with pytest.raises(ConfigError, match=r"^teacher in image_ink_invariance: .*fsq holds a discrete image tokenizer"):
+        commands.train(recipe, tmp_path, tmp_path / "out", [f"teacher={tmp_path / 'fsq'}"])

@@ -284,7 +284,7 @@ def test_recipe_trains_evaluates_and_reloads(recipe, corpora, cache, tmp_path):
 def test_video_ink_invariance_teaches_a_copy_the_teachers_tokens_for_recoloured_clips(corpora, cache, tmp_path):
     teacher, out = tmp_path / "teacher", tmp_path / "ink"
     commands.train("tokenizers/video_divot_tiny.yaml", corpora, teacher, DIVOT)
-    with pytest.raises(ValueError, match="video_ink_invariance: teacher must be a trained video tokenizer directory"):
+    with pytest.raises(ValueError, match="teacher in video_ink_invariance: must be a trained video tokenizer directory"):
         commands.train("tokenizers/video_ink_invariance_tiny.yaml", corpora, out, [f"teacher={tmp_path / 'none'}"])
     metrics = commands.train("tokenizers/video_ink_invariance_tiny.yaml", corpora, out, [
         f"teacher={teacher}", "optim.steps=30", "optim.batch_size=8", "optim.warmup_steps=2"])

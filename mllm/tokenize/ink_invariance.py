@@ -41,6 +41,7 @@ from torch import nn
 from mllm.augment import (
     AffineJitter, Recolour, Retime, is_grayscale, jitter, jitter_clips, recolour, recolour_clips, retime_clips,
 )
+from mllm.config import ConfigError
 from mllm.detokenizers.base import load_detokenizer
 from mllm.judges import DigitJudge
 from mllm.media import Image, Video, load_image, load_video
@@ -120,8 +121,8 @@ class InkInvariance(nn.Module):
 def teacher_dir(cfg: InkInvarianceConfig | VideoInkInvarianceConfig) -> Path:
     path, modality = Path(cfg.teacher), cfg.modality
     if not cfg.teacher or not (path / "media_tokenizer").is_dir() or not (path / "detokenizer").is_dir():
-        raise ValueError(f"{modality}_ink_invariance: teacher must be a trained {modality} tokenizer directory (with "
-                         f"media_tokenizer/ and detokenizer/), got {cfg.teacher!r}; set it with teacher=DIR")
+        raise ConfigError("teacher", f"must be a trained {modality} tokenizer directory (with media_tokenizer/ and "
+                          f"detokenizer/), got {cfg.teacher!r}; set it with teacher=DIR", f"{modality}_ink_invariance")
     return path
 
 
@@ -129,8 +130,8 @@ def load_teacher(cfg: InkInvarianceConfig | VideoInkInvarianceConfig) -> MediaTo
     source, modality = teacher_dir(cfg), cfg.modality
     teacher = load_media_tokenizer(source / "media_tokenizer")
     if teacher.modality != modality or teacher.kind != "continuous":
-        raise ValueError(f"{modality}_ink_invariance: the teacher in {source} is a {teacher.kind} {teacher.modality} "
-                         f"tokenizer; need a continuous {modality} one")
+        raise ConfigError("teacher", f"{source} holds a {teacher.kind} {teacher.modality} tokenizer; need a continuous "
+                          f"{modality} one", f"{modality}_ink_invariance")
     return teacher
 
 
