@@ -117,7 +117,7 @@ def apply_override(data: dict, item: str) -> None:
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> Path:
-    """Write `cfg` as YAML atomically (temporary file, then rename)."""
+    """Write `cfg` as YAML atomically (temporary file, flushed to disk, then renamed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
@@ -125,6 +125,8 @@ def save_config(cfg: Any, path: str | os.PathLike) -> Path:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # else a crash after the rename can leave an empty file in its place
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -113,3 +114,13 @@ def test_a_saved_modules_broken_weights_are_named(tmp_path):
     (saved / "model.safetensors").write_bytes((tmp_path / "small.safetensors").read_bytes()[:40])
     with pytest.raises(WeightsError, match=r"head/model.safetensors: "):
         load_head(saved)
+
+
+def test_save_config_flushes_before_the_rename(tmp_path, monkeypatch):
+    # the rename published text still in the page cache: a crash could leave an empty config in its place
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync") or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append("replace") or replace(a, b))
+    save_config(Lora(), tmp_path / "lora.yaml")
+    assert events == ["fsync", "replace"] and load_config(Lora, tmp_path / "lora.yaml") == Lora()
