@@ -20,14 +20,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mllm.data.corpora import atomic_write_text, first_test_record
+from mllm.data.corpora import DIGIT_WORDS, atomic_write_text, first_test_record
 from mllm.data.corpora.build import check_corpora
 from mllm.generation import GenerationConfig
 from mllm.media import Audio, Image, Video, save_audio, save_image, save_video
 from mllm.pipeline import Pipeline
 
 MIME = {".png": "image/png", ".wav": "audio/wav", ".mp4": "video/mp4"}
-DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
 @dataclass
