@@ -184,6 +184,21 @@ def test_bad_tokens_raise_value_errors(codec, mel_pair):
             mel_pair[1].decode(torch.zeros(5, 16), steps=steps)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_decoders_on_a_gpu_read_tokens_from_any_device(codec, mel_pair):
+    codec_decoder, mel_decoder = codec[1], mel_pair[1]
+    codes, latents = torch.tensor([3, 999, 0]), torch.randn(5, 16)
+    want = [codec_decoder.decode(codes), mel_decoder.decode(latents, generator=torch.Generator().manual_seed(0))]
+    try:
+        codec_decoder.cuda(), mel_decoder.cuda()
+        got = [codec_decoder.decode(codes),  # generation hands discrete codes over on the CPU
+               mel_decoder.decode(latents.cuda(), generator=torch.Generator().manual_seed(0))]  # features on the GPU
+    finally:
+        codec_decoder.cpu(), mel_decoder.cpu()
+    for w, g in zip(want, got):
+        assert g.sample_rate == w.sample_rate and g.samples.shape == w.samples.shape and np.isfinite(g.samples).all()
+
+
 # ---------------------------------------------------------------- pretrained codecs (tiny random configs)
 
 
@@ -226,6 +241,8 @@ def test_hf_codec_adapters(kind, tmp_path):
         decoder.decode(tokens.flip(0))  # two codebooks per frame, in the wrong order
     with pytest.raises(ValueError, match="whole frames"):
         decoder.decode(tokens[:-1])
+    if torch.cuda.is_available():  # generation hands discrete codes over on the CPU
+        assert decoder.cuda().decode(tokens).samples.shape == out.samples.shape
     with pytest.raises(ValueError, match=f"the codec has {available}"):
         HFCodecTokenizer(HFCodecConfig(path=str(tmp_path / kind), codebooks=available + 1))
 

@@ -60,6 +60,6 @@ class CodecDecoder(DeTokenizer):
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, *, guidance: float | None = None, steps: int | None = None,
                generator: torch.Generator | None = None) -> Audio:
-        codes = check_codes(tokens, self.config.codebook_size, self.name)
+        codes = check_codes(tokens, self.config.codebook_size, self.name).to(self.window.device)
         wave = self(self.quantizer.indices_to_codes(codes[None]))[0]
-        return Audio(wave.clamp(-1, 1).numpy()[None], self.config.mel.sample_rate)
+        return Audio(wave.clamp(-1, 1).cpu().numpy()[None], self.config.mel.sample_rate)

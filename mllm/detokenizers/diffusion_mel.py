@@ -121,10 +121,11 @@ class MelDiffusionDecoder(DeTokenizer):
         sampler.set_timesteps(steps)
         guidance = self.resolve_guidance(guidance)
         frames = latents.shape[-1] * self.config.latents.downsample
-        x = torch.randn(len(latents), self.config.latents.mel.n_mels, frames, generator=generator)
+        # drawn on the CPU (where `generator` lives), so a seed gives the same noise on every device
+        x = torch.randn(len(latents), self.config.latents.mel.n_mels, frames, generator=generator).to(latents.device)
         null = self.null_latent[None, :, None].expand_as(latents)
         for t in sampler.timesteps:
-            ts = t.expand(len(x))
+            ts = t.expand(len(x)).to(x.device)  # the UNet embeds [B] timesteps where they are
             if guidance == 1.0:
                 v = self(x, ts, latents)
             else:
@@ -137,7 +138,7 @@ class MelDiffusionDecoder(DeTokenizer):
         """Normalised log-mel [M, F] -> waveform [F · hop]: mel -> linear magnitude (pseudo-inverse) -> Griffin-Lim."""
         c = self.config.latents.mel
         magnitude = self.mel.denormalize(F.pad(mel, (0, 1), mode="replicate")).exp()  # F + 1 centred frames: F · hop samples
-        linear = (self.inverse_basis @ magnitude).clamp(min=c.floor).numpy()  # [n_fft / 2 + 1, F + 1]
+        linear = (self.inverse_basis @ magnitude).clamp(min=c.floor).cpu().numpy()  # [n_fft / 2 + 1, F + 1]
         wave = librosa.griffinlim(linear, n_iter=self.config.griffin_lim_iters, hop_length=c.hop_length,
                                   win_length=c.win_length, length=mel.shape[-1] * c.hop_length, random_state=seed)
         return torch.from_numpy(wave)
@@ -150,6 +151,7 @@ class MelDiffusionDecoder(DeTokenizer):
             raise ValueError(f"{self.name}: expected latents [N, {dim}] with N >= 1, got {shape}")
         if not torch.isfinite(tokens).all():
             raise ValueError(f"{self.name}: latents [{len(tokens)}, {dim}] contain NaN or inf")
-        mel = self.render_mel(tokens.float().T[None], guidance=guidance, steps=steps, generator=generator)[0]
+        latents = tokens.float().T[None].to(self.null_latent.device)  # [1, D, N] on this de-tokenizer's device
+        mel = self.render_mel(latents, guidance=guidance, steps=steps, generator=generator)[0]
         seed = int(torch.randint(2**31, (1,), generator=generator))
         return Audio(self.griffin_lim(mel, seed).clamp(-1, 1).numpy()[None], self.config.latents.mel.sample_rate)

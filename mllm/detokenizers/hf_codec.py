@@ -43,7 +43,7 @@ class HFCodecDecoder(DeTokenizer):
             raise ValueError(f"{self.name}: token {t * q + i} belongs to codebook {int(codebook[t, i])}, "
                              f"expected codebook {i} (frame-major order, {q} per frame)")
         wave = self.codec.decode((frames % k).T)
-        return Audio(wave.clamp(-1, 1).numpy()[None], self.codec.sample_rate)
+        return Audio(wave.clamp(-1, 1).cpu().numpy()[None], self.codec.sample_rate)
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         return save_config_only(self, path)

@@ -96,7 +96,8 @@ class HFCodec(nn.Module):
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [q, T] -> waveform [T · hop]."""
-        m, codes = self.model, codes[None]
+        m = self.model
+        codes = codes.to(next(m.parameters()).device)[None]  # [1, q, T]: generation hands codes over on the CPU
         if self.kind == "encodec":
             wave = m.decode(codes[None], [None]).audio_values
         elif self.kind == "dac":
