@@ -202,11 +202,22 @@ def test_hf_vision_adapter_encodes_and_is_self_contained(family, query_grid, tmp
 def test_hf_vision_refuses_other_models_and_missing_directories(tmp_path):
     from transformers import BertConfig, BertModel
 
+    from mllm.config import ConfigError
+
     BertModel(BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="not a CLIP or SigLIP"):
+    with pytest.raises(ConfigError, match=rf"^path: {tmp_path}: model_type 'bert' is not a CLIP or SigLIP"):
         build_media_tokenizer("hf_vision", dict(path=str(tmp_path)))
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(ConfigError, match=rf"^path: {tmp_path / 'missing'}: no config.json"):
         build_media_tokenizer("hf_vision", dict(path=str(tmp_path / "missing")))
+    clip = tiny_hf_vision("clip", tmp_path / "clip")
+    (clip / "model.safetensors").unlink()
+    with pytest.raises(ConfigError, match=rf"^path: {clip}: cannot load the checkpoint"):
+        build_media_tokenizer("hf_vision", dict(path=str(clip)))
+    (clip / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=rf"^path: {clip}: cannot load the checkpoint"):
+        build_media_tokenizer("hf_vision", dict(path=str(clip)))
+    with pytest.raises(ConfigError, match=rf"^vision_path: {clip}: cannot load the checkpoint"):
+        build_media_tokenizer("video_divot", dict(vision_path=str(clip)))
 
 
 # ---------------------------------------------------------------- bad input

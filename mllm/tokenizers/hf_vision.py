@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
+from mllm.config import ConfigError
 from mllm.media import Image
 from mllm.tokenizers.base import MediaTokenizer, register
 from mllm.tokenizers.fsq_image import image_batch
@@ -60,19 +61,28 @@ class HFVisionConfig:
             raise ValueError(f"query_grid needs a square num_tokens, got {self.num_tokens}")
 
 
-def _family(model_type: str, where: str) -> str:
+def _family(model_type: str, key: str, where: str) -> str:
+    """The family of a tower's HF `model_type`; a ConfigError on `key` names `where` it came from."""
     if model_type not in MODEL_TYPES:
-        raise ValueError(f"{where}: model_type {model_type!r} is not a CLIP or SigLIP vision model ({', '.join(MODEL_TYPES)})")
+        raise ConfigError(key, f"{where}: model_type {model_type!r} is not a CLIP or SigLIP vision model "
+                               f"({', '.join(MODEL_TYPES)})")
     return MODEL_TYPES[model_type]
 
 
-def _from_directory(config: HFVisionConfig) -> tuple[torch.nn.Module, HFVisionConfig]:
-    """Load the pretrained tower from `config.path`; return it and the config with its HF config and normalisation."""
+def _from_directory(config: HFVisionConfig, key: str = "path") -> tuple[torch.nn.Module, HFVisionConfig]:
+    """Load the pretrained tower from `config.path` (the config's `key`); return it and the config with its HF
+    config and normalisation."""
     path = Path(config.path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: no config.json; hf_vision needs a local CLIP or SigLIP checkpoint directory")
-    config_cls, model_cls, mean, std, _ = FAMILIES[_family(AutoConfig.from_pretrained(path).model_type, str(path))]
-    encoder = model_cls.from_pretrained(path)
+        raise ConfigError(key, f"{path}: no config.json; a local CLIP or SigLIP checkpoint directory is needed")
+    try:
+        model_type = AutoConfig.from_pretrained(path).model_type
+        config_cls, model_cls, mean, std, _ = FAMILIES[_family(model_type, key, str(path))]
+        encoder = model_cls.from_pretrained(path)
+    except (OSError, ValueError) as e:  # transformers' errors for an unreadable config.json or missing weights
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(key, f"{path}: cannot load the checkpoint ({e})") from e
     processor_file = path / "preprocessor_config.json"
     if processor_file.is_file():
         processor = json.loads(processor_file.read_text())
@@ -94,7 +104,7 @@ class HFVisionTokenizer(MediaTokenizer):
         encoder = None
         if config.encoder is None:
             encoder, config = _from_directory(config)
-        config_cls, model_cls, _, _, extra = FAMILIES[_family(config.encoder.get("model_type", ""), "hf_vision encoder")]
+        config_cls, model_cls, _, _, extra = FAMILIES[_family(config.encoder.get("model_type", ""), "encoder", "hf_vision")]
         if encoder is None:
             encoder = model_cls(config_cls.from_dict(config.encoder))
         super().__init__(config)

@@ -119,10 +119,11 @@ def _vision_tower(config: VideoDivotConfig) -> tuple[nn.Module, VideoDivotConfig
     """The frozen CLIP/SigLIP tower, the config with its HF config and normalisation, and its count of non-patch tokens."""
     encoder = None
     if config.vision_config is None:
-        encoder, resolved = _from_directory(HFVisionConfig(path=config.vision_path))
+        encoder, resolved = _from_directory(HFVisionConfig(path=config.vision_path), "vision_path")
         config = dataclasses.replace(config, vision_config=resolved.encoder, image_mean=resolved.image_mean,
                                      image_std=resolved.image_std)
-    config_cls, model_cls, _, _, extra = FAMILIES[_family(config.vision_config.get("model_type", ""), "video_divot tower")]
+    config_cls, model_cls, _, _, extra = FAMILIES[_family(config.vision_config.get("model_type", ""), "vision_config",
+                                                          "video_divot tower")]
     if encoder is None:
         encoder = model_cls(config_cls.from_dict(config.vision_config))
     return encoder.eval().requires_grad_(False), config, extra
