@@ -22,7 +22,7 @@ from mllm.config import ConfigError
 from mllm.data import sources
 from mllm.data.corpora import SPLITS, list_corpora, normalise_caption
 from mllm.data.corpora.build import (
-    FORMAT_VERSION, BuildConfig, Manifest, build_corpora, built_settings, is_complete, load_build_config,
+    FORMAT_VERSION, BuildConfig, Fractions, Manifest, build_corpora, built_settings, is_complete, load_build_config,
     stored_settings,
 )
 
@@ -543,3 +543,30 @@ def test_lane_questions_are_built_when_asked_for(tmp_path):
     for r in lanes:
         lane = 0 if any(s in r["meta"]["question"] for s in ("top", "left?")) else 1
         assert r["meta"]["answer"] == str(r["meta"]["digits"][lane]) == r["messages"][1]["content"][0]["text"]
+
+
+def test_distinct_clips_counts_what_sample_clip_can_draw():
+    import itertools
+
+    from mllm.data.corpora.video import DIRECTIONS, distinct_clips
+
+    pool = {0: [10, 11], 3: [5], 7: [1, 2, 3], 9: []}  # 6 images of 3 labels
+    for max_digits in (1, 2, 3):
+        clips = {(labels, idxs, d) for k in range(1, max_digits + 1) for labels in itertools.permutations(pool, k)
+                 for idxs in itertools.product(*(pool[lab] for lab in labels)) for d in DIRECTIONS}
+        assert distinct_clips(pool, max_digits) == len(clips)
+
+
+def test_more_clips_than_the_digits_can_make_is_refused_not_a_hang(tmp_path):
+    _sources_or_skip()
+    cfg = load_build_config(SMALL)
+    cfg.digits.fractions = Fractions(train=0.001, validation=0.998, test=0.001)  # train: 0 or 1 image a class
+    cfg.video.clips.validation = cfg.video.clips.test = 0
+    with pytest.raises(ValueError, match=r"video.clips.train: the train digits .* have no image of 2, 4, 5, 8, 9,"):
+        build_corpora(cfg, tmp_path / "a", only=["video"], progress=False)
+    cfg = load_build_config(SMALL)
+    cfg.video.max_digits, cfg.video.clips.validation, cfg.video.clips.test = 1, 0, 0
+    cfg.video.clips.train = 4 * 10 * 1001  # one-digit clips of every train image in every direction, and more
+    with pytest.raises(ValueError, match=r"video.clips.train 40040: the train digits .* make only \d+ different clips"):
+        build_corpora(cfg, tmp_path / "b", only=["video"], progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

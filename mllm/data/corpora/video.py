@@ -8,6 +8,8 @@ clip never shows a training digit.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import PIL.Image
 
@@ -83,6 +85,17 @@ def by_label(pool: list[tuple[int, int]]) -> dict[int, list[int]]:
     return out
 
 
+def distinct_clips(by_label: dict[int, list[int]], max_digits: int, min_digits: int = 1) -> int:
+    """How many different clips `sample_clip` can draw: ordered distinct labels, an image each, a direction."""
+    sizes = [len(by_label.get(lab, [])) for lab in range(10)]
+    # e[k]: Σ over k-sets of labels of the product of their pool sizes (elementary symmetric polynomials)
+    e = [1] + [0] * max_digits
+    for n in sizes:
+        for k in range(max_digits, 0, -1):
+            e[k] += e[k - 1] * n
+    return len(DIRECTIONS) * sum(math.factorial(k) * e[k] for k in range(min_digits, max_digits + 1))
+
+
 def sample_clip(rng: np.random.Generator, by_label: dict[int, list[int]], max_digits: int,
                 min_digits: int = 1) -> tuple[list[int], list[int], str]:
     """(labels, package indices, direction) of a random clip; the labels are distinct."""
@@ -107,6 +120,12 @@ def build(ctx: BuildContext) -> CorpusResult:
         for split in SPLITS:
             rng = ctx.rng("video", split)
             pool = by_label(split_pool(ctx.cfg.digits.fractions, split))
+            if counts[split] and (missing := [lab for lab in range(10) if not pool.get(lab)]):
+                raise ValueError(f"video.clips.{split}: the {split} digits (digits.fractions) have no image of "
+                                 f"{', '.join(map(str, missing))}, which its clips draw from")
+            if counts[split] > (most := distinct_clips(pool, cfg.max_digits)):
+                raise ValueError(f"video.clips.{split} {counts[split]}: the {split} digits (digits.fractions) make "
+                                 f"only {most} different clips")
             seen = set()
             k = 0
             while k < counts[split]:
