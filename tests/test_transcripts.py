@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -65,3 +67,11 @@ def test_ctc_loss_is_finite_when_a_clip_is_too_short_for_its_transcript():
     loss = ctc_loss(torch.randn(2, 4, NUM_CLASSES, requires_grad=True), batch.frames(2), batch.targets, batch.target_lengths)
     loss.backward()
     assert torch.isfinite(loss)
+
+
+def test_linear_probe_scores_no_test_clips_nan_and_needs_train_clips():
+    gen = torch.Generator().manual_seed(0)
+    clips = [(spoken(t, 32, 0.05, gen), t) for t in WORDS]
+    assert math.isnan(linear_ctc_probe_cer(clips, [], steps=1))  # not a CER of 0: nothing was read
+    with pytest.raises(ValueError, match="no transcribed train clips"):
+        linear_ctc_probe_cer([], clips, steps=1)

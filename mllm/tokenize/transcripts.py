@@ -87,9 +87,14 @@ def greedy_ctc(logits: torch.Tensor) -> str:
 def linear_ctc_probe_cer(train: list[tuple[torch.Tensor, str]], test: list[tuple[torch.Tensor, str]],
                          steps: int = 400, batch_size: int = 64, seed: int = 0) -> float:
     """How plainly latents say what is spoken: a linear CTC classifier over standardised latents [T, D], fit on
-    `train` (Adam, seeded), its character error rate (jiwer) on `test`, decoded greedily."""
+    `train` (Adam, seeded), its character error rate (jiwer) on `test`, decoded greedily; NaN for no `test` clips
+    (jiwer scores no clips 0: a perfect probe)."""
     import jiwer
 
+    if not train:
+        raise ValueError("linear CTC probe: no transcribed train clips to fit it on")
+    if not test:
+        return float("nan")
     latents = torch.cat([x for x, _ in train])
     mean, std = latents.mean(0), latents.std(0).clamp_min(1e-6)
     torch.manual_seed(seed)
