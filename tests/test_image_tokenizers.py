@@ -209,7 +209,11 @@ def test_hf_vision_refuses_other_models_and_missing_directories(tmp_path):
         build_media_tokenizer("hf_vision", dict(path=str(tmp_path)))
     with pytest.raises(ConfigError, match=rf"^path: {tmp_path / 'missing'}: no config.json"):
         build_media_tokenizer("hf_vision", dict(path=str(tmp_path / "missing")))
-    clip = tiny_hf_vision("clip", tmp_path / "clip")
+    clip = tiny_hf_vision("clip", tmp_path / "clip")  # 2 layers: hidden states 0 to 2
+    for key, name in (("feature_layer", "hf_vision"), ("vision_layer", "video_divot")):
+        build_media_tokenizer(name, {"path" if name == "hf_vision" else "vision_path": str(clip), key: -3})
+        with pytest.raises(ConfigError, match=rf"^{key}: the tower has 3 hidden states \(-3 to 2\), got 3"):
+            build_media_tokenizer(name, {"path" if name == "hf_vision" else "vision_path": str(clip), key: 3})
     (clip / "model.safetensors").unlink()
     with pytest.raises(ConfigError, match=rf"^path: {clip}: cannot load the checkpoint"):
         build_media_tokenizer("hf_vision", dict(path=str(clip)))

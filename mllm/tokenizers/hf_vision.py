@@ -69,6 +69,13 @@ def _family(model_type: str, key: str, where: str) -> str:
     return MODEL_TYPES[model_type]
 
 
+def check_layer(encoder: torch.nn.Module, layer: int, key: str) -> None:
+    """Refuse a hidden-state index the tower does not have: it has num_hidden_layers + 1 (the embeddings first)."""
+    states = encoder.config.num_hidden_layers + 1
+    if not -states <= layer < states:
+        raise ConfigError(key, f"the tower has {states} hidden states (-{states} to {states - 1}), got {layer}")
+
+
 def _from_directory(config: HFVisionConfig, key: str = "path") -> tuple[torch.nn.Module, HFVisionConfig]:
     """Load the pretrained tower from `config.path` (the config's `key`); return it and the config with its HF
     config and normalisation."""
@@ -107,6 +114,7 @@ class HFVisionTokenizer(MediaTokenizer):
         config_cls, model_cls, _, _, extra = FAMILIES[_family(config.encoder.get("model_type", ""), "encoder", "hf_vision")]
         if encoder is None:
             encoder = model_cls(config_cls.from_dict(config.encoder))
+        check_layer(encoder, config.feature_layer, "feature_layer")
         super().__init__(config)
         self.encoder = encoder.eval().requires_grad_(False)
         e = encoder.config

@@ -35,7 +35,7 @@ from torch import nn
 from mllm.media import MediaError, Video
 from mllm.tokenizers.base import MediaTokenizer, register
 from mllm.tokenizers.fsq_image import check_stem, check_vit, grid_positions, patch_stem, vit
-from mllm.tokenizers.hf_vision import FAMILIES, HFVisionConfig, _family, _from_directory
+from mllm.tokenizers.hf_vision import FAMILIES, HFVisionConfig, _family, _from_directory, check_layer
 from mllm.tokenizers.resampler_image import Resampler
 
 
@@ -126,6 +126,7 @@ def _vision_tower(config: VideoDivotConfig) -> tuple[nn.Module, VideoDivotConfig
                                                           "video_divot tower")]
     if encoder is None:
         encoder = model_cls(config_cls.from_dict(config.vision_config))
+    check_layer(encoder, config.vision_layer, "vision_layer")
     return encoder.eval().requires_grad_(False), config, extra
 
 
