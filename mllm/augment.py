@@ -220,8 +220,9 @@ class AudioPerturb:
 def perturb_audio(samples: np.ndarray, cfg: AudioPerturb, sample_rate: int, rng: np.random.Generator) -> np.ndarray:
     """float32 samples [C, N] in [-1, 1] -> the clip played at a random speed, stretched to a random tempo, with
     `freq_masks` random bands and `time_masks` random spans silenced, at a random gain: [C, about N / (speed ·
-    tempo)], clipped to [-1, 1]. The sample rate is unchanged. Draws nothing for a perturbation that is off, so
-    adding one leaves the others' draws as they were."""
+    tempo)], clipped to [-1, 1]. The sample rate is unchanged. Speed and gain are drawn for every clip; tempo,
+    bands and spans only when they are on (tempo only for a clip of at least one window), in that order, so
+    turning one on leaves the draws before it as they were and moves those after it."""
     if not cfg.enabled:
         return samples
     speed = Fraction(float(rng.uniform(*cfg.speed))).limit_denominator(100)
