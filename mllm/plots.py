@@ -15,16 +15,27 @@ from matplotlib.figure import Figure
 from mllm.media import Audio, Image, Video
 
 
-def save_loss_curves(history: dict[str, list[float]], path: str | os.PathLike, title: str = "training") -> Path:
-    """One line per named series (e.g. {"loss": [...], "recon": [...]}) against the step; log scale unless a
+def save_loss_curves(
+    history: dict[str, list[float]],
+    path: str | os.PathLike,
+    title: str = "training",
+    points: dict[str, dict[int, float]] | None = None,
+) -> Path:
+    """One line per named series (e.g. {"loss": [...], "recon": [...]}) against the step, and the series measured
+    only at some steps (e.g. {"eval_loss": {500: 2.1, 1000: 1.8}}) as dots joined by dashes; log scale unless a
     value is zero or negative (a GMM head's NLL goes below zero), which a log axis would silently leave out."""
+    points = points or {}
     fig = Figure(figsize=(6.4, 3.6), layout="tight")
     ax = fig.add_subplot()
     for name, values in history.items():
         ax.plot(np.arange(1, len(values) + 1), values, lw=1, label=name)
-    ys = np.asarray([v for values in history.values() for v in values], dtype=float)
+    for name, measured in points.items():
+        steps = sorted(measured)
+        ax.plot(steps, [measured[s] for s in steps], "o--", lw=1, ms=3, label=name)
+    ys = np.asarray([v for values in history.values() for v in values]
+                    + [v for measured in points.values() for v in measured.values()], dtype=float)
     ax.set(xlabel="step", ylabel="value", title=title, yscale="log" if (ys[np.isfinite(ys)] > 0).all() else "linear")
-    if len(history) > 1:
+    if len(history) + len(points) > 1:
         ax.legend()
     return _save(fig, path)
 

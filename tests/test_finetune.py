@@ -22,6 +22,7 @@ from mllm.checkpoint import load_checkpoint, save_checkpoint
 from mllm.cli import main as cli
 from mllm.config import ConfigError
 from mllm.model import MultimodalLM
+from mllm.plots import save_loss_curves
 from mllm.tokenizers import build_media_tokenizer
 from mllm.train import apply_policy, finetune, load_recipe, merge, trainable_summary
 from mllm.train.checkpointing import (
@@ -35,6 +36,7 @@ from mllm.train.checkpointing import (
     step_dir,
 )
 from mllm.train.distributed import DistEnv, StepResult
+from mllm.train import loop
 from mllm.train.loop import Finetune, NonFiniteLossError
 from tests.conftest import TINY_LMS
 from tests.finetune_setup import ROOT, RECIPES, recipe, write, losses
@@ -102,7 +104,11 @@ def test_token_rows_of_a_tied_model_merge_exactly(corpus, text_tokenizer, tmp_pa
 # ---- training, resume, crash safety -------------------------------------------------------------
 
 
-def test_a_run_writes_checkpoints_metrics_tensorboard_and_a_loss_curve(corpus, text_tokenizer, tmp_path, capsys):
+def test_a_run_writes_checkpoints_metrics_tensorboard_and_a_loss_curve(corpus, text_tokenizer, tmp_path, capsys,
+                                                                       monkeypatch):
+    curves = []
+    monkeypatch.setattr(loop, "save_loss_curves", lambda *args, **kwargs: curves.append(kwargs) or
+                        save_loss_curves(*args, **kwargs))
     cfg = load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, tmp_path / "out", data={
         "train": ["generate.jsonl"], "validation": ["understand.jsonl"]}, train={"max_steps": 4, "save_every": 2, "keep_last": 1, "eval_every": 2,
                                                      "eval_batches": 2, "tensorboard": True, "export": "merged",
@@ -115,6 +121,7 @@ def test_a_run_writes_checkpoints_metrics_tensorboard_and_a_loss_curve(corpus, t
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and "eval_loss" in rows[1] and "image_loss" in rows[0]
     assert all(np.isfinite(r["loss"]) and not r["skipped"] for r in rows)
     assert list((out / "tensorboard").glob("events.out.tfevents.*")) and (out / "loss.png").stat().st_size > 0
+    assert curves[0]["points"] == {"eval_loss": {2: rows[1]["eval_loss"], 4: rows[3]["eval_loss"]}}
     ckpt = complete_checkpoints(out)[-1]
     assert sorted(p.name for p in ckpt.iterdir()) == ["COMPLETE", "model.safetensors", "optimizer", "recipe.yaml",
                                                       "rng", "trainer.json"]

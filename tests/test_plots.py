@@ -34,3 +34,12 @@ def test_a_failed_save_keeps_the_old_picture_and_no_partial_file(tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         plots.save_loss_curves({"loss": [3.0, 1.0]}, tmp_path / "loss.png")
     assert [p.name for p in tmp_path.iterdir()] == ["loss.png"] and (tmp_path / "loss.png").read_bytes() == before
+
+
+def test_series_measured_at_some_steps_are_drawn_at_those_steps(tmp_path, monkeypatch):
+    drawn = {}
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.update(
+        {line.get_label(): line.get_xydata().tolist() for line in fig.axes[0].get_lines()}) or save(fig, path))
+    plots.save_loss_curves({"loss": [3.0, 2.0, 1.5, 1.2]}, tmp_path / "loss.png", points={"eval_loss": {4: 1.4, 2: 2.2}})
+    assert drawn == {"loss": [[1, 3.0], [2, 2.0], [3, 1.5], [4, 1.2]], "eval_loss": [[2, 2.2], [4, 1.4]]}

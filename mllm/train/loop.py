@@ -446,7 +446,9 @@ class Finetune:
         for name in ("lm_loss", "transcript_loss"):
             if any(name in r for r in history):
                 series[name] = [r.get(name, math.nan) for r in history]
-        save_loss_curves(series, self.out / "loss.png", title=f"finetune: {self.out.name}")
+        evaluated = {"eval_loss": {r["step"]: r["eval_loss"] for r in history if "eval_loss" in r}}
+        save_loss_curves(series, self.out / "loss.png", title=f"finetune: {self.out.name}",
+                         points={k: v for k, v in evaluated.items() if v})
 
     def _trim_metrics(self) -> None:
         """Keep the metrics of the steps the resumed checkpoint includes; drop those it does not, and any line
