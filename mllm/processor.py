@@ -275,18 +275,18 @@ class Processor:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "Processor":
         path = Path(path)
+        file = path / CONFIG_FILE
         try:
-            config = json.loads((path / CONFIG_FILE).read_text())
+            config = json.loads(file.read_text(encoding="utf-8"))
+            layout = VocabLayout.from_dict(config["vocab_layout"])
+            template = chat_template_from_dict(config["chat_template"])
+            subdirs = dict(config["media_tokenizers"])
         except OSError as e:
             raise FileNotFoundError(f"{path}: not an mllm checkpoint (no {CONFIG_FILE})") from e
-        media = {name: load_media_tokenizer(path / sub) for name, sub in config["media_tokenizers"].items()}
-        return cls(
-            AutoTokenizer.from_pretrained(path),
-            VocabLayout.from_dict(config["vocab_layout"]),
-            chat_template_from_dict(config["chat_template"]),
-            media,
-            config.get("max_length"),
-        )
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, or not a processor's fields
+            raise ValueError(f"{file}: not a valid processor config ({type(e).__name__}: {e})") from e
+        media = {name: load_media_tokenizer(path / sub) for name, sub in subdirs.items()}
+        return cls(AutoTokenizer.from_pretrained(path), layout, template, media, config.get("max_length"))
 
 
 class _SequenceBuilder:

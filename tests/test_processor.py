@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 
 import numpy as np
 import pytest
@@ -194,6 +195,21 @@ def test_save_load_round_trip(processor, tmp_path):
     assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
     assert torch.equal(a.features["image"], b.features["image"])
     assert loaded.template == processor.template and loaded.layout == processor.layout
+
+
+@pytest.mark.parametrize("damage", [
+    lambda c: "{truncated",
+    lambda c: "[]",
+    lambda c: json.dumps({k: v for k, v in c.items() if k != "vocab_layout"}),
+    lambda c: json.dumps(c | {"vocab_layout": {"modalities": [{"spec": {}}]}}),
+    lambda c: json.dumps(c | {"media_tokenizers": 3}),
+])
+def test_a_damaged_processor_config_is_named(processor, tmp_path, damage):
+    processor.save_pretrained(tmp_path)
+    config = tmp_path / "mllm_processor.json"
+    config.write_text(damage(json.loads(config.read_text())))
+    with pytest.raises(ValueError, match=f"{re.escape(str(config))}: not a valid processor config"):
+        Processor.from_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("template", ["plain", "chatml", "mistral"])
