@@ -243,7 +243,7 @@ def test_hf_codec_adapters(kind, tmp_path):
         decoder.decode(tokens[:-1])
     if torch.cuda.is_available():  # generation hands discrete codes over on the CPU
         assert decoder.cuda().decode(tokens).samples.shape == out.samples.shape
-    with pytest.raises(ValueError, match=f"the codec has {available}"):
+    with pytest.raises(InputError, match=f"^codebooks: .*the codec has {available}"):
         HFCodecTokenizer(HFCodecConfig(path=str(tmp_path / kind), codebooks=available + 1))
 
 
@@ -252,8 +252,11 @@ def test_hf_codec_refuses_a_missing_directory_and_other_models(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="no such codec directory"):
         HFCodecTokenizer(HFCodecConfig(path=str(tmp_path / "nothing")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty: no config.json"):
+        HFCodecTokenizer(HFCodecConfig(path=str(tmp_path / "empty")))
     GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=10).save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(ValueError, match="a 'gpt2' model, not one of the codecs"):
+    with pytest.raises(InputError, match="^path: .*gpt2: a 'gpt2' model, not one of the codecs"):  # one line in the CLI
         HFCodecTokenizer(HFCodecConfig(path=str(tmp_path / "gpt2")))
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from mllm.config import to_dict
+from mllm.config import ConfigError, to_dict
 from mllm.media import Audio
 from mllm.module import ConfiguredModule
 from mllm.tokenizers.base import MediaTokenizer, register
@@ -56,11 +56,14 @@ class HFCodec(nn.Module):
 
         if not Path(config.path).is_dir():
             raise FileNotFoundError(f"{config.path}: no such codec directory")
+        if not (Path(config.path) / "config.json").is_file():
+            raise FileNotFoundError(f"{config.path}: no config.json (not a directory the codec's save_pretrained wrote)")
         c = AutoConfig.from_pretrained(config.path, local_files_only=True)
         if c.model_type not in CODECS:
-            raise ValueError(f"{config.path}: a {c.model_type!r} model, not one of the codecs {list(CODECS)}")
+            raise ConfigError("path", f"{config.path}: a {c.model_type!r} model, not one of the codecs {list(CODECS)}")
         if c.model_type == "encodec" and (c.normalize or c.chunk_length_s or c.audio_channels != 1):
-            raise ValueError(f"{config.path}: EnCodec with normalised chunks or stereo (the 48 kHz model) is not supported")
+            raise ConfigError("path", f"{config.path}: EnCodec with normalised chunks or stereo (the 48 kHz model) "
+                                      "is not supported")
         model = AutoModel.from_pretrained(config.path, local_files_only=True).eval()
         self.model, self.kind = model, c.model_type
         self.sample_rate = int(c.sampling_rate)
@@ -73,7 +76,8 @@ class HFCodec(nn.Module):
             self.hop = math.prod(c.upsampling_ratios) * round(c.encodec_frame_rate / c.frame_rate)
             available = c.num_quantizers
         if config.codebooks > available:
-            raise ValueError(f"{config.path}: asked for {config.codebooks} codebooks, the codec has {available}")
+            raise ConfigError("codebooks", f"{config.path}: asked for {config.codebooks} codebooks, the codec has "
+                                           f"{available}")
         self.codebooks = config.codebooks
 
     def frames(self, num_samples: int) -> int:
