@@ -552,3 +552,16 @@ def test_ink_invariance_names_a_missing_or_discrete_teacher(tmp_path):
     vq_decoder(tok).save_pretrained(tmp_path / "fsq" / "detokenizer")
     with pytest.raises(ConfigError, match=r"^teacher in image_ink_invariance: .*fsq holds a discrete image tokenizer"):
         commands.train(recipe, tmp_path, tmp_path / "out", [f"teacher={tmp_path / 'fsq'}"])
+
+
+@pytest.mark.parametrize("options, reason", [
+    (dict(num_tokens=15), r"a grid of 15 tokens does not match 16 patches of 4²"), (dict(code_dim=0), r"code_dim >= 1"),
+    (dict(image_size=18), r"image_size 18 must be a positive multiple of patch_size 4"),
+])
+def test_vq_image_decoder_refuses_a_bad_config_by_name(options, reason):
+    from mllm.config import ConfigError
+
+    good = dict(image_size=16, num_tokens=16, codebook_size=48, code_dim=3, arch=dict(patch_size=4, width=32, depth=1, heads=2))
+    build_detokenizer("vq_image", good)
+    with pytest.raises(ConfigError, match=rf"^de-tokenizer 'vq_image': .*{reason}"):
+        build_detokenizer("vq_image", {**good, **options})

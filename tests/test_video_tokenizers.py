@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import mllm.tokenize  # noqa: F401  (registers the video tokenizers, de-tokenizers and recipes)
 from mllm.detokenizers import build_detokenizer, list_detokenizers, load_detokenizer
@@ -310,3 +311,20 @@ def test_video_ink_invariance_teaches_a_copy_the_teachers_tokens_for_recoloured_
     assert report["token_mse_student_slowed"] > 0 and 0 <= report["direction_accuracy_drawn_from_student_slowed"] <= 1
     assert (moved / "report" / "ink_invariance.png").is_file()  # inputs and what was drawn back, as frame strips
     assert 0 <= report["direction_accuracy_drawn_from_student_moved"] <= 1  # the video judge on them
+
+
+@pytest.mark.parametrize("options, reason", [
+    (dict(fps=0.0), r"finite fps > 0, got 4, 0.0"), (dict(frames=0), r"frames >= 1"),
+    (dict(token_grid=[-1, 2], num_tokens=-4), r"num_tokens >= 1"), (dict(token_grid=[4, -2]), r"token_grid \[4, -2\]"),
+    (dict(codebook_size=1), r"codebook_size >= 2"), (dict(image_size=30), r"image_size 30 must be a positive multiple"),
+])
+def test_vq_video_decoder_refuses_a_bad_config_by_file(options, reason, tmp_path):
+    from mllm.config import ConfigError
+
+    decoder = vq_decoder(tokenizer("video_divot_fsq"))
+    decoder.save_pretrained(tmp_path)
+    meta = yaml.safe_load((tmp_path / "detokenizer.yaml").read_text())
+    meta["config"].update(options)
+    (tmp_path / "detokenizer.yaml").write_text(yaml.safe_dump(meta))
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'detokenizer.yaml'}: .*{reason}"):
+        load_detokenizer(tmp_path)

@@ -18,6 +18,13 @@ from torch import nn
 from mllm.detokenizers.base import DeTokenizer
 
 
+def check_code_config(num_tokens: int, codebook_size: int, code_dim: int) -> None:
+    """A decoder config's codes: at least one token, two codes and one dimension."""
+    if num_tokens < 1 or codebook_size < 2 or code_dim < 1:
+        raise ValueError(f"need num_tokens >= 1, codebook_size >= 2 and code_dim >= 1, got {num_tokens}, "
+                         f"{codebook_size}, {code_dim}")
+
+
 class CodebookDecoder(DeTokenizer):
     """Subclasses build `self.decoder` (vectors [B, N, D] -> tensors [B, ...]) and turn one tensor into a medium.
 

@@ -25,7 +25,7 @@ from einops import rearrange
 from torch import nn
 
 from mllm.detokenizers.base import register
-from mllm.detokenizers.codebook import CodebookDecoder
+from mllm.detokenizers.codebook import CodebookDecoder, check_code_config
 from mllm.media import Image
 from mllm.tokenizers.fsq_image import check_vit, grid_positions, vit
 
@@ -80,6 +80,13 @@ class VQImageDecoderConfig:
     code_dim: int = 4
     layout: Literal["grid", "sequence"] = "grid"
     arch: PixelDecoderArch = field(default_factory=PixelDecoderArch)
+
+    def __post_init__(self):
+        check_code_config(self.num_tokens, self.codebook_size, self.code_dim)
+        check_vit(self.image_size, self.arch.patch_size, self.arch.width, self.arch.heads)
+        grid = self.image_size // self.arch.patch_size
+        if self.layout == "grid" and self.num_tokens != grid**2:
+            raise ValueError(f"a grid of {self.num_tokens} tokens does not match {grid**2} patches of {self.arch.patch_size}²")
 
 
 @register

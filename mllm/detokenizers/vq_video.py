@@ -15,6 +15,7 @@ recipe `video_divot`, which pre-trains continuous tokens through it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +24,7 @@ from einops import rearrange
 from torch import nn
 
 from mllm.detokenizers.base import register
-from mllm.detokenizers.codebook import CodebookDecoder
+from mllm.detokenizers.codebook import CodebookDecoder, check_code_config
 from mllm.detokenizers.vq_image import PixelDecoderArch
 from mllm.media import Video
 from mllm.tokenizers.fsq_image import check_vit, grid_positions, vit
@@ -43,9 +44,8 @@ class FramesDecoder(nn.Module):
         check_vit(image_size, arch.patch_size, arch.width, arch.heads)
         self.frames, self.grid, self.patch_size = frames, image_size // arch.patch_size, arch.patch_size
         self.token_grid = token_grid
+        check_token_grid(token_grid, num_tokens)
         if token_grid is not None:
-            if token_grid[0] * token_grid[1] ** 2 != num_tokens:
-                raise ValueError(f"token_grid {list(token_grid)} does not hold {num_tokens} tokens")
             self.cell_proj = nn.Linear(token_grid[0] * token_dim, arch.width)
         self.proj_in = nn.Linear(token_dim, arch.width)
         self.token_pos = nn.Parameter(torch.randn(num_tokens, arch.width) * 0.02)
@@ -80,6 +80,19 @@ class VQVideoDecoderConfig:
     code_dim: int = 4
     token_grid: tuple[int, int] | None = (4, 4)  # the tokenizer's query grid (a, s); None: a plain sequence
     arch: PixelDecoderArch = field(default_factory=frames_decoder_arch)
+
+    def __post_init__(self):
+        check_code_config(self.num_tokens, self.codebook_size, self.code_dim)
+        check_vit(self.image_size, self.arch.patch_size, self.arch.width, self.arch.heads)
+        if self.frames < 1 or not 0 < self.fps < math.inf:
+            raise ValueError(f"need frames >= 1 and a finite fps > 0, got {self.frames}, {self.fps}")
+        check_token_grid(self.token_grid, self.num_tokens)
+
+
+def check_token_grid(token_grid: tuple[int, int] | None, num_tokens: int) -> None:
+    """A space-time grid (a, s) holds a·s² tokens, a and s >= 1."""
+    if token_grid is not None and (min(token_grid) < 1 or token_grid[0] * token_grid[1] ** 2 != num_tokens):
+        raise ValueError(f"token_grid {list(token_grid)} does not hold num_tokens {num_tokens}")
 
 
 @register
