@@ -169,6 +169,11 @@ def test_mel_diffusion_config_refuses_what_the_unet_cannot_build(bad, match):
         from_dict(MelDiffusionConfig, bad, source="detokenizer.yaml")
 
 
+def test_mel_latent_config_says_which_value_is_wrong():
+    with pytest.raises(ConfigError, match="must be >= 1 and depth >= 0, got 4, 0, 192, 3"):
+        from_dict(MelLatentConfig, {"latent_dim": 0}, source="tokenizer.yaml")
+
+
 def test_bad_tokens_raise_value_errors(codec, mel_pair):
     decoder = codec[1]
     for bad, match in [(torch.zeros(2, 3, dtype=torch.long), r"\(2, 3\)"), (torch.zeros(4), r"\(4,\)"),

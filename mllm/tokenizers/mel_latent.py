@@ -136,7 +136,8 @@ class MelLatentConfig:
 
     def __post_init__(self):
         if self.downsample < 1 or self.latent_dim < 1 or self.channels < 1 or self.depth < 0:
-            raise ValueError("downsample, latent_dim and channels must be >= 1 and depth >= 0")
+            raise ValueError(f"downsample, latent_dim and channels must be >= 1 and depth >= 0, got {self.downsample}, "
+                             f"{self.latent_dim}, {self.channels}, {self.depth}")
 
     @property
     def samples_per_token(self) -> int:
