@@ -23,6 +23,7 @@ from transformers.utils import is_flash_attn_2_available
 from mllm.bench import models
 from mllm.bench.generation import hf, ours
 from mllm.bench.machine import train_flops_per_token
+from mllm.bench.options import positive_int
 from mllm.bench.timing import alternate
 from mllm.bench.training import stepper
 
@@ -48,13 +49,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16")
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--layers", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=5, help="timed repeats of each variant")
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--matmul", type=int, default=8192, help="side of the peak-FLOP matmul")
+    parser.add_argument("--hidden", type=positive_int, default=2048)
+    parser.add_argument("--layers", type=positive_int, default=16)
+    parser.add_argument("--seq", type=positive_int, default=2048)
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--steps", type=positive_int, default=5, help="timed repeats of each variant")
+    parser.add_argument("--new-tokens", type=positive_int, default=128)
+    parser.add_argument("--matmul", type=positive_int, default=8192, help="side of the peak-FLOP matmul")
     args = parser.parse_args()
     device, dtype = args.device, DTYPES[args.dtype]
     card = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"

@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -180,3 +181,11 @@ def test_a_section_named_twice_runs_once(tmp_path, monkeypatch):
     args = add_arguments(argparse.ArgumentParser()).parse_args(
         ["--only", "scale", "machine", "scale", "--out", str(tmp_path / "b"), "--work", str(tmp_path / "w")])
     assert suite.run_from_args(args) == 0 and ran == [["scale", "machine"]]
+
+
+def test_the_gpu_script_refuses_a_count_below_one_before_any_work():
+    # --steps 0 got as far as timing, then raised a bare ValueError from `alternate`
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "bench/gpu.py", "--device", "cpu", "--steps", "0"], cwd=root,
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": root})
+    assert run.returncode == 2 and "argument --steps: expected a positive integer, got 0" in run.stderr
