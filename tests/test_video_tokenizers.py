@@ -328,3 +328,14 @@ def test_vq_video_decoder_refuses_a_bad_config_by_file(options, reason, tmp_path
     (tmp_path / "detokenizer.yaml").write_text(yaml.safe_dump(meta))
     with pytest.raises(ConfigError, match=rf"^{tmp_path / 'detokenizer.yaml'}: .*{reason}"):
         load_detokenizer(tmp_path)
+
+
+def test_video_grids_refuse_sides_below_one_and_a_pool_over_the_patch_grid():
+    from mllm.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^media tokenizer 'video_divot': query_grid \[4, -2\] makes 16 queries"):
+        build_media_tokenizer("video_divot", {**BASE, "num_tokens": 16, "query_grid": [4, -2]})
+    with pytest.raises(ConfigError, match=r"^de-tokenizer 'diffusion_video': token_grid \[4, -2\] does not hold num_tokens 16"):
+        build_detokenizer("diffusion_video", dict(num_tokens=16, token_grid=[4, -2]))
+    with pytest.raises(ConfigError, match=r"^pool: 5 is larger than the 4×4 patch grid"):
+        build_media_tokenizer("video_divot", {**BASE, "pool": 5})

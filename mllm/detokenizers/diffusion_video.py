@@ -42,7 +42,7 @@ from mllm.detokenizers.base import register
 from mllm.detokenizers.diffusion import DiffusionConfig, DiffusionDeTokenizer
 from mllm.detokenizers.diffusion_image import DiTArch
 from mllm.detokenizers.vq_image import PixelDecoderArch
-from mllm.detokenizers.vq_video import FramesDecoder
+from mllm.detokenizers.vq_video import FramesDecoder, check_token_grid
 from mllm.media import Video
 
 
@@ -63,8 +63,7 @@ class DiffusionVideoConfig:
             raise ValueError(f"need frames >= 1 and fps > 0, got {self.frames}, {self.fps}")
         if self.image_size % self.dit.patch_size:
             raise ValueError(f"image_size {self.image_size} must be divisible by dit.patch_size {self.dit.patch_size}")
-        if self.token_grid is not None and self.token_grid[0] * self.token_grid[1] ** 2 != self.num_tokens:
-            raise ValueError(f"token_grid {list(self.token_grid)} does not hold num_tokens {self.num_tokens}")
+        check_token_grid(self.token_grid, self.num_tokens)
         d = self.diffusion
         if self.prior is not None and (d.scheduler == "flow_matching" or d.prediction_type != "sample"):
             raise ValueError("a prior needs x0-prediction (scheduler ddpm or ddim, prediction_type sample), got "

@@ -32,6 +32,7 @@ from diffusers.models.embeddings import get_1d_sincos_pos_embed_from_grid
 from einops import rearrange
 from torch import nn
 
+from mllm.config import ConfigError
 from mllm.media import MediaError, Video
 from mllm.tokenizers.base import MediaTokenizer, register
 from mllm.tokenizers.fsq_image import check_stem, check_vit, grid_positions, patch_stem, vit
@@ -106,7 +107,8 @@ class VideoDivotConfig:
                              f"{self.num_tokens}, {self.feature_dim}")
         check_vit(self.image_size, self.patch_size, self.width, self.heads)
         check_stem(self.stem, self.patch_size)
-        if self.query_grid is not None and self.query_grid[0] * self.query_grid[1] ** 2 != self.num_tokens:
+        if self.query_grid is not None and (min(self.query_grid) < 1 or
+                                            self.query_grid[0] * self.query_grid[1] ** 2 != self.num_tokens):
             raise ValueError(f"query_grid {list(self.query_grid)} makes {self.query_grid[0] * self.query_grid[1] ** 2} "
                              f"queries, not num_tokens {self.num_tokens}")
 
@@ -155,7 +157,7 @@ class VideoDivotTokenizer(MediaTokenizer):
             self.embed = patch_stem(c.stem, c.image_size, c.patch_size, c.width)
             self.spatial = vit(c.width, c.spatial_depth, c.heads)
         if c.pool > grid:
-            raise ValueError(f"pool {c.pool} is larger than the {grid}×{grid} patch grid")
+            raise ConfigError("pool", f"{c.pool} is larger than the {grid}×{grid} patch grid")
         self.grid = grid
         self.time_pos = nn.Parameter(time_positions(c.frames, c.width))  # [T, W]
         self.temporal = vit(c.width, c.temporal_depth, c.heads)
