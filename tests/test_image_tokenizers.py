@@ -565,3 +565,12 @@ def test_vq_image_decoder_refuses_a_bad_config_by_name(options, reason):
     build_detokenizer("vq_image", good)
     with pytest.raises(ConfigError, match=rf"^de-tokenizer 'vq_image': .*{reason}"):
         build_detokenizer("vq_image", {**good, **options})
+
+
+def test_train_command_unmarks_a_previous_run_before_training_again(tmp_path):
+    out = tmp_path / "trained"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")  # a finished earlier run into the same directory
+    with pytest.raises(FileNotFoundError, match="no such corpus split"):
+        commands.train("tokenizers/image_fsq_tiny.yaml", tmp_path / "no corpora", out)
+    assert not (out / "metrics.json").exists() and (out / "recipe.yaml").is_file()

@@ -28,6 +28,7 @@ def train(recipe_path: str | os.PathLike, corpora: Path, out: Path, overrides: l
     """Validate the recipe before any work, train, and record the recipe beside the weights."""
     recipe, cfg = load_recipe(recipe_path, overrides)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").unlink(missing_ok=True)  # a previous run's would mark this one done if it fails
     atomic_write_text(out / RECIPE_FILE, yaml.safe_dump({"recipe": recipe.name, "config": to_dict(cfg)}, sort_keys=False))
     metrics = recipe.train(cfg, corpora, out)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))  # last: it marks the training done
