@@ -210,6 +210,9 @@ def test_hf_vision_refuses_other_models_and_missing_directories(tmp_path):
     with pytest.raises(ConfigError, match=rf"^path: {tmp_path / 'missing'}: no config.json"):
         build_media_tokenizer("hf_vision", dict(path=str(tmp_path / "missing")))
     clip = tiny_hf_vision("clip", tmp_path / "clip")  # 2 layers: hidden states 0 to 2
+    for options in (dict(num_tokens=0), dict(feature_dim=0)):  # 0 = 0² passed as a query grid: empty tokens
+        with pytest.raises(ConfigError, match=r"need num_tokens and feature_dim >= 1"):
+            build_media_tokenizer("hf_vision", dict(path=str(clip), **options))
     for key, name in (("feature_layer", "hf_vision"), ("vision_layer", "video_divot")):
         build_media_tokenizer(name, {"path" if name == "hf_vision" else "vision_path": str(clip), key: -3})
         with pytest.raises(ConfigError, match=rf"^{key}: the tower has 3 hidden states \(-3 to 2\), got 3"):

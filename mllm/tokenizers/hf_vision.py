@@ -57,6 +57,8 @@ class HFVisionConfig:
             raise ValueError("set path: a local directory with a CLIP or SigLIP checkpoint")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} must be divisible by heads {self.heads}")
+        if self.num_tokens < 1 or self.feature_dim < 1:
+            raise ValueError(f"need num_tokens and feature_dim >= 1, got {self.num_tokens}, {self.feature_dim}")
         if self.query_grid and math.isqrt(self.num_tokens) ** 2 != self.num_tokens:
             raise ValueError(f"query_grid needs a square num_tokens, got {self.num_tokens}")
 
