@@ -577,3 +577,17 @@ def test_train_command_unmarks_a_previous_run_before_training_again(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such corpus split"):
         commands.train("tokenizers/image_fsq_tiny.yaml", tmp_path / "no corpora", out)
     assert not (out / "metrics.json").exists() and (out / "recipe.yaml").is_file()
+
+
+def test_patch_detokenizer_refuses_what_is_not_finite_float_features():
+    detok, tok = build_detokenizer("patch", dict(image_size=8, patch_size=4)), build_media_tokenizer("patch", dict(
+        image_size=8, patch_size=4))
+    image = images(1, size=8)[0]
+    features = tok.encode(image)
+    assert np.array_equal(detok.decode(features).pixels, image.pixels)
+    assert np.array_equal(detok.decode(features * 3).pixels, detok.decode((features * 3).clamp(-1, 1)).pixels)
+    for bad, match in ((features.numpy(), "expected float features, got ndarray"),
+                       (features.long(), "expected float features, got torch.int64"),
+                       (torch.full_like(features, float("nan")), "features contain NaN or inf")):
+        with pytest.raises(ValueError, match=f"patch: {match}"):
+            detok.decode(bad)

@@ -26,4 +26,4 @@ class PatchDeTokenizer(DeTokenizer):
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, *, guidance: float | None = None, steps: int | None = None, generator=None) -> Image:
-        return self.patches.decode(tokens.clamp(-1, 1))
+        return self.patches.decode(tokens)  # features outside [-1, 1] clip to black or white in Image.from_tensor

@@ -52,7 +52,12 @@ class PatchTokenizer(MediaTokenizer):
     def decode(self, features: torch.Tensor) -> Image:
         """The exact inverse of `encode` (at `image_size`): features [N, 3p²] -> Image."""
         p, side = self.config.patch_size, self.config.image_size // self.config.patch_size
+        if not isinstance(features, torch.Tensor) or not features.dtype.is_floating_point:
+            kind = features.dtype if isinstance(features, torch.Tensor) else type(features).__name__
+            raise ValueError(f"{self.name}: expected float features, got {kind}")
         if features.shape != (side * side, self.feature_dim):
             raise ValueError(f"expected features [{side * side}, {self.feature_dim}], got {tuple(features.shape)}")
+        if not torch.isfinite(features).all():
+            raise ValueError(f"{self.name}: features contain NaN or inf")
         pixels = rearrange(features, "(h w) (c p1 p2) -> c (h p1) (w p2)", h=side, p1=p, p2=p)
         return Image.from_tensor((pixels.float() + 1) / 2)
