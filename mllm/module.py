@@ -34,6 +34,7 @@ class ConfiguredModule(nn.Module, metaclass=abc.ABCMeta):
     config_class: ClassVar[type]  # the dataclass of `config`
     config_file: ClassVar[str]  # e.g. "media_tokenizer.yaml"
     registry: ClassVar[Registry | None] = None  # a family's registry, set by its base class
+    weights_elsewhere: ClassVar[bool] = False  # True: its weights load from their own source, not model.safetensors
 
     def __init__(self, config: Any):
         super().__init__()
@@ -63,7 +64,10 @@ class ConfiguredModule(nn.Module, metaclass=abc.ABCMeta):
         if not issubclass(variant, cls) or variant.name != meta["name"]:
             raise TypeError(f"{path}: holds a '{meta['name']}', not a {cls.__name__}")
         module = variant.from_options(meta.get("config"), source=str(source))
-        if (path / WEIGHTS_FILE).exists():
+        if not (path / WEIGHTS_FILE).exists():
+            if module.state_dict() and not variant.weights_elsewhere:  # it would run untrained, silently
+                raise WeightsError(f"{path}: no {WEIGHTS_FILE} for the '{meta['name']}' {kind}'s weights")
+        else:
             try:
                 module.load_state_dict(load_file(path / WEIGHTS_FILE), strict=True)
             except (SafetensorError, RuntimeError) as e:  # truncated, or written for another config

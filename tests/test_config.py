@@ -114,6 +114,9 @@ def test_a_saved_modules_broken_weights_are_named(tmp_path):
     (saved / "model.safetensors").write_bytes((tmp_path / "small.safetensors").read_bytes()[:40])
     with pytest.raises(WeightsError, match=r"head/model.safetensors: "):
         load_head(saved)
+    (saved / "model.safetensors").unlink()  # loaded as a fresh, untrained head, without a word
+    with pytest.raises(WeightsError, match=r"head: no model.safetensors for the 'regression' head's weights"):
+        load_head(saved)
 
 
 def test_save_config_flushes_before_the_rename(tmp_path, monkeypatch):

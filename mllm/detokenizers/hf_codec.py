@@ -25,6 +25,7 @@ class HFCodecDecoder(DeTokenizer):
     modality = "audio"
     kind = "discrete"
     config_class = HFCodecConfig
+    weights_elsewhere = True  # in the codec's own directory (config.path)
 
     def __init__(self, config: HFCodecConfig):
         super().__init__(config)

@@ -125,6 +125,7 @@ class HFCodecTokenizer(MediaTokenizer):
     modality = "audio"
     kind = "discrete"
     config_class = HFCodecConfig
+    weights_elsewhere = True  # in the codec's own directory (config.path)
 
     def __init__(self, config: HFCodecConfig):
         super().__init__(config)
