@@ -170,7 +170,7 @@ def recolour(pixels: torch.Tensor, cfg: Recolour, generator: torch.Generator | N
     they show. Draws the same numbers whichever images are chosen, so a batch's draws do not depend on it."""
     if not cfg.enabled:
         return pixels
-    chosen = (torch.rand(len(pixels), generator=generator) < cfg.prob) & is_grayscale(pixels)
+    chosen = (torch.rand(len(pixels), generator=generator) < cfg.prob).to(pixels.device) & is_grayscale(pixels)
     redrawn = ink_on_paper(pixels.mean(1), cfg.min_contrast, generator)
     return torch.where(chosen[:, None, None, None], redrawn, pixels)
 

@@ -202,3 +202,13 @@ def test_retime_clips_shows_a_stretch_of_each_chosen_clip_slowed_down_and_blende
 def test_bad_retime_configs_are_refused(bad):
     with pytest.raises(ValueError, match="augment: retime"):
         Retime(**bad)
+
+
+def test_every_image_and_clip_augmentation_stays_on_the_batchs_device():
+    # the draws come from a CPU generator; recolour combined its CPU mask with the pixels' own (a GPU run crashed).
+    # The meta device stands in for a GPU: it checks devices, and holds no data
+    images, clips = torch.rand(4, 3, 8, 8, device="meta"), torch.rand(2, 3, 3, 8, 8, device="meta")
+    move = AffineJitter(rotate_degrees=10, translate=0.1, scale=(0.9, 1.1), prob=0.5)
+    for out in (jitter(images, move), recolour(images, Recolour(prob=0.9)), jitter_clips(clips, move),
+                recolour_clips(clips, Recolour(prob=0.9)), retime_clips(clips, Retime(span=(0.5, 1.0), prob=0.5))):
+        assert out.device.type == "meta"
