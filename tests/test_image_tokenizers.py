@@ -462,6 +462,14 @@ def test_decode_command_refuses_two_entries_that_decode_to_one_file(tmp_path):
     assert [p.name for p in written] == ["x.png", "y.png"] and load_image(written[1]).pixels.shape == (8, 8, 3)
 
 
+def test_decode_command_names_the_entry_whose_tokens_do_not_fit(tmp_path):
+    # the de-tokenizer's own ValueError named neither the token file nor the entry, and the CLI showed a traceback
+    build_detokenizer("patch", dict(image_size=8, patch_size=4)).save_pretrained(tmp_path / "patch")
+    save_file({"a.png": torch.zeros(4, 48), "b.png": torch.zeros(3, 48)}, tmp_path / "t.safetensors")
+    with pytest.raises(MediaError, match=r"t\.safetensors\['b\.png'\]: .*expected features \[4, 48\], got \(3, 48\)"):
+        commands.decode(tmp_path / "patch", tmp_path / "t.safetensors", tmp_path / "out", None, None, 0)
+
+
 def test_eval_command_names_a_directory_that_train_did_not_write(tmp_path):
     from mllm.config import ConfigError
 

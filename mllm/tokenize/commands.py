@@ -74,7 +74,11 @@ def decode(detokenizer_dir: Path, tokens_file: Path, out: Path, guidance: float 
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for path, key in tqdm(paths.items(), desc=f"decode {detokenizer.modality}"):
-            _save(detokenizer.decode(entries[key], guidance=guidance, steps=steps, generator=generator), path)
+            try:
+                media = detokenizer.decode(entries[key], guidance=guidance, steps=steps, generator=generator)
+            except ValueError as e:  # the de-tokenizer's checks of its tokens: shape, dtype, range, NaN
+                raise MediaError(f"{tokens_file}[{key!r}]", str(e)) from e
+            _save(media, path)
     return list(paths)
 
 
