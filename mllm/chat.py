@@ -108,7 +108,7 @@ class ChatSession:
         if modality not in self.pipeline.processor.media_tokenizers:
             raise ChatError(f"{path}: this model does not read {modality}")
         try:
-            media = load_media(path, modality)
+            media = load_media(path, modality, **self.pipeline.processor.load_options(modality))
         except MediaError as e:
             raise ChatError(str(e)) from e
         self.pending.append((path, {"type": modality, "media": media}))

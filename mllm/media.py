@@ -421,13 +421,27 @@ def _frame_times(name: str, data: bytes, limits: MediaLimits) -> tuple[np.ndarra
     return times - times[0], float(rate)
 
 
+def even_indices(n: int, count: int) -> np.ndarray:
+    """`count` indices evenly spaced over a clip of `n` frames, its first and last included (repeating when the
+    clip is shorter): how the video tokenizers sample a clip."""
+    return np.linspace(0, n - 1, count).round().astype(int)
+
+
 def _pick_frames(
-    name: str, times: np.ndarray, fps: float, num_frames: int | None, target_fps: float | None, limits: MediaLimits
+    name: str,
+    times: np.ndarray,
+    fps: float,
+    num_frames: int | None,
+    target_fps: float | None,
+    even_frames: int | None,
+    limits: MediaLimits,
 ):
     """Indices (ascending, may repeat) of the frames to keep, and the frame rate they play at."""
     duration = times[-1] + 1 / fps  # the last frame stays on screen for one frame period
     if num_frames is not None:
         count, asked = num_frames, f"num_frames={num_frames}"
+    elif even_frames is not None:
+        count, asked = even_frames, f"even_frames={even_frames}"
     elif target_fps is not None:
         count = math.ceil(duration * target_fps - 1e-6)
         asked = f"fps={target_fps:g} over {duration:g} s gives {count}"
@@ -435,6 +449,8 @@ def _pick_frames(
         count, asked = len(times), f"the clip has {len(times)}"
     reason = f"too many frames: {asked}, over the limit of {limits.max_frames}"
     _require(count <= limits.max_frames, name, reason)  # before any array of that length is made
+    if even_frames is not None:
+        return even_indices(len(times), even_frames), even_frames / duration
     if num_frames is not None:  # the centre of each of num_frames equal segments
         targets, out_fps = (np.arange(num_frames) + 0.5) * duration / num_frames, num_frames / duration
     elif target_fps is not None:
@@ -483,6 +499,7 @@ def load_video(
     *,
     num_frames: int | None = None,
     fps: float | None = None,
+    even_frames: int | None = None,
     size: Size | None = None,
     limits: MediaLimits = DEFAULT_LIMITS,
 ) -> Video:
@@ -490,17 +507,21 @@ def load_video(
 
     num_frames picks that many frames uniformly over the clip (the centre of each of num_frames equal
     segments; frames repeat if the clip has fewer). fps resamples to that frame rate (sample-and-hold
-    on the real timestamps). Give at most one of them. size resizes every frame.
+    on the real timestamps). even_frames keeps the frames `even_indices` picks, as a video tokenizer
+    would from the whole clip; only those are converted and held. Give at most one of the three.
+    size resizes every frame.
     """
-    if num_frames is not None and fps is not None:
-        raise ValueError("pass num_frames or fps, not both")
-    if (num_frames is not None and num_frames < 1) or (fps is not None and not 0 < fps < math.inf):
-        raise ValueError(f"num_frames and fps must be positive and finite, got {num_frames}, {fps}")
+    if sum(x is not None for x in (num_frames, fps, even_frames)) > 1:
+        raise ValueError("pass at most one of num_frames, fps and even_frames")
+    counts = [n for n in (num_frames, even_frames) if n is not None]
+    if any(n < 1 for n in counts) or (fps is not None and not 0 < fps < math.inf):
+        raise ValueError(f"num_frames, even_frames and fps must be positive and finite, got {num_frames}, "
+                         f"{even_frames}, {fps}")
     name, data = _read(source, limits)
     with _media_errors(name, "unsupported or corrupt video"):
         times, src_fps = _frame_times(name, data, limits)
         _check_duration(name, "video", times[-1] + 1 / src_fps, limits)  # as _pick_frames measures it
-        indices, out_fps = _pick_frames(name, times, src_fps, num_frames, fps, limits)
+        indices, out_fps = _pick_frames(name, times, src_fps, num_frames, fps, even_frames, limits)
         frames = _decode_frames(name, data, indices, size, limits)
     return _build(Video, name, frames, out_fps)
 

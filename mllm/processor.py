@@ -223,15 +223,20 @@ class Processor:
             raise MessageError(f"{where}: continuous {name} tokens contain NaN or inf (as float32)")
         return tokens
 
-    @staticmethod
-    def load_medium(part: dict, name: str, where: str, base_dir) -> Image | Audio | Video:
+    def load_options(self, name: str) -> dict[str, Any]:
+        """`load_media` keyword arguments for modality `name`: what its tokenizer reads (e.g. a video's sampled
+        frames, not every frame) and nothing more."""
+        return self.media_tokenizers[name].load_options if name in self.media_tokenizers else {}
+
+    def load_medium(self, part: dict, name: str, where: str, base_dir) -> Image | Audio | Video:
         """A media part's medium, from its object, embedded bytes or path (relative to base_dir)."""
         key = next(k for k in ("media", name, "path", "bytes") if k in part)  # validated: exactly one
         value = part[key]
         if isinstance(value, MEDIA_TYPES[name]):
             return value
+        options = self.load_options(name)
         if isinstance(value, (bytes, bytearray)):
-            return load_media(bytes(value), name)
+            return load_media(bytes(value), name, **options)
         if key == "bytes":
             if not isinstance(value, str):
                 raise MessageError(f"{where}: 'bytes' must be bytes or base64 text, got {type(value).__name__}")
@@ -239,12 +244,12 @@ class Processor:
                 value = base64.b64decode(value, validate=True)
             except (binascii.Error, ValueError) as e:
                 raise MessageError(f"{where}: 'bytes' is not valid base64") from e
-            return load_media(value, name)
+            return load_media(value, name, **options)
         if isinstance(value, (str, os.PathLike)):
             path = Path(value)
             if base_dir is not None and not path.is_absolute():
                 path = Path(base_dir) / path
-            return load_media(path, name)
+            return load_media(path, name, **options)
         raise MessageError(f"{where}: expected a path, bytes or {MEDIA_TYPES[name].__name__}, got {type(value).__name__}")
 
     # ---- ids -> text ----------------------------------------------------------------------

@@ -129,3 +129,21 @@ def test_a_new_chat_never_overwrites_media_an_earlier_one_saved(tmp_path):
     saved = sorted(tmp_path.iterdir())
     assert [p.name for p in saved] == ["reply-001-image.png", "reply-002-image.png"]
     assert [load_image(p).pixels[0, 0, 0] for p in saved] == [10, 200]
+
+
+def test_an_attached_video_is_loaded_as_the_models_tokenizer_reads_it(tmp_path):
+    from types import SimpleNamespace
+
+    from mllm.media import Video, save_video
+
+    class Reader:  # a processor whose video tokenizer samples 3 frames
+        media_tokenizers = {"video": None}
+
+        @staticmethod
+        def load_options(modality):
+            return {"even_frames": 3}
+
+    clip = save_video(Video(np.zeros((12, 16, 16, 3), np.uint8), fps=6), tmp_path / "clip.mp4")
+    session = ChatSession(SimpleNamespace(processor=Reader()), tmp_path)
+    session.attach(clip)
+    assert session.pending[0][1]["media"].num_frames == 3

@@ -22,6 +22,7 @@ from mllm.media import (
     MediaError,
     MediaLimits,
     Video,
+    even_indices,
     load_audio,
     load_image,
     load_media,
@@ -360,6 +361,35 @@ def test_uniform_frame_picking(tmp_path, suffix):
     assert np.array_equal(load_video(path, num_frames=5).frames, video.frames)  # deterministic
     more = load_video(path, num_frames=45)  # more frames than the clip holds: frames repeat
     assert more.num_frames == 45 and frame_indices(more) == sorted(frame_indices(more))
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".gif"])
+def test_even_frames_are_the_frames_a_video_tokenizer_takes_from_the_whole_clip(tmp_path, suffix):
+    path = save_video(Video(levels_clip(30), fps=10), tmp_path / f"a{suffix}")
+    whole = load_video(path)
+    for count in (8, 1, 45):  # fewer frames than the clip, one, more (frames repeat)
+        even = load_video(path, even_frames=count)
+        assert np.array_equal(even.frames, whole.frames[even_indices(30, count)])
+        assert even.duration == pytest.approx(whole.duration)
+    assert frame_indices(load_video(path, even_frames=4)) == [0, 10, 19, 29]  # first and last included
+    with pytest.raises(ValueError, match="at most one of num_frames, fps and even_frames"):
+        load_video(path, even_frames=4, num_frames=4)
+    with pytest.raises(ValueError, match="must be positive"):
+        load_video(path, even_frames=0)
+    with pytest.raises(MediaError, match="too many frames: even_frames=9, over the limit of 8"):
+        load_video(path, even_frames=9, limits=MediaLimits(max_frames=8))
+
+
+def test_even_frames_hold_only_their_frames(tmp_path):
+    # a long clip's frames were all converted and held, though a video tokenizer reads 8 of them
+    path = save_video(Video(np.zeros((600, 96, 96, 3), np.uint8), fps=30), tmp_path / "long.mp4")
+    tracemalloc.start()
+    try:
+        load_video(path, even_frames=8)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 96 * 96 * 3 * 8 + 2**20, peak  # the whole clip is 16 MiB
 
 
 def test_fps_resampling(tmp_path):

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoTokenizer
 
 from mllm.chat_template import list_chat_templates
-from mllm.media import Image, MediaError, save_image
+from mllm.media import Image, MediaError, Video, load_media, save_image
 from mllm.processor import CONFIG_FILE, MessageError, Processor, SequenceTooLongError
 from mllm.sequence import IGNORE_INDEX
 from mllm.tokenizers import build_media_tokenizer
@@ -195,6 +195,22 @@ def test_save_load_round_trip(processor, tmp_path):
     assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
     assert torch.equal(a.features["image"], b.features["image"])
     assert loaded.template == processor.template and loaded.layout == processor.layout
+
+
+def test_a_video_is_loaded_as_its_tokenizer_reads_it(mistral_tokenizer_dir, tmp_path, monkeypatch):
+    from mllm import processor as processor_module
+    from mllm.media import load_video, save_video
+
+    video = build_media_tokenizer("video_divot", dict(frames=4, image_size=16, patch_size=4, width=32, heads=2, pool=2,
+                                                        num_tokens=8, feature_dim=8, query_grid=[2, 2]))
+    processor = Processor.create(AutoTokenizer.from_pretrained(mistral_tokenizer_dir), "mistral", {"video": video}, [])
+    rng = np.random.default_rng(0)
+    save_video(Video(rng.integers(0, 256, (30, 24, 24, 3), dtype=np.uint8), 10.0), tmp_path / "clip.mp4")
+    loaded = []
+    monkeypatch.setattr(processor_module, "load_media", lambda *a, **k: loaded.append(load_media(*a, **k)) or loaded[-1])
+    encoded = processor.encode([{"role": "user", "content": [{"type": "video", "path": "clip.mp4"}]}], base_dir=tmp_path)
+    assert [v.num_frames for v in loaded] == [4]  # not all 30
+    assert torch.equal(encoded.features["video"], video.encode(load_video(tmp_path / "clip.mp4")))
 
 
 @pytest.mark.parametrize("damage", [

@@ -215,6 +215,21 @@ def test_each_medium_in(client, mp4_bytes):
         assert r.status_code == 200, r.text
 
 
+def test_a_video_is_decoded_as_the_models_tokenizer_reads_it(pipeline, mp4_bytes, monkeypatch):
+    """Only the frames the video tokenizer samples are converted and held (the toy reads the first and last)."""
+    import mllm.serve.openai_schema as schema
+
+    monkeypatch.setattr(ToyVideoTokenizer, "load_options", {"even_frames": 2})
+    loaded = []
+    monkeypatch.setattr(schema, "load_media", lambda *a, **k: loaded.append(load_media(*a, **k)) or loaded[-1])
+    video = {"type": "video_url", "video_url": {"url": f"data:video/mp4;base64,{b64(mp4_bytes)}"}}
+    with TestClient(create_app(pipeline, LIMITS, MODEL)) as client:
+        assert client.post("/v1/chat/completions", json=request([video])).status_code == 200
+    whole = load_media(mp4_bytes, "video")
+    assert whole.num_frames == 4 and [v.num_frames for v in loaded] == [2]
+    assert np.array_equal(loaded[0].frames, whole.frames[[0, -1]])
+
+
 def test_local_path_under_the_allowed_folder(client):
     (client.allowed / "cat.png").write_bytes(png_bytes())
     for url in (f"file://{client.allowed}/cat.png", str(client.allowed / "cat.png")):

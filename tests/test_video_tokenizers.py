@@ -339,3 +339,16 @@ def test_video_grids_refuse_sides_below_one_and_a_pool_over_the_patch_grid():
         build_detokenizer("diffusion_video", dict(num_tokens=16, token_grid=[4, -2]))
     with pytest.raises(ConfigError, match=r"^pool: 5 is larger than the 4×4 patch grid"):
         build_media_tokenizer("video_divot", {**BASE, "pool": 5})
+
+
+@pytest.mark.parametrize("key", ["video_divot", "video_divot_fsq"])
+@pytest.mark.parametrize("length", [11, 3])
+def test_a_clip_loaded_with_the_tokenizers_options_gives_the_whole_clips_tokens(tmp_path, key, length):
+    """load_options keeps only the frames the tokenizer samples: the same tokens, bit for bit, as from every frame."""
+    from mllm.media import load_video, save_video
+
+    tok = tokenizer(key)
+    path = save_video(videos(1, frames=length, size=24)[0], tmp_path / "clip.mp4")
+    whole, sampled = load_video(path), load_video(path, **tok.load_options)
+    assert sampled.num_frames == tok.config.frames
+    assert torch.equal(tok.encode(sampled), tok.encode(whole))

@@ -85,7 +85,7 @@ def reply_content(parts: list[dict]) -> str | list[dict]:
 class _Server:
     def __init__(self, pipeline: Pipeline, limits: ServeLimits, model_name: str):
         self.pipeline, self.limits, self.model_name = pipeline, limits, model_name
-        self.reads = set(pipeline.processor.media_tokenizers)
+        self.reads = {m: pipeline.processor.load_options(m) for m in pipeline.processor.media_tokenizers}
         self.writes = set(pipeline.detokenizers) & set(pipeline.processor.layout.modalities)
         self.generate_lock, self.count_lock = threading.Lock(), threading.Lock()
         self.active = 0

@@ -82,7 +82,7 @@ def _not_a_number(name: str) -> None:
     raise RequestError(400, f"invalid JSON body: {name} is not valid JSON (numbers must be finite)", code="invalid_json")
 
 
-def parse_chat_request(body: dict[str, Any], model_name: str, reads: set[str], writes: set[str],
+def parse_chat_request(body: dict[str, Any], model_name: str, reads: dict[str, dict], writes: set[str],
                        limits: ServeLimits) -> ChatRequest:
     """Validate everything but the token counts (those need the processor)."""
     model = body.get("model", model_name)
@@ -103,7 +103,7 @@ def parse_chat_request(body: dict[str, Any], model_name: str, reads: set[str], w
                        _include_usage(body, stream))
 
 
-def parse_transcription_request(form: dict[str, str | bytes], model_name: str, reads: set[str],
+def parse_transcription_request(form: dict[str, str | bytes], model_name: str, reads: dict[str, dict],
                                 limits: ServeLimits) -> TranscriptionRequest:
     """Validate an OpenAI transcription form (`file` holds the uploaded bytes; every other field is text)."""
     model = form.get("model", model_name)
@@ -134,7 +134,7 @@ def parse_transcription_request(form: dict[str, str | bytes], model_name: str, r
         raise RequestError(400, "'temperature': transcripts are decoded deterministically (the greedy reply, rescored "
                                 "by the recording's CTC reading where the model learned one); only 0 is supported",
                            param="temperature")
-    audio = _load(data, "audio", "file", limits)
+    audio = _load(data, "audio", "file", limits, reads["audio"])
     content = [{"type": "audio", "media": audio}, {"type": "text", "text": TRANSCRIBE_INSTRUCTION}]
     return TranscriptionRequest([{"role": "user", "content": content}], response_format)
 
@@ -211,7 +211,7 @@ def _force(body: dict, modalities: set[str]) -> str | None:
     return media[0] if media else None
 
 
-def _message(message: Any, where: str, counts: dict[str, int], modalities: set[str], limits: ServeLimits) -> dict:
+def _message(message: Any, where: str, counts: dict[str, int], modalities: dict[str, dict], limits: ServeLimits) -> dict:
     if not isinstance(message, dict):
         raise RequestError(400, f"{where}: expected an object with 'role' and 'content'", param=where)
     role = message.get("role")
@@ -226,7 +226,7 @@ def _message(message: Any, where: str, counts: dict[str, int], modalities: set[s
     return {"role": ROLES[role], "content": parts}
 
 
-def _part(part: Any, where: str, counts: dict[str, int], modalities: set[str], limits: ServeLimits) -> dict:
+def _part(part: Any, where: str, counts: dict[str, int], modalities: dict[str, dict], limits: ServeLimits) -> dict:
     kind = part.get("type") if isinstance(part, dict) else None
     if kind == "text":
         if not isinstance(part.get("text"), str):
@@ -259,15 +259,16 @@ def _part(part: Any, where: str, counts: dict[str, int], modalities: set[str], l
     if counts[modality] > limits.items_allowed(modality):
         raise RequestError(400, f"too many {modality} items: the limit is {limits.items_allowed(modality)} per request "
                                 "(limit_mm_per_prompt)", param=where, code="too_many_media")
-    return {"type": modality, "media": _load(data, modality, where, limits)}
+    return {"type": modality, "media": _load(data, modality, where, limits, modalities[modality])}
 
 
-def _load(data: bytes, modality: str, where: str, limits: ServeLimits) -> Image | Audio | Video:
-    """The decoded medium, refused (413, naming the limit) before it decodes to more than the server allows."""
+def _load(data: bytes, modality: str, where: str, limits: ServeLimits, options: dict) -> Image | Audio | Video:
+    """The decoded medium, refused (413, naming the limit) before it decodes to more than the server allows;
+    `options`: the model's tokenizer's load options (a video's sampled frames only)."""
     pixels = limits.max_video_frame_pixels if modality == "video" else limits.max_image_pixels
     media_limits = MediaLimits(max_bytes=limits.max_request_bytes, max_pixels=pixels, max_frames=limits.max_video_frames)
     try:
-        return load_media(data, modality, limits=media_limits)
+        return load_media(data, modality, limits=media_limits, **options)
     except MediaError as e:
         if limit := _limit_hit(e.reason, modality):
             raise RequestError(413, f"{where}: cannot read the {modality}: {e.reason} ({limit})", param=where,

@@ -48,6 +48,12 @@ class MediaTokenizer(ConfiguredModule):
     def feature_dim(self) -> int:
         raise AttributeError(f"{self.name} is {self.kind}: it has no feature dimension")
 
+    @property
+    def load_options(self) -> dict[str, Any]:
+        """Keyword arguments for `mllm.media.load_media` that load only what `encode` reads (e.g. a video's
+        sampled frames): its tokens come out the same as of the whole medium."""
+        return {}
+
     @abc.abstractmethod
     def num_tokens(self, media: Any) -> int:
         """How many tokens `encode(media)` will return."""

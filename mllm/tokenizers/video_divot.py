@@ -25,7 +25,6 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import get_1d_sincos_pos_embed_from_grid
@@ -33,7 +32,7 @@ from einops import rearrange
 from torch import nn
 
 from mllm.config import ConfigError
-from mllm.media import MediaError, Video
+from mllm.media import MediaError, Video, even_indices
 from mllm.tokenizers.base import MediaTokenizer, register
 from mllm.tokenizers.fsq_image import check_stem, check_vit, grid_positions, patch_stem, vit
 from mllm.tokenizers.hf_vision import FAMILIES, HFVisionConfig, _family, _from_directory, check_layer
@@ -42,8 +41,7 @@ from mllm.tokenizers.resampler_image import Resampler
 
 def sample_frames(video: Video, frames: int, size: int) -> torch.Tensor:
     """`frames` evenly spaced frames (repeating when the clip is shorter), bicubic-resized: [T, 3, size, size] in [0, 1]."""
-    picks = np.linspace(0, video.num_frames - 1, frames).round().astype(int)
-    clip = Video(video.frames[picks], video.fps)
+    clip = Video(video.frames[even_indices(video.num_frames, frames)], video.fps)
     if (clip.height, clip.width) != (size, size):
         clip = clip.resize(size)
     return clip.to_tensor()
@@ -181,6 +179,10 @@ class VideoDivotTokenizer(MediaTokenizer):
     @property
     def layout(self) -> str:
         return "sequence" if self.config.query_grid is None else "grid"
+
+    @property
+    def load_options(self) -> dict[str, int]:
+        return {"even_frames": self.config.frames}  # the frames `sample_frames` takes from the whole clip
 
     def num_tokens(self, media: Video) -> int:
         return self.config.num_tokens
