@@ -379,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-image-pixels", type=_count, default=defaults.max_image_pixels,
                      help="each image, width x height (default %(default)s)")
     srv.add_argument("--max-video-frames", type=_count, default=defaults.max_video_frames,
-                     help="frames of each video (default %(default)s)")
+                     help="frames of each video as held: those the model's video tokenizer samples, else all "
+                          "(default %(default)s)")
     srv.add_argument("--max-video-frame-pixels", type=_count, default=defaults.max_video_frame_pixels,
                      help="each video frame, width x height (default %(default)s)")
     srv.add_argument("--max-input-tokens", type=int, default=defaults.max_input_tokens)

@@ -18,7 +18,7 @@ class ServeLimits:
     limit_mm_per_prompt: dict[str, int] = field(default_factory=_default_mm)  # vLLM: media items per request, by modality
     max_request_bytes: int = 32 * 2**20  # whole HTTP body; also each medium's encoded bytes
     max_image_pixels: int = 4096 * 4096  # each image as decoded (RGB: 48 MiB)
-    max_video_frames: int = 256  # frames of one video as decoded
+    max_video_frames: int = 256  # frames of one video as held: a frame-sampling tokenizer's (8), else all
     max_video_frame_pixels: int = 1280 * 720  # each frame of a video (a video then decodes to at most 675 MiB)
     max_input_tokens: int = 4096  # TGI: prompt tokens, media spans included
     max_total_tokens: int = 4608  # TGI: prompt tokens + max_tokens
