@@ -570,3 +570,30 @@ def test_more_clips_than_the_digits_can_make_is_refused_not_a_hang(tmp_path):
     with pytest.raises(ValueError, match=r"video.clips.train 40040: the train digits .* make only \d+ different clips"):
         build_corpora(cfg, tmp_path / "b", only=["video"], progress=False)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_failed_or_killed_swap_keeps_the_earlier_build(tmp_path, monkeypatch):
+    _sources_or_skip()
+    out = tmp_path / "out"
+    first = build_corpora(SMALL, out, only=["digits"], limit=1, progress=False).data
+    real = os.replace
+
+    def swap_in_fails(src, dst):  # the new build's rename into place, after the earlier one moved aside
+        if Path(src).name.startswith("out.tmp-") and Path(dst) == out:
+            assert list(tmp_path.glob("out.old-*")), "the earlier build was not moved aside first"
+            raise OSError("disk gone")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", swap_in_fails)
+    with pytest.raises(OSError, match="disk gone"):
+        build_corpora(SMALL, out, only=["digits"], limit=2, overwrite=True, progress=False)
+    monkeypatch.setattr(os, "replace", real)
+    assert json.loads((out / "manifest.json").read_text()) == first  # it had been left as out.old-<pid>
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    os.replace(out, tmp_path / f"out.old-{gone.pid}")  # killed between its two renames: no out at all
+    (tmp_path / f"out.tmp-{gone.pid}").mkdir()
+    assert build_corpora(SMALL, out, only=["digits"], limit=1, progress=False).data == first  # put back, reused
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

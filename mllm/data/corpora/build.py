@@ -411,6 +411,7 @@ def build_corpora(
             raise ConfigError(switch, f"off in the config, so the {disabled[0]} corpus asked for is not built")
     selected = [n for n in names if cfg.enabled(n) and (only is None or n in only)]
 
+    _remove_stale_tmp(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         complete = is_complete(out)
         if complete:
@@ -427,7 +428,6 @@ def build_corpora(
         else:
             state = "not a complete build (no manifest.json)"
         raise FileExistsError(f"{out} already exists and is {state}; pass overwrite=True (--overwrite) to replace it")
-    _remove_stale_tmp(out)
 
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
@@ -444,7 +444,11 @@ def build_corpora(
         if out.exists():
             old = out.with_name(f"{out.name}.old-{os.getpid()}")
             os.replace(out, old)
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)  # the earlier build stays where it was
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
@@ -495,17 +499,24 @@ def _manifest_data(cfg: BuildConfig, root: Path, results: dict[str, CorpusResult
 
 
 def _remove_stale_tmp(out: Path) -> None:
-    """Delete `OUT.tmp-<pid>` folders left by builds whose process is gone."""
-    for p in out.parent.glob(f"{out.name}.tmp-*") if out.parent.is_dir() else []:
-        pid = p.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or int(pid) == os.getpid():
+    """Tidy up after builds whose process is gone: delete their `OUT.tmp-<pid>` folders, and their `OUT.old-<pid>`
+    (the earlier build, moved aside just before the new one went in), or, if the kill came between the two
+    renames and left no `OUT`, put it back."""
+    for p in sorted(out.parent.glob(f"{out.name}.*-*")) if out.parent.is_dir() else []:
+        kind, _, pid = p.name[len(out.name) + 1:].partition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
             os.kill(int(pid), 0)
+            continue  # a build still running
         except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True)
-        except PermissionError:
             pass
+        except PermissionError:
+            continue
+        if kind == "old" and not out.exists():
+            os.replace(p, out)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 __all__ = [
