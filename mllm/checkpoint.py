@@ -186,14 +186,22 @@ def remove_stale_tmp(path: Path) -> None:
 
 def publish_directory(tmp: Path, path: Path) -> None:
     """Put the complete directory `tmp` (a sibling) in place of `path`: flushed to disk first, so the rename
-    publishes whole files; the old copy moves aside to `.<name>.old`, then goes. A kill between the two renames
-    leaves that old copy, whole; the next publish of `path` removes it."""
+    publishes whole files; the old copy moves aside to `.<name>.old`, then goes. If the second rename fails the
+    old copy goes back; a kill between the two renames leaves it, whole, and the next publish of `path` puts it
+    back before replacing it."""
     fsync_tree(tmp)
     old = path.with_name(f".{path.name}.old")
+    if old.exists() and not path.exists():  # a publish killed between its renames
+        os.replace(old, path)
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():
         os.replace(path, old)
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        if old.exists():
+            os.replace(old, path)
+        raise
     fsync(path.parent)
     shutil.rmtree(old, ignore_errors=True)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import warnings
 
@@ -206,6 +207,25 @@ def test_save_removes_what_killed_saves_left(tmp_path, mistral_tokenizer_dir):
     finally:
         alive.kill()
         alive.wait()
+
+
+def test_a_save_whose_swap_fails_keeps_the_earlier_checkpoint(tmp_path, mistral_tokenizer_dir, monkeypatch):
+    model, processor = build_model(_model_config("llama", mistral_tokenizer_dir))
+    save_checkpoint(model, processor, tmp_path / "ckpt")
+    before = (tmp_path / "ckpt" / "model.safetensors").read_bytes()
+    real = os.replace
+
+    def swap_in_fails(src, dst):  # the new copy's rename into place, after the earlier one moved aside
+        if ".ckpt.tmp-" in str(src) and str(dst) == str(tmp_path / "ckpt"):
+            raise OSError("disk gone")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", swap_in_fails)
+    torch.nn.init.normal_(model.get_input_embeddings().weight)
+    with pytest.raises(OSError, match="disk gone"):
+        save_checkpoint(model, processor, tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
 def _model_config(arch: str, tokenizer_dir) -> ModelConfig:
