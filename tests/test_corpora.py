@@ -597,3 +597,16 @@ def test_a_failed_or_killed_swap_keeps_the_earlier_build(tmp_path, monkeypatch):
     (tmp_path / f"out.tmp-{gone.pid}").mkdir()
     assert build_corpora(SMALL, out, only=["digits"], limit=1, progress=False).data == first  # put back, reused
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_damaged_wordnet_line_is_named_by_file_and_line(tmp_path):
+    from mllm.data.corpora.text import wordnet_entries
+    from mllm.errors import InputError
+
+    good = "00001740 03 n 01 entity 0 003 ~ 00001930 n 0000 | that which is perceived to exist\n"
+    for name in ("data.noun", "data.verb", "data.adj", "data.adv"):
+        (tmp_path / name).write_text("  1 This software and database is being provided\n" + good)
+    assert [key for key, _, _ in wordnet_entries(tmp_path)] == ["n00001740"] * 4
+    (tmp_path / "data.verb").write_text(good + "00002084 29 v | truncated\n")
+    with pytest.raises(InputError, match=r"data\.verb:2: not a WordNet data line \(IndexError"):
+        wordnet_entries(tmp_path)

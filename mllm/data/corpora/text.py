@@ -21,6 +21,7 @@ from pathlib import Path
 
 from mllm.data import sources
 from mllm.data.corpora import SPLITS, BuildContext, CorpusResult, register_corpus, split_by_hash
+from mllm.errors import InputError
 
 POS = {"n": "noun", "v": "verb", "a": "adjective", "s": "adjective", "r": "adverb"}
 
@@ -56,8 +57,12 @@ def wordnet_entries(root: Path | None = None) -> list[tuple[str, str, str]]:
     out = []
     for name in sources.WORDNET_FILES:
         with open(root / name, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                entry = parse_wordnet_line(line)
+            for n, line in enumerate(f, 1):
+                try:
+                    entry = parse_wordnet_line(line)
+                except (IndexError, ValueError) as e:  # too few fields, or a word count that is not hex
+                    raise InputError(f"{root / name}:{n}: not a WordNet data line ({type(e).__name__}: {e}); "
+                                     "reinstall the wordnet-base package (bash data/install_sources.sh)") from None
                 if entry is not None:
                     out.append(entry)
     return out
