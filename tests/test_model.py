@@ -325,6 +325,18 @@ def test_forward_adds_the_weighted_head_loss(arch):
     assert without_labels.lm_loss is None and torch.allclose(without_labels.loss, 0.5 * without_labels.head_losses["image"])
 
 
+def test_bf16_autocast_over_fp32_weights_trains_on_media():
+    """Plain PyTorch bf16 training (the default on a GPU): the projectors answer in bf16, the embedding table in
+    fp32, and splicing the two was a dtype error at the first batch with continuous features."""
+    model = with_heads("llama", {"image": {"name": "gmm"}})
+    ids = image_sequence(model.layout)
+    feats, targets = torch.randn(6, IMAGE_DIM), torch.tensor([False] * 3 + [True] * 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=ids, features={"image": feats}, feature_targets={"image": targets})
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and model.projectors["image"][0].weight.grad.abs().sum() > 0
+
+
 def test_training_gives_unused_projectors_and_heads_a_zero_gradient(arch):
     """Under several ranks a text-only micro-batch still reaches every projector and head (ZeRO stays in lockstep)."""
     model = with_heads(arch, {"image": {"name": "gmm"}, "video": {"name": "diffusion"}})

@@ -272,7 +272,8 @@ class MultimodalLM(PreTrainedModel):
                 projected = projector(feats, lengths)  # [n, H]
             else:
                 projected = projector(feats)  # [n, H]
-            embeds = embeds.masked_scatter(slots[name].unsqueeze(-1), projected)
+            # under autocast the projector answers in bf16 while the table's embeddings stay fp32
+            embeds = embeds.masked_scatter(slots[name].unsqueeze(-1), projected.to(embeds.dtype))
         return embeds
 
     def _add_queries(self, embeds: torch.Tensor, marked: torch.Tensor | None, n_marked: int, name: str) -> torch.Tensor:
