@@ -532,6 +532,19 @@ def test_a_replaced_head_and_its_queries_take_the_models_dtype_and_device():
     assert {p.device.type for p in moved.heads["image"].parameters()} == {"meta"} and moved.queries["image"].is_meta
 
 
+def test_a_model_wrapped_around_a_bf16_lm_is_bf16_throughout():
+    """from_base built projectors and heads in fp32 beside a bf16 LM (from_base(dir, dtype=torch.bfloat16), or a
+    bf16 model): its first media input died in the projector's matmul."""
+    lm = tiny_lm("llama").to(torch.bfloat16)
+    model = MultimodalLM.from_base(lm, layout_for(), heads={"image": {"name": "gmm", "options": SMALL_HEAD["gmm"]}},
+                                   tokens_per_item={"image": 3}).eval()
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    ids, targets = image_sequence(model.layout), torch.tensor([False] * 3 + [True] * 3)
+    with torch.no_grad():
+        out = model(ids, features={"image": torch.randn(6, IMAGE_DIM)}, feature_targets={"image": targets}, labels=ids)
+    assert out.loss.isfinite()
+
+
 def test_activation_checkpointing_recomputes_layers_with_the_same_gradients_and_no_deprecation(arch):
     def gradients(checkpointed: bool) -> dict[str, torch.Tensor]:
         model, _ = wrapped(arch)

@@ -126,7 +126,8 @@ class MultimodalLM(PreTrainedModel):
 
         Rows for the new tokens start at the mean of the text rows, so they
         begin as an average word rather than noise. `projector`, `heads` and
-        `tokens_per_item` are as in MultimodalConfig.
+        `tokens_per_item` are as in MultimodalConfig; projectors and heads
+        take the LM's device and dtype.
         """
         if isinstance(base, PreTrainedModel):
             lm = base
@@ -143,6 +144,9 @@ class MultimodalLM(PreTrainedModel):
             tokens_per_item=tokens_per_item,
         )
         model = cls(config, language_model=lm)
+        weight = lm.get_input_embeddings().weight  # projectors and heads were built on the host in fp32
+        model.projectors.to(weight.device, weight.dtype)
+        model.heads.to(weight.device, weight.dtype)
         # Grow the vocabulary only now: rows created before `post_init` would be re-initialised by it.
         lm.resize_token_embeddings(max(rows, layout.vocab_size), mean_resizing=False)
         new = torch.arange(layout.text_vocab_size, layout.vocab_size)
