@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 
 from mllm.data.cache import INDEX, TokenCache, fingerprint
 from mllm.data.records import check_record, read_records
-from mllm.media import Image, MediaError, load_media, save_image
+from mllm.media import Image, MediaError, Video, load_media, save_image, save_video
 from mllm.processor import Processor
 from mllm.tokenizers import MediaTokenizer, build_media_tokenizer
 
@@ -149,6 +149,34 @@ def test_media_encoded_in_batches_give_the_same_tokens_and_a_bad_one_is_left_out
     assert torch.equal(cache.lookup("image", tmp_path / "media" / "40.png"), alone.lookup("image", tmp_path / "media" / "40.png"))
     with pytest.raises(ValueError, match="whole numbers from 1"):
         TokenCache(tmp_path / "x", {"image": tok}, batch_sizes={"image": 0})
+
+
+class FirstFrames(MediaTokenizer):
+    """A video tokenizer that reads 2 frames of a clip (`load_options`): each clip's frame count -> [1, 1]."""
+
+    name, modality, kind, config_class = "test-first-frames", "video", "continuous", HalvesConfig
+    load_options = {"even_frames": 2}
+
+    @property
+    def feature_dim(self) -> int:
+        return 1
+
+    def num_tokens(self, media) -> int:
+        return 1
+
+    def encode(self, media: Video) -> torch.Tensor:
+        return torch.tensor([[float(media.num_frames)]])
+
+
+def test_media_are_loaded_with_the_tokenizers_load_options(tmp_path):
+    """As the processor loads them: a 12-frame clip is held as the 2 frames the tokenizer reads, not all 12."""
+    save_video(Video(np.zeros((12, 16, 16, 3), np.uint8), fps=6), tmp_path / "clip.mp4")
+    record = {"messages": [{"role": "user", "content": [{"type": "video", "path": "clip.mp4"}]},
+                           {"role": "assistant", "content": [{"type": "text", "text": "A clip."}]}]}
+    (tmp_path / "r.jsonl").write_text(json.dumps(record) + "\n")
+    cache = TokenCache(tmp_path / "cache", {"video": FirstFrames(HalvesConfig())})
+    assert cache.encode_records(rows(tmp_path / "r.jsonl"), progress=False).encoded == 1
+    assert cache.lookup("video", tmp_path / "clip.mp4").tolist() == [[2.0]]
 
 
 def test_changed_tokenizer_weights_miss_and_fill_a_new_directory(tmp_path):

@@ -237,7 +237,7 @@ class TokenCache:
                     if key in self.stores[modality] or key in pending[modality] or key in queued[modality]:
                         stats.cached += 1
                         continue
-                    queued[modality][key] = load_media(source, modality)
+                    queued[modality][key] = load_media(source, modality, **self.tokenizers[modality].load_options)
                 except (OSError, MediaError) as e:
                     stats.failed += 1
                     logger.debug("%s: cannot encode: %s", record.where, e)
