@@ -27,6 +27,7 @@ from mllm.media import Audio, Image, Video, load_media, save_video
 from mllm.pipeline import Pipeline
 from mllm.serve.app import create_app
 from mllm.serve.limits import ServeLimits, parse_mm_limits
+from mllm.serve.stop_strings import StopFilter, cut
 from mllm.tokenizers.base import MediaTokenizer
 from tests.conftest import TINY_LMS
 
@@ -285,6 +286,30 @@ def test_streaming_text_then_media_then_done(client):
     assert plain["finish_reason"] == "length"  # what the reply says
 
 
+def test_a_reply_ends_before_its_stop_string_streamed_or_not(client):
+    """As OpenAI's: the text stops before the first stop string and never holds it, though the engine stops
+    only once the stop was written (and a stream had sent all of it)."""
+    whole = client.post("/v1/chat/completions", json=request("Hello there.", max_tokens=12)).json()
+    text = whole["choices"][0]["message"]["content"]
+    stop = text[4:7]
+    body = request("Hello there.", max_tokens=12, stop=["never written", stop])
+    [plain] = client.post("/v1/chat/completions", json=body).json()["choices"]
+    assert plain["message"]["content"] == text[:text.index(stop)] and plain["finish_reason"] == "stop"
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        r.read()
+    chunks = sse(r)[1:-1]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == text[:text.index(stop)]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_the_stop_filter_holds_back_what_may_begin_a_stop_string_until_it_does_not():
+    stops = StopFilter(["abc"])
+    assert [stops.text(d) for d in ("xa", "b", "d", "ab")] == ["x", "", "abd", ""]
+    assert stops.flush() == "ab"  # a medium or the end: no stop came
+    assert [stops.text(d) for d in ("a", "bcz")] == ["", ""] and stops.flush() == ""
+    assert cut("one abc two abc", ["two", "abc"]) == "one "
+
+
 # ---- malformed requests: each a 4xx with a message, and the server stays up -------------------
 
 
@@ -333,6 +358,7 @@ def _bad_cases(tmp: Path) -> dict[str, tuple[int, dict | bytes]]:
         "stream_options not an object": (400, request("Hi.", stream=True, stream_options=True)),
         "include_usage not a boolean": (400, request("Hi.", stream=True, stream_options={"include_usage": "yes"})),
         "stop not strings": (400, request("Hi.", stop=[1, 2])),
+        "an empty stop string": (400, request("Hi.", stop=["\n", ""])),
         "unknown output modality": (400, request("Hi.", modalities=["text", "smell"])),
         "two output media": (400, request("Hi.", modalities=["image", "audio"])),
         "max_tokens over max_total_tokens": (400, request("Hi.", max_tokens=1000)),

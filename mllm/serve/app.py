@@ -41,6 +41,7 @@ from mllm.processor import MessageError, SequenceTooLongError
 from mllm.serve.limits import ServeLimits
 from mllm.serve.openai_schema import (ChatRequest, RequestError, TranscriptionRequest, parse_chat_request, parse_json,
                                       parse_transcription_request)
+from mllm.serve.stop_strings import StopFilter, cut
 
 Event = tuple[str, Any]  # ("text", str) | ("media", part) | ("done", (parts, finish reason, tokens)) | ("error", Exception)
 TRANSCRIPT_TOKENS = 96  # at most this many new tokens per transcript
@@ -181,18 +182,25 @@ class _Server:
     def generate(self, req: ChatRequest, max_new: int, emit: Callable[[Event], None], cancel: threading.Event,
                  slot: _Slot) -> None:
         """Worker thread: run the pipeline, emitting text deltas and encoded media, then ("done", (parts, finish
-        reason, generated tokens)): "length" when max_tokens ran out, "stop" otherwise, as OpenAI's API says."""
+        reason, generated tokens)): "length" when max_tokens ran out, "stop" otherwise, as OpenAI's API says.
+        The text, streamed or not, ends before the stop string that ended it (`StopFilter`)."""
         encoded: dict[int, dict] = {}
         finish = []
+        stops = StopFilter(req.config.stop_strings)
+
+        def send_text(text: str) -> None:
+            if text:
+                emit(("text", text))
 
         def on_text(row: int, delta: str) -> None:
             if cancel.is_set():
                 raise _Cancelled
-            emit(("text", delta))
+            send_text(stops.text(delta))
 
         def on_media(row: int, media: Media) -> None:
             if cancel.is_set():
                 raise _Cancelled
+            send_text(stops.flush())
             encoded[id(media)] = media_part(media)
             emit(("media", encoded[id(media)]))
 
@@ -204,17 +212,18 @@ class _Server:
                 [reply] = self.pipeline.chat([req.messages], config, force=req.force, on_text=on_text, on_media=on_media,
                                              on_finish=lambda row, reason, tokens: finish.append((reason, tokens)))
             [(reason, tokens)] = finish
-            emit(("done", ([self._part(item, encoded) for item in reply], "length" if reason == "length" else "stop",
-                           tokens)))
+            send_text(stops.flush())
+            parts = [self._part(item, encoded, req.config.stop_strings) for item in reply]
+            emit(("done", ([p for p in parts if p.get("text") != ""], "length" if reason == "length" else "stop", tokens)))
         except Exception as e:  # reported to the client as an error; the server stays up
             emit(("error", e))
         finally:
             slot.release()
 
     @staticmethod
-    def _part(item: Item, encoded: dict[int, dict]) -> dict:
+    def _part(item: Item, encoded: dict[int, dict], stops: Sequence[str]) -> dict:
         if isinstance(item, str):
-            return {"type": "text", "text": item}
+            return {"type": "text", "text": cut(item, stops)}
         return encoded.get(id(item)) or media_part(item)
 
 

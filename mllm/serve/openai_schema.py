@@ -171,6 +171,9 @@ def _config(body: dict) -> GenerationConfig:
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise RequestError(400, "'stop' must be a string or a list of strings", param="stop")
+    if "" in stop:
+        raise RequestError(400, "'stop' holds an empty string, which every reply contains before its first token",
+                           param="stop")
     try:
         sampling = TokenSampling(
             temperature=_finite(body, "temperature", 0.0),
