@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
-from mllm.data.cache import INDEX, TokenCache, fingerprint
+from mllm.data.cache import INDEX, TokenCache, fingerprint, source_key
 from mllm.data.records import check_record, read_records
 from mllm.media import Image, MediaError, Video, load_media, save_image, save_video
 from mllm.processor import Processor
@@ -199,6 +199,17 @@ def test_an_edited_media_file_is_a_miss(tmp_path):
     png(image, 11)
     os.utime(image, ns=(before + 10**9, before + 10**9))
     assert cache.lookup("image", image) is None
+
+
+def test_a_file_rewritten_with_its_size_and_mtime_kept_gets_a_new_key(tmp_path):
+    """cp -p or rsync -t over a medium keeps its size and mtime; within one process its key must still follow it."""
+    medium = tmp_path / "m.bin"
+    medium.write_bytes(b"a" * 16)
+    before, st = source_key(medium), medium.stat()
+    medium.write_bytes(b"b" * 16)
+    os.utime(medium, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert medium.stat().st_mtime_ns == st.st_mtime_ns and source_key(medium) != before
+    assert source_key(medium) == source_key(b"b" * 16)
 
 
 def test_tokenized_records_encode_exactly_and_never_call_the_tokenizer(tmp_path, mistral_tokenizer_dir):

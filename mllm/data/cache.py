@@ -71,16 +71,18 @@ def media_key(data: bytes) -> str:
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def _file_key(path: str, size: int, mtime_ns: int) -> str:  # size and mtime make a changed file a new entry
+def _file_key(path: str, stat: tuple[int, ...]) -> str:  # a changed `stat` makes a changed file a new entry
     return media_key(Path(path).read_bytes())
 
 
 def source_key(source: bytes | str | os.PathLike) -> str:
-    """The cache key of a medium given as its bytes or a file path."""
+    """The cache key of a medium given as its bytes or a file path. A file's is hashed once per process while its
+    size, inode, modification and status-change times stay: a rewrite that keeps size and modification time
+    (cp -p, rsync -t, tar x) still changes the inode or ctime."""
     if isinstance(source, (bytes, bytearray)):
         return media_key(bytes(source))
     st = os.stat(source)
-    return _file_key(os.path.abspath(source), st.st_size, st.st_mtime_ns)
+    return _file_key(os.path.abspath(source), (st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns))
 
 
 class ShardStore:
