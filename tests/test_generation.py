@@ -338,6 +338,20 @@ def test_guided_logits_and_filters():
     assert repetition_penalty(logits, seen, 2.0).tolist() == [[1.0, -2.0, 0.5, 3.0]]
 
 
+@pytest.mark.parametrize("key", ["temperature", "repetition_penalty", "cfg_scale"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_sampling_settings_must_be_finite(key, value):
+    """NaN passed every range check: a NaN repetition penalty made greedy decoding pick a seen token every step, an
+    infinite temperature turned the masked logits into NaN and multinomial failed mid-generation."""
+    with pytest.raises(ValueError, match=f"{key} must be a finite number, got {value}"):
+        TokenSampling(**{key: value})
+    if key != "repetition_penalty":
+        with pytest.raises(ValueError, match=f"{key} must be a finite number, got {value}"):
+            HeadSampling(**{key: value})
+    with pytest.raises(ValueError, match=r"temperature must be >= 0 \(or None: each head's own\), got -1"):
+        HeadSampling(temperature=-1)  # a GMM head read it as temperature 0
+
+
 def test_guidance_needs_the_unconditional_prompts():
     model, cond, uncond = guidance_setup()
     with pytest.raises(ValueError, match="pass uncond="):

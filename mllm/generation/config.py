@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,8 +18,12 @@ class TokenSampling:
     cfg_scale: float = 1.0  # classifier-free guidance on log-probabilities; 1: none
 
     def __post_init__(self):
+        _finite(self, "temperature", "repetition_penalty", "cfg_scale")
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
-            raise ValueError("need temperature >= 0, top_k >= 0, 0 < top_p <= 1 and repetition_penalty > 0")
+            raise ValueError(
+                f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1 and repetition_penalty > 0, got {self.temperature}, "
+                f"{self.top_k}, {self.top_p} and {self.repetition_penalty}"
+            )
 
 
 @dataclass
@@ -29,6 +34,11 @@ class HeadSampling:
     cfg_scale: float = 1.0  # passed to head.sample as `cfg`; 1: none
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # modality -> extra head.sample keywords,
     # e.g. {"image": {"steps": 50}} for a diffusion head, {"image": {"mode": "mean"}} for a GMM head
+
+    def __post_init__(self):
+        _finite(self, "cfg_scale", *([] if self.temperature is None else ["temperature"]))
+        if self.temperature is not None and self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (or None: each head's own), got {self.temperature}")
 
 
 @dataclass
@@ -54,3 +64,11 @@ class GenerationConfig:
     def guided(self) -> bool:
         """Whether any scale asks for the unconditional stream."""
         return any(s != 1.0 for s in (self.text.cfg_scale, self.codes.cfg_scale, self.continuous.cfg_scale))
+
+
+def _finite(sampling, *names: str) -> None:
+    """Refuse a NaN or infinite setting by name: NaN passes every comparison check (a NaN repetition penalty made
+    argmax pick a seen token every step) and an infinite temperature turns the masked logits' −inf into NaN."""
+    for name in names:
+        if not math.isfinite(getattr(sampling, name)):
+            raise ValueError(f"{name} must be a finite number, got {getattr(sampling, name)}")
