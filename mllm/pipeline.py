@@ -111,15 +111,11 @@ class Pipeline:
 
         return [[item(i) for i in result.items(self.processor.decode_text)] for result in results]
 
-    def generate_media(self, conversations: Sequence[list[dict]], modality: str, **kwargs) -> list[Media]:
-        """One medium per conversation (the first the reply holds); for text-to-X evaluation."""
-        media = []
-        for row, reply in enumerate(self.chat(conversations, force=modality, **kwargs)):
-            found = [item for item in reply if not isinstance(item, str)]
-            if not found:
-                raise RuntimeError(f"conversation {row}: the model wrote no {modality} (reply: {reply!r})")
-            media.append(found[0])
-        return media
+    def generate_media(self, conversations: Sequence[list[dict]], modality: str, **kwargs) -> list[Media | None]:
+        """One medium per conversation (the first the reply holds), for text-to-X evaluation; None where the
+        reply holds none (its medium was cut by max_new_tokens): one prompt's failure is its own."""
+        replies = self.chat(conversations, force=modality, **kwargs)
+        return [next((item for item in reply if not isinstance(item, str)), None) for reply in replies]
 
     def decode(self, span: MediaSpan, *, guidance: float | None = None, steps: int | None = None,
                generator: torch.Generator | None = None) -> Media:

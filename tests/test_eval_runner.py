@@ -214,8 +214,8 @@ def test_a_transcription_task_is_transcribed_and_a_model_that_spells_nothing_tra
 
 
 def judge_white_is_seven(paths: list[str]) -> list[str]:
-    """A stand-in judge: a white picture "shows" a 7."""
-    return ["7" if load_image(p).pixels.mean() > 250 else "?" for p in paths]
+    """A stand-in judge: a white picture "shows" a 7; no file ("") shows nothing."""
+    return ["" if not p else "7" if load_image(p).pixels.mean() > 250 else "?" for p in paths]
 
 
 def test_generation_writes_one_file_per_item_and_the_judge_scores_them(tmp_path):
@@ -230,6 +230,25 @@ def test_generation_writes_one_file_per_item_and_the_judge_scores_them(tmp_path)
     assert [x["judged"] for x in lines] == ["7", "7", "7"] and [x["score"] for x in lines] == [1.0, 1.0, 0.0]
     assert "the judge read" in (tmp_path / "out" / "report.md").read_text()
     assert all((tmp_path / "out" / x["files"][0]).is_file() for x in lines)
+
+
+class ForgetfulPainter(CountingPredictor):
+    """Writes no picture for g1, as a model whose medium max_new_tokens cut writes none."""
+
+    def generate_media(self, items, modality):
+        return [None if i.id == "g1" else Image(np.full((28, 28, 3), 255, np.uint8)) for i in items]
+
+
+def test_an_item_the_model_wrote_no_medium_for_is_scored_wrong_and_the_run_goes_on(tmp_path):
+    file = tmp_path / "draw.jsonl"
+    file.write_text("".join(json.dumps({"id": f"g{k}", "prompt": f"Draw a {t}.", "target": t}) + "\n" for k, t in enumerate("777")))
+    task = build_task(TaskSpec("jsonl", str(file), name="draw",
+                               options={"generate": "image", "judge": "tests.test_eval_runner:judge_white_is_seven"}))
+    results = run_eval([task], ForgetfulPainter(), tmp_path / "out", model="m", batch_size=3, progress=False)
+    assert results["draw"]["judge_accuracy"] == pytest.approx(2 / 3) and results["draw"]["n"] == 3
+    lines = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert [x.get("files") for x in lines] == [["media/draw/g0.png"], None, ["media/draw/g2.png"]]
+    assert [x["score"] for x in lines] == [1.0, 0.0, 1.0]
 
 
 def test_mllm_eval_runs_a_proxy_and_a_choice_task_on_a_real_checkpoint(tmp_path, tiny_model, monkeypatch):

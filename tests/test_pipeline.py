@@ -59,6 +59,12 @@ def test_generate_media_and_save_load_round_trip(pipeline, tmp_path):
     assert (before.pixels == after.pixels).all()
 
 
+def test_generate_media_gives_none_for_a_reply_whose_medium_max_new_tokens_cut(pipeline):
+    """An image takes 4 slots and its end marker: 3 new tokens cut it, and it is dropped."""
+    conversations = [[{"role": "user", "content": "Draw a 3."}], [{"role": "user", "content": "Draw a 4."}]]
+    assert pipeline.generate_media(conversations, "image", config=GenerationConfig(max_new_tokens=3)) == [None, None]
+
+
 @pytest.mark.parametrize("end", ["<|im_end|>", "</s>"])
 def test_chatml_reply_ends_at_im_end_and_at_the_tokenizers_eos(mistral_tokenizer_dir, tmp_path, end):
     tokenizer = AutoTokenizer.from_pretrained(mistral_tokenizer_dir)

@@ -4,7 +4,7 @@
     predictor.answer(items, max_new_tokens=16)      # -> ["yes", "7", ...]      greedy, batched, left-padded
     predictor.transcribe(items, max_new_tokens=96)  # -> ["zero nine", ...]    joint CTC/attention where it can
     predictor.choice_logprobs(items)                # -> [[-3.1, -0.2], ...]    log p(option | question) per option
-    predictor.generate_media(items, "image")        # -> [Image, ...]           via the media generator, if connected
+    predictor.generate_media(items, "image")        # -> [Image, None, ...]     via the media generator, if connected
 
 The runner talks to any object with these four methods (`Predictor`), so a
 fake one can stand in for a model in tests, and other backends can plug in.
@@ -25,7 +25,8 @@ from mllm.pipeline import CTC_WEIGHT, Pipeline, check_joint_decoding
 from mllm.processor import Processor
 
 Media = Image | Audio | Video
-MediaGenerator = Callable[[list[list[dict]], Modality], list[Media]]  # (conversations, modality) -> one item each
+# (conversations, modality) -> one medium each, None where the model wrote none
+MediaGenerator = Callable[[list[list[dict]], Modality], list[Media | None]]
 
 
 class Predictor(Protocol):
@@ -35,7 +36,7 @@ class Predictor(Protocol):
 
     def choice_logprobs(self, items: Sequence[Item]) -> list[list[float]]: ...
 
-    def generate_media(self, items: Sequence[Item], modality: Modality) -> list[Media]: ...
+    def generate_media(self, items: Sequence[Item], modality: Modality) -> list[Media | None]: ...
 
 
 class NoMediaGenerator(InputError, RuntimeError):
@@ -95,7 +96,7 @@ class ModelPredictor:
         """`Pipeline.reply_logprobs`, `rows_per_forward` rows at a time."""
         return self.pipeline.reply_logprobs(conversations, replies, rows_per_forward=self.rows_per_forward)
 
-    def generate_media(self, items: Sequence[Item], modality: Modality) -> list[Media]:
+    def generate_media(self, items: Sequence[Item], modality: Modality) -> list[Media | None]:
         if self.media_generator is None:
             raise NoMediaGenerator(
                 f"this model has no {modality} generator connected, so generation tasks cannot run "

@@ -196,6 +196,9 @@ def _predict(task: Task, items: list[Item], predictor: Predictor, out: Path) -> 
         media = predictor.generate_media(items, task.modality)
         predictions = []
         for item, medium in zip(items, media):
+            if medium is None:  # the model wrote none: a prediction with no file, which a judge scores wrong
+                predictions.append(Prediction(item.id))
+                continue
             rel = Path("media") / _safe(task.name) / f"{_safe(item.id)}{MEDIA_SUFFIX[task.modality]}"
             SAVERS[task.modality](medium, out / rel)
             predictions.append(Prediction(item.id, files=[rel.as_posix()]))
