@@ -240,3 +240,21 @@ def test_llava_conversion_puts_images_where_their_markers_were(tmp_path, process
 
     with pytest.raises(BadRecordError, match=r"llava.json\[4\]: malformed_message"):
         convert_llava(src, images, out, policy="fail")
+
+
+def test_llava_items_with_malformed_images_or_turns_are_bad_records_not_a_crash(tmp_path):
+    chat = [{"from": "human", "value": "What is it?"}, {"from": "gpt", "value": "A square."}]
+    items = [
+        {"id": "number", "image": 5, "conversations": chat},
+        {"id": "null path", "image": [None], "conversations": chat},
+        {"id": "mapping", "image": {"coco/1.png": 1}, "conversations": chat},
+        {"id": "null question", "image": "coco/1.png", "conversations": [{"from": "human", "value": None}, chat[1]]},
+        {"id": "fine", "image": "coco/1.png", "conversations": chat},
+    ]
+    src = tmp_path / "llava.json"
+    src.write_text(json.dumps(items))
+    bad = convert_llava(src, tmp_path / "images", tmp_path / "train.jsonl")
+    assert [e.where for e in bad.skipped] == [f"{src}[{i}]" for i in range(4)]
+    assert "'image' must be a path or a list of paths" in bad.skipped[0].detail
+    assert "conversations[0]: expected" in bad.skipped[3].detail
+    assert [json.loads(line)["id"] for line in (tmp_path / "train.jsonl").read_text().splitlines()] == ["fine"]

@@ -39,23 +39,26 @@ def convert_item(item: dict, image_folder: str | os.PathLike, out_dir: str | os.
     if not isinstance(item, dict) or not isinstance(item.get("conversations"), list) or not item["conversations"]:
         raise ValueError("an item needs a non-empty 'conversations' list")
     images = item.get("image") or []
-    images = [images] if isinstance(images, str) else list(images)
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise ValueError("'image' must be a path or a list of paths")
     paths = [os.path.relpath(Path(image_folder) / p, out_dir) for p in images]
     turns = item["conversations"]
-    markers = sum(str(t.get("value", "")).count(IMAGE_MARKER) for t in turns if isinstance(t, dict))
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
+            raise ValueError(f"conversations[{i}]: expected {{'from': one of {sorted(ROLES)}, 'value': text}}")
+    markers = sum(t["value"].count(IMAGE_MARKER) for t in turns)
     if markers == 0 and paths:
-        first_human = next((i for i, t in enumerate(turns) if isinstance(t, dict) and t.get("from") == "human"), None)
+        first_human = next((i for i, t in enumerate(turns) if t["from"] == "human"), None)
         if first_human is None:
             raise ValueError("the item has an image but no human turn to put it in")
         turns = [dict(t) for t in turns]
-        turns[first_human]["value"] = IMAGE_MARKER + "\n" + str(turns[first_human].get("value", ""))
+        turns[first_human]["value"] = IMAGE_MARKER + "\n" + turns[first_human]["value"]
         markers = len(paths)
     if markers != len(paths):
         raise ValueError(f"{markers} {IMAGE_MARKER} markers for {len(paths)} images")
     messages, next_image = [], iter(paths)
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
-            raise ValueError(f"conversations[{i}]: expected {{'from': one of {sorted(ROLES)}, 'value': text}}")
+    for turn in turns:
         content = []
         for k, piece in enumerate(_MARKER.split(turn["value"])):
             if k > 0:
