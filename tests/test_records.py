@@ -258,3 +258,14 @@ def test_llava_items_with_malformed_images_or_turns_are_bad_records_not_a_crash(
     assert "'image' must be a path or a list of paths" in bad.skipped[0].detail
     assert "conversations[0]: expected" in bad.skipped[3].detail
     assert [json.loads(line)["id"] for line in (tmp_path / "train.jsonl").read_text().splitlines()] == ["fine"]
+
+
+def test_llava_puts_an_unmarked_image_into_the_first_user_turn_whichever_name_it_has(tmp_path):
+    item = {"id": "a", "image": "1.png", "conversations": [{"from": "user", "value": "What is it?"},
+                                                           {"from": "assistant", "value": "A square."}]}
+    (tmp_path / "llava.json").write_text(json.dumps([item]))
+    bad = convert_llava(tmp_path / "llava.json", tmp_path, tmp_path / "train.jsonl", policy="fail")
+    [record] = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert not bad.skipped
+    assert record["messages"][0] == {"role": "user", "content": [{"type": "image", "path": "1.png"},
+                                                                 {"type": "text", "text": "What is it?"}]}

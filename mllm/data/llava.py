@@ -8,7 +8,7 @@ LLaVA's format is one JSON list:
 
 Each item becomes one record whose image part sits where its `<image>` marker
 was (the newline next to a marker is dropped with it); an item with an image
-but no marker gets it at the start of the first human turn, as LLaVA does.
+but no marker gets it at the start of the first human (or "user") turn, as LLaVA does.
 `"image"` may also be a list, one path per marker, in order. Image paths are
 taken relative to `image_folder` and written relative to the output file, so
 the records work wherever the two folders move together.
@@ -49,7 +49,7 @@ def convert_item(item: dict, image_folder: str | os.PathLike, out_dir: str | os.
             raise ValueError(f"conversations[{i}]: expected {{'from': one of {sorted(ROLES)}, 'value': text}}")
     markers = sum(t["value"].count(IMAGE_MARKER) for t in turns)
     if markers == 0 and paths:
-        first_human = next((i for i, t in enumerate(turns) if t["from"] == "human"), None)
+        first_human = next((i for i, t in enumerate(turns) if ROLES[t["from"]] == "user"), None)
         if first_human is None:
             raise ValueError("the item has an image but no human turn to put it in")
         turns = [dict(t) for t in turns]
