@@ -104,6 +104,17 @@ def test_a_batch_draws_the_same_numbers_whatever_ran_before_it(tmp_path):
     assert alone["b"] == after_a["b"]
 
 
+def test_a_run_that_fails_while_writing_its_predictions_leaves_the_last_ones_whole(tmp_path):
+    task, out = jsonl_task(tmp_path, n=4), tmp_path / "out"
+    run_eval([task], CountingPredictor(), out, model="m", progress=False)
+    before = {name: (out / name).read_text() for name in ("predictions.jsonl", "report.md", "report.html")}
+    task.items[2].answer = {"7"}  # matches like a list of answers, but a set is no JSON: the write fails there
+    with pytest.raises(TypeError, match="set is not JSON serializable"):
+        run_eval([task], CountingPredictor(), out, model="m", overwrite=True, progress=False)
+    assert {name: (out / name).read_text() for name in before} == before
+    assert not list(out.glob(".*tmp*"))
+
+
 def test_an_item_that_fails_to_load_stops_the_run_or_is_skipped(tmp_path):
     task = jsonl_task(tmp_path, n=6)
     with pytest.raises(BadRecordError, match="mine:q4: corrupt_media: q4.png"):

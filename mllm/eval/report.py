@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mllm.data.cache import atomic_write
 from mllm.eval.tasks import Item, Task
 from mllm.media import load_image, save_image
 
@@ -176,8 +177,9 @@ def write_report(
             body.append(f'<div class="item {verdict}"><div class="media">{players}</div>'
                         f"<div><b>{html.escape(line['id'])}</b>{text}</div></div>")
     html_path, md_path = out / "report.html", out / "report.md"
-    html_path.write_text(f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>"
-                         f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n", encoding="utf-8")
-    md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
+    page = (f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n")
+    atomic_write(html_path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+    atomic_write(md_path, lambda tmp: tmp.write_text("\n".join(md) + "\n", encoding="utf-8"))
     return html_path, md_path
 

@@ -24,7 +24,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +31,7 @@ from typing import Any, Literal
 import torch
 from tqdm import tqdm
 
+from mllm.data.cache import atomic_write
 from mllm.data.records import BadRecordError, BadRecords
 from mllm.errors import InputError
 from mllm.eval.predictor import Predictor
@@ -175,10 +175,12 @@ def _batch_seed(task: Task, batch: Sequence[Item]) -> int:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-    os.replace(tmp, path)
+    _write_text(path, json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def _write_text(path: Path, text: str) -> None:
+    """All of `text` or the file as it was: a kill or a failure while writing leaves no half-written output."""
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 # ---- running ----------------------------------------------------------------------------------------------
@@ -282,8 +284,7 @@ def run_eval(
             results[task.name]["categories"] = scores.categories
         lines += [_prediction_line(task, item, done[item.id], scores) for item in items]
     _write_json(out / "results.json", results)
-    with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+    _write_text(out / "predictions.jsonl", "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
     if report:
         from mllm.eval.report import write_report
 
