@@ -255,6 +255,7 @@ def test_llava_items_with_malformed_images_or_turns_are_bad_records_not_a_crash(
     src.write_text(json.dumps(items))
     bad = convert_llava(src, tmp_path / "images", tmp_path / "train.jsonl")
     assert [e.where for e in bad.skipped] == [f"{src}[{i}]" for i in range(4)]
+    assert bad.summary() == "skipped 4 of 5 records (malformed_message 4)"
     assert "'image' must be a path or a list of paths" in bad.skipped[0].detail
     assert "conversations[0]: expected" in bad.skipped[3].detail
     assert [json.loads(line)["id"] for line in (tmp_path / "train.jsonl").read_text().splitlines()] == ["fine"]

@@ -90,6 +90,7 @@ def convert_llava(
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             for index, item in enumerate(items):
+                bad.seen += 1
                 try:
                     record = convert_item(item, image_folder, out.parent, corpus)
                 except ValueError as e:
