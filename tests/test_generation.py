@@ -68,7 +68,7 @@ def test_cached_greedy_matches_recomputation_with_left_padding(arch):
     ]
     batch = pad_collate(samples, pad_id=0, padding_side="left")
     with torch.no_grad():
-        got = greedy_generate(model, batch, max_new_tokens=8, eos_token_id=-1)
+        got = greedy_generate(model, batch, max_new_tokens=8, eos_token_id=None)
         want = [recompute_greedy(model, long_ids[None], feats_long, 8), recompute_greedy(model, short_ids[None], feats_short, 8)]
     assert got == want
 
@@ -396,6 +396,22 @@ def test_stop_strings_eos_and_length():
         generate(model, batch, GenerationConfig(stop_strings=["x"]))
 
 
+def test_eos_and_pad_must_be_token_ids_of_the_model():
+    """A row that stops before the others is fed the pad, eos by default: eos -1 ("never") or a pad past the
+    vocabulary died in the embedding lookup, an IndexError, as soon as rows finished at different steps."""
+    model = model_with_spans()
+    for key, value in (("eos_token_id", -1), ("pad_token_id", -1), ("pad_token_id", True)):
+        with pytest.raises(ValueError, match=f"{key} must be a token id"):
+            GenerationConfig(**{key: value})
+    batch = batch_of(prompts(model, None, None))
+    stop = generate(model, batch, GenerationConfig(max_new_tokens=4))[0].ids[1]  # row 0 stops, row 1 goes on
+    vocab = model.get_output_embeddings().weight.shape[0]
+    with pytest.raises(ValueError, match=rf"pad_token_id \[{vocab}\] must be ids of the model's {vocab}-token"):
+        generate(model, batch, GenerationConfig(max_new_tokens=4, pad_token_id=vocab, stop_token_ids=[stop]))
+    with pytest.raises(ValueError, match=rf"eos_token_id and stop_token_ids \[{stop}, {vocab + 1}\] must be ids"):
+        generate(model, batch, GenerationConfig(max_new_tokens=4, eos_token_id=vocab + 1, stop_token_ids=[stop], pad_token_id=0))
+
+
 def test_sampling_is_reproducible_with_a_seed_and_penalised_repeats_are_rarer():
     model = model_with_spans()
     batch = batch_of(prompts(model, None, None, None))
@@ -463,7 +479,7 @@ def test_a_decoding_step_reads_from_the_device_about_once():
     and feature checks in embed, the attention mask's choice) read 4 times per token before it read once."""
     model = model_with_spans().eval()
     batch = batch_of(prompts(model, None))
-    config = GenerationConfig(max_new_tokens=32, eos_token_id=-1)
+    config = GenerationConfig(max_new_tokens=32)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         [g] = generate(model, batch, config)
     reads = sum(e.name == "aten::_local_scalar_dense" for e in prof.events())

@@ -21,8 +21,8 @@ class TokenSampling:
         _finite(self, "temperature", "repetition_penalty", "cfg_scale")
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
             raise ValueError(
-                f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1 and repetition_penalty > 0, got {self.temperature}, "
-                f"{self.top_k}, {self.top_p} and {self.repetition_penalty}"
+                f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1 and repetition_penalty > 0, "
+                f"got {self.temperature}, {self.top_k}, {self.top_p} and {self.repetition_penalty}"
             )
 
 
@@ -57,8 +57,12 @@ class GenerationConfig:
     def __post_init__(self):
         if self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
-        if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in self.stop_token_ids):
+        if any(not _token_id(i) for i in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be token ids (non-negative integers), got {self.stop_token_ids}")
+        for name in ("eos_token_id", "pad_token_id"):  # a finished row is fed the pad, which defaults to eos
+            value = getattr(self, name)
+            if value is not None and not _token_id(value):
+                raise ValueError(f"{name} must be a token id (a non-negative integer) or None, got {value!r}")
 
     @property
     def guided(self) -> bool:
@@ -72,3 +76,7 @@ def _finite(sampling, *names: str) -> None:
     for name in names:
         if not math.isfinite(getattr(sampling, name)):
             raise ValueError(f"{name} must be a finite number, got {getattr(sampling, name)}")
+
+
+def _token_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -73,7 +73,7 @@ def generate(
 
 
 def greedy_generate(
-    model: MultimodalLM, batch: MultimodalBatch, *, max_new_tokens: int, eos_token_id: int
+    model: MultimodalLM, batch: MultimodalBatch, *, max_new_tokens: int, eos_token_id: int | None
 ) -> list[list[int]]:
     """Greedy continuation ids of each prompt row, without the eos: `generate` with its defaults."""
     config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
@@ -116,7 +116,11 @@ class _Engine:
         self.batch_size, self.guided = batch.input_ids.shape[0], uncond is not None
         device = batch.input_ids.device
         self.generator = None if self.config.seed is None else torch.Generator(device).manual_seed(self.config.seed)
-        self.rules = SpanRules(self.model, self.model.get_output_embeddings().weight.shape[0], device)
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        for name, ids in (("pad_token_id", [self.pad]), ("eos_token_id and stop_token_ids", sorted(self.ends))):
+            if any(i >= vocab for i in ids):  # a pad past the table failed in the embedding, an eos never matched
+                raise ValueError(f"{name} {ids} must be ids of the model's {vocab}-token vocabulary")
+        self.rules = SpanRules(self.model, vocab, device)
         parallel = [rule.modality for rule in self.rules.continuous if rule.parallel]
         refuse_flash_attention(self.model.language_model.config._attn_implementation, parallel)  # before the prefill
         self.need_hidden = bool(self.rules.continuous)  # only heads read hidden states
