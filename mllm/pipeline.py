@@ -165,7 +165,8 @@ class Pipeline:
     def reply_logprobs(self, conversations: Sequence[list[dict]], replies: Sequence[str], *,
                        rows_per_forward: int = 8) -> list[tuple[float, bool]]:
         """For each conversation, log p(assistant reply | conversation), summed over the reply's labelled
-        tokens (its text and end of turn), and whether greedy decoding would have written exactly them."""
+        tokens (its text and end of turn), and whether greedy decoding would have written exactly them.
+        Earlier assistant turns are labelled too, but are the conversation's, not the reply's."""
         if len(conversations) != len(replies):
             raise ValueError(f"{len(conversations)} conversations but {len(replies)} replies")
         out: list[tuple[float, bool]] = []
@@ -178,7 +179,7 @@ class Pipeline:
             inputs = {k: v for k, v in batch.model_inputs().items() if k not in ("labels", "feature_targets")}
             logits = self.model(**inputs).logits[:, :-1].float()  # position t predicts token t + 1
             labels = batch.labels[:, 1:]
-            mask = labels.ne(IGNORE_INDEX)
+            mask = _last_run(labels.ne(IGNORE_INDEX))
             picked = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
             greedy = logits.argmax(-1).eq(labels) | ~mask
             out += [(float(s), bool(g)) for s, g in zip((picked * mask).sum(-1), greedy.all(-1))]
@@ -217,3 +218,11 @@ class Pipeline:
         if config.pad_token_id is None:
             config = replace(config, pad_token_id=self.processor.pad_id)
         return config
+
+
+def _last_run(labelled: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool -> the same with only each row's last run of True kept: the final turn's tokens."""
+    at = torch.arange(labelled.shape[1], device=labelled.device)
+    end = torch.where(labelled, at, -1).amax(-1, keepdim=True)  # [B, 1]: the run's last position
+    start = torch.where(~labelled & (at < end), at, -1).amax(-1, keepdim=True)  # the last False before it
+    return labelled & (at > start)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from mllm.checkpoint import HeadConfig, MediaConfig, ModelConfig, build_model
@@ -63,6 +64,21 @@ def test_generate_media_gives_none_for_a_reply_whose_medium_max_new_tokens_cut(p
     """An image takes 4 slots and its end marker: 3 new tokens cut it, and it is dropped."""
     conversations = [[{"role": "user", "content": "Draw a 3."}], [{"role": "user", "content": "Draw a 4."}]]
     assert pipeline.generate_media(conversations, "image", config=GenerationConfig(max_new_tokens=3)) == [None, None]
+
+
+def test_reply_logprobs_score_the_reply_and_not_the_earlier_assistant_turns(pipeline):
+    history = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello, how can I help?"},
+               {"role": "user", "content": "Say yes."}]
+    replies = ["yes", "no way"]
+    scored = pipeline.reply_logprobs([history, history], replies)
+    for reply, (logprob, greedy) in zip(replies, scored):
+        ids = pipeline.processor([history + [{"role": "assistant", "content": reply}]]).input_ids[0]
+        start = len(pipeline.processor.encode(history, add_generation_prompt=True))  # the reply's first token
+        with torch.no_grad():
+            log_probs = pipeline.model(input_ids=ids[None]).logits[0, start - 1:-1].float().log_softmax(-1)
+        expected = log_probs.gather(-1, ids[start:, None]).sum()
+        assert logprob == pytest.approx(float(expected), abs=1e-4)
+        assert greedy == bool(log_probs.argmax(-1).eq(ids[start:]).all())
 
 
 @pytest.mark.parametrize("end", ["<|im_end|>", "</s>"])
