@@ -517,6 +517,16 @@ def test_replacing_a_head_with_a_parallel_one_adds_its_queries_and_keeps_them_fo
     assert "image" not in model.queries and not model.is_parallel("image")
 
 
+def test_a_refused_replacement_leaves_the_head_and_config_as_they_were():
+    """A parallel head without tokens_per_item was refused only after the new head and its config entry were in:
+    the model was left calling itself parallel, with no queries."""
+    model = with_heads("llama", {"image": {"name": "gmm"}})
+    head, spec = model.heads["image"], dict(model.config.heads["image"])
+    with pytest.raises(ValueError, match="heads.image is parallel: tokens_per_item.image must give its N query slots"):
+        model.replace_head("image", {"name": "regression", "parallel": True})
+    assert model.heads["image"] is head and model.config.heads["image"] == spec and not model.is_parallel("image")
+
+
 def test_a_replaced_head_and_its_queries_take_the_models_dtype_and_device():
     """They were built in fp32 on the host whatever the model's dtype and device: a bf16 model could not run them."""
     model = with_heads("llama", {"image": {"name": "gmm"}}, tokens_per_item={"image": 3}).to(torch.bfloat16)

@@ -185,11 +185,11 @@ class MultimodalLM(PreTrainedModel):
         if spec["parallel"]:
             refuse_flash_attention(self.language_model.config._attn_implementation, [name])
         weight = self.get_input_embeddings().weight  # the new head lives where and as the model does
-        self.heads[name] = self._build_head(name, spec)
-        self.heads[name].reset_parameters()
-        self.heads[name].to(weight.device, weight.dtype)
+        head = self._build_head(name, spec)
+        head.reset_parameters()
+        self._set_queries(name, spec)  # may refuse the spec too, so before the head and config change
+        self.heads[name] = head.to(weight.device, weight.dtype)
         self.config.heads[name] = spec
-        self._set_queries(name, spec)
 
     def _set_queries(self, name: str, spec: dict) -> None:
         """Learned output queries for a parallel head's N slots (kept when a parallel head replaces another);
