@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -80,11 +81,23 @@ def test_a_malformed_deepspeed_config_names_the_key_and_file(ds, key, got, corpu
     (["data.repeat_default=-0.5"], "data"),
     (["data.encode_batch={video: 0}"], "data"),
     (["data.encode_batch={video: 2.5}"], "data.encode_batch.video"),
+    (["data.encode_batch={video: 2}"], "data.encode_batch.video"),  # the model tokenizes only images
 ])
 def test_recipe_errors_name_the_key(overrides, key, corpus, text_tokenizer, tmp_path):
     with pytest.raises(ConfigError) as e:
         load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, tmp_path)), overrides)
     assert e.value.key == key
+
+
+def test_an_encode_batch_for_media_an_init_from_model_does_not_tokenize_is_refused(corpus, text_tokenizer, tmp_path):
+    """An init_from model's media tokenizers are known once it is loaded: the run checks data.encode_batch then."""
+    data = recipe(corpus, text_tokenizer, tmp_path / "out", data={"encode_batch": {"video": 2}})
+    del data["model"]
+    cfg = load_recipe(write(tmp_path, data | {"init_from": str(tmp_path / "ckpt")}))
+    run = SimpleNamespace(cfg=cfg, processor=SimpleNamespace(media_tokenizers={"image": None}))
+    with pytest.raises(ConfigError, match=r"tokenizes no video \(it tokenizes: image\)") as e:
+        Finetune._encode_media(run)
+    assert e.value.key == "data.encode_batch.video"
 
 
 @pytest.mark.parametrize("problem, key", [

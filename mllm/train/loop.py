@@ -68,7 +68,7 @@ from mllm.train.distributed import (
     DistEnv, all_reduce_sum, barrier, build_engine, init_distributed, main_first, on_sigterm, shutdown,
 )
 from mllm.train.policy import apply_policy, trainable_summary
-from mllm.train.recipe import FinetuneConfig, check_ready, data_root, with_absolute_paths
+from mllm.train.recipe import FinetuneConfig, check_encode_batch, check_ready, data_root, with_absolute_paths
 from mllm.train.recipe_data import recipe_records, recipe_token_cache
 
 logger = logging.getLogger(__name__)
@@ -197,6 +197,7 @@ class Finetune:
     def _encode_media(self) -> TokenCache | None:
         """The token cache, every medium of the records in it (each rank encodes its share); None without media."""
         tokenizers = self.processor.media_tokenizers
+        check_encode_batch(self.cfg, list(tokenizers))  # an init_from model's media are known once it is loaded
         cache = recipe_token_cache(self.cfg, tokenizers) if tokenizers else None
         if cache is not None:
             for ds in (self.train_records, self.validation_records):

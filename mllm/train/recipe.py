@@ -210,8 +210,17 @@ def validate(cfg: FinetuneConfig) -> None:
                               "low-precision weights with fp32 masters need a DeepSpeed config")
         if cfg.model.dtype == "float16":
             raise ConfigError("model.dtype", "float16 training is not supported: use bfloat16")
+        check_encode_batch(cfg, [m for m, media in cfg.model.media.items() if not media.kind])
     if cfg.train.precision == "fp32" and cfg.model is not None and cfg.model.dtype != "float32":
         raise ConfigError("train.precision", f"fp32 needs model.dtype float32, got {cfg.model.dtype}")
+
+
+def check_encode_batch(cfg: FinetuneConfig, tokenized: list[str]) -> None:
+    """Raise ConfigError naming a `data.encode_batch` modality that no media tokenizer of the model (`tokenized`)
+    encodes: its batch size would never be used."""
+    if unknown := sorted(set(cfg.data.encode_batch) - set(tokenized)):
+        raise ConfigError(f"data.encode_batch.{unknown[0]}", f"the model tokenizes no {unknown[0]} "
+                          f"(it tokenizes: {', '.join(sorted(tokenized)) or 'nothing'})")
 
 
 def check_ready(cfg: FinetuneConfig) -> None:
