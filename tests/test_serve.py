@@ -380,6 +380,20 @@ def test_malformed_requests_get_4xx_with_a_message_and_the_server_stays_up(clien
     assert_alive(client)
 
 
+def test_options_the_server_cannot_meet_are_refused_by_name_and_their_no_op_values_accepted(client):
+    """A client asking for logprobs, tools or JSON mode would otherwise get a plain reply that silently lacks them."""
+    asks = {"logprobs": True, "top_logprobs": 3, "tools": [{"type": "function", "function": {"name": "f"}}],
+            "response_format": {"type": "json_object"}, "presence_penalty": 0.5, "frequency_penalty": -1,
+            "logit_bias": {"50": 100}}
+    for key, value in asks.items():
+        r = client.post("/v1/chat/completions", json=request("Hi.", **{key: value}))
+        assert r.status_code == 400 and r.json()["error"]["param"] == key, f"{key}: {r.text}"
+        assert f"'{key}' is not supported" in r.json()["error"]["message"]
+    no_ops = {"logprobs": False, "top_logprobs": None, "tools": [], "response_format": {"type": "text"},
+              "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}}
+    assert client.post("/v1/chat/completions", json=request("Hi.", **no_ops)).status_code == 200
+
+
 def test_a_body_over_max_request_bytes_is_refused_before_parsing(client):
     r = client.post("/v1/chat/completions", content=b"x" * 300_000, headers={"content-type": "application/json"})
     assert r.status_code == 413 and "max_request_bytes" in r.json()["error"]["message"]

@@ -89,6 +89,7 @@ def parse_chat_request(body: dict[str, Any], model_name: str, reads: dict[str, d
     if model != model_name:
         raise RequestError(404, f"the model {model!r} does not exist; this server has {model_name!r}", param="model",
                            code="model_not_found")
+    _refuse_unsupported(body)
     stream = _typed(body, "stream", bool, False)
     n = _typed(body, "n", int, 1)
     if n != 1:
@@ -147,6 +148,21 @@ def _typed(body: dict, key: str, kind: type | tuple[type, ...], default: Any) ->
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise RequestError(400, f"'{key}' must be {names}, got {json.dumps(value)[:80]}", param=key)
     return value
+
+
+# OpenAI fields this server cannot honour, with the values that ask for nothing (clients often send those)
+UNSUPPORTED = {"logprobs": (False,), "top_logprobs": (0,), "tools": ([],), "functions": ([],),
+               "frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},),
+               "response_format": ({"type": "text"},)}
+
+
+def _refuse_unsupported(body: dict) -> None:
+    """A 400 naming a field whose request the reply would silently not meet (logprobs, tools, JSON mode ...)."""
+    for key, harmless in UNSUPPORTED.items():
+        if body.get(key) is not None and body[key] not in harmless:
+            hint = " (repetition_penalty is)" if key.endswith("_penalty") else ""
+            raise RequestError(400, f"'{key}' is not supported by this server{hint}, got {json.dumps(body[key])[:80]}",
+                               param=key, code="unsupported_parameter")
 
 
 def _include_usage(body: dict, stream: bool) -> bool:
