@@ -264,6 +264,20 @@ def test_a_fresh_run_refuses_an_output_dir_with_checkpoints(lora_run):
     assert e.value.key == "train.resume"
 
 
+def test_resuming_with_a_changed_data_stream_warns_that_the_data_position_is_the_old_streams(lora_run, caplog):
+    """The position is micro-batch k of the epoch's stream: of another batch size (or seed, records, packing...) it
+    names other records, so some come twice this epoch and others not at all."""
+    cfg = load_recipe(lora_run.parent / "recipe.yaml", ["data.batch_size=1", "train.seed=3"])
+    with caplog.at_level("WARNING", logger="mllm.train.loop"):
+        Finetune(cfg, DistEnv()).close()
+    [warning] = [r.getMessage() for r in caplog.records if "data stream differs" in r.getMessage()]
+    assert "train.seed 0 -> 3; data.batch_size 2 -> 1" in warning and "step-00000006" in warning
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mllm.train.loop"):
+        Finetune(load_recipe(lora_run.parent / "recipe.yaml", ["train.max_steps=8"]), DistEnv()).close()
+    assert not [r for r in caplog.records if "data stream differs" in r.getMessage()]
+
+
 KILL_AT_SAVE = """
 import os, sys
 from mllm.train import checkpointing, finetune, load_recipe

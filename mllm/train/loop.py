@@ -12,7 +12,8 @@ batches of a step, and hence its loss, do not depend on how many ranks share
 it. Each loss term is a mean over the whole step's tokens (head target slots,
 transcribed items) on every rank, not a mean of micro-batch means (`step`), so
 neither does it depend on the batch size, accumulation or packing. The data
-position is (epoch, index of the next micro-batch).
+position is (epoch, index of the next micro-batch) in that stream: resuming with a recipe
+that makes another stream (STREAM_KEYS) warns.
 
 A micro-batch whose loss is not finite gets a NaN gradient, and the engine
 skips an update whose gradient is not finite; `train.max_bad_steps` such
@@ -38,6 +39,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
+from functools import reduce
 from itertools import islice
 from pathlib import Path
 
@@ -45,7 +47,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mllm.config import ConfigError
+from mllm.config import ConfigError, to_dict
 from mllm.data.cache import TokenCache, atomic_write
 from mllm.data.input_augment import InputAugment
 from mllm.data.loader import MultimodalLoader
@@ -68,7 +70,7 @@ from mllm.train.distributed import (
     DistEnv, all_reduce_sum, barrier, build_engine, init_distributed, main_first, on_sigterm, shutdown,
 )
 from mllm.train.policy import apply_policy, trainable_summary
-from mllm.train.recipe import FinetuneConfig, check_encode_batch, check_ready, data_root, with_absolute_paths
+from mllm.train.recipe import FinetuneConfig, check_encode_batch, check_ready, data_root, load_recipe, with_absolute_paths
 from mllm.train.recipe_data import recipe_records, recipe_token_cache
 
 logger = logging.getLogger(__name__)
@@ -99,6 +101,21 @@ def cosine_lr(step: int, cfg: FinetuneConfig) -> float:
     progress = (step - warmup) / max(total - warmup, 1)
     floor = cfg.schedule.min_lr_ratio
     return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# the recipe keys that make an epoch's micro-batch stream, which the data position (epoch, micro-batch) indexes
+STREAM_KEYS = ("train.seed", "data.train", "data.tasks", "data.repeat", "data.repeat_default", "data.max_length",
+               "data.batch_size", "data.packing", "data.augment")
+
+
+def stream_changes(saved: FinetuneConfig, cfg: FinetuneConfig) -> list[str]:
+    """`key old -> new` for each of STREAM_KEYS whose value in `cfg` is not the one in `saved` (a checkpoint's recipe)."""
+    changed = []
+    for key in STREAM_KEYS:
+        old, new = (to_dict(reduce(getattr, key.split("."), c)) for c in (saved, cfg))
+        if old != new:
+            changed.append(f"{key} {old} -> {new}")
+    return changed
 
 
 def seed_everything(seed: int) -> None:
@@ -153,6 +170,10 @@ class Finetune:
             load_rng(resume, env)
             self.state.world_size = env.world_size
             self.say(f"resumed from {resume} (step {self.state.step}, epoch {self.state.epoch}, batch {self.state.batch})")
+            if env.is_main and (changed := stream_changes(load_recipe(resume / "recipe.yaml"), cfg)):
+                logger.warning("the recipe's data stream differs from the one %s was trained on (%s): its data position "
+                               "counts micro-batches of the old stream, so this epoch's records are not each visited "
+                               "once, nor as they would have been", resume, "; ".join(changed))
 
         self.cache = self._encode_media()
         if cfg.train.eval_every and self.validation_records is not None:
