@@ -12,8 +12,8 @@ import pytest
 
 from mllm.config import ConfigError
 from mllm.data.records import BadRecordError
-from mllm.eval.tasks import Prediction, TaskSpec, build_task, load_task_spec
-from mllm.media import Audio, Image, Video, save_audio, save_image, save_video
+from mllm.eval.tasks import MediaRef, Prediction, TaskSpec, build_task, load_task_spec
+from mllm.media import Audio, Image, MediaError, Video, save_audio, save_image, save_video
 
 
 def png(path: Path, value: int = 128) -> Path:
@@ -129,6 +129,15 @@ def test_seed_images_videos_segments_and_frame_folders(tmp_path):
     scores = task.score(task.items, preds(task, ["B", "A", "A"]))
     assert scores.metrics["image_accuracy"] == 1.0 and scores.metrics["video_accuracy"] == 0.5
     assert task_of("seed", tmp_path, data_types=["image"]).items[0].id == "101"
+
+
+@pytest.mark.parametrize("segment", [(1.5, 0.5), (-1.0, 1.0), (float("nan"), 1.0), (0.0, float("inf"))])
+def test_a_segment_that_is_no_span_of_the_video_is_a_bad_medium_naming_it(tmp_path, segment):
+    """A bad item, which the runner skips or fails on by policy: it was one frame (1.5-0.5 s), a "past the end"
+    error (-1 s), or a ValueError or OverflowError (NaN, inf) that stopped the whole run."""
+    ref = MediaRef("video", str(mp4(tmp_path / "clip.mp4")), segment)
+    with pytest.raises(MediaError, match=r"clip.mp4: .*segment .* is no span of a video"):
+        ref.load_video()
 
 
 def test_pope_reads_each_setting(tmp_path):

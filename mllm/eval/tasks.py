@@ -16,6 +16,7 @@ built-in proxies (mllm.eval.proxies).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -56,6 +57,9 @@ class MediaRef:
     def load_video(self) -> Video:
         """The video, from a file or a folder of frame images (at 1 fps), cut to `segment` if given."""
         path = Path(self.path)
+        span = self.segment
+        if span is not None and not (all(map(math.isfinite, span)) and 0 <= span[0] <= span[1]):
+            raise MediaError(str(path), f"segment {self.segment} s is no span of a video: need 0 <= start <= end")
         if path.is_dir():
             frames = sorted((p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES), key=_natural)
             if not frames:
