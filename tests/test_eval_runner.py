@@ -123,6 +123,8 @@ def test_an_item_that_fails_to_load_stops_the_run_or_is_skipped(tmp_path):
     results = run_eval([task], predictor, tmp_path / "b", model="m", batch_size=4, policy="skip", progress=False)
     assert results["mine"]["n"] == 5 and results["mine"]["skipped"] == 1
     assert "q4" not in predictor.asked and "q5" in predictor.asked  # the rest of the bad batch still ran
+    for report in ("report.md", "report.html"):  # which item, and why, outlives the log
+        assert "mine:q4: corrupt_media: q4.png: corrupt or truncated image" in (tmp_path / "b" / report).read_text()
 
 
 def test_an_unknown_task_name_fails_listing_the_known_ones_or_is_skipped(tmp_path):

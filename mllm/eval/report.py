@@ -1,7 +1,7 @@
 """The evaluation report, `report.html` and `report.md`, next to results.json.
 
 One summary table of every task, then per task: its metrics, its per-category
-table, and a sample of items (wrong ones first) showing the input media
+table, the items skipped as bad and why, and a sample of items (wrong ones first) showing the input media
 (image thumbnails, audio and video players, generated files), the question,
 the prediction and the answer. Sampled media are copied into `report_media/`
 so the report folder can be moved or shared as it is.
@@ -21,6 +21,7 @@ from mllm.eval.tasks import Item, Task
 from mllm.media import load_image, save_image
 
 THUMBNAIL = 160  # pixels, the longer side
+SKIPS_LISTED = 20  # per task; the rest are counted
 HEADLINE = ("circular_accuracy", "accuracy", "judge_accuracy", "wer", "cider", "f1", "perception_score")
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 72em; color: #222; }
@@ -122,9 +123,11 @@ def write_report(
     results: Mapping[str, Mapping[str, Any]],
     items: Mapping[str, Mapping[str, Item]],
     lines: Sequence[dict],
+    skipped: Mapping[str, Sequence[str]] | None = None,
     samples: int = 6,
 ) -> tuple[Path, Path]:
-    """Write report.html and report.md into `out`; `lines` are predictions.jsonl's rows."""
+    """Write report.html and report.md into `out`; `lines` are predictions.jsonl's rows, `skipped` each task's bad
+    items ("where: reason: detail")."""
     out = Path(out)
     shutil.rmtree(out / "report_media", ignore_errors=True)
     media = _Media(out)
@@ -155,6 +158,11 @@ def write_report(
             rows = [[c] + [m.get(k, "") for k in columns] for c, m in categories.items()]
             md += ["### Per category", "", *_md_table(["category", *columns], rows), ""]
             body += ["<h3>Per category</h3>", _html_table(["category", *columns], rows)]
+        skips = list((skipped or {}).get(task.name, []))
+        if skips:
+            listed = skips[:SKIPS_LISTED] + ([f"... and {len(skips) - SKIPS_LISTED} more"] if len(skips) > SKIPS_LISTED else [])
+            md += ["### Skipped items", "", *[f"- {_md_cell(s)}" for s in listed], ""]
+            body += ["<h3>Skipped items</h3>", "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in listed) + "</ul>"]
         sampled = _sample(by_task.get(task.name, []), samples)
         if sampled:
             md += ["### Sample items", ""]

@@ -270,11 +270,11 @@ def run_eval(
                     torch.manual_seed(_batch_seed(task, batch))
                     caches[task.name].add(_predict_batch(task, batch, predictor, out, bads[task.name]))
                 bar.update(len(batch))
-    results, lines = {}, []
+    results, lines, skips = {}, [], {}
     for task in tasks:
         done = caches[task.name].done
         items = [i for i in chosen[task.name] if i.id in done]
-        skipped = task.skipped + [str(e) for e in bads[task.name].skipped]
+        skipped = skips[task.name] = task.skipped + [str(e) for e in bads[task.name].skipped]
         if not items:
             results[task.name] = {"n": 0, "proxy": task.proxy, "skipped": len(skipped), "error": "no item could be run"}
             continue
@@ -288,7 +288,7 @@ def run_eval(
     if report:
         from mllm.eval.report import write_report
 
-        write_report(out, tasks, results, {t.name: {i.id: i for i in chosen[t.name]} for t in tasks}, lines)
+        write_report(out, tasks, results, {t.name: {i.id: i for i in chosen[t.name]} for t in tasks}, lines, skips)
     return results
 
 
