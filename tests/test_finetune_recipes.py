@@ -82,6 +82,10 @@ def test_a_malformed_deepspeed_config_names_the_key_and_file(ds, key, got, corpu
     (["data.encode_batch={video: 0}"], "data"),
     (["data.encode_batch={video: 2.5}"], "data.encode_batch.video"),
     (["data.encode_batch={video: 2}"], "data.encode_batch.video"),  # the model tokenizes only images
+    (["optim.lr=.nan"], "optim.lr"),
+    (["optim.eps=.inf"], "optim.eps"),
+    (["loss.lm=.nan"], "loss.lm"),
+    (["loss.heads.image=.nan"], "loss.heads.image"),
 ])
 def test_recipe_errors_name_the_key(overrides, key, corpus, text_tokenizer, tmp_path):
     with pytest.raises(ConfigError) as e:

@@ -21,6 +21,7 @@ relative to `data.root` (default: the built corpora, `$MLLM_CACHE/corpora`).
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -184,14 +185,15 @@ def validate(cfg: FinetuneConfig) -> None:
         raise ConfigError("train.eval_every", "needs data.validation records")
     for key in ("train.save_every", "train.eval_every", "schedule.warmup_steps", "optim.weight_decay",
                 "optim.max_grad_norm", "loss.lm", "loss.transcripts"):
-        if _get(cfg, key) < 0:
+        if not _get(cfg, key) >= 0:  # NaN too
             raise ConfigError(key, f"must be >= 0, got {_get(cfg, key)}")
     if cfg.schedule.warmup_steps > cfg.train.max_steps:
         raise ConfigError("schedule.warmup_steps", f"{cfg.schedule.warmup_steps} is more than train.max_steps {cfg.train.max_steps}")
     if not 0 <= cfg.schedule.min_lr_ratio <= 1:
         raise ConfigError("schedule.min_lr_ratio", f"must be in [0, 1], got {cfg.schedule.min_lr_ratio}")
-    if cfg.optim.lr <= 0 or cfg.optim.eps <= 0:
-        raise ConfigError("optim.lr" if cfg.optim.lr <= 0 else "optim.eps", "must be > 0")
+    for key in ("optim.lr", "optim.eps"):
+        if not 0 < _get(cfg, key) < math.inf:
+            raise ConfigError(key, f"must be > 0 and finite, got {_get(cfg, key)}")
     if not all(0 <= b < 1 for b in cfg.optim.betas):
         raise ConfigError("optim.betas", f"each must be in [0, 1), got {list(cfg.optim.betas)}")
     lora = cfg.policy.lora
@@ -199,7 +201,7 @@ def validate(cfg: FinetuneConfig) -> None:
         raise ConfigError("policy.lora", f"needs r > 0, target_modules and dropout in [0, 1); got r={lora.r}, "
                           f"target_modules={lora.target_modules}, dropout={lora.dropout}")
     for m, w in cfg.loss.heads.items():
-        if w < 0:
+        if not w >= 0:
             raise ConfigError(f"loss.heads.{m}", f"must be >= 0, got {w}")
     if cfg.model is not None:
         unknown = sorted(set(cfg.loss.heads) - set(cfg.model.heads))
