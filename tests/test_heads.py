@@ -200,6 +200,21 @@ def test_per_call_sampling_options_are_checked():
             head("diffusion", sampler="flow").sample(hidden, steps=steps)
 
 
+@pytest.mark.parametrize("name", ["gmm", "diffusion"])
+def test_a_temperature_must_be_finite_and_not_negative(name):
+    """NaN passed the `< 0` checks (a NaN sample, refused later as NaN features) and a GMM head read a
+    negative call temperature as 0: its σ, scaled below zero, was clamped up to the floor."""
+    hidden = torch.randn(2, H)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"temperature must be a finite number >= 0, got {bad}"):
+            head(name).sample(hidden, bad)
+        with pytest.raises(ConfigError, match="temperature"):
+            head(name, temperature=bad)
+    for key in ("min_variance", "variance_scale") if name == "gmm" else ():
+        with pytest.raises(ConfigError, match="min_variance and variance_scale positive, all finite, got 2, 1.0, "):
+            head("gmm", **{key: float("nan")})
+
+
 @pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 1.0), ("flow", 1.0)])
 def test_a_bf16_diffusion_head_runs_its_process_in_fp32(sampler, eta):
     """bf16 rounds ᾱ(0) = 0.99996 to 1: DDIM's last step was 0/0, and t near 0 had nothing to learn."""

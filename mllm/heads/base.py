@@ -17,6 +17,7 @@ saved as a directory: `head.yaml` (registry name + config) and
 from __future__ import annotations
 
 import abc
+import math
 import os
 
 import torch
@@ -81,6 +82,15 @@ def mlp(in_dim: int, width: int, out_dim: int, depth: int) -> nn.Sequential:
         layers += [nn.Linear(dim, width), nn.GELU()]
         dim = width
     return nn.Sequential(*layers, nn.Linear(dim, out_dim))
+
+
+def sampling_temperature(temperature: float | None, default: float) -> float:
+    """The call's temperature, or the head's default for None: a finite number >= 0 (NaN passed a `< 0` check,
+    and a GMM head read a negative one as 0)."""
+    value = default if temperature is None else temperature
+    if not 0 <= value < math.inf:
+        raise ValueError(f"temperature must be a finite number >= 0, got {value}")
+    return value
 
 
 def split_guidance(hidden: torch.Tensor, cfg: float) -> tuple[torch.Tensor, torch.Tensor | None]:

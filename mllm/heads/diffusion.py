@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mllm.heads.base import Head, both_streams, guide, register, split_guidance
+from mllm.heads.base import Head, both_streams, guide, register, sampling_temperature, split_guidance
 
 Sampler = Literal["ddim", "flow"]
 
@@ -66,8 +66,8 @@ class DiffusionHeadConfig:
             raise ValueError(f"steps ({self.steps}) cannot exceed train_steps ({self.train_steps})")
         if not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {self.eta}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
 
 
 def cosine_alpha_bar(t: torch.Tensor, train_steps: int) -> torch.Tensor:
@@ -198,7 +198,7 @@ class DiffusionHead(Head):
         steps: int | None = None,
     ) -> torch.Tensor:
         steps = self.config.steps if steps is None else steps
-        temperature = self.config.temperature if temperature is None else temperature
+        temperature = sampling_temperature(temperature, self.config.temperature)
         if self.config.sampler == "ddim" and not 0 < steps <= self.config.train_steps:
             raise ValueError(f"steps must be in [1, {self.config.train_steps}], got {steps}")
         if steps < 1:

@@ -22,6 +22,7 @@ u + cfg · (c − u), like a regression.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mllm.heads.base import Head, both_streams, guide, mlp, register, split_guidance
+from mllm.heads.base import Head, both_streams, guide, mlp, register, sampling_temperature, split_guidance
 from mllm.losses import gaussian_mixture, gmm_nll, mixture_mean, mixture_mean_mse
 
 Mode = Literal["sample", "mean", "mode"]
@@ -53,8 +54,12 @@ class GMMHeadConfig:
     def __post_init__(self):
         if min(self.hidden_size, self.feature_dim, self.num_components, self.width, self.cfg_candidates) <= 0:
             raise ValueError("hidden_size, feature_dim, num_components, width and cfg_candidates must be positive")
-        if self.depth < 0 or self.min_variance <= 0 or self.variance_scale <= 0 or self.temperature < 0:
-            raise ValueError("depth and temperature must be >= 0, min_variance and variance_scale positive")
+        if not (self.depth >= 0 and 0 < self.min_variance < math.inf and 0 < self.variance_scale < math.inf
+                and 0 <= self.temperature < math.inf):  # written so that NaN fails too
+            raise ValueError(
+                f"depth and temperature must be >= 0, min_variance and variance_scale positive, all finite, got "
+                f"{self.depth}, {self.temperature}, {self.min_variance} and {self.variance_scale}"
+            )
         if not self.mean_weight >= 0:
             raise ValueError(f"mean_weight must be >= 0, got {self.mean_weight}")
 
@@ -110,7 +115,7 @@ class GMMHead(Head):
         mode = self.config.mode if mode is None else mode
         if mode not in get_args(Mode):
             raise ValueError(f"mode must be one of {list(get_args(Mode))}, got {mode!r}")
-        temperature = self.config.temperature if temperature is None else temperature
+        temperature = sampling_temperature(temperature, self.config.temperature)
         cond, uncond = split_guidance(hidden, cfg)
         scale = self.config.variance_scale**0.5 * temperature
         c = self._tempered(cond, scale)
