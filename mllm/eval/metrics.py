@@ -111,8 +111,8 @@ _PUNCT_TABLE = str.maketrans({c: " " for c in string.punctuation})
 
 
 def normalize_answer(text: str) -> str:
-    """Lower-case, punctuation to spaces, leading/trailing articles and extra spaces dropped, digit words
-    zero..ten to digits: "The Dog." == "dog", "Seven" == "7"."""
+    """Lower-case, punctuation to spaces, every article ("a", "an", "the", anywhere) and extra spaces dropped,
+    digit words zero..ten to digits: "The Dog." == "dog", "Seven" == "7", "a cat and a dog" == "cat and dog"."""
     words = [VQA_NUMBERS.get(w, w) for w in text.lower().translate(_PUNCT_TABLE).split()]
     words = [w for w in words if w not in VQA_ARTICLES]
     return " ".join(words)
