@@ -482,6 +482,23 @@ def test_export_round_trips_and_refuses_unmerged_lora(lora_run, corpus, tmp_path
     assert again.config.heads == model.config.heads and "image" in again.config.heads
 
 
+def test_a_text_tokenizer_with_nothing_to_learn_from_is_a_config_error(corpus, text_tokenizer, tmp_path):
+    image = {"type": "image", "path": str(corpus / "media" / "0.png")}
+    no_text = tmp_path / "no_text.jsonl"
+    no_text.write_text(json.dumps({"messages": [{"role": "user", "content": [image]},
+                                                {"role": "assistant", "content": [image]}]}) + "\n")
+    data = recipe(corpus, text_tokenizer, tmp_path / "out")
+    data["model"]["tokenizer"] = str(tmp_path / "tokenizer")
+    for records, vocab_size, key, reason in ((str(no_text), 300, "text_tokenizer.records", "no text to learn a vocabulary"),
+                                             ("text.jsonl", 5000, "text_tokenizer", "Vocabulary size too high")):
+        data["text_tokenizer"] = {"records": [records], "vocab_size": vocab_size}
+        run = SimpleNamespace(cfg=load_recipe(write(tmp_path, data)), env=DistEnv(), say=print)
+        with pytest.raises(ConfigError, match=reason) as e:
+            Finetune._train_text_tokenizer(run)
+        assert e.value.key == key and not (tmp_path / "tokenizer").exists()
+        assert not list(tmp_path.glob(".tokenizer*"))
+
+
 def test_stages_chain_text_pretraining_to_alignment_to_lora(corpus, text_tokenizer, tmp_path):
     """A full text-only stage exports its LM; alignment grows the vocabulary on it; LoRA starts from that."""
     text = recipe(corpus, text_tokenizer, tmp_path / "text", policy={"lm": "full"},

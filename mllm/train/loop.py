@@ -202,16 +202,24 @@ class Finetune:
         with main_first(self.env):
             if self.env.is_main and not out.is_dir():
                 files = [f for p in spec.records for f in record_files(data_root(self.cfg) / p)]
-                texts = []
-                for record in iter_records(read_records(files, streaming=True), BadRecords("skip")):
+                texts, bad = [], BadRecords("skip")
+                for record in iter_records(read_records(files, streaming=True), bad):
                     for m in record.messages:
                         parts = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
                         texts += [part["text"] for part in parts if part["type"] == "text"]
                     if len(texts) >= spec.max_texts:
                         break
+                if not any(t.strip() for t in texts):
+                    raise ConfigError("text_tokenizer.records", f"no text to learn a vocabulary from in {', '.join(files)} "
+                                      f"({bad.summary()})")
                 tmp = out.with_name(f".{out.name}.tmp")
                 shutil.rmtree(tmp, ignore_errors=True)
-                train_text_tokenizer(texts[: spec.max_texts], tmp, vocab_size=spec.vocab_size)
+                try:
+                    train_text_tokenizer(texts[: spec.max_texts], tmp, vocab_size=spec.vocab_size)
+                except RuntimeError as e:  # SentencePiece: e.g. more pieces asked for than the texts hold
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise ConfigError("text_tokenizer", f"no {spec.vocab_size}-token vocabulary from "
+                                      f"{min(len(texts), spec.max_texts)} texts: {e}") from e
                 os.replace(tmp, out)
                 self.say(f"trained a {spec.vocab_size}-token text tokenizer on {len(texts)} texts: {out}")
 
