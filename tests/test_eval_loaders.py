@@ -106,6 +106,10 @@ def test_mmbench_scores_only_questions_with_every_rotation_answered(tmp_path, mo
     ]), policy="skip")
     scores = held.score(held.items, preds(held, ["A"]))
     assert scores.metrics["circular_accuracy"].startswith("skipped: no question") and scores.metrics["incomplete_questions"] == 1
+    later = task_of("mmbench", mmbench_tsv(tmp_path / "later.tsv", [  # only a second rotation: no first-pass accuracy
+        {"index": 1000005, "question": "Q", "A": "y", "B": "x", "answer": "B"}]))
+    scores = later.score(later.items, preds(later, ["B"]))  # was a ZeroDivisionError
+    assert scores.metrics["accuracy"] == "skipped: no question answered in its first rotation"
 
 
 def test_seed_images_videos_segments_and_frame_folders(tmp_path):
@@ -129,6 +133,20 @@ def test_seed_images_videos_segments_and_frame_folders(tmp_path):
     scores = task.score(task.items, preds(task, ["B", "A", "A"]))
     assert scores.metrics["image_accuracy"] == 1.0 and scores.metrics["video_accuracy"] == 0.5
     assert task_of("seed", tmp_path, data_types=["image"]).items[0].id == "101"
+
+
+@pytest.mark.parametrize("segment", [["start", 1.0], [0.5], 7, [True, 1.0], [0.5, 1.0, 2.0]])
+def test_a_seed_segment_that_is_not_two_numbers_is_a_bad_record_naming_it(tmp_path, segment):
+    # float("start") was a bare ValueError that ended the whole load; a number was a TypeError
+    mp4(tmp_path / "SEED-Bench-video" / "clip.mp4")
+    question = {"question_id": "7", "data_type": "video", "data_id": "clip.mp4", "question_type_id": 10, "answer": "A",
+                "question": "Q", "choice_a": "a", "choice_b": "b", "choice_c": "c", "choice_d": "d", "segment": segment}
+    (tmp_path / "SEED-Bench.json").write_text(json.dumps({"questions": [question]}))
+    with pytest.raises(BadRecordError, match=r"segment must be \[start, end\] in seconds"):
+        task_of("seed", tmp_path)
+    question["segment"] = ["0.5", "1.0"]  # numbers written as text still read
+    (tmp_path / "SEED-Bench.json").write_text(json.dumps({"questions": [question]}))
+    assert task_of("seed", tmp_path).items[0].media[0].load_video().num_frames == 3
 
 
 @pytest.mark.parametrize("segment", [(1.5, 0.5), (-1.0, 1.0), (float("nan"), 1.0), (0.0, float("inf"))])

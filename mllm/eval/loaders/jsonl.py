@@ -121,7 +121,9 @@ def generation_scorer(make_judge: Callable[[], FileJudge] | None, judge_name: st
             metrics = {"n": len(items), "files": sum(len(p.files) for p in predictions),
                        "judge": "none: score the files listed in predictions.jsonl with your own judge"}
             return Scores(metrics, {})
-        labels = make_judge()([p.files[0] if p.files else "" for p in predictions])
+        made = [p.files[0] for p in predictions if p.files]  # an item whose medium was not finished: no file
+        judged = iter(make_judge()(made) if made else [])
+        labels = [next(judged) if p.files else "" for p in predictions]
         per_item = {i.id: float(normalize_answer(label) == normalize_answer(i.answer)) for i, label in zip(items, labels)}
         metrics = {"judge_accuracy": sum(per_item.values()) / len(per_item), "n": len(items), "judge": judge_name}
         return Scores(metrics, per_item, _categories(items, per_item), {i.id: label for i, label in zip(items, labels)})

@@ -161,8 +161,9 @@ def score(items: Sequence[Item], predictions: Sequence[Prediction]) -> Scores:
         groups[item.meta["group"]].append(per_item[item.id] == 1.0)
         rotations[item.meta["group"]] = item.meta["rotations"]
         categories[item.category or "uncategorized"].add(item.meta["group"])
-    first = [per_item[i.id] for i in items if int(i.id) < CIRCULAR_STRIDE]
-    metrics = _circular(groups, rotations) | {"accuracy": sum(first) / len(first), "n": len(items)}
+    first = [per_item[i.id] for i in items if int(i.id) < CIRCULAR_STRIDE]  # the questions as written
+    accuracy = sum(first) / len(first) if first else "skipped: no question answered in its first rotation"
+    metrics = _circular(groups, rotations) | {"accuracy": accuracy, "n": len(items)}
     return Scores(metrics, per_item, {c: _circular({g: groups[g] for g in sorted(gs)}, rotations)
                                       for c, gs in sorted(categories.items())})
 

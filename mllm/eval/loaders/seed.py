@@ -51,10 +51,15 @@ def _item(where: str, q: dict, root: Path, options: Options, dimensions: dict[in
         ref = media("image", root / options.image_dir / data_id, where)
     elif data_type == "video":
         segment = q.get("segment")
-        if segment is not None and not (isinstance(segment, list) and len(segment) == 2):
-            raise BadRecordError("malformed_message", where, f"segment must be [start, end], got {segment!r}")
+        if segment is not None:
+            try:
+                start, end = (float(s) for s in segment if not isinstance(s, bool))
+            except (TypeError, ValueError):  # not a pair, or not numbers
+                raise BadRecordError("malformed_message", where, f"segment must be [start, end] in seconds, got "
+                                     f"{segment!r}") from None
+            segment = (start, end)
         folder = options.video_dirs.get(str(kind), options.video_dir)
-        ref = media("video", root / folder / data_id, where, tuple(float(s) for s in segment) if segment else None)
+        ref = media("video", root / folder / data_id, where, segment)
     else:
         raise BadRecordError("malformed_message", where, f"data_type must be 'image' or 'video', got {data_type!r}")
     text = "\n".join([required(q, "question", where)] + [f"{LETTERS[i]}. {c}" for i, c in enumerate(choices)] + [PROMPT])
