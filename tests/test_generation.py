@@ -207,6 +207,8 @@ def test_a_prompt_may_end_inside_a_span():
     assert codes.ids[N["audio"] - 1] == audio.end_id and codes.media[0].tokens[0] == 7  # 1 code given, 3 written
     assert feats.ids[0] == image.placeholder_id and feats.ids[1] == image.end_id
     assert torch.equal(feats.media[0].tokens[:2], given)
+    with pytest.raises(ValueError, match="row 1: the prompt's open image span holds 2 placeholders, but the batch has no"):
+        generate(model, batch_of([samples[0], Sample(samples[1].input_ids, samples[1].labels)]))
 
 
 def test_a_continued_span_is_in_the_models_dtype():

@@ -364,6 +364,9 @@ class _Engine:
         if not rule.continuous:
             row.body = [t - rule.code_range[0] for t in ids[len(ids) - count :]]
         elif count:
+            if rule.modality not in batch.features:  # it was a KeyError, before the prefill could name it
+                raise ValueError(f"row {r}: the prompt's open {rule.modality} span holds {count} placeholders, "
+                                 f"but the batch has no {rule.modality} features")
             slots = (batch.input_ids == rule.placeholder_id) & batch.attention_mask.bool()
             end = int(slots[: r + 1].sum())  # this row's slots end here, in reading order
             row.body = list(batch.features[rule.modality][end - count : end].to(self.model.dtype))  # as the head's
