@@ -290,3 +290,19 @@ def test_task_specs_are_validated(tmp_path, monkeypatch):
     spec.write_text("loader: pope\npath: POPE\n")
     with pytest.raises(FileNotFoundError, match="pope: no such file or folder"):
         build_task(load_task_spec(spec))
+
+
+def test_the_generation_scorer_judges_only_the_files_that_were_made():
+    from mllm.eval.loaders.jsonl import generation_scorer
+    from mllm.eval.tasks import Item
+
+    judged = []
+
+    def judge(paths):  # a custom judge opens what it is given: an unfinished item's "" would be the working dir
+        judged.append(list(paths))
+        return ["3" for _ in paths]
+
+    items = [Item(str(i), "Draw a 3.", "3") for i in range(3)]
+    predictions = [Prediction("0", files=["0.png"]), Prediction("1"), Prediction("2", files=["2.png"])]
+    scores = generation_scorer(lambda: judge, "custom")(items, predictions)
+    assert judged == [["0.png", "2.png"]] and scores.per_item == {"0": 1.0, "1": 0.0, "2": 1.0}
