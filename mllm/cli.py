@@ -131,7 +131,8 @@ def _finetune(args: argparse.Namespace) -> int:
     from mllm.train.recipe_data import encode_recipe_media
 
     if args.modality and not args.encode_only:
-        raise SystemExit("mllm finetune: --modality only goes with --encode-only")
+        print("mllm finetune: --modality only goes with --encode-only", file=sys.stderr)
+        return 2
     cfg = load_recipe(args.recipe, args.overrides)
     if not args.encode_only:
         finetune(cfg)
@@ -277,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--overwrite", action="store_true", help="replace an existing build")
     build.add_argument("--limit", type=_count, default=None, help="at most this many items per corpus and split")
     build.add_argument("--only", nargs="+", default=None, metavar="CORPUS", help="build only these corpora")
-    build.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. digits.per_class.train=10")
+    build.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. video.clips.train=100")
     build.set_defaults(func=_data_build)
 
     tok = sub.add_parser("tokenize", help="train, run and evaluate media tokenizers and de-tokenizers")
@@ -286,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("recipe", type=Path)
     t.add_argument("--data", type=Path, default=None, help="built corpora (default: $MLLM_CACHE/corpora)")
     t.add_argument("--out", type=Path, required=True)
-    t.add_argument("overrides", nargs="*", help="dotted overrides of the recipe's config, e.g. steps=500")
+    t.add_argument("overrides", nargs="*", help="dotted overrides of the recipe's config, e.g. optim.steps=500")
     e = tok_sub.add_parser("eval", help="evaluate a trained tokenizer on a held-out split; writes metrics and pictures")
     e.add_argument("trained", type=Path, help="a directory written by `mllm tokenize train`")
     e.add_argument("--data", type=Path, default=None)

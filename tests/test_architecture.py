@@ -100,3 +100,29 @@ def test_wrong_input_is_one_line_naming_it_and_exit_status_2(tmp_path, monkeypat
     monkeypatch.setenv("MLLM_TRACEBACK", "1")
     with pytest.raises(ConfigError, match="invalid YAML"):
         cli.main(["finetune", str(tmp_path / "bad.yaml")])
+
+
+def test_the_override_examples_in_the_cli_help_apply():
+    # `digits.per_class.train=10` (a null section) and `steps=500` (no such key) failed as the help showed them
+    import re
+
+    from mllm.cli import build_parser
+    from mllm.data.corpora.build import load_build_config
+    from mllm.tokenize.recipes import load_recipe
+
+    def example(*argv: str) -> str:
+        parser = build_parser()
+        for name in argv:
+            parser = next(a for a in parser._actions if a.dest.endswith("command")).choices[name]
+        (action,) = [a for a in parser._actions if a.dest == "overrides"]
+        return re.search(r"e\.g\. (\S+=\S+)", action.help).group(1)
+
+    load_build_config(ROOT / "data" / "build.yaml", [example("data", "build")])
+    load_recipe(ROOT / "tokenizers" / "image_fsq_tiny.yaml", [example("tokenize", "train")])
+
+
+def test_finetune_modality_without_encode_only_is_status_2(capsys):
+    from mllm import cli
+
+    assert cli.main(["finetune", "r.yaml", "--modality", "image"]) == 2  # was SystemExit(message): status 1
+    assert "--modality only goes with --encode-only" in capsys.readouterr().err
