@@ -291,7 +291,7 @@ def _check_duration(name: str, what: str, seconds: float, limits: MediaLimits) -
 
 def _check_samples(name: str, frames: int, channels: int, limits: MediaLimits) -> None:
     _require(frames * channels <= limits.max_samples, name,
-             f"too large: {frames} samples × {channels} channels exceed {limits.max_samples} samples")
+             f"too many samples: {frames} samples × {channels} channels exceed {limits.max_samples}")
 
 
 _IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")

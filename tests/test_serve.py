@@ -525,6 +525,19 @@ def test_limits_validate_and_parse_like_vllm():
         ServeLimits(max_input_tokens=100, max_total_tokens=50)
     with pytest.raises(ValueError, match="modality=count"):
         parse_mm_limits("image:4")
+    for timeout in (0.0, float("nan"), float("inf")):  # NaN passed `<= 0`, and made every deadline NaN
+        with pytest.raises(ValueError, match="request_timeout_s must be positive and finite"):
+            ServeLimits(request_timeout_s=timeout)
+
+
+def test_a_413_names_the_limit_the_loader_hit():
+    from mllm.serve.openai_schema import _limit_hit
+
+    # the sample bound of many-channel audio was reported as max_request_bytes, as the byte limit is
+    assert _limit_hit("too many samples: 48000 samples × 8 channels exceed 100000", "audio") == "MediaLimits.max_samples"
+    assert _limit_hit("too large: over 100 bytes", "image") == "max_request_bytes"
+    assert _limit_hit("too long: audio of 700 s exceeds 600 s", "audio") == "MediaLimits.max_duration_s"
+    assert _limit_hit("not a PNG", "image") is None
 
 
 def test_a_port_in_use_is_refused_at_once_naming_it(image_checkpoint, capsys, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,8 +41,8 @@ class ServeLimits:
             raise ValueError(f"{', '.join(k for k, v in sizes.items() if v <= 0)} must be positive")
         if self.max_total_tokens <= self.max_input_tokens:
             raise ValueError(f"max_total_tokens ({self.max_total_tokens}) must exceed max_input_tokens ({self.max_input_tokens})")
-        if self.request_timeout_s <= 0:
-            raise ValueError("request_timeout_s must be positive")
+        if not 0 < self.request_timeout_s < math.inf:  # NaN too: every deadline would be NaN
+            raise ValueError(f"request_timeout_s must be positive and finite, got {self.request_timeout_s}")
 
     def items_allowed(self, modality: str) -> int:
         return self.limit_mm_per_prompt.get(modality, 0)

@@ -299,6 +299,10 @@ def _limit_hit(reason: str, modality: str) -> str | None:
     """The ServeLimits field a loader's refusal is about (its reasons start so), or None: a bad medium, not a big one."""
     if reason.startswith("too large"):
         return "max_request_bytes"
+    if reason.startswith("too many samples"):  # the loaders' own bounds, no server flag: what they are named in media
+        return "MediaLimits.max_samples"
+    if reason.startswith("too long"):
+        return "MediaLimits.max_duration_s"
     if reason.startswith("too many frames"):
         return "max_video_frames"
     if reason.startswith("too many pixels"):
