@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from mllm.data.cache import atomic_write
 from mllm.errors import InputError
 from mllm.generation import GenerationConfig, TokenSampling
 from mllm.media import Audio, Image, MediaError, Video, load_media, save_audio, save_image, save_video
@@ -120,7 +121,8 @@ class ChatSession:
 
     def save_transcript(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.transcript, indent=2))
+        text = json.dumps(self.transcript, indent=2)
+        atomic_write(path, lambda tmp: tmp.write_text(text))  # a kill mid-write keeps the last one whole
         return path
 
     def ask(self, text: str) -> list[dict]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,3 +148,22 @@ def test_an_attached_video_is_loaded_as_the_models_tokenizer_reads_it(tmp_path):
     session = ChatSession(SimpleNamespace(processor=Reader()), tmp_path)
     session.attach(clip)
     assert session.pending[0][1]["media"].num_frames == 3
+
+
+def test_a_transcript_save_that_fails_keeps_the_last_one_whole(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    session = ChatSession(SimpleNamespace(processor=None), tmp_path)
+    session.transcript.append({"role": "user", "content": "one"})
+    path = session.save_transcript(tmp_path / "t.json")
+    before = path.read_bytes()
+    session.transcript.append({"role": "user", "content": "two"})
+
+    def half(self, data, *args, **kwargs):  # the write dies halfway
+        open(self, "w").write(data[:5])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", half)
+    with pytest.raises(KeyboardInterrupt):
+        session.save_transcript(path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["t.json"]
