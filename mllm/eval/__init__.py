@@ -3,7 +3,7 @@
     mllm eval --model runs/x/checkpoint --tasks pope_proxy eval/tasks/mme.yaml mine.jsonl --out runs/eval
 
     from mllm.eval import ModelPredictor, resolve_tasks, run_eval
-    tasks = resolve_tasks(["pope_proxy"], corpora="~/.cache/mllm/corpora")
+    tasks = resolve_tasks(["pope_proxy"], corpora=Path.home() / ".cache/mllm/corpora")
     results = run_eval(tasks, ModelPredictor(model, processor), "runs/eval", model="runs/x/checkpoint")
 
 See docs/eval.md for pointing each loader at a local benchmark download.

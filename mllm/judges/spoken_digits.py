@@ -3,9 +3,9 @@
     judge = SpokenDigitJudge.load_or_train(corpora_dir)   # trains once, then loads from the cache
     digits = judge.predict(clips)                          # list[Audio] -> list[int] in 0..9
 
-It is a small CNN on log-mel spectrograms, trained only on original espeak-ng
+It is a small CNN on log-mel spectrograms, trained only on original synthesized
 audio: the single-digit utterances ("seven") of the speech corpus's train
-split, never on a model's output. Its features are its own (40 mel bands,
+split, in its espeak-ng and Flite voices, never on a model's output. Its features are its own (40 mel bands,
 25 ms windows, per-clip level normalisation), not any tokenizer's. Training
 augments the originals with time shifts, white noise and SpecAugment masks.
 
