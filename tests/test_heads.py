@@ -198,6 +198,9 @@ def test_per_call_sampling_options_are_checked():
             head("diffusion", sampler="ddim").sample(hidden, steps=steps)
         with pytest.raises(ValueError, match=rf"steps must be >= 1, got {steps}"):
             head("diffusion", sampler="flow").sample(hidden, steps=steps)
+    for sampler in ("ddim", "flow"):  # 2.5 passed the range checks, then failed indexing the schedule
+        with pytest.raises(ValueError, match=r"steps must be a whole number, got 2\.5"):
+            head("diffusion", sampler=sampler).sample(hidden, steps=2.5)
 
 
 @pytest.mark.parametrize("name", ["gmm", "diffusion"])

@@ -199,6 +199,8 @@ class DiffusionHead(Head):
     ) -> torch.Tensor:
         steps = self.config.steps if steps is None else steps
         temperature = sampling_temperature(temperature, self.config.temperature)
+        if isinstance(steps, bool) or not isinstance(steps, int):  # 2.5 passed the range checks, then indexed
+            raise ValueError(f"steps must be a whole number, got {steps!r}")
         if self.config.sampler == "ddim" and not 0 < steps <= self.config.train_steps:
             raise ValueError(f"steps must be in [1, {self.config.train_steps}], got {steps}")
         if steps < 1:
