@@ -119,10 +119,3 @@ def test_the_override_examples_in_the_cli_help_apply():
 
     load_build_config(ROOT / "data" / "build.yaml", [example("data", "build")])
     load_recipe(ROOT / "tokenizers" / "image_fsq_tiny.yaml", [example("tokenize", "train")])
-
-
-def test_finetune_modality_without_encode_only_is_status_2(capsys):
-    from mllm import cli
-
-    assert cli.main(["finetune", "r.yaml", "--modality", "image"]) == 2  # was SystemExit(message): status 1
-    assert "--modality only goes with --encode-only" in capsys.readouterr().err
