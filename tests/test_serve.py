@@ -26,6 +26,7 @@ from mllm.detokenizers import DeTokenizer, build_detokenizer
 from mllm.media import Audio, Image, Video, load_media, save_video
 from mllm.pipeline import Pipeline
 from mllm.serve.app import create_app
+from mllm.serve.openai_schema import RequestError
 from mllm.serve.limits import ServeLimits, parse_mm_limits
 from mllm.serve.stop_strings import StopFilter, cut
 from mllm.tokenizers.base import MediaTokenizer
@@ -514,6 +515,20 @@ def test_a_slow_request_times_out_with_504_and_frees_its_slot(pipeline):
         _wait(lambda: server.active == 0)
         server.limits = replace(server.limits, request_timeout_s=60.0)  # the slot is free; no race with the clock
         assert_alive(client)
+
+
+def test_a_request_fits_the_models_own_positions_where_they_are_fewer(pipeline):
+    # the tiny LM has 512 positions: a request without max_tokens was given 4608 - prompt by default, and ran
+    # past them into garbage (RoPE does not stop it) until the timeout
+    server = create_app(pipeline, ServeLimits(), MODEL).state.server
+    unbounded = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Hi."}]}).encode()
+    req, prompt, new = server.prepare(unbounded)
+    assert prompt + new == 512
+    with pytest.raises(RequestError, match=r"over the model's max_position_embeddings \(512\)") as e:
+        server.prepare(json.dumps(request("Hi.", max_tokens=600)).encode())
+    assert e.value.status == 400 and e.value.code == "context_length_exceeded"
+    server.limits = replace(server.limits, max_total_tokens=300, max_input_tokens=200)  # the smaller bound rules
+    assert sum(server.prepare(unbounded)[1:]) == 300
 
 
 def test_limits_validate_and_parse_like_vllm():

@@ -143,20 +143,29 @@ class _Server:
         """Parse, load media and count tokens (in a worker thread): (request, prompt tokens, max new tokens)."""
         req = parse_chat_request(parse_json(body), self.model_name, self.reads, self.writes, self.limits)
         prompt = self.prompt_tokens(req.messages, req.force is not None)
-        limits = self.limits
-        new = req.max_tokens if req.max_tokens is not None else limits.max_total_tokens - prompt
-        if prompt + new > limits.max_total_tokens:
-            raise RequestError(400, f"prompt ({prompt}) + max_tokens ({new}) is over max_total_tokens "
-                                    f"({limits.max_total_tokens})", param="max_tokens", code="context_length_exceeded")
+        total, name = self.context()
+        new = req.max_tokens if req.max_tokens is not None else total - prompt
+        if prompt + new > total:
+            raise RequestError(400, f"prompt ({prompt}) + max_tokens ({new}) is over {name} ({total})",
+                               param="max_tokens", code="context_length_exceeded")
         return req, prompt, new
+
+    def context(self) -> tuple[int, str]:
+        """The positions a request may fill, prompt and reply: max_total_tokens, or the model's own positions
+        where they are fewer (past them a RoPE model writes on, but garbage); and the name of that bound."""
+        positions = getattr(self.pipeline.model.language_model.config, "max_position_embeddings", None)
+        if positions and positions < self.limits.max_total_tokens:
+            return positions, "the model's max_position_embeddings"
+        return self.limits.max_total_tokens, "max_total_tokens"
 
     def prepare_transcription(self, form: dict[str, str | bytes]) -> tuple[TranscriptionRequest, int]:
         """Parse, load the recording and count tokens (in a worker thread): (request, max new tokens)."""
         req = parse_transcription_request(form, self.model_name, self.reads, self.limits)
-        room = self.limits.max_total_tokens - self.prompt_tokens(req.messages, False)
+        total, name = self.context()
+        room = total - self.prompt_tokens(req.messages, False)
         if room <= 0:
-            raise RequestError(400, f"the recording leaves no room for a transcript under max_total_tokens "
-                                    f"({self.limits.max_total_tokens})", param="file", code="context_length_exceeded")
+            raise RequestError(400, f"the recording leaves no room for a transcript under {name} ({total})",
+                               param="file", code="context_length_exceeded")
         return req, min(room, TRANSCRIPT_TOKENS)
 
     def prompt_tokens(self, messages: list[dict], forced: bool) -> int:
