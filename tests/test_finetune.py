@@ -181,6 +181,18 @@ def test_an_evaluation_weighs_tokens_not_micro_batches(corpus, text_tokenizer, t
     assert whole["eval_loss"] == pytest.approx(whole["eval_lm_loss"] + whole["eval_image_loss"], rel=1e-6)
 
 
+def test_resuming_past_max_steps_is_refused(corpus, text_tokenizer, tmp_path):
+    # no step ran, and the export was of the later checkpoint, without a word
+    out = tmp_path / "out"
+    finetune(load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, out, train={"max_steps": 2, "save_every": 0}))))
+    again = load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, out, train={"max_steps": 1, "save_every": 0},
+                                               schedule={"warmup_steps": 0})))
+    with pytest.raises(ConfigError, match=r"train.max_steps.*1, but .*step-00000002 is past it \(step 2\)") as e:
+        finetune(again)
+    assert e.value.key == "train.max_steps"
+    finetune(load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, out, train={"max_steps": 2, "save_every": 0}))))
+
+
 def test_interrupted_and_resumed_run_reproduces_the_uninterrupted_one(lora_run, corpus, text_tokenizer, tmp_path, monkeypatch):
     out = tmp_path / "out"
     cfg = load_recipe(write(tmp_path, recipe(corpus, text_tokenizer, out, train={"grad_accum": 2, "tensorboard": True})))

@@ -166,6 +166,9 @@ class Finetune:
         self.state = TrainerState(world_size=env.world_size)
         if resume is not None:
             self.state = read_trainer_state(resume)
+            if self.state.step > cfg.train.max_steps:  # no step would run, and the export would be of that checkpoint
+                raise ConfigError("train.max_steps", f"{cfg.train.max_steps}, but {resume} is past it (step "
+                                  f"{self.state.step}); raise it, or set train.resume: false or another output_dir")
             load_optimizer(self.engine, env, resume, self.state)
             load_rng(resume, env)
             self.state.world_size = env.world_size
