@@ -270,3 +270,14 @@ def test_llava_puts_an_unmarked_image_into_the_first_user_turn_whichever_name_it
     assert not bad.skipped
     assert record["messages"][0] == {"role": "user", "content": [{"type": "image", "path": "1.png"},
                                                                  {"type": "text", "text": "What is it?"}]}
+
+
+def test_meta_must_be_an_object_and_an_id_of_0_is_kept(tmp_path):
+    text = {"messages": [{"role": "assistant", "content": [{"type": "text", "text": "Hi."}]}]}
+    path = write_jsonl(tmp_path / "r.jsonl", [text | {"id": 0, "meta": {"task": "x"}}, text | {"meta": [1, 2]},
+                                              text | {"meta": 5}])
+    bad = BadRecords("skip")
+    records = list(iter_records(read_records(path, streaming=True), bad))
+    assert [r.id for r in records] == ["0"]  # was the file:line location: 0 is falsy
+    assert [(e.where, e.reason) for e in bad.skipped] == [(f"{path}:2", "malformed_message"), (f"{path}:3", "malformed_message")]
+    assert all("meta must be an object" in e.detail for e in bad.skipped)

@@ -260,7 +260,7 @@ def _row(obj: Any, file: str, where: str) -> dict:
     if messages is None and isinstance(obj.get("text"), str):
         messages = [{"role": "assistant", "content": [{"type": "text", "text": obj["text"]}]}]
     return {
-        "id": str(obj.get("id") or where),
+        "id": where if obj.get("id") in (None, "") else str(obj["id"]),  # an id of 0 is an id
         "where": where,
         "base_dir": os.path.dirname(file),
         "corpus": _optional_str(obj.get("corpus")),
@@ -299,7 +299,10 @@ def check_record(row: dict) -> Record:
             path = media_path(part, row["base_dir"])
             if path is not None and not path.is_file():
                 raise BadRecordError("missing_media", where, f"messages[{i}].content[{j}]: no such file {path}")
-    return Record(row["id"], where, row["base_dir"], messages, row["corpus"], row["task"], json.loads(row["meta"]))
+    meta = json.loads(row["meta"])
+    if not isinstance(meta, dict):  # readers look keys up in it (tasks, answers, question types)
+        raise BadRecordError("malformed_message", where, f"meta must be an object, got {type(meta).__name__}")
+    return Record(row["id"], where, row["base_dir"], messages, row["corpus"], row["task"], meta)
 
 
 def media_path(part: dict, base_dir: str | os.PathLike) -> Path | None:
