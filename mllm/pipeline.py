@@ -81,6 +81,8 @@ class Pipeline:
         position counts, as against `max_new_tokens`: text, media markers and slots; not the end token).
         """
         config = self._defaults(config or GenerationConfig())
+        if force is not None and config.writes is not None and force not in config.writes:
+            raise ValueError(f"force={force!r}: the reply may not write it (config.writes {config.writes})")
         batch = self._prompts(conversations, force)
         uncond = None
         if config.guided:

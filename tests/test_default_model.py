@@ -636,7 +636,8 @@ def test_the_server_says_when_max_tokens_cut_a_reply(predictor):
     from mllm.serve.app import create_app
 
     pipe = Pipeline.from_pretrained(default_checkpoint())
-    request = {"model": "default", "messages": [{"role": "user", "content": "Draw the digit 7."}], "temperature": 0}
+    request = {"model": "default", "messages": [{"role": "user", "content": "Draw the digit 7."}], "temperature": 0,
+               "modalities": ["text", "image", "audio", "video"]}  # the media it may write where it chooses
     with TestClient(create_app(pipe, model_name="default")) as client:
         for max_tokens, finish, kinds in ((64, "length", []), (256, "stop", ["image_url"])):
             [choice] = client.post("/v1/chat/completions", json={**request, "max_tokens": max_tokens}).json()["choices"]

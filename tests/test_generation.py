@@ -225,6 +225,30 @@ def test_a_continued_span_is_in_the_models_dtype():
     assert torch.equal(span.tokens[:2], given.to(torch.bfloat16))
 
 
+def test_writes_limits_the_media_a_reply_may_open():
+    model = model_with_spans()
+    vocab = model.get_output_embeddings().weight.shape[0]
+    layout = model.layout
+    every = SpanRules(model, vocab, torch.device("cpu"))
+    audio_only = SpanRules(model, vocab, torch.device("cpu"), writes=["audio"])
+    text_only = SpanRules(model, vocab, torch.device("cpu"), writes=[])
+    assert sorted(r.modality for r in every.rules) == ["audio", "image", "video"]
+    assert [r.modality for r in audio_only.rules] == ["audio"] and text_only.rules == []
+    for m in ("audio", "image", "video"):
+        assert every.text_allowed[layout[m].begin_id]
+        assert bool(audio_only.text_allowed[layout[m].begin_id]) == (m == "audio")
+        assert not text_only.text_allowed[layout[m].begin_id]
+    with pytest.raises(ValueError, match="writes: 'smell' is no modality of this model"):
+        SpanRules(model, vocab, torch.device("cpu"), writes=["smell"])
+    with pytest.raises(ValueError, match="writes must be a list of modality names"):
+        GenerationConfig(writes="image")
+    # the image begin made the likeliest token everywhere: opened unless the reply may not write images
+    model.get_output_embeddings().weight.data[layout["image"].begin_id] = 50 * model.get_input_embeddings().weight.data[5]
+    opened = generate(model, batch_of(prompts(model, None)), GenerationConfig(max_new_tokens=2))[0].ids
+    kept = generate(model, batch_of(prompts(model, None)), GenerationConfig(max_new_tokens=2, writes=[]))[0].ids
+    assert opened[0] == layout["image"].begin_id and layout["image"].begin_id not in kept
+
+
 def test_prompt_target_flags_must_be_bool():
     model = model_with_spans()
     video = model.layout["video"]

@@ -232,6 +232,19 @@ def test_a_video_is_decoded_as_the_models_tokenizer_reads_it(pipeline, mp4_bytes
     assert np.array_equal(loaded[0].frames, whole.frames[[0, -1]])
 
 
+def test_a_reply_writes_media_only_when_modalities_asks(pipeline):
+    """OpenAI's modalities default to ["text"] and its clients expect a string content: without them the model
+    may not open a medium (before, it could, and the reply became a list of parts)."""
+    server = create_app(pipeline, LIMITS, MODEL).state.server
+    plain, asked, either = (server.prepare(json.dumps(request("Draw.", **extra)).encode())[0] for extra in (
+        {}, {"modalities": ["text", "image"]}, {"modalities": ["text", "image", "audio"]}))
+    assert plain.config.writes == [] and plain.force is None
+    assert asked.config.writes == ["image"] and asked.force == "image"  # one medium: the reply opens with it
+    assert either.config.writes == ["image", "audio"] and either.force is None  # several: where the model chooses
+    with pytest.raises(ValueError, match=r"force='image': the reply may not write it"):
+        pipeline.chat([plain.messages], plain.config, force="image")
+
+
 def test_local_path_under_the_allowed_folder(client):
     (client.allowed / "cat.png").write_bytes(png_bytes())
     for url in (f"file://{client.allowed}/cat.png", str(client.allowed / "cat.png")):
@@ -361,7 +374,6 @@ def _bad_cases(tmp: Path) -> dict[str, tuple[int, dict | bytes]]:
         "stop not strings": (400, request("Hi.", stop=[1, 2])),
         "an empty stop string": (400, request("Hi.", stop=["\n", ""])),
         "unknown output modality": (400, request("Hi.", modalities=["text", "smell"])),
-        "two output media": (400, request("Hi.", modalities=["image", "audio"])),
         "max_tokens over max_total_tokens": (400, request("Hi.", max_tokens=1000)),
         "prompt over max_input_tokens": (400, request("word " * 400)),
     }

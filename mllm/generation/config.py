@@ -53,10 +53,14 @@ class GenerationConfig:
     continuous: HeadSampling = field(default_factory=HeadSampling)
     use_cache: bool = True  # False recomputes the whole sequence every step: the reference, and a benchmark baseline
     seed: int | None = None  # seeds one torch.Generator for every draw; None: the global RNG
+    writes: list[str] | None = None  # the media a reply may open; None: every one the model can write, []: text only
 
     def __post_init__(self):
         if self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if self.writes is not None and not (isinstance(self.writes, list)
+                                            and all(isinstance(m, str) for m in self.writes)):
+            raise ValueError(f"writes must be a list of modality names or None, got {self.writes!r}")
         if any(not _token_id(i) for i in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be token ids (non-negative integers), got {self.stop_token_ids}")
         for name in ("eos_token_id", "pad_token_id"):  # a finished row is fed the pad, which defaults to eos

@@ -120,7 +120,7 @@ class _Engine:
         for name, ids in (("pad_token_id", [self.pad]), ("eos_token_id and stop_token_ids", sorted(self.ends))):
             if any(i >= vocab for i in ids):  # a pad past the table failed in the embedding, an eos never matched
                 raise ValueError(f"{name} {ids} must be ids of the model's {vocab}-token vocabulary")
-        self.rules = SpanRules(self.model, vocab, device)
+        self.rules = SpanRules(self.model, vocab, device, self.config.writes)
         parallel = [rule.modality for rule in self.rules.continuous if rule.parallel]
         refuse_flash_attention(self.model.language_model.config._attn_implementation, parallel)  # before the prefill
         self.need_hidden = bool(self.rules.continuous)  # only heads read hidden states

@@ -5,7 +5,7 @@
 
 Outside a span the text logits may not pick codes, placeholders or end
 tokens, nor begin tokens of modalities the model cannot write (continuous
-ones without a head). Inside a discrete span they are restricted to the
+ones without a head) or the reply may not (`writes`). Inside a discrete span they are restricted to the
 modality's codes; after N of them the end token is forced. With N = 0 the
 model ends the span itself: the end token joins the allowed set.
 """
@@ -34,7 +34,11 @@ class SpanRule:
 
 
 class SpanRules:
-    def __init__(self, model: MultimodalLM, vocab_size: int, device: torch.device):
+    def __init__(self, model: MultimodalLM, vocab_size: int, device: torch.device, writes: list[str] | None = None):
+        """`writes`: the modalities a reply may open (None: every one the model can write)."""
+        if writes is not None and (unknown := sorted(set(writes) - set(model.layout.modalities))):
+            raise ValueError(f"writes: {unknown[0]!r} is no modality of this model (it has "
+                             f"{sorted(model.layout.modalities)})")
         self.rules: list[SpanRule] = []
         self.text_allowed = torch.ones(vocab_size, dtype=torch.bool, device=device)
         self.code_allowed: dict[str, torch.Tensor] = {}
@@ -44,8 +48,8 @@ class SpanRules:
             start, stop = m.code_range
             self.text_allowed[[m.end_id] + ([m.placeholder_id] if continuous else [])] = False
             self.text_allowed[start:stop] = False
-            if continuous and name not in model.heads:
-                self.text_allowed[m.begin_id] = False  # an input-only modality
+            if (continuous and name not in model.heads) or (writes is not None and name not in writes):
+                self.text_allowed[m.begin_id] = False  # an input-only modality, or one this reply may not write
                 continue
             if continuous and length == 0:
                 raise ValueError(f"{name} has an output head but tokens_per_item is 0: set the features per item")

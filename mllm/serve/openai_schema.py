@@ -9,7 +9,8 @@ Content parts understood (any role):
     {"type": "audio_url", "audio_url": {"url": "data:audio/wav;base64,..."}}      (vLLM's form; replies use it too)
 
 Remote URLs (http, https, ...) are never fetched; local paths only under `allowed_local_media_path`.
-A request may ask for a medium in the reply with `"modalities": ["text", "image"]`.
+A request may ask for a medium in the reply with `"modalities": ["text", "image"]` (it opens with one), or let the
+model write any of several (`["text", "image", "audio"]`); without `modalities` the reply is text only.
 
 Audio transcription requests (`/v1/audio/transcriptions`, multipart form fields) -> TranscriptionRequest:
 `file` (the recording), `model`, `response_format` (json | text), `language` (en), `temperature` (0).
@@ -100,8 +101,8 @@ def parse_chat_request(body: dict[str, Any], model_name: str, reads: dict[str, d
     counts = {m: 0 for m in MEDIA_TYPES}
     # _part counts each medium and refuses the first past limit_mm_per_prompt
     messages = [_message(m, f"messages[{i}]", counts, reads, limits) for i, m in enumerate(raw)]
-    return ChatRequest(messages, _config(body), _max_tokens(body), _force(body, writes), stream,
-                       _include_usage(body, stream))
+    force, media = _modalities(body, writes)
+    return ChatRequest(messages, _config(body, media), _max_tokens(body), force, stream, _include_usage(body, stream))
 
 
 def parse_transcription_request(form: dict[str, str | bytes], model_name: str, reads: dict[str, dict],
@@ -182,7 +183,9 @@ def _max_tokens(body: dict) -> int | None:
     return value
 
 
-def _config(body: dict) -> GenerationConfig:
+def _config(body: dict, media: list[str]) -> GenerationConfig:
+    """The sampling settings; the reply writes only the `media` that `modalities` asks for, text alone by default
+    (OpenAI's `modalities` defaults to ["text"], and its clients expect a string `content`)."""
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
@@ -202,7 +205,7 @@ def _config(body: dict) -> GenerationConfig:
     seed = _typed(body, "seed", int, None)
     if seed is not None and not 0 <= seed < 2**63:
         raise RequestError(400, f"'seed' must be from 0 to 2**63 - 1, got {seed}", param="seed")
-    return GenerationConfig(stop_strings=stop, text=sampling, codes=sampling, seed=seed)
+    return GenerationConfig(stop_strings=stop, text=sampling, codes=sampling, seed=seed, writes=media)
 
 
 def _finite(body: dict, key: str, default: float) -> float:
@@ -216,18 +219,18 @@ def _finite(body: dict, key: str, default: float) -> float:
     return value
 
 
-def _force(body: dict, modalities: set[str]) -> str | None:
+def _modalities(body: dict, modalities: set[str]) -> tuple[str | None, list[str]]:
+    """(the medium the reply opens with, the media it may write) from `modalities`: none and text only by default,
+    as OpenAI's; one medium is written first; two or more may each be written where the model chooses."""
     asked = _typed(body, "modalities", list, ["text"])
     if not all(isinstance(m, str) for m in asked):
         raise RequestError(400, "'modalities' must be a list of strings", param="modalities")
-    media = [m for m in asked if m != "text"]
+    media = list(dict.fromkeys(m for m in asked if m != "text"))
     for m in media:
         if m not in modalities:
             raise RequestError(400, f"'modalities': this model cannot write {m!r} (it writes text and {sorted(modalities)})",
                                param="modalities")
-    if len(media) > 1:
-        raise RequestError(400, "'modalities': ask for at most one medium besides text", param="modalities")
-    return media[0] if media else None
+    return (media[0] if len(media) == 1 else None), media
 
 
 def _message(message: Any, where: str, counts: dict[str, int], modalities: dict[str, dict], limits: ServeLimits) -> dict:
