@@ -245,6 +245,23 @@ def test_a_reply_writes_media_only_when_modalities_asks(pipeline):
         pipeline.chat([plain.messages], plain.config, force="image")
 
 
+def test_each_medium_is_encoded_once_and_the_request_keeps_its_tokens(pipeline, monkeypatch):
+    # the token count and the reply each ran the processor over the decoded media: every medium encoded twice,
+    # the second time under the generation lock, and the decoded media held while the request waited its turn
+    tokenizer = pipeline.processor.media_tokenizers["image"]
+    calls = []
+    encode = tokenizer.encode
+    monkeypatch.setattr(tokenizer, "encode", lambda media: calls.append(1) or encode(media))
+    with TestClient(create_app(pipeline, LIMITS, MODEL)) as client:
+        r = client.post("/v1/chat/completions", json=request([image_part(), {"type": "text", "text": "What is it?"}]))
+        assert r.status_code == 200, r.text
+    assert len(calls) == 1
+    server = create_app(pipeline, LIMITS, MODEL).state.server
+    req, _, _ = server.prepare(json.dumps(request([image_part()])).encode())
+    [part] = req.messages[0]["content"]
+    assert set(part) == {"type", "tokens"} and torch.is_tensor(part["tokens"])
+
+
 def test_local_path_under_the_allowed_folder(client):
     (client.allowed / "cat.png").write_bytes(png_bytes())
     for url in (f"file://{client.allowed}/cat.png", str(client.allowed / "cat.png")):

@@ -142,6 +142,7 @@ class _Server:
     def prepare(self, body: bytes) -> tuple[ChatRequest, int, int]:
         """Parse, load media and count tokens (in a worker thread): (request, prompt tokens, max new tokens)."""
         req = parse_chat_request(parse_json(body), self.model_name, self.reads, self.writes, self.limits)
+        req.messages = self.encoded(req.messages)
         prompt = self.prompt_tokens(req.messages, req.force is not None)
         total, name = self.context()
         new = req.max_tokens if req.max_tokens is not None else total - prompt
@@ -161,12 +162,29 @@ class _Server:
     def prepare_transcription(self, form: dict[str, str | bytes]) -> tuple[TranscriptionRequest, int]:
         """Parse, load the recording and count tokens (in a worker thread): (request, max new tokens)."""
         req = parse_transcription_request(form, self.model_name, self.reads, self.limits)
+        req.messages = self.encoded(req.messages)
         total, name = self.context()
         room = total - self.prompt_tokens(req.messages, False)
         if room <= 0:
             raise RequestError(400, f"the recording leaves no room for a transcript under {name} ({total})",
                                param="file", code="context_length_exceeded")
         return req, min(room, TRANSCRIPT_TOKENS)
+
+    def encoded(self, messages: list[dict]) -> list[dict]:
+        """The messages with each medium replaced by its tokens: encoded once, here, for the count and the reply
+        (the processor would encode it for each), and the decoded medium let go while the request waits its turn."""
+        tokenizers = self.pipeline.processor.media_tokenizers
+
+        def part(p: dict) -> dict:
+            if "media" not in p:
+                return p
+            try:
+                return {"type": p["type"], "tokens": tokenizers[p["type"]].encode(p["media"])}
+            except MediaError as e:  # the tokenizer's own checks of what it reads
+                raise RequestError(400, str(e), param="messages") from e
+
+        return [m | {"content": [part(p) for p in m["content"]]} if isinstance(m["content"], list) else m
+                for m in messages]
 
     def prompt_tokens(self, messages: list[dict], forced: bool) -> int:
         try:
