@@ -281,3 +281,12 @@ def test_meta_must_be_an_object_and_an_id_of_0_is_kept(tmp_path):
     assert [r.id for r in records] == ["0"]  # was the file:line location: 0 is falsy
     assert [(e.where, e.reason) for e in bad.skipped] == [(f"{path}:2", "malformed_message"), (f"{path}:3", "malformed_message")]
     assert all("meta must be an object" in e.detail for e in bad.skipped)
+
+
+def test_a_packed_batch_of_more_rows_than_the_default_buffer_loads(tmp_path, processor):
+    # batch_size 1100 failed at the first batch with "buffer_size 1024 must be at least rows 1100"
+    png(tmp_path / "media" / "good.png")
+    path = write_jsonl(tmp_path / "train.jsonl", [qa({"type": "image", "path": "media/good.png"})] * 3)
+    loader = MultimodalLoader(read_records(path, streaming=True), processor, max_length=MAX_LENGTH, batch_size=1100)
+    (batch,) = list(loader)  # the last, partial round of rows
+    assert loader.bad.seen == 3 and not loader.bad.skipped and batch.input_ids.shape[0] <= 3

@@ -59,12 +59,14 @@ class MultimodalLoader:
         policy: BadRecordPolicy = "skip",
         attn_implementation: str = "sdpa",
         dtype: torch.dtype = torch.float32,
-        buffer_size: int = 1024,
+        buffer_size: int | None = None,
         seed: int = 0,
         transcripts: bool = False,
     ):
         self.records, self.processor, self.cache, self.augment = records, processor, cache, augment
-        self.max_length, self.batch_size, self.packing, self.buffer_size = max_length, batch_size, packing, buffer_size
+        self.max_length, self.batch_size, self.packing = max_length, batch_size, packing
+        # packing sorts this many samples at a time into rows: 1024, or a few per row for very large batches
+        self.buffer_size = buffer_size if buffer_size is not None else max(1024, 4 * batch_size)
         self.seed = seed  # of the packed rows' order within a batch round
         self.transcripts = transcripts  # fill Sample.transcripts, for a CTC term (`Processor.encode`)
         self.collate = partial(collate_rows, max_length=max_length, pad_id=processor.pad_id,
