@@ -20,8 +20,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from mllm.data.cache import atomic_write
 from mllm.errors import InputError
+from mllm.files import atomic_write
 from mllm.generation import GenerationConfig, TokenSampling
 from mllm.media import Audio, Image, MediaError, Video, load_media, save_audio, save_image, save_video
 from mllm.pipeline import Item, Media, Pipeline

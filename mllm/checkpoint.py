@@ -25,6 +25,7 @@ from transformers.utils import is_flash_attn_2_available
 
 from mllm.config import to_dict
 from mllm.detokenizers import DeTokenizer, load_detokenizer
+from mllm.files import process_gone
 from mllm.model import MultimodalLM
 from mllm.model.modeling import refuse_flash_attention
 from mllm.processor import Processor
@@ -173,15 +174,8 @@ def remove_stale_tmp(path: Path) -> None:
         pid = tmp.name.rsplit("-", 1)[-1]
         if not pid.isdigit():
             continue
-        if int(pid) != os.getpid():
-            try:
-                os.kill(int(pid), 0)
-                continue  # a save still running
-            except ProcessLookupError:
-                pass
-            except PermissionError:  # another user's live process
-                continue
-        shutil.rmtree(tmp, ignore_errors=True)
+        if int(pid) == os.getpid() or process_gone(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def publish_directory(tmp: Path, path: Path) -> None:

@@ -20,8 +20,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mllm.data.corpora import DIGIT_WORDS, atomic_write_text, first_test_record
+from mllm.data.corpora import DIGIT_WORDS, first_test_record
 from mllm.data.corpora.build import check_corpora
+from mllm.files import atomic_write_text
 from mllm.generation import GenerationConfig
 from mllm.media import Audio, Image, Video, save_audio, save_image, save_video
 from mllm.pipeline import Pipeline

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from mllm.files import atomic_write
 from mllm.media import Audio, Image, Video
 
 
@@ -83,12 +84,5 @@ def _save(fig: Figure, path: str | os.PathLike) -> Path:
     """Written whole to a sibling, flushed, then renamed over `path`: a killed run leaves the old picture or none."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # the suffix names the format
-    try:
-        fig.savefig(tmp, dpi=120)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix[1:]))
     return path

@@ -432,23 +432,23 @@ def test_a_broken_mnist_file_is_refused_by_path(tmp_path, monkeypatch):
 
 
 def test_atomic_write_text_flushes_before_the_rename_and_a_failed_one_leaves_the_old_file_alone(tmp_path, monkeypatch):
-    from mllm.data import corpora
+    from mllm import files
 
     path = tmp_path / "metrics.json"
     path.write_text("old")
     calls = []
     fsync, replace = os.fsync, os.replace
-    monkeypatch.setattr(corpora.os, "fsync", lambda fd: calls.append("fsync") or fsync(fd))
-    monkeypatch.setattr(corpora.os, "replace", lambda a, b: calls.append("replace") or replace(a, b))
-    corpora.atomic_write_text(path, "new\n")
+    monkeypatch.setattr(files.os, "fsync", lambda fd: calls.append("fsync") or fsync(fd))
+    monkeypatch.setattr(files.os, "replace", lambda a, b: calls.append("replace") or replace(a, b))
+    files.atomic_write_text(path, "new\n")
     assert path.read_text() == "new\n" and calls == ["fsync", "replace"]
 
     def full(a, b):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(corpora.os, "replace", full)
+    monkeypatch.setattr(files.os, "replace", full)
     with pytest.raises(OSError, match="No space left"):
-        corpora.atomic_write_text(path, "newer\n")
+        files.atomic_write_text(path, "newer\n")
     assert path.read_text() == "new\n" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mllm.bench.timing import Timing
-from mllm.data.cache import atomic_write
+from mllm.files import atomic_write
 
 SCHEMA = 1
 

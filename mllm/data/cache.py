@@ -32,7 +32,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from mllm.config import to_dict
 from mllm.data.records import BadRecordError, Record, check_record, media_path
+from mllm.files import atomic_write
 from mllm.media import MediaError, load_media
 from mllm.processor import part_notes
 from mllm.tokenizers import MediaTokenizer
@@ -158,18 +159,6 @@ def _size(path: Path) -> int | None:
         return path.stat().st_size
     except FileNotFoundError:
         return None
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """write(tmp), fsync, then rename over `path`: readers see the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @dataclass

@@ -49,12 +49,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from mllm.data.corpora import atomic_write_text
 from mllm.data.corpora.build import check_corpora
 from mllm.default.corpus import prepare_corpora
 from mllm.default.paths import CHECKPOINTS
 from mllm.default.ship import install, ship, size_mb
 from mllm.errors import InputError
+from mllm.files import atomic_write_text
 from mllm.tokenize import commands as tokenize
 from mllm.train import FinetuneConfig, finetune, load_recipe
 from mllm.train.distributed import on_sigterm

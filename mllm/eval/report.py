@@ -16,8 +16,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mllm.data.cache import atomic_write
 from mllm.eval.tasks import Item, Task
+from mllm.files import atomic_write
 from mllm.media import load_image, save_image
 
 THUMBNAIL = 160  # pixels, the longer side

@@ -31,12 +31,12 @@ from typing import Any, Literal
 import torch
 from tqdm import tqdm
 
-from mllm.data.cache import atomic_write
 from mllm.data.records import BadRecordError, BadRecords
 from mllm.errors import InputError
 from mllm.eval.predictor import Predictor
 from mllm.eval.proxies import PROXIES, build_proxy
 from mllm.eval.tasks import Item, Modality, Prediction, Scores, Task, TaskSpec, build_task, list_tasks, load_task_spec, shipped_specs
+from mllm.files import atomic_write
 from mllm.media import MediaError, save_audio, save_image, save_video
 from mllm.processor import MessageError, SequenceTooLongError
 from mllm.registry import UnknownNameError

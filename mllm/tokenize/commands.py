@@ -13,9 +13,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from mllm.config import to_dict
-from mllm.data.cache import atomic_write
-from mllm.data.corpora import atomic_write_text
 from mllm.detokenizers import load_detokenizer
+from mllm.files import atomic_write, atomic_write_text
 from mllm.media import Audio, Image, MediaError, Video, load_media, save_audio, save_image, save_video
 from mllm.tokenize.recipes import RECIPE_FILE, load_recipe
 from mllm.tokenizers import load_media_tokenizer

@@ -48,10 +48,11 @@ import torch
 from tqdm.auto import tqdm
 
 from mllm.config import ConfigError, to_dict
-from mllm.data.cache import TokenCache, atomic_write
+from mllm.data.cache import TokenCache
 from mllm.data.input_augment import InputAugment
 from mllm.data.loader import MultimodalLoader
 from mllm.data.records import BadRecords, iter_records, read_records, record_files
+from mllm.files import atomic_write
 from mllm.plots import save_loss_curves
 from mllm.sequence import IGNORE_INDEX, MultimodalBatch
 from mllm.tokenizers.text import train_text_tokenizer

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -255,20 +254,6 @@ def normalise_caption(caption: str) -> str:
     while words and words[0] in ("a", "an", "the"):
         words = words[1:]
     return " ".join(words)
-
-
-def atomic_write_text(path: Path, data: str) -> None:
-    """Write `data` to `path` whole or not at all: into a sibling, flushed to disk (else the rename could publish
-    an empty file after a crash), then renamed over `path`; a failed write leaves no sibling behind."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def first_test_record(corpora: Path, corpus: str, task: str, keep: Callable[[dict], bool] = lambda r: True) -> dict:

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mllm.config import ConfigError, from_dict, load_config, to_dict
-from mllm.data.corpora import SPLITS, BuildContext, CorpusResult, atomic_write_text, get_corpus, list_corpora
+from mllm.data.corpora import SPLITS, BuildContext, CorpusResult, get_corpus, list_corpora
 from mllm.errors import InputError
+from mllm.files import atomic_write_text, process_gone
 from mllm.registry import UnknownNameError
 
 MANIFEST = "manifest.json"
@@ -506,12 +507,7 @@ def _remove_stale_tmp(out: Path) -> None:
         kind, _, pid = p.name[len(out.name) + 1:].partition("-")
         if kind not in ("tmp", "old") or not pid.isdigit() or int(pid) == os.getpid():
             continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # a build still running
-        except ProcessLookupError:
-            pass
-        except PermissionError:
+        if not process_gone(int(pid)):  # a build still running
             continue
         if kind == "old" and not out.exists():
             os.replace(p, out)
